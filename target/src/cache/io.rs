@@ -1,0 +1,303 @@
+//! The I/O handler: what one ublk request does to the cache. The ublk queues and the
+//! host-level tests call the same [`Cache::handle`], each with its own [`Ring`].
+//!
+//! No lock is held across an await; the only locks taken are the read-cache shards (short,
+//! no I/O inside). No allocation per I/O: runs are tracked in a `SmallVec` on the stack.
+
+use super::meta::{BLOCK_SHIFT, BLOCK_SIZE};
+use super::Cache;
+use crate::ring::{self, Ring, FILE_BACKING, FILE_MIRROR};
+use smallvec::SmallVec;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::time::Duration;
+
+/// ublk operation codes (`UBLK_IO_OP_*`) and flags, re-exported for callers.
+pub use libublk::sys::{
+    UBLK_IO_F_FUA, UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE,
+    UBLK_IO_OP_WRITE_ZEROES,
+};
+
+/// How long a write waits between checks when the cache is full (backpressure).
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(1);
+const SECTOR_SHIFT: u32 = 9;
+static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Src {
+    Mirror(usize),
+    Clean,
+}
+
+impl Cache {
+    /// Serves one block request. `start_sector`/`nr_sectors` are in 512-byte sectors, as ublk
+    /// gives them; `buf` is the request's data buffer (READ/WRITE). Returns the bytes done or a
+    /// negative errno, as the ublk driver expects.
+    pub async fn handle<R: Ring>(
+        &self,
+        ring: &R,
+        op: u32,
+        flags: u32,
+        start_sector: u64,
+        nr_sectors: u32,
+        buf: &mut [u8],
+    ) -> i32 {
+        if op == UBLK_IO_OP_FLUSH {
+            self.stats[ring.queue_index() % self.stats.len()]
+                .0
+                .flushes
+                .fetch_add(1, Relaxed);
+            return self.wait_durable(ring).await;
+        }
+        let bytes = u64::from(nr_sectors) << SECTOR_SHIFT;
+        let off = start_sector << SECTOR_SHIFT;
+        let block_mask = BLOCK_SIZE - 1;
+        if off & block_mask != 0 || bytes & block_mask != 0 || bytes == 0 {
+            return -libc::EINVAL;
+        }
+        match off.checked_add(bytes) {
+            Some(end) if end <= self.size_bytes => {}
+            _ => return -libc::EINVAL,
+        }
+        let b0 = off >> BLOCK_SHIFT;
+        let n = bytes >> BLOCK_SHIFT;
+        match op {
+            UBLK_IO_OP_READ | UBLK_IO_OP_WRITE if bytes as usize > buf.len() => -libc::EINVAL,
+            UBLK_IO_OP_READ => self.read(ring, b0, n, &mut buf[..bytes as usize]).await,
+            UBLK_IO_OP_WRITE => {
+                let r = self.write(ring, b0, n, &buf[..bytes as usize]).await;
+                if r >= 0 && flags & UBLK_IO_F_FUA != 0 {
+                    let s = self.wait_durable(ring).await;
+                    if s < 0 {
+                        return s;
+                    }
+                }
+                r
+            }
+            UBLK_IO_OP_DISCARD | UBLK_IO_OP_WRITE_ZEROES => self.zero(ring, b0, n).await,
+            _ => -libc::EOPNOTSUPP,
+        }
+    }
+
+    async fn wait_durable<R: Ring>(&self, ring: &R) -> i32 {
+        match self.syncer.get() {
+            Some(s) => s.request(ring.kicker()).await,
+            None => match self.sync_durable() {
+                Ok(()) => 0,
+                Err(e) => e.errno(),
+            },
+        }
+    }
+
+    async fn read<R: Ring>(&self, ring: &R, b0: u64, n: u64, buf: &mut [u8]) -> i32 {
+        let q = ring.queue_index();
+        let st = &self.stats[q % self.stats.len()].0;
+        st.reads.fetch_add(1, Relaxed);
+        st.read_bytes.fetch_add(buf.len() as u64, Relaxed);
+        // Sampled before the bitmaps are looked at (see readcache's staleness rule).
+        let gen = self.rcache.generation();
+        let (a, _ga, f, _gf) = loop {
+            let a = self.epochs.current();
+            let Some(ga) = self.epochs.read_guard(q, a) else {
+                continue;
+            };
+            let f = self.epochs.frozen();
+            let gf = if f != 0 && f != a {
+                self.epochs.read_guard(q, f)
+            } else {
+                None
+            };
+            let f = if gf.is_some() { f } else { 0 };
+            break (a, ga, f, gf);
+        };
+        let sa = &self.slots[(a % 2) as usize].bits;
+        let sf = (f != 0).then(|| &self.slots[(f % 2) as usize].bits);
+        let src_of = |b: u64| {
+            if sa.get(b) {
+                Src::Mirror((a % 2) as usize)
+            } else if sf.is_some_and(|bf| bf.get(b)) {
+                Src::Mirror((f % 2) as usize)
+            } else {
+                Src::Clean
+            }
+        };
+        // Runs of blocks with one source, in order.
+        let mut runs: SmallVec<[(u64, u64, Src); 8]> = SmallVec::new();
+        for i in 0..n {
+            let s = src_of(b0 + i);
+            match runs.last_mut() {
+                Some((_, len, src)) if *src == s => *len += 1,
+                _ => runs.push((i, 1, s)),
+            }
+        }
+        for (i, len, src) in runs {
+            let lo = (i << BLOCK_SHIFT) as usize;
+            let hi = ((i + len) << BLOCK_SHIFT) as usize;
+            let r = match src {
+                Src::Mirror(s) => {
+                    self.read_file(ring, FILE_MIRROR[s], b0 + i, &mut buf[lo..hi])
+                        .await
+                }
+                Src::Clean => self.read_clean(ring, b0 + i, &mut buf[lo..hi], gen).await,
+            };
+            if r < 0 {
+                return r;
+            }
+        }
+        buf.len() as i32
+    }
+
+    /// Reads blocks that no epoch holds: from the read cache, else the backing file.
+    async fn read_clean<R: Ring>(&self, ring: &R, b0: u64, buf: &mut [u8], gen: u64) -> i32 {
+        let st = &self.stats[ring.queue_index() % self.stats.len()].0;
+        let n = (buf.len() as u64) >> BLOCK_SHIFT;
+        let mut i = 0u64;
+        while i < n {
+            let blk = |k: u64| ((k << BLOCK_SHIFT) as usize)..(((k + 1) << BLOCK_SHIFT) as usize);
+            if self.rcache.get(b0 + i, &mut buf[blk(i)]) {
+                st.rcache_hits.fetch_add(1, Relaxed);
+                i += 1;
+                continue;
+            }
+            // A run of misses, read from the backing file in one go.
+            let mut j = i + 1;
+            while j < n && !self.rcache.get(b0 + j, &mut buf[blk(j)]) {
+                j += 1;
+            }
+            let lo = (i << BLOCK_SHIFT) as usize;
+            let hi = (j << BLOCK_SHIFT) as usize;
+            let r = self
+                .read_file(ring, FILE_BACKING, b0 + i, &mut buf[lo..hi])
+                .await;
+            if r < 0 {
+                return r;
+            }
+            st.rcache_misses.fetch_add(j - i, Relaxed);
+            for k in i..j {
+                self.rcache.insert_if_current(b0 + k, &buf[blk(k)], gen);
+            }
+            if j < n {
+                // Block j was a hit while probing.
+                st.rcache_hits.fetch_add(1, Relaxed);
+            }
+            i = j + 1;
+        }
+        0
+    }
+
+    async fn read_file<R: Ring>(&self, ring: &R, file: u32, b0: u64, buf: &mut [u8]) -> i32 {
+        let off = b0 << BLOCK_SHIFT;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let sqe = ring::read_sqe(
+                file,
+                rest.as_mut_ptr(),
+                rest.len() as u32,
+                off + done as u64,
+            );
+            // SAFETY: `rest` is borrowed mutably for the whole await and the future is awaited
+            // to completion here (buffer contract of `ring`).
+            let r = unsafe { ring.submit(sqe) }.await;
+            if r < 0 {
+                if r == -libc::EINTR || r == -libc::EAGAIN {
+                    continue;
+                }
+                return r;
+            }
+            if r == 0 {
+                // Past the end of a file that must be volume-sized: refuse to invent data.
+                return -libc::EIO;
+            }
+            done += r as usize;
+        }
+        0
+    }
+
+    async fn write_file<R: Ring>(&self, ring: &R, file: u32, off: u64, buf: &[u8]) -> i32 {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &buf[done..];
+            let sqe = ring::write_sqe(file, rest.as_ptr(), rest.len() as u32, off + done as u64);
+            // SAFETY: `rest` is borrowed for the whole await, awaited to completion here.
+            let r = unsafe { ring.submit(sqe) }.await;
+            if r < 0 {
+                if r == -libc::EINTR || r == -libc::EAGAIN {
+                    continue;
+                }
+                return r;
+            }
+            if r == 0 {
+                return -libc::EIO;
+            }
+            done += r as usize;
+        }
+        0
+    }
+
+    /// Waits while the SSD cache is at its limit (backpressure), nudging the flush thread.
+    async fn wait_for_room<R: Ring>(&self, ring: &R) {
+        let mut waited = false;
+        while self.ssd_used_blocks() >= self.cache_limit_blocks {
+            if !waited {
+                waited = true;
+                self.stats[ring.queue_index() % self.stats.len()]
+                    .0
+                    .backpressure_waits
+                    .fetch_add(1, Relaxed);
+            }
+            self.watermark_hit.store(true, SeqCst);
+            ring.sleep(BACKPRESSURE_POLL).await;
+        }
+        if self.ssd_used_blocks() >= self.high_water_blocks && !self.watermark_hit.load(Relaxed) {
+            self.watermark_hit.store(true, SeqCst);
+        }
+    }
+
+    async fn write<R: Ring>(&self, ring: &R, b0: u64, n: u64, buf: &[u8]) -> i32 {
+        let st = &self.stats[ring.queue_index() % self.stats.len()].0;
+        st.writes.fetch_add(1, Relaxed);
+        st.write_bytes.fetch_add(buf.len() as u64, Relaxed);
+        self.wait_for_room(ring).await;
+        let g = self.epochs.enter_write();
+        let s = g.slot();
+        let r = self
+            .write_file(ring, FILE_MIRROR[s], b0 << BLOCK_SHIFT, buf)
+            .await;
+        if r < 0 {
+            return r;
+        }
+        self.slots[s].mark(b0, n, true);
+        drop(g);
+        buf.len() as i32
+    }
+
+    /// DISCARD and WRITE_ZEROES: the range reads as zeros from now on. Recorded in the epoch
+    /// as a punched hole in the mirror (no SSD space used), shipped as a zero extent.
+    async fn zero<R: Ring>(&self, ring: &R, b0: u64, n: u64) -> i32 {
+        let g = self.epochs.enter_write();
+        let s = g.slot();
+        let off = b0 << BLOCK_SHIFT;
+        let len = n << BLOCK_SHIFT;
+        // SAFETY: the SQE points at no memory.
+        let r = unsafe { ring.submit(ring::punch_sqe(FILE_MIRROR[s], off, len)) }.await;
+        if r == -libc::EOPNOTSUPP || r == -libc::EINVAL {
+            // No hole punching on the cache filesystem: write zeros instead.
+            let mut done = 0u64;
+            while done < len {
+                let chunk = (len - done).min(ZEROS.len() as u64) as usize;
+                let w = self
+                    .write_file(ring, FILE_MIRROR[s], off + done, &ZEROS[..chunk])
+                    .await;
+                if w < 0 {
+                    return w;
+                }
+                done += chunk as u64;
+            }
+        } else if r < 0 {
+            return r;
+        }
+        self.slots[s].mark(b0, n, false);
+        drop(g);
+        0
+    }
+}

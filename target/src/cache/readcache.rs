@@ -1,0 +1,162 @@
+//! The in-memory LRU read cache of clean blocks, bounded in bytes.
+//!
+//! Sharded by block number so queues rarely contend; each shard is a short `Mutex` section
+//! (never held across an await). Evicted buffers are reused for new entries, so a warm cache
+//! allocates nothing per I/O.
+//!
+//! ## Staleness (DESIGN: "the LRU must not resurrect stale data")
+//! Entries are only inserted from backing-file reads, and only if no flush invalidated blocks
+//! since the read began: a reader samples [`ReadCache::generation`] before it looks at the
+//! bitmaps, and [`ReadCache::insert_if_current`] compares it under the shard lock. The flush
+//! bumps the generation *before* it removes the blocks it wrote, then retires the frozen
+//! epoch; so an insert either happens before the removal (and is removed) or sees the bump.
+
+use super::meta::BLOCK_SIZE;
+use lru::LruCache;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+const SHARDS: usize = 16;
+type Block = Box<[u8; BLOCK_SIZE as usize]>;
+
+pub struct ReadCache {
+    shards: Vec<Mutex<LruCache<u64, Block>>>,
+    generation: AtomicU64,
+    enabled: bool,
+}
+
+impl ReadCache {
+    /// A cache holding at most `bytes` of block data (0 disables it).
+    pub fn new(bytes: u64) -> ReadCache {
+        let blocks = bytes / BLOCK_SIZE;
+        let per = (blocks / SHARDS as u64).max(1) as usize;
+        let cap = std::num::NonZeroUsize::new(per).unwrap_or(std::num::NonZeroUsize::MIN);
+        ReadCache {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(LruCache::new(cap)))
+                .collect(),
+            generation: AtomicU64::new(0),
+            enabled: blocks >= SHARDS as u64,
+        }
+    }
+
+    fn shard(&self, block: u64) -> &Mutex<LruCache<u64, Block>> {
+        &self.shards[(block as usize) % SHARDS]
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Copies block `block` into `out` if cached.
+    pub fn get(&self, block: u64, out: &mut [u8]) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let mut s = self.shard(block).lock().unwrap_or_else(|p| p.into_inner());
+        match s.get(&block) {
+            Some(b) => {
+                out.copy_from_slice(&b[..]);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Inserts a clean block read from the backing file, unless a flush happened since `gen`.
+    pub fn insert_if_current(&self, block: u64, data: &[u8], gen: u64) {
+        if !self.enabled {
+            return;
+        }
+        let mut s = self.shard(block).lock().unwrap_or_else(|p| p.into_inner());
+        if self.generation.load(Ordering::SeqCst) != gen {
+            return;
+        }
+        if let Some(b) = s.get_mut(&block) {
+            b.copy_from_slice(data);
+            return;
+        }
+        let mut buf = if s.len() == s.cap().get() {
+            s.pop_lru()
+                .map(|(_, b)| b)
+                .unwrap_or_else(|| Box::new([0u8; BLOCK_SIZE as usize]))
+        } else {
+            Box::new([0u8; BLOCK_SIZE as usize])
+        };
+        buf.copy_from_slice(data);
+        s.put(block, buf);
+    }
+
+    /// Starts an invalidation: readers that began before it will not insert.
+    pub fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Drops `[start, start + len)` from the cache.
+    pub fn remove_range(&self, start: u64, len: u64) {
+        if !self.enabled {
+            return;
+        }
+        if len >= 4 * SHARDS as u64 * 64 {
+            // Large ranges: scan each shard once instead of probing every block.
+            for sh in &self.shards {
+                let mut s = sh.lock().unwrap_or_else(|p| p.into_inner());
+                let stale: Vec<u64> = s
+                    .iter()
+                    .map(|(k, _)| *k)
+                    .filter(|k| (start..start + len).contains(k))
+                    .collect();
+                for k in stale {
+                    s.pop(&k);
+                }
+            }
+            return;
+        }
+        for b in start..start + len {
+            self.shard(b)
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop(&b);
+        }
+    }
+
+    pub fn len_blocks(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len() as u64)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_and_generation_checked() {
+        let c = ReadCache::new(64 * BLOCK_SIZE);
+        let blk = [1u8; 4096];
+        for b in 0..1000 {
+            c.insert_if_current(b, &blk, c.generation());
+        }
+        assert!(c.len_blocks() <= 64);
+        let mut out = [0u8; 4096];
+        assert!(c.get(999, &mut out) && out == blk);
+        let g = c.generation();
+        c.bump_generation();
+        c.insert_if_current(5000, &blk, g);
+        assert!(
+            !c.get(5000, &mut out),
+            "stale insert after a flush must be dropped"
+        );
+        c.remove_range(990, 10);
+        assert!(!c.get(999, &mut out));
+    }
+
+    #[test]
+    fn disabled_when_zero() {
+        let c = ReadCache::new(0);
+        c.insert_if_current(1, &[0u8; 4096], c.generation());
+        assert!(!c.get(1, &mut [0u8; 4096]));
+    }
+}

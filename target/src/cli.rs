@@ -1,0 +1,362 @@
+//! The command line: `deltavol add | del | list | status | flush`, in the manner of the ublk
+//! tools people know (rublk, ublksrv): `add` prints the device once it is live, `--json` for
+//! scripts, and every error says what to do.
+
+use crate::cache::CacheConfig;
+use crate::control::{self, Request};
+use crate::daemon::{self, AddConfig, DEPTH_MAX, QUEUES_MAX};
+use crate::size::{format_size, parse_size};
+use crate::volume::{VolumeConfig, FLUSH_INTERVAL_MS_DEFAULT};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "deltavol",
+    version,
+    about = "Block volumes for containers: a ublk device with an SSD writeback cache, flushed to permanent storage at set intervals."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create a volume (or reattach an existing one) and serve it as /dev/ublkbN.
+    Add(AddArgs),
+    /// Flush a volume to permanent storage and remove its device; its files are kept.
+    Del {
+        /// Volume name.
+        name: String,
+        /// Remove the device even if it is open (mounted): I/O to it fails from then on.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List attached volumes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a volume's device, epochs, cache use and flush state.
+    Status {
+        /// Volume name.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cut the current epoch now and wait until it is on permanent storage.
+    Flush {
+        /// Volume name.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct AddArgs {
+    /// Volume name (1-64 of A-Z a-z 0-9 . _ -).
+    #[arg(long)]
+    pub name: String,
+    /// Volume size, e.g. 10GiB, 256MiB, 4G. Required to create; checked on reattach.
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Directory on fast SSD for the writeback cache (created if missing).
+    #[arg(long)]
+    pub cache_dir: PathBuf,
+    /// Permanent storage: a volume-sized file (created if missing) or block device.
+    #[arg(long)]
+    pub backing: PathBuf,
+    /// Number of ublk queues (one thread each).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// Queue depth: requests in flight per queue.
+    #[arg(long, default_value_t = 64)]
+    pub depth: u16,
+    /// Interval between epoch cuts (flushes to permanent storage), in milliseconds.
+    #[arg(long, default_value_t = FLUSH_INTERVAL_MS_DEFAULT)]
+    pub flush_interval_ms: u64,
+    /// SSD space the cache may use; above half of it a flush starts early, at it writes wait.
+    #[arg(long, value_parser = parse_size, default_value = "2GiB")]
+    pub cache_limit: u64,
+    /// Memory for the LRU read cache of clean blocks (0 disables it).
+    #[arg(long, value_parser = parse_size, default_value = "64MiB")]
+    pub read_cache: u64,
+    /// Stay in the foreground (logs to stderr) instead of daemonizing.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(std::env::current_dir().context("current dir")?.join(p))
+}
+
+impl AddArgs {
+    pub fn to_config(&self) -> anyhow::Result<AddConfig> {
+        if self.queues == 0 || self.queues > QUEUES_MAX {
+            bail!(
+                "--queues {} is out of range: use 1 to {QUEUES_MAX}",
+                self.queues
+            );
+        }
+        if self.depth == 0 || self.depth > DEPTH_MAX {
+            bail!(
+                "--depth {} is out of range: use 1 to {DEPTH_MAX}",
+                self.depth
+            );
+        }
+        if self.flush_interval_ms == 0 {
+            bail!("--flush-interval-ms must be at least 1");
+        }
+        crate::cache::validate_name(&self.name).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(s) = self.size {
+            if s == 0 || s % 4096 != 0 {
+                bail!("--size {s} must be a positive multiple of 4KiB");
+            }
+        }
+        Ok(AddConfig {
+            volume: VolumeConfig {
+                cache: CacheConfig {
+                    name: self.name.clone(),
+                    size_bytes: self.size,
+                    cache_dir: absolute(&self.cache_dir)?,
+                    backing: absolute(&self.backing)?,
+                    cache_limit_bytes: self.cache_limit,
+                    read_cache_bytes: self.read_cache,
+                    nr_queues: usize::from(self.queues),
+                },
+                flush_interval: Duration::from_millis(self.flush_interval_ms),
+            },
+            queues: self.queues,
+            depth: self.depth,
+            foreground: self.foreground,
+            json: self.json,
+        })
+    }
+}
+
+fn attached(name: &str) -> anyhow::Result<control::RunInfo> {
+    crate::cache::validate_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match control::read_info(&control::info_path(name))? {
+        Some(i) if control::pid_alive(i.pid) => Ok(i),
+        Some(i) => {
+            let _ = std::fs::remove_file(control::info_path(name));
+            let _ = std::fs::remove_file(&i.socket);
+            bail!("volume {name:?} is not attached: its daemon (pid {}) is gone; stale state removed. `deltavol add --name {name} --cache-dir {} --backing {}` reattaches it", i.pid, i.cache_dir.display(), i.backing.display())
+        }
+        None => bail!("volume {name:?} is not attached (`deltavol list` shows attached volumes)"),
+    }
+}
+
+/// Whether the block device is open by someone else (mounted, or held with O_EXCL).
+fn device_busy(dev: &str) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    matches!(
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(dev),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY)
+    )
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Add(a) => daemon::add(a.to_config()?),
+        Cmd::Del { name, force } => {
+            let info = attached(&name)?;
+            if !force && device_busy(&info.device) {
+                bail!(
+                    "{} is in use (mounted or open): unmount it first, or pass --force",
+                    info.device
+                );
+            }
+            control::request(&info.socket, &Request::Stop, Some(Duration::from_secs(10)))?;
+            let t0 = Instant::now();
+            let mut told = false;
+            while control::pid_alive(info.pid) {
+                if !told && t0.elapsed() > Duration::from_secs(3) {
+                    eprintln!(
+                        "waiting for volume {name} to finish flushing to {} ...",
+                        info.backing.display()
+                    );
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            println!(
+                "deleted {} ({}); volume files kept in {} and {}",
+                name,
+                info.device,
+                info.cache_dir.display(),
+                info.backing.display()
+            );
+            Ok(())
+        }
+        Cmd::List { json } => {
+            let mut rows = Vec::new();
+            if let Ok(rd) = std::fs::read_dir(control::run_dir()) {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                        continue;
+                    }
+                    if let Ok(Some(i)) = control::read_info(&p) {
+                        if !control::pid_alive(i.pid) {
+                            continue;
+                        }
+                        let st = control::request(
+                            &i.socket,
+                            &Request::Status,
+                            Some(Duration::from_secs(2)),
+                        )
+                        .ok();
+                        rows.push((i, st));
+                    }
+                }
+            }
+            rows.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(i, st)| {
+                        st.clone()
+                            .unwrap_or_else(|| serde_json::to_value(i).unwrap_or_default())
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<20} {:<14} {:>8} {:>10} {:>8} {:>10}",
+                    "NAME", "DEVICE", "PID", "SIZE", "EPOCH", "DIRTY"
+                );
+                for (i, st) in &rows {
+                    let g = |k: &str| st.as_ref().and_then(|s| s.get(k)).and_then(|v| v.as_u64());
+                    println!(
+                        "{:<20} {:<14} {:>8} {:>10} {:>8} {:>10}",
+                        i.name,
+                        i.device,
+                        i.pid,
+                        g("size_bytes").map(format_size).unwrap_or("?".into()),
+                        g("epoch").map(|e| e.to_string()).unwrap_or("?".into()),
+                        g("dirty_bytes").map(format_size).unwrap_or("?".into()),
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Status { name, json } => {
+            let info = attached(&name)?;
+            let v = control::request(&info.socket, &Request::Status, Some(Duration::from_secs(5)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_status(&v);
+            }
+            Ok(())
+        }
+        Cmd::Flush { name, json } => {
+            let info = attached(&name)?;
+            let v = control::request(&info.socket, &Request::Flush, None)?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                let g = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+                println!(
+                    "flushed epoch {}: {} extents, {} data, {} zeroed, {} ms",
+                    g("epoch"),
+                    g("extents"),
+                    format_size(g("data_bytes")),
+                    format_size(g("zero_bytes")),
+                    g("duration_ms")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_status(v: &serde_json::Value) {
+    let u = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let s = |k: &str| {
+        v.get(k)
+            .map(|x| x.to_string().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    println!("volume:        {} ({})", s("name"), s("volume_id"));
+    println!(
+        "device:        {} (pid {}, {} queue(s), depth {})",
+        s("device"),
+        u("pid"),
+        u("queues"),
+        u("depth")
+    );
+    println!("size:          {}", format_size(u("size_bytes")));
+    println!("cache dir:     {}", s("cache_dir"));
+    println!("backing:       {}", s("backing"));
+    println!(
+        "epoch:         {} (frozen {}, last flushed {})",
+        u("epoch"),
+        u("frozen_epoch"),
+        u("flushed_epoch")
+    );
+    println!("dirty:         {}", format_size(u("dirty_bytes")));
+    println!(
+        "ssd used:      {} of {} limit ({} allocated)",
+        format_size(u("ssd_used_bytes")),
+        format_size(u("cache_limit_bytes")),
+        format_size(u("ssd_allocated_bytes"))
+    );
+    let ratio = v
+        .get("read_cache_hit_ratio")
+        .and_then(|x| x.as_f64())
+        .unwrap_or(0.0);
+    println!(
+        "read cache:    {} blocks, hit ratio {:.1}%",
+        u("read_cache_blocks"),
+        ratio * 100.0
+    );
+    println!(
+        "i/o:           {} reads ({}), {} writes ({}), {} flushes",
+        u("reads"),
+        format_size(u("read_bytes")),
+        u("writes"),
+        format_size(u("write_bytes")),
+        u("flush_requests")
+    );
+    if let Some(f) = v.get("flush") {
+        match f.get("last") {
+            Some(l) if !l.is_null() => {
+                let g = |k: &str| l.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+                let age = (std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0))
+                .saturating_sub(g("finished_unix_ms"));
+                println!(
+                    "last flush:    epoch {}, {} in {} ms, {:.1} s ago",
+                    g("epoch"),
+                    format_size(g("data_bytes")),
+                    g("duration_ms"),
+                    age as f64 / 1000.0
+                );
+            }
+            _ => println!("last flush:    none yet"),
+        }
+        if let Some(e) = f.get("last_error").and_then(|e| e.as_str()) {
+            println!("flush error:   {e} (retrying; data is safe in the cache)");
+        }
+    }
+    if v.get("durability_failed")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(false)
+    {
+        println!("WARNING:       a sync of the cache failed; FLUSH now fails. Detach and reattach the volume.");
+    }
+}

@@ -1,0 +1,468 @@
+//! The daemon behind `deltavol add`: opens the volume, creates the ublk device, serves it, and
+//! tears it down cleanly on `deltavol del` or SIGTERM/SIGINT.
+//!
+//! Start-up is a readiness handshake (as rublk does): without `--foreground` the CLI forks, the
+//! child becomes the daemon and reports through a pipe either the live device or the real
+//! error, and only then does the CLI print `/dev/ublkbN` and exit. Before any thread starts the
+//! daemon leaves the caller's mount namespace (`unshare(CLONE_NEWNS)`, libublk-rs#50: a daemon
+//! sharing a mount namespace with a mount of its own device can deadlock on exit).
+
+use crate::control::{self, Request, RunInfo};
+use crate::flush::NullSink;
+use crate::queue;
+use crate::ring::{Kicker, FILE_BACKING, FILE_MIRROR, NR_FIXED_FILES};
+use crate::volume::{Volume, VolumeConfig};
+use anyhow::{anyhow, bail, Context};
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::{sys, UblkFlags};
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Largest request the device accepts (ublk `max_io_buf_bytes`).
+pub const IO_BUF_BYTES: u32 = 512 << 10;
+/// Largest DISCARD / WRITE_ZEROES request, in bytes.
+pub const DISCARD_BYTES_MAX: u64 = 1 << 30;
+pub const QUEUES_MAX: u16 = 32;
+pub const DEPTH_MAX: u16 = 1024;
+const CONTROL_CONNECTIONS_MAX: usize = 16;
+
+/// Everything `deltavol add` needs.
+#[derive(Debug, Clone)]
+pub struct AddConfig {
+    pub volume: VolumeConfig,
+    pub queues: u16,
+    pub depth: u16,
+    pub foreground: bool,
+    pub json: bool,
+}
+
+/// The line a started daemon reports (and `add --json` prints).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Ready {
+    pub name: String,
+    pub dev_id: u32,
+    pub device: String,
+    pub pid: u32,
+    pub cache_dir: PathBuf,
+    pub backing: PathBuf,
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Checks what can be checked before forking, so the common mistakes fail fast and clearly.
+pub fn preflight(cfg: &AddConfig) -> anyhow::Result<()> {
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        bail!("/dev/ublk-control is missing: the ublk driver is not loaded. Run `modprobe ublk_drv` (Linux >= 6.0; see kernel-setup/README.md)");
+    }
+    let name = &cfg.volume.cache.name;
+    if let Some(info) = control::read_info(&control::info_path(name))? {
+        if control::pid_alive(info.pid) {
+            bail!("volume {name:?} is already attached as {} (pid {}); `deltavol del {name}` detaches it", info.device, info.pid);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `add`: in the foreground, or forked into a daemon that reports readiness.
+pub fn add(cfg: AddConfig) -> anyhow::Result<()> {
+    preflight(&cfg)?;
+    if cfg.foreground {
+        return serve(cfg, None);
+    }
+    let (rd, wr) = nix::unistd::pipe().context("pipe")?;
+    // SAFETY: the CLI is single-threaded here (no thread has been spawned yet), so the child
+    // may run arbitrary code after fork.
+    match unsafe { nix::unistd::fork() }.context("fork")? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(wr);
+            // One line: the daemon keeps its end open while it runs, so read a line, not to EOF.
+            let mut msg = String::new();
+            std::io::BufReader::new(std::fs::File::from(rd))
+                .read_line(&mut msg)
+                .context("read daemon start-up report")?;
+            let log = cfg.volume.cache.cache_dir.join("deltavol.log");
+            if let Some(j) = msg.strip_prefix("OK ") {
+                let r: Ready = serde_json::from_str(j.trim()).context("daemon start-up report")?;
+                if cfg.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!("{}", r.device);
+                }
+                Ok(())
+            } else if let Some(e) = msg.strip_prefix("ERR ") {
+                bail!("{}", e.trim())
+            } else {
+                bail!(
+                    "the deltavol daemon exited during start-up; see {}",
+                    log.display()
+                )
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(rd);
+            let res = daemonize(&cfg).and_then(|_| serve(cfg, Some(wr.try_clone()?)));
+            if let Err(e) = &res {
+                report(&wr, &format!("ERR {e:#}"));
+                tracing::error!(error = %format!("{e:#}"), "daemon failed");
+            }
+            std::process::exit(if res.is_ok() { 0 } else { 1 });
+        }
+    }
+}
+
+fn report(fd: &OwnedFd, msg: &str) {
+    if let Ok(f) = fd.try_clone() {
+        let line = format!("{}\n", msg.replace('\n', " "));
+        let _ = std::fs::File::from(f).write_all(line.as_bytes());
+    }
+}
+
+/// Detaches from the terminal: new session, stdio to the volume's log file.
+fn daemonize(cfg: &AddConfig) -> anyhow::Result<()> {
+    nix::unistd::setsid().context("setsid")?;
+    let dir = &cfg.volume.cache.cache_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("create cache dir {}", dir.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("deltavol.log"))
+        .with_context(|| format!("open log {}", dir.join("deltavol.log").display()))?;
+    let null = std::fs::File::open("/dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), 0)?;
+    nix::unistd::dup2(log.as_raw_fd(), 1)?;
+    nix::unistd::dup2(log.as_raw_fd(), 2)?;
+    std::env::set_current_dir("/")?;
+    Ok(())
+}
+
+/// Leaves the caller's mount namespace (libublk-rs#50) and stops mount propagation into it.
+fn private_mount_namespace() {
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS) {
+        tracing::warn!(error = %e, "unshare(CLONE_NEWNS) failed; a mount of the device in this namespace could deadlock daemon exit");
+        return;
+    }
+    let flags = nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE;
+    if let Err(e) = nix::mount::mount(None::<&str>, "/", None::<&str>, flags, None::<&str>) {
+        tracing::warn!(error = %e, "could not make / private in the daemon's mount namespace");
+    }
+}
+
+fn block_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    let _ = set.thread_block();
+    set
+}
+
+/// Stops the ublk device from a thread other than the one running it.
+fn kill_device(dev_id: u32) -> anyhow::Result<()> {
+    libublk::ublk_init_ctrl_task_ring(|r| {
+        if r.is_none() {
+            *r = Some(
+                io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
+                    .build(16)
+                    .map_err(libublk::UblkError::IOError)?,
+            );
+        }
+        Ok(())
+    })
+    .map_err(|e| anyhow!("control ring: {e}"))?;
+    let ctrl = UblkCtrl::new_simple(dev_id as i32)
+        .map_err(|e| anyhow!("open ublk device {dev_id}: {e}"))?;
+    ctrl.kill_dev()
+        .map_err(|e| anyhow!("stop ublk device {dev_id}: {e}"))?;
+    Ok(())
+}
+
+struct Daemon {
+    volume: Arc<Volume>,
+    info: Mutex<Option<RunInfo>>,
+    stopping: AtomicBool,
+}
+
+impl Daemon {
+    fn stop(&self) {
+        if self.stopping.swap(true, SeqCst) {
+            return;
+        }
+        let id = self
+            .info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|i| i.dev_id);
+        if let Some(id) = id {
+            tracing::info!(dev_id = id, "stopping device");
+            if let Err(e) = kill_device(id) {
+                tracing::error!(error = %format!("{e:#}"), "could not stop the device");
+            }
+        }
+    }
+
+    fn handle(&self, req: Request) -> serde_json::Value {
+        match req {
+            Request::Status => {
+                let mut v = serde_json::to_value(self.volume.status()).unwrap_or_default();
+                if let (Some(info), Some(o)) = (
+                    self.info.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                    v.as_object_mut(),
+                ) {
+                    o.insert("dev_id".into(), info.dev_id.into());
+                    o.insert("device".into(), info.device.into());
+                    o.insert("pid".into(), info.pid.into());
+                    o.insert("queues".into(), info.queues.into());
+                    o.insert("depth".into(), info.depth.into());
+                    o.insert("flush_interval_ms".into(), info.flush_interval_ms.into());
+                    o.insert(
+                        "cache_dir".into(),
+                        serde_json::to_value(&info.cache_dir).unwrap_or_default(),
+                    );
+                    o.insert(
+                        "backing".into(),
+                        serde_json::to_value(&info.backing).unwrap_or_default(),
+                    );
+                    o.insert("started_unix_ms".into(), info.started_unix_ms.into());
+                }
+                v
+            }
+            Request::Flush => match self.volume.cut_and_flush() {
+                Ok(r) => serde_json::to_value(r).unwrap_or_default(),
+                Err(e) => serde_json::json!({ "error": format!("flush failed: {e}") }),
+            },
+            Request::Stop => {
+                self.stop();
+                serde_json::json!({ "stopping": true })
+            }
+        }
+    }
+}
+
+fn serve_control(listener: UnixListener, d: Arc<Daemon>) {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else { continue };
+        if active.load(SeqCst) >= CONTROL_CONNECTIONS_MAX {
+            control::write_response(
+                &mut s,
+                &serde_json::json!({"error": "too many control connections; retry"}),
+            );
+            continue;
+        }
+        active.fetch_add(1, SeqCst);
+        let d = d.clone();
+        let a = active.clone();
+        let _ = std::thread::Builder::new()
+            .name("dv-control".into())
+            .spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let resp = match control::read_request(&mut s) {
+                    Ok(r) => d.handle(r),
+                    Err(e) => serde_json::json!({ "error": e }),
+                };
+                control::write_response(&mut s, &resp);
+                a.fetch_sub(1, SeqCst);
+            });
+    }
+}
+
+/// Opens the volume and serves the device until it is stopped.
+pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
+    let sigs = block_signals();
+    private_mount_namespace();
+    let name = cfg.volume.cache.name.clone();
+    let features = UblkCtrl::get_features().unwrap_or(0);
+    tracing::info!(features = format!("{features:#x}"), "ublk driver features");
+
+    let volume =
+        Arc::new(Volume::open(&cfg.volume, Box::new(NullSink)).map_err(|e| anyhow!("{e}"))?);
+    let cache = volume.cache.clone();
+    let nr_queues = cfg.queues;
+    let kickers: Arc<Vec<Arc<Kicker>>> = Arc::new(
+        (0..nr_queues)
+            .map(|_| Kicker::new().map(Arc::new))
+            .collect::<std::io::Result<_>>()?,
+    );
+
+    let ctrl = UblkCtrlBuilder::default()
+        .name("deltavol")
+        .id(-1)
+        .nr_queues(nr_queues)
+        .depth(cfg.depth)
+        .io_buf_bytes(IO_BUF_BYTES)
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()
+        .map_err(|e| anyhow!("create ublk device: {e} (is ublk_drv loaded and are you root?)"))?;
+
+    let size = cache.size_bytes;
+    let depth = cfg.depth;
+    let fds = [
+        cache.mirrors[0].as_raw_fd(),
+        cache.mirrors[1].as_raw_fd(),
+        cache.backing.as_raw_fd(),
+    ];
+    let target_json = serde_json::json!({
+        "deltavol": { "name": name, "cache_dir": cfg.volume.cache.cache_dir, "backing": cfg.volume.cache.backing }
+    });
+    let tgt_init = move |dev: &mut UblkDev| {
+        dev.set_default_params(size);
+        let p = &mut dev.tgt.params;
+        p.types = sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD;
+        p.basic.attrs = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
+        p.basic.logical_bs_shift = 12;
+        p.basic.physical_bs_shift = 12;
+        p.basic.io_opt_shift = 12;
+        p.basic.io_min_shift = 12;
+        p.discard = sys::ublk_param_discard {
+            discard_alignment: 0,
+            discard_granularity: 4096,
+            max_discard_sectors: (DISCARD_BYTES_MAX >> 9) as u32,
+            max_write_zeroes_sectors: (DISCARD_BYTES_MAX >> 9) as u32,
+            max_discard_segments: 1,
+            reserved0: 0,
+        };
+        // Requests may issue several SQEs (split reads, FUA, the kicker, backpressure timers).
+        dev.tgt.sq_depth = depth.saturating_mul(4).max(64);
+        dev.tgt.cq_depth = depth.saturating_mul(4).max(64);
+        let t = &mut dev.tgt;
+        t.fds[FILE_MIRROR[0] as usize] = fds[0];
+        t.fds[FILE_MIRROR[1] as usize] = fds[1];
+        t.fds[FILE_BACKING as usize] = fds[2];
+        t.nr_fds = NR_FIXED_FILES as i32;
+        dev.set_target_json(target_json);
+        Ok(())
+    };
+
+    let d = Arc::new(Daemon {
+        volume: volume.clone(),
+        info: Mutex::new(None),
+        stopping: AtomicBool::new(false),
+    });
+    let vq = volume.clone();
+    let kq = kickers.clone();
+    let q_fn = move |qid: u16, dev: &UblkDev| {
+        queue::run_queue(qid, dev, vq.clone(), kq[usize::from(qid)].clone())
+    };
+    let d2 = d.clone();
+    let cfg2 = cfg.clone();
+    let dev_fn = move |ctrl: &UblkCtrl| {
+        let dev_id = ctrl.dev_info().dev_id;
+        match publish(&cfg2, dev_id, d2.clone(), sigs) {
+            Ok(ready) => {
+                tracing::info!(device = %ready.device, dev_id, "volume {} is live", ready.name);
+                match &ready_fd {
+                    Some(fd) => report(
+                        fd,
+                        &format!("OK {}", serde_json::to_string(&ready).unwrap_or_default()),
+                    ),
+                    None if cfg2.json => {
+                        println!("{}", serde_json::to_string(&ready).unwrap_or_default())
+                    }
+                    None => println!("{}", ready.device),
+                }
+                let _ = std::io::stdout().flush();
+            }
+            Err(e) => {
+                if let Some(fd) = &ready_fd {
+                    report(fd, &format!("ERR {e:#}"));
+                }
+                tracing::error!(error = %format!("{e:#}"), "start-up failed after the device was created; removing it");
+                *d2.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(RunInfo {
+                    version: control::RUN_INFO_VERSION,
+                    name: cfg2.volume.cache.name.clone(),
+                    pid: std::process::id(),
+                    dev_id,
+                    device: String::new(),
+                    cache_dir: PathBuf::new(),
+                    backing: PathBuf::new(),
+                    socket: PathBuf::new(),
+                    queues: 0,
+                    depth: 0,
+                    flush_interval_ms: 0,
+                    started_unix_ms: 0,
+                });
+                d2.stop();
+            }
+        }
+    };
+    let r = ctrl.run_target(tgt_init, q_fn, dev_fn);
+    // Queues are gone: no more I/O can arrive. Flush everything, then let `ctrl` drop, which
+    // deletes the device.
+    tracing::info!("device stopped; flushing");
+    volume.shutdown();
+    let _ = std::fs::remove_file(control::socket_path(&name));
+    let _ = std::fs::remove_file(control::info_path(&name));
+    r.map_err(|e| anyhow!("ublk device: {e}"))?;
+    tracing::info!(volume = %name, "volume detached cleanly");
+    Ok(())
+}
+
+/// Publishes the run state and starts the control and signal threads.
+fn publish(
+    cfg: &AddConfig,
+    dev_id: u32,
+    d: Arc<Daemon>,
+    sigs: nix::sys::signal::SigSet,
+) -> anyhow::Result<Ready> {
+    let name = &cfg.volume.cache.name;
+    let dir = control::run_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let sock = control::socket_path(name);
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).with_context(|| format!("bind {}", sock.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    let info = RunInfo {
+        version: control::RUN_INFO_VERSION,
+        name: name.clone(),
+        pid: std::process::id(),
+        dev_id,
+        device: format!("/dev/ublkb{dev_id}"),
+        cache_dir: cfg.volume.cache.cache_dir.clone(),
+        backing: cfg.volume.cache.backing.clone(),
+        socket: sock.clone(),
+        queues: cfg.queues,
+        depth: cfg.depth,
+        flush_interval_ms: cfg.volume.flush_interval.as_millis() as u64,
+        started_unix_ms: now_unix_ms(),
+    };
+    let tmp = dir.join(format!(".{name}.json.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&info)?)?;
+    std::fs::rename(&tmp, control::info_path(name))?;
+    *d.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.clone());
+
+    let dc = d.clone();
+    std::thread::Builder::new()
+        .name("dv-control".into())
+        .spawn(move || serve_control(listener, dc))?;
+    let ds = d.clone();
+    std::thread::Builder::new()
+        .name("dv-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = sigs.wait() {
+                tracing::info!(signal = ?sig, "signal received: detaching the volume");
+                ds.stop();
+            }
+        })?;
+    Ok(Ready {
+        name: name.clone(),
+        dev_id,
+        device: info.device,
+        pid: info.pid,
+        cache_dir: info.cache_dir,
+        backing: info.backing,
+    })
+}

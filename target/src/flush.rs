@@ -1,0 +1,498 @@
+//! The flush thread: cuts epochs and writes each frozen epoch to permanent storage.
+//!
+//! A cut happens every `flush_interval_ms` when the active epoch has changes, early when the
+//! SSD cache crosses its high watermark, and on request (`deltavol snapshot`, `del`). Then:
+//! walk the frozen bitmap in LBA order → coalesce runs into extents → read them from the
+//! frozen mirror → write them to the backing file (zero extents: punch) and hand them to the
+//! [`DeltaSink`] → `fdatasync` the backing file → commit the sink's snapshot → persist
+//! `flushed_epoch` → invalidate the read cache → retire the epoch (wait out its readers) →
+//! punch the frozen mirror. A flush always ends before the next cut, which reuses the mirror.
+//!
+//! A failing flush (backing-file I/O error, sink error) is retried with backoff; the data
+//! stays in the cache meanwhile, and writes wait once the cache is full.
+
+use crate::cache::meta::{BLOCK_SHIFT, BLOCK_SIZE};
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use serde::Serialize;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Longest extent the flush reads and ships at once.
+pub const FLUSH_EXTENT_BLOCKS_MAX: u64 = 256;
+/// How often the flush thread looks at the watermark flag.
+const POLL: Duration = Duration::from_millis(10);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+static ZERO_BLOCK: [u8; BLOCK_SIZE as usize] = [0u8; BLOCK_SIZE as usize];
+
+/// Where a flushed epoch's changes go besides the backing file (the data plane, in time).
+pub trait DeltaSink: Send {
+    /// Starts snapshot `snap` (the flushed epoch number); `parent` is the previous snapshot
+    /// this sink committed (0 for none).
+    fn begin(&mut self, snap: u64, parent: u64, volume_size: u64) -> Result<()>;
+    /// One extent of `nblocks` blocks at block `lba`; `None` means zeros.
+    fn extent(&mut self, lba: u64, nblocks: u64, data: Option<&[u8]>) -> Result<()>;
+    /// Makes snapshot `snap` durable wherever the sink keeps it.
+    fn commit(&mut self, snap: u64) -> Result<()>;
+}
+
+/// A sink that keeps nothing (no data plane configured).
+pub struct NullSink;
+
+impl DeltaSink for NullSink {
+    fn begin(&mut self, _: u64, _: u64, _: u64) -> Result<()> {
+        Ok(())
+    }
+    fn extent(&mut self, _: u64, _: u64, _: Option<&[u8]>) -> Result<()> {
+        Ok(())
+    }
+    fn commit(&mut self, _: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What one flush did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlushReport {
+    pub epoch: u64,
+    pub extents: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    pub finished_unix_ms: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Cuts asked for (`request_cut`), and how many of them are done.
+    wanted: u64,
+    done: u64,
+    stop: bool,
+    /// Simulated crash (tests): stop at once, commit nothing more.
+    abort: bool,
+    stopped: bool,
+    last: Option<FlushReport>,
+    last_error: Option<String>,
+    flushes: u64,
+}
+
+struct Ctl {
+    st: Mutex<State>,
+    cv: Condvar,
+}
+
+/// Handle to a volume's flush thread.
+pub struct Flusher {
+    ctl: Arc<Ctl>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Status of the flush thread, for `deltavol status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlushStatus {
+    pub last: Option<FlushReport>,
+    pub last_error: Option<String>,
+    pub flushes: u64,
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Flusher {
+    pub fn start(
+        cache: Arc<Cache>,
+        sink: Box<dyn DeltaSink>,
+        interval: Duration,
+    ) -> std::io::Result<Flusher> {
+        let ctl = Arc::new(Ctl {
+            st: Mutex::new(State::default()),
+            cv: Condvar::new(),
+        });
+        let c2 = ctl.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("dv-flush-{}", cache.name))
+            .spawn(move || {
+                FlushThread {
+                    cache,
+                    sink,
+                    ctl: c2,
+                    interval,
+                    buf: Vec::new(),
+                    parent: 0,
+                }
+                .run()
+            })?;
+        Ok(Flusher {
+            ctl,
+            thread: Mutex::new(Some(t)),
+        })
+    }
+
+    /// Cuts the active epoch now and waits until it is flushed; returns that flush's report.
+    pub fn cut_and_wait(&self) -> Result<FlushReport> {
+        let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+        if st.stop || st.stopped {
+            return Err(Error::new(
+                crate::error::ErrorKind::ShuttingDown,
+                "volume is shutting down",
+            ));
+        }
+        st.wanted += 1;
+        let ticket = st.wanted;
+        self.ctl.cv.notify_all();
+        while st.done < ticket && !st.stopped {
+            st = self.ctl.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if st.done < ticket {
+            return Err(Error::new(
+                crate::error::ErrorKind::ShuttingDown,
+                "volume stopped before the flush",
+            ));
+        }
+        match (&st.last, &st.last_error) {
+            (_, Some(e)) => Err(Error::new(crate::error::ErrorKind::Io, e.clone())),
+            (Some(r), None) => Ok(r.clone()),
+            (None, None) => Ok(FlushReport::default()),
+        }
+    }
+
+    pub fn status(&self) -> FlushStatus {
+        let st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+        FlushStatus {
+            last: st.last.clone(),
+            last_error: st.last_error.clone(),
+            flushes: st.flushes,
+        }
+    }
+
+    /// Stops at once without flushing, as a crash would (host-level crash tests): a flush in
+    /// progress is abandoned before its next step.
+    pub fn abort(&self) {
+        {
+            let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+            st.abort = true;
+            st.stop = true;
+            self.ctl.cv.notify_all();
+        }
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Flushes everything still dirty, then stops the thread. Call once no I/O can arrive.
+    pub fn stop(&self) {
+        {
+            let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+            st.stop = true;
+            self.ctl.cv.notify_all();
+        }
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct FlushThread {
+    cache: Arc<Cache>,
+    sink: Box<dyn DeltaSink>,
+    ctl: Arc<Ctl>,
+    interval: Duration,
+    buf: Vec<u8>,
+    parent: u64,
+}
+
+impl FlushThread {
+    fn run(mut self) {
+        let mut last_cut = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.aborted() {
+                break;
+            }
+            // A frozen epoch left by a crash or a failed flush goes first.
+            if self.cache.epochs.frozen() != 0 {
+                match self.flush_frozen() {
+                    Ok(r) => {
+                        backoff = Duration::from_millis(100);
+                        self.finish(None, Some(r), None);
+                    }
+                    Err(_) if self.aborted() => break,
+                    Err(e) => {
+                        tracing::error!(volume = %self.cache.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "flush failed; data stays in the cache and the flush is retried");
+                        self.finish(None, None, Some(e.to_string()));
+                        let st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+                        if st.stop {
+                            // Stopping with an unflushable epoch: it stays in the cache
+                            // (durable there) and is flushed on the next attach.
+                            drop(st);
+                            break;
+                        }
+                        let _ = self.ctl.cv.wait_timeout(st, backoff);
+                        backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                        continue;
+                    }
+                }
+            }
+            let (ticket, stop) = {
+                let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    let due = last_cut.elapsed() >= self.interval;
+                    let dirty = self.cache.dirty_blocks() > 0;
+                    if st.stop
+                        || st.wanted > st.done
+                        || (dirty && (due || self.cache.watermark_hit.load(SeqCst)))
+                    {
+                        break;
+                    }
+                    if due {
+                        last_cut = Instant::now();
+                    }
+                    st = self
+                        .ctl
+                        .cv
+                        .wait_timeout(st, POLL)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                (st.wanted, st.stop)
+            };
+            let dirty = self.cache.dirty_blocks() > 0;
+            if dirty || ticket > self.done() {
+                self.cache.watermark_hit.store(false, SeqCst);
+                let e = self.cache.epochs.cut();
+                last_cut = Instant::now();
+                tracing::debug!(volume = %self.cache.name, epoch = e, "epoch cut");
+                match self.flush_frozen() {
+                    Ok(r) => self.finish(Some(ticket), Some(r), None),
+                    Err(_) if self.aborted() => break,
+                    Err(e) => {
+                        tracing::error!(volume = %self.cache.name, error = %e, "flush failed; retrying");
+                        self.finish(None, None, Some(e.to_string()));
+                        continue;
+                    }
+                }
+            } else {
+                self.finish(Some(ticket), None, None);
+            }
+            if stop && self.cache.epochs.frozen() == 0 && self.cache.dirty_blocks() == 0 {
+                break;
+            }
+        }
+        let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+        st.stopped = true;
+        self.ctl.cv.notify_all();
+    }
+
+    fn aborted(&self) -> bool {
+        self.ctl.st.lock().unwrap_or_else(|p| p.into_inner()).abort
+    }
+
+    fn check_abort(&self) -> Result<()> {
+        if self.aborted() {
+            return Err(Error::new(
+                crate::error::ErrorKind::ShuttingDown,
+                "flush aborted",
+            ));
+        }
+        Ok(())
+    }
+
+    fn done(&self) -> u64 {
+        self.ctl.st.lock().unwrap_or_else(|p| p.into_inner()).done
+    }
+
+    fn finish(&self, ticket: Option<u64>, report: Option<FlushReport>, err: Option<String>) {
+        let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = ticket {
+            st.done = st.done.max(t);
+        }
+        if let Some(r) = report {
+            st.flushes += 1;
+            st.last = Some(r);
+            st.last_error = None;
+        }
+        if err.is_some() {
+            st.last_error = err;
+        }
+        self.ctl.cv.notify_all();
+    }
+
+    /// Flushes the frozen epoch (see the module doc for the steps and their order).
+    fn flush_frozen(&mut self) -> Result<FlushReport> {
+        let t0 = Instant::now();
+        let c = self.cache.clone();
+        let f = c.epochs.frozen();
+        assert_ne!(f, 0);
+        let s = (f % 2) as usize;
+        let mut rep = FlushReport {
+            epoch: f,
+            ..Default::default()
+        };
+        self.sink.begin(f, self.parent, c.size_bytes)?;
+        if self.buf.len() < (FLUSH_EXTENT_BLOCKS_MAX * BLOCK_SIZE) as usize {
+            self.buf = vec![0u8; (FLUSH_EXTENT_BLOCKS_MAX * BLOCK_SIZE) as usize];
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut err = None;
+        c.slots[s]
+            .bits
+            .for_each_run(FLUSH_EXTENT_BLOCKS_MAX, |start, len| {
+                match self
+                    .check_abort()
+                    .and_then(|_| self.flush_run(s, start, len, &mut buf, &mut rep))
+                {
+                    Ok(()) => true,
+                    Err(e) => {
+                        err = Some(e);
+                        false
+                    }
+                }
+            });
+        self.buf = buf;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        self.check_abort()?;
+        c.backing
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", &c.backing_path, e))?;
+        self.check_abort()?;
+        self.sink.commit(f)?;
+        self.parent = f;
+        self.check_abort()?;
+        c.commit_flushed(f)?;
+        self.check_abort()?;
+        c.rcache.bump_generation();
+        c.slots[s].bits.for_each_run(u64::MAX, |start, len| {
+            c.rcache.remove_range(start, len);
+            true
+        });
+        c.epochs.retire_frozen();
+        c.reclaim_slot(s)?;
+        rep.duration_ms = t0.elapsed().as_millis() as u64;
+        rep.finished_unix_ms = now_unix_ms();
+        tracing::info!(
+            volume = %c.name, epoch = f, extents = rep.extents, data_bytes = rep.data_bytes,
+            zero_bytes = rep.zero_bytes, duration_ms = rep.duration_ms, "epoch flushed"
+        );
+        Ok(rep)
+    }
+
+    fn flush_run(
+        &mut self,
+        s: usize,
+        start: u64,
+        len: u64,
+        buf: &mut [u8],
+        rep: &mut FlushReport,
+    ) -> Result<()> {
+        let c = &self.cache;
+        let off = start << BLOCK_SHIFT;
+        let bytes = len << BLOCK_SHIFT;
+        let mirror = &c.mirrors[s];
+        let mpath = || c.cache_dir.join(format!("mirror.{s}"));
+        // All hole (discarded): no need to read it.
+        // SAFETY: lseek on a valid fd with integer arguments.
+        let data_at =
+            unsafe { libc::lseek(mirror.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if data_at < 0 || data_at as u64 >= off + bytes {
+            return self.ship(start, len, None, rep);
+        }
+        let b = &mut buf[..bytes as usize];
+        let n = crate::cache::meta::read_full_at(mirror, b, off)
+            .map_err(|e| Error::io_at("read", mpath(), off, e))?;
+        if n != b.len() {
+            return Err(Error::corrupt(format!(
+                "{} is shorter than the volume",
+                mpath().display()
+            )));
+        }
+        // Split into data and zero sub-extents.
+        let is_zero = |i: u64| {
+            b[(i << BLOCK_SHIFT) as usize..((i + 1) << BLOCK_SHIFT) as usize] == ZERO_BLOCK
+        };
+        let mut i = 0u64;
+        while i < len {
+            let z = is_zero(i);
+            let mut j = i + 1;
+            while j < len && is_zero(j) == z {
+                j += 1;
+            }
+            let data = (!z).then(|| &b[(i << BLOCK_SHIFT) as usize..(j << BLOCK_SHIFT) as usize]);
+            self.ship_inner(start + i, j - i, data, rep)?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn ship(&mut self, lba: u64, n: u64, data: Option<&[u8]>, rep: &mut FlushReport) -> Result<()> {
+        self.ship_inner(lba, n, data, rep)
+    }
+
+    /// Writes one extent to the backing file and hands it to the sink.
+    fn ship_inner(
+        &mut self,
+        lba: u64,
+        n: u64,
+        data: Option<&[u8]>,
+        rep: &mut FlushReport,
+    ) -> Result<()> {
+        let c = &self.cache;
+        let off = lba << BLOCK_SHIFT;
+        let bytes = n << BLOCK_SHIFT;
+        match data {
+            Some(d) => {
+                c.backing
+                    .write_all_at(d, off)
+                    .map_err(|e| Error::io_at("write", &c.backing_path, off, e))?;
+                rep.data_bytes += bytes;
+            }
+            None => {
+                punch_or_zero(&c.backing, &c.backing_path, off, bytes)?;
+                rep.zero_bytes += bytes;
+            }
+        }
+        rep.extents += 1;
+        self.sink.extent(lba, n, data)
+    }
+}
+
+/// Makes `[off, off+len)` of `f` read as zeros: punch a hole, else write zeros.
+fn punch_or_zero(f: &std::fs::File, path: &std::path::Path, off: u64, len: u64) -> Result<()> {
+    // SAFETY: fallocate on a valid fd with integer arguments.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if !matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+    ) {
+        return Err(Error::io_at("punch hole in", path, off, e));
+    }
+    let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+    let mut done = 0;
+    while done < len {
+        let k = (len - done).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..k], off + done)
+            .map_err(|e| Error::io_at("write", path, off + done, e))?;
+        done += k as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! deltavol: a ublk block-device target with an SSD writeback cache, point-in-time epochs
+//! and a flush thread that writes them to permanent storage.
+//!
+//! The data path, in the order a request meets it:
+//! [`queue`] (ublk queue threads and their handlers) → [`cache`] (mirror pair, epochs,
+//! bitmaps, read cache) → [`flush`] (cut, write back, ship deltas). [`ring`] is the one place
+//! that pushes io_uring SQEs. [`volume`] ties a volume's parts together; [`daemon`] and
+//! [`cli`] are the edge.
+
+pub mod cache;
+pub mod cli;
+pub mod control;
+pub mod daemon;
+pub mod error;
+pub mod flush;
+pub mod queue;
+pub mod ring;
+pub mod size;
+pub mod volume;

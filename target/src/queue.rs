@@ -1,0 +1,94 @@
+//! ublk queue threads: one thread, one io_uring and one `smol::LocalExecutor` per queue, one
+//! async task per tag. Each task posts FETCH, then loops: serve the request through
+//! [`Volume::handle`] on the queue's own ring → COMMIT_AND_FETCH. A per-queue [`Kicker`] task
+//! keeps a read posted on an eventfd so that other threads (the syncer) can wake the ring.
+//!
+//! Per-tag I/O buffers are allocated once when the task starts (never per I/O), and a request
+//! is committed only after every SQE it issued has completed (see [`crate::ring`]).
+
+use crate::ring::{Kicker, Ring, UblkRing};
+use crate::volume::Volume;
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::{BufDesc, UblkError};
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Runs queue `qid` until the device stops. Called on the queue's own thread by libublk.
+pub fn run_queue(qid: u16, dev: &UblkDev, vol: Arc<Volume>, kicker: Arc<Kicker>) {
+    let q = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            tracing::error!(queue = qid, error = %e, "cannot set up ublk queue");
+            return;
+        }
+    };
+    let exe = Rc::new(smol::LocalExecutor::new());
+    let buf_bytes = dev.dev_info.max_io_buf_bytes as usize;
+    let mut tasks = Vec::new();
+    for tag in q.tags() {
+        let q = q.clone();
+        let vol = vol.clone();
+        let kicker = kicker.clone();
+        tasks.push(exe.spawn(async move {
+            let ring = UblkRing {
+                queue: &q,
+                index: usize::from(qid),
+                kicker,
+            };
+            match io_task(&ring, &q, tag, buf_bytes, &vol).await {
+                Ok(()) | Err(UblkError::QueueIsDown) => {}
+                Err(e) => tracing::error!(queue = qid, tag, error = %e, "ublk io task failed"),
+            }
+        }));
+    }
+    // The wake-up reader: completes whenever another thread kicks this ring.
+    let kq = q.clone();
+    let kk = kicker.clone();
+    let _kick_task = exe.spawn(async move {
+        let ring = UblkRing {
+            queue: &kq,
+            index: usize::from(qid),
+            kicker: kk.clone(),
+        };
+        loop {
+            // SAFETY: the read targets the Kicker's own buffer, which the volume keeps alive
+            // for longer than this queue's ring (the ring is torn down first).
+            let r = unsafe { ring.submit(kk.read_sqe()) }.await;
+            if r < 0 && r != -libc::EINTR && r != -libc::EAGAIN {
+                break;
+            }
+        }
+    });
+    let e2 = exe.clone();
+    smol::block_on(exe.run(async move {
+        let run_ops = || while e2.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
+            tracing::error!(queue = qid, error = %e, "ublk queue event loop failed");
+        }
+    }));
+}
+
+async fn io_task(
+    ring: &UblkRing<'_>,
+    q: &UblkQueue<'_>,
+    tag: u16,
+    buf_bytes: usize,
+    vol: &Volume,
+) -> Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(buf_bytes);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    loop {
+        let iod = q.get_iod(tag);
+        let op = iod.op_flags & 0xff;
+        let flags = iod.op_flags & !0xff;
+        let (start, nr) = (iod.start_sector, iod.nr_sectors);
+        let res = vol
+            .handle(ring, op, flags, start, nr, buf.as_mut_slice())
+            .await;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await?;
+    }
+}

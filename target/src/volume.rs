@@ -1,0 +1,152 @@
+//! A volume: its cache, the syncer that serves FLUSH, and the flush thread, started and
+//! stopped together. The ublk queues ([`crate::queue`]) and the host-level tests drive it
+//! through [`Volume::handle`].
+
+use crate::cache::{meta, Cache, CacheConfig, SyncHandle};
+use crate::error::{Error, Result};
+use crate::flush::{DeltaSink, FlushStatus, Flusher};
+use crate::ring::{HostRing, Ring};
+use serde::Serialize;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 15_000;
+
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub cache: CacheConfig,
+    pub flush_interval: Duration,
+}
+
+pub struct Volume {
+    pub cache: Arc<Cache>,
+    pub flusher: Flusher,
+}
+
+/// A point-in-time view of a volume for `deltavol status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub volume_id: String,
+    pub size_bytes: u64,
+    pub epoch: u64,
+    pub frozen_epoch: u64,
+    pub flushed_epoch: u64,
+    pub dirty_bytes: u64,
+    pub ssd_used_bytes: u64,
+    pub ssd_allocated_bytes: u64,
+    pub cache_limit_bytes: u64,
+    pub read_cache_blocks: u64,
+    pub read_cache_hits: u64,
+    pub read_cache_misses: u64,
+    pub read_cache_hit_ratio: f64,
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub flush_requests: u64,
+    pub backpressure_waits: u64,
+    pub durability_failed: bool,
+    pub flush: FlushStatus,
+}
+
+impl Volume {
+    /// Opens (or creates) the volume and starts its syncer and flush thread.
+    pub fn open(cfg: &VolumeConfig, sink: Box<dyn DeltaSink>) -> Result<Volume> {
+        if cfg.flush_interval.is_zero() {
+            return Err(Error::invalid("flush interval must be at least 1 ms"));
+        }
+        let cache = Arc::new(Cache::open(&cfg.cache)?);
+        let sync = SyncHandle::start(cache.clone())
+            .map_err(|e| Error::io("start syncer for", &cfg.cache.cache_dir, e))?;
+        if cache.syncer.set(sync).is_err() {
+            return Err(Error::invalid("syncer already started"));
+        }
+        let flusher = Flusher::start(cache.clone(), sink, cfg.flush_interval)
+            .map_err(|e| Error::io("start flush thread for", &cfg.cache.cache_dir, e))?;
+        Ok(Volume { cache, flusher })
+    }
+
+    /// Serves one block request (see [`Cache::handle`]).
+    pub async fn handle<R: Ring>(
+        &self,
+        ring: &R,
+        op: u32,
+        flags: u32,
+        start_sector: u64,
+        nr_sectors: u32,
+        buf: &mut [u8],
+    ) -> i32 {
+        self.cache
+            .handle(ring, op, flags, start_sector, nr_sectors, buf)
+            .await
+    }
+
+    /// A private ring for host thread `index` (tests, benchmarks).
+    pub fn host_ring(&self, index: usize) -> std::io::Result<HostRing> {
+        let c = &self.cache;
+        HostRing::new(
+            index,
+            [c.mirrors[0].as_raw_fd(), c.mirrors[1].as_raw_fd()],
+            c.backing.as_raw_fd(),
+        )
+    }
+
+    /// Cuts the active epoch now and waits for its flush.
+    pub fn cut_and_flush(&self) -> Result<crate::flush::FlushReport> {
+        self.flusher.cut_and_wait()
+    }
+
+    /// Clean stop: flushes everything to the backing file, then stops the threads. Call once
+    /// no more I/O can arrive.
+    pub fn shutdown(&self) {
+        self.flusher.stop();
+        if let Some(s) = self.cache.syncer.get() {
+            s.stop();
+        }
+    }
+
+    /// Simulated crash (tests): stops the threads without flushing anything more.
+    pub fn crash(&self) {
+        self.flusher.abort();
+        if let Some(s) = self.cache.syncer.get() {
+            s.stop();
+        }
+    }
+
+    pub fn status(&self) -> VolumeStatus {
+        let c = &self.cache;
+        let hits = c.stats_sum(|s| &s.rcache_hits);
+        let misses = c.stats_sum(|s| &s.rcache_misses);
+        VolumeStatus {
+            name: c.name.clone(),
+            volume_id: meta::volume_id_hex(&c.volume_id),
+            size_bytes: c.size_bytes,
+            epoch: c.epochs.current(),
+            frozen_epoch: c.epochs.frozen(),
+            flushed_epoch: c.flushed_epoch(),
+            dirty_bytes: c.dirty_blocks() * meta::BLOCK_SIZE,
+            ssd_used_bytes: c.ssd_used_blocks() * meta::BLOCK_SIZE,
+            ssd_allocated_bytes: c.ssd_allocated_bytes(),
+            cache_limit_bytes: c.cache_limit_blocks * meta::BLOCK_SIZE,
+            read_cache_blocks: c.rcache.len_blocks(),
+            read_cache_hits: hits,
+            read_cache_misses: misses,
+            read_cache_hit_ratio: if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
+            reads: c.stats_sum(|s| &s.reads),
+            writes: c.stats_sum(|s| &s.writes),
+            read_bytes: c.stats_sum(|s| &s.read_bytes),
+            write_bytes: c.stats_sum(|s| &s.write_bytes),
+            flush_requests: c.stats_sum(|s| &s.flushes),
+            backpressure_waits: c.stats_sum(|s| &s.backpressure_waits),
+            durability_failed: c.sync_failed.load(SeqCst),
+            flush: self.flusher.status(),
+        }
+    }
+}
