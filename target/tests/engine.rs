@@ -130,7 +130,7 @@ fn concurrent_queues_with_racing_flushes() {
             let vol = vol.clone();
             s.spawn(move || {
                 let mut rng =
-                    rand::rngs::StdRng::seed_from_u64(seed ^ (t as u64 + 1) * 0x1234_5678);
+                    rand::rngs::StdRng::seed_from_u64(seed ^ ((t as u64 + 1) * 0x1234_5678));
                 let mut d = Driver::new(&vol, threads);
                 let base = t as u64 * per;
                 let mut model = vec![0u64; per as usize];

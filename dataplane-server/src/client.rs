@@ -1,0 +1,852 @@
+//! The blocking data-plane client (std::net only), for the compute daemon's flush thread.
+//!
+//! One [`Client`] is one authenticated connection to one volume. Uploads are streamed:
+//! [`Client::begin_snapshot`], any number of [`Client::put_extent`] /
+//! [`Client::put_zero_extent`] (batched into frames of at most
+//! [`FRAME_PAYLOAD_MAX_BYTES`] of payload), then [`Client::commit`], which returns once the
+//! snapshot is durable on the server.
+//!
+//! Everything the server sends is checked like network input: frames through the verifier and
+//! the caps, read data against its crc32c and the requested range. After an I/O error or a
+//! protocol violation the client is poisoned: every later call fails (reconnect instead).
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use deltavol_schemas::flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
+use deltavol_schemas::{
+    append_frame, check_extents, decode_header, finish_header, header_len_from_prefix,
+    valid_volume_name, wire, AUTH_NONCE_BYTES, FRAME_EXTENTS_MAX, FRAME_LEN_PREFIX_BYTES,
+    FRAME_PAYLOAD_MAX_BYTES, PROTOCOL_VERSION,
+};
+
+use crate::auth;
+
+/// Connection and I/O timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Time to establish the TCP connection.
+    pub connect: Duration,
+    /// Time any single read or write may block (a commit's fsyncs included).
+    pub io: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            io: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What kind of failure a [`ClientError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientErrorKind {
+    /// Connecting, reading or writing failed (includes timeouts and a closed connection).
+    Io,
+    /// The server's answer was malformed or not what the protocol allows.
+    Protocol,
+    /// The server refused the request with this code.
+    Server(wire::ErrorCode),
+    /// The call itself was wrong (e.g. a put without a begun snapshot, a wrong buffer size).
+    Usage,
+}
+
+/// A client error: kind, what was being done, and the underlying I/O error if any.
+#[derive(Debug, thiserror::Error)]
+#[error("{ctx}{}", .source.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+pub struct ClientError {
+    kind: ClientErrorKind,
+    ctx: String,
+    #[source]
+    source: Option<io::Error>,
+}
+
+impl ClientError {
+    fn new(kind: ClientErrorKind, ctx: impl Into<String>) -> Self {
+        Self {
+            kind,
+            ctx: ctx.into(),
+            source: None,
+        }
+    }
+
+    fn io(ctx: impl Into<String>, source: io::Error) -> Self {
+        Self {
+            kind: ClientErrorKind::Io,
+            ctx: ctx.into(),
+            source: Some(source),
+        }
+    }
+
+    pub fn kind(&self) -> ClientErrorKind {
+        self.kind
+    }
+
+    /// The server's error code, when the server refused the request.
+    pub fn server_code(&self) -> Option<wire::ErrorCode> {
+        match self.kind {
+            ClientErrorKind::Server(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+fn protocol(ctx: impl Into<String>) -> ClientError {
+    ClientError::new(ClientErrorKind::Protocol, ctx)
+}
+
+fn usage(ctx: impl Into<String>) -> ClientError {
+    ClientError::new(ClientErrorKind::Usage, ctx)
+}
+
+/// A volume as the server describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub exists: bool,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    /// The chain head, 0 when the volume has no snapshot.
+    pub latest_snap_id: u64,
+    pub generation: u64,
+    pub snapshot_count: u64,
+}
+
+impl VolumeInfo {
+    fn from_wire(v: wire::VolumeInfo<'_>) -> Self {
+        Self {
+            name: v.name().unwrap_or_default().to_string(),
+            exists: v.exists(),
+            size_bytes: v.size_bytes(),
+            block_size: v.block_size(),
+            latest_snap_id: v.latest_snap_id(),
+            generation: v.generation(),
+            snapshot_count: v.snapshot_count(),
+        }
+    }
+}
+
+/// A committed snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub snap_id: u64,
+    pub parent_id: u64,
+    pub commit_time_ms: u64,
+    pub bytes: u64,
+    pub extent_count: u64,
+    pub volume_size: u64,
+    pub generation: u64,
+}
+
+impl SnapshotInfo {
+    fn from_wire(s: wire::SnapshotInfo<'_>) -> Self {
+        Self {
+            snap_id: s.snap_id(),
+            parent_id: s.parent_id(),
+            commit_time_ms: s.commit_time_ms(),
+            bytes: s.bytes(),
+            extent_count: s.extent_count(),
+            volume_size: s.volume_size(),
+            generation: s.generation(),
+        }
+    }
+}
+
+/// The answer to [`Client::begin_snapshot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeginOutcome {
+    /// Send the extents, then commit.
+    Started,
+    /// This snapshot is already committed with that parent: do not send it again.
+    AlreadyCommitted(SnapshotInfo),
+}
+
+#[derive(Debug)]
+struct UploadState {
+    snap_id: u64,
+    extents: Vec<wire::Extent>,
+    payload: Vec<u8>,
+    extent_count: u64,
+    data_bytes: u64,
+}
+
+/// One authenticated connection to one volume.
+pub struct Client {
+    stream: TcpStream,
+    info: VolumeInfo,
+    generation: u64,
+    fbb: FlatBufferBuilder<'static>,
+    out: Vec<u8>,
+    hdr: Vec<u8>,
+    payload: Vec<u8>,
+    upload: Option<UploadState>,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("info", &self.info)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects, authenticates for `volume` with `token`, and returns the client.
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        token: &[u8],
+        volume: &str,
+        timeouts: Timeouts,
+    ) -> Result<Client, ClientError> {
+        Self::connect_with_generation(addr, token, volume, timeouts, 0)
+    }
+
+    /// Like [`Client::connect`], naming the fencing generation the client believes current.
+    pub fn connect_with_generation(
+        addr: impl ToSocketAddrs,
+        token: &[u8],
+        volume: &str,
+        timeouts: Timeouts,
+        generation: u64,
+    ) -> Result<Client, ClientError> {
+        if !valid_volume_name(volume) {
+            return Err(usage(format!("invalid volume name {volume:?}")));
+        }
+        let addrs: Vec<_> = addr
+            .to_socket_addrs()
+            .map_err(|e| ClientError::io("resolving the address", e))?
+            .collect();
+        let mut last_err = None;
+        let mut stream = None;
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, timeouts.connect) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last_err = Some(ClientError::io(format!("connecting to {a}"), e)),
+            }
+        }
+        let stream = match stream {
+            Some(s) => s,
+            None => {
+                return Err(last_err.unwrap_or_else(|| usage("the address resolved to nothing")))
+            }
+        };
+        let io_ctx = |e| ClientError::io("configuring the socket", e);
+        stream.set_read_timeout(Some(timeouts.io)).map_err(io_ctx)?;
+        stream
+            .set_write_timeout(Some(timeouts.io))
+            .map_err(io_ctx)?;
+        stream.set_nodelay(true).map_err(io_ctx)?;
+        let mut c = Client {
+            stream,
+            info: VolumeInfo::default(),
+            generation,
+            fbb: FlatBufferBuilder::with_capacity(1024),
+            out: Vec::with_capacity(4096),
+            hdr: Vec::with_capacity(4096),
+            payload: Vec::new(),
+            upload: None,
+            poisoned: false,
+        };
+        c.handshake(token, volume)?;
+        Ok(c)
+    }
+
+    fn handshake(&mut self, token: &[u8], volume: &str) -> Result<(), ClientError> {
+        let name = self.fbb.create_string("deltavol");
+        let body = wire::Hello::create(
+            &mut self.fbb,
+            &wire::HelloArgs {
+                protocol_version: PROTOCOL_VERSION,
+                client_name: Some(name),
+            },
+        );
+        self.send(wire::Message::Hello, body.as_union_value())?;
+        self.recv()?;
+        let nonce = {
+            let f =
+                decode_header(&self.hdr).map_err(|e| protocol(format!("bad challenge: {e}")))?;
+            let ch = f
+                .body_as_challenge()
+                .ok_or_else(|| protocol("expected a Challenge"))?;
+            let n = ch.nonce().map(|n| n.bytes()).unwrap_or_default();
+            if n.len() != AUTH_NONCE_BYTES {
+                return Err(protocol(format!("challenge nonce of {} bytes", n.len())));
+            }
+            n.to_vec()
+        };
+        let mac = auth::answer(token, &nonce, volume);
+        let vol = self.fbb.create_string(volume);
+        let mac = self.fbb.create_vector(&mac);
+        let body = wire::Auth::create(
+            &mut self.fbb,
+            &wire::AuthArgs {
+                volume: Some(vol),
+                mac: Some(mac),
+                generation: self.generation,
+            },
+        );
+        self.send(wire::Message::Auth, body.as_union_value())?;
+        self.recv()?;
+        let f = decode_header(&self.hdr).map_err(|e| protocol(format!("bad auth answer: {e}")))?;
+        let ok = f
+            .body_as_auth_ok()
+            .ok_or_else(|| protocol("expected AuthOk"))?;
+        let info = ok
+            .info()
+            .ok_or_else(|| protocol("AuthOk without volume info"))?;
+        self.info = VolumeInfo::from_wire(info);
+        if self.info.name != volume {
+            return Err(protocol(format!(
+                "server answered for volume {:?}",
+                self.info.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The volume as last described by the server.
+    pub fn info(&self) -> &VolumeInfo {
+        &self.info
+    }
+
+    fn check_usable(&self) -> Result<(), ClientError> {
+        if self.poisoned {
+            return Err(usage(
+                "connection is unusable after an earlier I/O or protocol error: reconnect",
+            ));
+        }
+        Ok(())
+    }
+
+    fn poison<T>(&mut self, r: Result<T, ClientError>) -> Result<T, ClientError> {
+        if let Err(e) = &r {
+            if matches!(e.kind, ClientErrorKind::Io | ClientErrorKind::Protocol) {
+                self.poisoned = true;
+            }
+        }
+        r
+    }
+
+    fn write_all(&mut self, data_is_out: bool, payload: &[u8]) -> Result<(), ClientError> {
+        let r = if data_is_out {
+            self.stream.write_all(&self.out)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| {
+            if payload.is_empty() {
+                Ok(())
+            } else {
+                self.stream.write_all(payload)
+            }
+        });
+        r.map_err(|e| ClientError::io("sending to the data plane", e))
+    }
+
+    /// Sends a frame without payload.
+    fn send(
+        &mut self,
+        ty: wire::Message,
+        body: WIPOffset<UnionWIPOffset>,
+    ) -> Result<(), ClientError> {
+        self.check_usable()?;
+        self.out.clear();
+        let r = finish_header(&mut self.fbb, ty, body, 0)
+            .and_then(|h| append_frame(&mut self.out, h, &[]))
+            .map_err(|e| usage(format!("request over the frame caps: {e}")));
+        self.fbb.reset();
+        r?;
+        let r = self.write_all(true, &[]);
+        self.poison(r)
+    }
+
+    /// Receives one frame into `hdr` / `payload`; an `Error` frame becomes a server error.
+    fn recv(&mut self) -> Result<(), ClientError> {
+        let r = self.recv_inner();
+        self.poison(r)?;
+        let f = decode_header(&self.hdr).map_err(|e| protocol(format!("bad frame: {e}")))?;
+        if let Some(e) = f.body_as_error() {
+            let code = e.code();
+            let msg = e.message().unwrap_or("no message");
+            return Err(ClientError::new(
+                ClientErrorKind::Server(code),
+                format!("data plane refused: {msg} ({code:?})"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn recv_inner(&mut self) -> Result<(), ClientError> {
+        let mut prefix = [0u8; FRAME_LEN_PREFIX_BYTES];
+        self.stream
+            .read_exact(&mut prefix)
+            .map_err(|e| ClientError::io("reading from the data plane", e))?;
+        let len = header_len_from_prefix(prefix)
+            .map_err(|e| protocol(format!("bad frame from the data plane: {e}")))?;
+        self.hdr.resize(len, 0);
+        self.stream
+            .read_exact(&mut self.hdr)
+            .map_err(|e| ClientError::io("reading from the data plane", e))?;
+        let payload_len = decode_header(&self.hdr)
+            .map_err(|e| protocol(format!("bad frame from the data plane: {e}")))?
+            .payload_len() as usize;
+        self.payload.resize(payload_len, 0);
+        self.stream
+            .read_exact(&mut self.payload)
+            .map_err(|e| ClientError::io("reading from the data plane", e))?;
+        Ok(())
+    }
+
+    /// Decodes the last received frame.
+    fn frame(&self) -> Result<wire::Frame<'_>, ClientError> {
+        decode_header(&self.hdr).map_err(|e| protocol(format!("bad frame: {e}")))
+    }
+
+    /// Creates the volume (idempotent when size and block size are the same).
+    pub fn create_volume(
+        &mut self,
+        size_bytes: u64,
+        block_size: u32,
+    ) -> Result<VolumeInfo, ClientError> {
+        let body = wire::CreateVolume::create(
+            &mut self.fbb,
+            &wire::CreateVolumeArgs {
+                size_bytes,
+                block_size,
+            },
+        );
+        self.send(wire::Message::CreateVolume, body.as_union_value())?;
+        self.recv_volume_info()
+    }
+
+    /// Asks the server for the volume's current state.
+    pub fn volume_info(&mut self) -> Result<VolumeInfo, ClientError> {
+        let body =
+            wire::GetVolumeInfo::create(&mut self.fbb, &wire::GetVolumeInfoArgs { reserved: 0 });
+        self.send(wire::Message::GetVolumeInfo, body.as_union_value())?;
+        self.recv_volume_info()
+    }
+
+    fn recv_volume_info(&mut self) -> Result<VolumeInfo, ClientError> {
+        self.recv()?;
+        let info = {
+            let f = self.frame()?;
+            let v = f
+                .body_as_volume_info()
+                .ok_or_else(|| protocol("expected VolumeInfo"))?;
+            VolumeInfo::from_wire(v)
+        };
+        self.info = info.clone();
+        Ok(info)
+    }
+
+    /// Starts snapshot `snap_id` on top of `parent_id` (0 for the first one).
+    pub fn begin_snapshot(
+        &mut self,
+        snap_id: u64,
+        parent_id: u64,
+        volume_size: u64,
+    ) -> Result<BeginOutcome, ClientError> {
+        if self.upload.is_some() {
+            return Err(usage(
+                "a snapshot is already being uploaded on this connection",
+            ));
+        }
+        let body = wire::BeginSnapshot::create(
+            &mut self.fbb,
+            &wire::BeginSnapshotArgs {
+                snap_id,
+                parent_id,
+                volume_size,
+                generation: self.generation,
+            },
+        );
+        self.send(wire::Message::BeginSnapshot, body.as_union_value())?;
+        self.recv()?;
+        let f = self.frame()?;
+        if let Some(ok) = f.body_as_begin_ok() {
+            if ok.snap_id() != snap_id {
+                return self.poison(Err(protocol("BeginOk for another snapshot")));
+            }
+            self.upload = Some(UploadState {
+                snap_id,
+                extents: Vec::with_capacity(64),
+                payload: Vec::with_capacity(FRAME_PAYLOAD_MAX_BYTES),
+                extent_count: 0,
+                data_bytes: 0,
+            });
+            return Ok(BeginOutcome::Started);
+        }
+        if let Some(ac) = f.body_as_already_committed() {
+            let info = ac
+                .info()
+                .ok_or_else(|| protocol("AlreadyCommitted without info"))?;
+            return Ok(BeginOutcome::AlreadyCommitted(SnapshotInfo::from_wire(
+                info,
+            )));
+        }
+        self.poison(Err(protocol("expected BeginOk or AlreadyCommitted")))
+    }
+
+    fn block_size(&self) -> Result<u64, ClientError> {
+        if !self.info.exists || self.info.block_size == 0 {
+            return Err(usage(format!(
+                "volume {} does not exist: create it first",
+                self.info.name
+            )));
+        }
+        Ok(u64::from(self.info.block_size))
+    }
+
+    /// Adds a data extent to the snapshot being uploaded (`data.len()` = `nblocks` blocks).
+    /// Extents are batched into frames of at most 1 MiB of payload; large ones are split.
+    pub fn put_extent(&mut self, lba: u64, nblocks: u32, data: &[u8]) -> Result<(), ClientError> {
+        let bs = self.block_size()?;
+        if nblocks == 0 || data.len() as u64 != u64::from(nblocks) * bs {
+            return Err(usage(format!(
+                "put_extent: {} bytes for {nblocks} blocks of {bs}",
+                data.len()
+            )));
+        }
+        if self.upload.is_none() {
+            return Err(usage("put_extent without begin_snapshot"));
+        }
+        let chunk_blocks = FRAME_PAYLOAD_MAX_BYTES as u64 / bs;
+        let mut cur = 0u64;
+        while cur < u64::from(nblocks) {
+            let n = (u64::from(nblocks) - cur).min(chunk_blocks);
+            let bytes = &data[(cur * bs) as usize..((cur + n) * bs) as usize];
+            let full = {
+                let u = self.upload.as_ref().expect("checked above");
+                u.payload.len() + bytes.len() > FRAME_PAYLOAD_MAX_BYTES
+                    || u.extents.len() == FRAME_EXTENTS_MAX
+            };
+            if full {
+                self.flush_batch()?;
+            }
+            let u = self.upload.as_mut().expect("checked above");
+            u.extents.push(wire::Extent::new(
+                lba + cur,
+                n as u32,
+                crc32c::crc32c(bytes),
+                wire::ExtentKind::Data,
+            ));
+            u.payload.extend_from_slice(bytes);
+            u.extent_count += 1;
+            u.data_bytes += bytes.len() as u64;
+            cur += n;
+        }
+        Ok(())
+    }
+
+    /// Adds a zero extent (a discard) to the snapshot being uploaded. Carries no payload.
+    pub fn put_zero_extent(&mut self, lba: u64, nblocks: u64) -> Result<(), ClientError> {
+        self.block_size()?;
+        if nblocks == 0 {
+            return Err(usage("put_zero_extent of zero blocks"));
+        }
+        if self.upload.is_none() {
+            return Err(usage("put_zero_extent without begin_snapshot"));
+        }
+        let mut cur = 0u64;
+        while cur < nblocks {
+            let n = (nblocks - cur).min(u64::from(u32::MAX));
+            if self
+                .upload
+                .as_ref()
+                .is_some_and(|u| u.extents.len() == FRAME_EXTENTS_MAX)
+            {
+                self.flush_batch()?;
+            }
+            let u = self.upload.as_mut().expect("checked above");
+            u.extents.push(wire::Extent::new(
+                lba + cur,
+                n as u32,
+                0,
+                wire::ExtentKind::Zero,
+            ));
+            u.extent_count += 1;
+            cur += n;
+        }
+        Ok(())
+    }
+
+    /// Sends the batched extents as one PutExtents frame (no answer unless an error).
+    fn flush_batch(&mut self) -> Result<(), ClientError> {
+        self.check_usable()?;
+        let Some(mut u) = self.upload.take() else {
+            return Ok(());
+        };
+        if u.extents.is_empty() {
+            self.upload = Some(u);
+            return Ok(());
+        }
+        let ex = self.fbb.create_vector(&u.extents);
+        let body = wire::PutExtents::create(
+            &mut self.fbb,
+            &wire::PutExtentsArgs {
+                snap_id: u.snap_id,
+                extents: Some(ex),
+            },
+        );
+        self.out.clear();
+        let r = finish_header(
+            &mut self.fbb,
+            wire::Message::PutExtents,
+            body.as_union_value(),
+            u.payload.len(),
+        )
+        .and_then(|h| append_frame(&mut self.out, h, &[]))
+        .map_err(|e| usage(format!("batch over the frame caps: {e}")));
+        self.fbb.reset();
+        if let Err(e) = r {
+            self.upload = Some(u);
+            return Err(e);
+        }
+        // `append_frame` wrote the prefix with the header length only; the payload follows.
+        let r = self.write_all(true, &u.payload);
+        u.extents.clear();
+        u.payload.clear();
+        self.upload = Some(u);
+        if let Err(e) = r {
+            // The server may have refused the stream and closed: fetch its reason if it sent one.
+            self.poisoned = true;
+            return Err(self.reason_after_write_error().unwrap_or(e));
+        }
+        Ok(())
+    }
+
+    fn reason_after_write_error(&mut self) -> Option<ClientError> {
+        let _ = self
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(500)));
+        self.recv_inner().ok()?;
+        let f = decode_header(&self.hdr).ok()?;
+        let e = f.body_as_error()?;
+        Some(ClientError::new(
+            ClientErrorKind::Server(e.code()),
+            format!(
+                "data plane refused the upload: {} ({:?})",
+                e.message().unwrap_or("no message"),
+                e.code()
+            ),
+        ))
+    }
+
+    /// Sends the rest of the snapshot and commits it; returns once it is durable.
+    pub fn commit(&mut self) -> Result<SnapshotInfo, ClientError> {
+        if self.upload.is_none() {
+            return Err(usage("commit without begin_snapshot"));
+        }
+        self.flush_batch()?;
+        let u = self.upload.take().expect("checked above");
+        let body = wire::Commit::create(
+            &mut self.fbb,
+            &wire::CommitArgs {
+                snap_id: u.snap_id,
+                extent_count: u.extent_count,
+                total_bytes: u.data_bytes,
+            },
+        );
+        self.send(wire::Message::Commit, body.as_union_value())?;
+        self.recv()?;
+        let f = self.frame()?;
+        let c = f
+            .body_as_committed()
+            .and_then(|c| c.info())
+            .map(SnapshotInfo::from_wire);
+        match c {
+            Some(info) if info.snap_id == u.snap_id => Ok(info),
+            _ => self.poison(Err(protocol("expected Committed for the snapshot sent"))),
+        }
+    }
+
+    /// All committed snapshots of the volume, oldest first.
+    pub fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, ClientError> {
+        let mut all = Vec::new();
+        let mut after = 0u64;
+        loop {
+            let body = wire::ListSnapshots::create(
+                &mut self.fbb,
+                &wire::ListSnapshotsArgs {
+                    after_snap_id: after,
+                    max_count: 0,
+                },
+            );
+            self.send(wire::Message::ListSnapshots, body.as_union_value())?;
+            self.recv()?;
+            let more = {
+                let f = self.frame()?;
+                let l = f
+                    .body_as_snapshot_list()
+                    .ok_or_else(|| protocol("expected SnapshotList"))?;
+                for s in l.snapshots().iter().flat_map(|v| v.iter()) {
+                    let info = SnapshotInfo::from_wire(s);
+                    if info.snap_id <= after {
+                        return Err(protocol("SnapshotList out of order"));
+                    }
+                    after = info.snap_id;
+                    all.push(info);
+                }
+                l.more() && l.snapshots().is_some_and(|v| !v.is_empty())
+            };
+            if !more {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Reads blocks `[lba, lba + nblocks)` as of snapshot `snap_id` into `buf`
+    /// (`nblocks` blocks long). Every extent is checked against its crc32c.
+    pub fn read_extents(
+        &mut self,
+        snap_id: u64,
+        lba: u64,
+        nblocks: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ClientError> {
+        let bs = self.block_size()?;
+        if nblocks == 0 || Some(buf.len() as u64) != nblocks.checked_mul(bs) {
+            return Err(usage(format!(
+                "read_extents: buffer of {} bytes for {nblocks} blocks of {bs}",
+                buf.len()
+            )));
+        }
+        if self.upload.is_some() {
+            return Err(usage("read_extents while a snapshot is being uploaded"));
+        }
+        // The server caps one request; larger reads go as several.
+        let chunk_blocks = (crate::store::READ_REQUEST_MAX_BYTES / bs).max(1);
+        let mut done = 0u64;
+        while done < nblocks {
+            let n = (nblocks - done).min(chunk_blocks);
+            let from = (done * bs) as usize;
+            let to = ((done + n) * bs) as usize;
+            self.read_chunk(snap_id, lba + done, n, bs, &mut buf[from..to])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn read_chunk(
+        &mut self,
+        snap_id: u64,
+        lba: u64,
+        nblocks: u64,
+        bs: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ClientError> {
+        let body = wire::ReadExtents::create(
+            &mut self.fbb,
+            &wire::ReadExtentsArgs {
+                snap_id,
+                lba,
+                nblocks,
+            },
+        );
+        self.send(wire::Message::ReadExtents, body.as_union_value())?;
+        let end = lba + nblocks;
+        let mut cursor = lba;
+        loop {
+            self.recv()?;
+            let r = self.take_read_frame(snap_id, lba, end, bs, &mut cursor, buf);
+            if self.poison(r)? {
+                break;
+            }
+        }
+        if cursor != end {
+            return self.poison(Err(protocol(format!(
+                "read ended at block {cursor}, {end} expected"
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Checks one ReadData frame and copies it into `buf`; returns whether it was the last.
+    fn take_read_frame(
+        &self,
+        snap_id: u64,
+        lba: u64,
+        end: u64,
+        bs: u64,
+        cursor: &mut u64,
+        buf: &mut [u8],
+    ) -> Result<bool, ClientError> {
+        let f = self.frame()?;
+        let d = f
+            .body_as_read_data()
+            .ok_or_else(|| protocol("expected ReadData"))?;
+        if d.snap_id() != snap_id {
+            return Err(protocol("ReadData for another snapshot"));
+        }
+        let extents = d
+            .extents()
+            .ok_or_else(|| protocol("ReadData without extents"))?;
+        check_extents(extents.iter(), &self.payload, bs as u32, end)
+            .map_err(|e| protocol(format!("bad read data from the data plane: {e}")))?;
+        let mut off = 0usize;
+        for e in extents.iter() {
+            if e.lba() != *cursor {
+                return Err(protocol(format!(
+                    "read data at block {}, block {} expected",
+                    e.lba(),
+                    cursor
+                )));
+            }
+            let n = u64::from(e.nblocks());
+            let dst =
+                &mut buf[((*cursor - lba) * bs) as usize..((*cursor - lba + n) * bs) as usize];
+            if e.kind() == wire::ExtentKind::Data {
+                dst.copy_from_slice(&self.payload[off..off + dst.len()]);
+                off += dst.len();
+            } else {
+                dst.fill(0);
+            }
+            *cursor += n;
+        }
+        Ok(d.last())
+    }
+
+    /// Deletes snapshot `snap_id`; its extents merge into the next snapshot. Returns the id
+    /// of that snapshot. The chain head cannot be deleted.
+    pub fn delete_snapshot(&mut self, snap_id: u64) -> Result<u64, ClientError> {
+        let body =
+            wire::DeleteSnapshot::create(&mut self.fbb, &wire::DeleteSnapshotArgs { snap_id });
+        self.send(wire::Message::DeleteSnapshot, body.as_union_value())?;
+        self.recv()?;
+        let f = self.frame()?;
+        match f.body_as_deleted() {
+            Some(d) if d.snap_id() == snap_id => Ok(d.merged_into()),
+            _ => self.poison(Err(protocol("expected Deleted"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn client_can_move_to_the_flush_thread() {
+        assert_send::<Client>();
+        assert_send::<ClientError>();
+    }
+
+    #[test]
+    fn bad_volume_name_is_refused_before_connecting() {
+        let err =
+            Client::connect("127.0.0.1:1", b"t", "a/b", Timeouts::default()).expect_err("refused");
+        assert_eq!(err.kind(), ClientErrorKind::Usage);
+    }
+}

@@ -1,0 +1,41 @@
+//! deltavol's data plane: a thread-per-core server that keeps every snapshot of every volume.
+//!
+//! The tree follows the data path:
+//! * [`server`]: shards (one tokio-uring runtime per thread, `SO_REUSEPORT` listeners), the
+//!   handshake, connection hand-off to the volume's owner shard, request handling.
+//! * [`auth`]: challenge–response on a shared secret (HMAC-SHA256).
+//! * [`store`]: per-volume segment files, the atomically replaced manifest, the in-memory
+//!   index answering "block b as of snapshot s"; [`mod@store::format`] holds the on-disk formats.
+//! * [`client`]: the blocking client the compute daemon's flush thread uses.
+//!
+//! The wire format and schemas live in the `deltavol-schemas` crate.
+//!
+//! # Protocol
+//!
+//! Every message is one frame (`u32 LE header_len | wire::Frame flatbuffer | payload`).
+//!
+//! | client sends | server answers |
+//! | --- | --- |
+//! | `Hello{protocol_version}` | `Challenge{nonce}` |
+//! | `Auth{volume, mac = HMAC-SHA256(token, nonce ‖ volume), generation}` | `AuthOk{VolumeInfo}`, or `Error` and close |
+//! | `CreateVolume{size_bytes, block_size}` | `VolumeInfo` (idempotent; `VolumeMismatch` if different) |
+//! | `GetVolumeInfo` | `VolumeInfo` |
+//! | `BeginSnapshot{snap_id, parent_id, volume_size, generation}` | `BeginOk`, `AlreadyCommitted{SnapshotInfo}`, or `Error` (`BadParent`, `BadSnapshotId`, `StaleGeneration`, `UploadInProgress`, ...) |
+//! | `PutExtents{snap_id, extents}` + data payload (≤ 1 MiB) | nothing; on error `Error` and close |
+//! | `Commit{snap_id, extent_count, total_bytes}` | `Committed{SnapshotInfo}` once durable |
+//! | `ListSnapshots{after_snap_id, max_count}` | `SnapshotList{snapshots, more}` (pages of ≤ 256) |
+//! | `ReadExtents{snap_id, lba, nblocks}` | `ReadData{extents, last}` + payload, repeated until `last` |
+//! | `DeleteSnapshot{snap_id}` | `Deleted{snap_id, merged_into}` (`DeleteHead` for the head) |
+//!
+//! After `AuthOk` the connection is bound to its volume: no request names a volume.
+
+pub mod auth;
+pub mod client;
+pub mod server;
+pub mod store;
+
+pub use client::{
+    BeginOutcome, Client, ClientError, ClientErrorKind, SnapshotInfo, Timeouts, VolumeInfo,
+};
+pub use deltavol_schemas::wire::ErrorCode;
+pub use server::{start, ServerConfig, ServerError, ServerHandle, ServerStats};

@@ -1,0 +1,1198 @@
+//! The thread-per-core server.
+//!
+//! * One shard per thread, each a tokio-uring runtime with its own `SO_REUSEPORT` listener on
+//!   the same address; the kernel spreads connections over them.
+//! * Each volume is owned by exactly one shard ([`shard_of`], a hash of its name). A shard
+//!   accepts, runs the handshake (hello, challenge, auth) and then hands the socket to the
+//!   owner shard through that shard's bounded channel (the tokio channel wakes its runtime);
+//!   the owner serves every request of the connection. Volumes are `Rc`s in the owner's map:
+//!   there is no lock shared between threads on the data path.
+//! * A malformed frame, a protocol violation or any error during an upload's stream gets an
+//!   `Error` reply and closes that connection only; request errors (bad parent, unknown
+//!   snapshot, ...) get an `Error` reply and the connection goes on.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deltavol_schemas::flatbuffers::FlatBufferBuilder;
+use deltavol_schemas::{
+    append_frame, decode_header, finish_header, header_len_from_prefix, valid_volume_name, wire,
+    FrameError, ERROR_MESSAGE_MAX_BYTES, FRAME_EXTENTS_MAX, FRAME_LEN_PREFIX_BYTES,
+    FRAME_PAYLOAD_MAX_BYTES, LIST_PAGE_SNAPSHOTS_MAX, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_uring::buf::BoundedBuf;
+
+use crate::auth;
+use crate::store::{
+    self, BeginOutcome, PlanSrc, StoreError, StoreErrorKind, Upload, Volume, VolumeSummary,
+};
+
+/// Time a new connection has to finish hello / challenge / auth.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Time an authenticated connection may stay silent between requests.
+pub const IDLE_TIMEOUT_MS: u64 = 600_000;
+/// Time to receive the rest of a frame once its length prefix arrived.
+pub const FRAME_TIMEOUT_MS: u64 = 60_000;
+/// Depth of each shard's hand-off queue.
+pub const HANDOFF_QUEUE_MAX: usize = 1024;
+/// Listen backlog of each shard's socket.
+pub const LISTEN_BACKLOG: i32 = 1024;
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub threads: usize,
+    pub auth_token: Vec<u8>,
+}
+
+/// Server start-up errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("{ctx}: {source}")]
+    Io { ctx: String, source: io::Error },
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Config(String),
+}
+
+fn io_err(ctx: impl Into<String>) -> impl FnOnce(io::Error) -> ServerError {
+    let ctx = ctx.into();
+    move |source| ServerError::Io { ctx, source }
+}
+
+/// The shard owning `volume` among `shards`: FNV-1a of the name.
+pub fn shard_of(volume: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in volume.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
+/// A running server: its address and its threads.
+#[derive(Debug)]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stats: Arc<ServerStats>,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Counters of the whole server (updated once per connection, never per request).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections that completed the handshake.
+    pub authenticated: std::sync::atomic::AtomicU64,
+    /// Of those, connections handed to another shard (the volume's owner).
+    pub handed_off: std::sync::atomic::AtomicU64,
+}
+
+impl ServerHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Stops accepting, drops every connection and waits for the threads.
+    pub fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Waits for the threads (they run until shutdown).
+    pub fn wait(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An authenticated connection on its way to the owner shard.
+#[derive(Debug)]
+struct Handoff {
+    stream: std::net::TcpStream,
+    volume: String,
+    peer: SocketAddr,
+}
+
+/// Binds the listeners, loads the volumes (each shard its own) and starts the shards.
+pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
+    if cfg.threads == 0 {
+        return Err(ServerError::Config("--threads must be at least 1".into()));
+    }
+    if cfg.auth_token.is_empty() {
+        return Err(ServerError::Config("the auth token is empty".into()));
+    }
+    let volumes_dir = cfg.data_dir.join("volumes");
+    std::fs::create_dir_all(&volumes_dir)
+        .map_err(io_err(format!("create {}", volumes_dir.display())))?;
+    let lock_path = cfg.data_dir.join("LOCK");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(format!("open {}", lock_path.display())))?;
+    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| {
+            ServerError::Config(format!(
+                "data dir {} is in use by another deltavol-dataplane ({e})",
+                cfg.data_dir.display()
+            ))
+        })?;
+
+    let mut listeners = Vec::with_capacity(cfg.threads);
+    let mut addr = cfg.listen;
+    for _ in 0..cfg.threads {
+        let l = bind_reuseport(addr)?;
+        addr = l.local_addr().map_err(io_err("local_addr"))?;
+        listeners.push(l);
+    }
+
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut senders = Vec::with_capacity(cfg.threads);
+    let mut receivers = Vec::with_capacity(cfg.threads);
+    for _ in 0..cfg.threads {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Handoff>(HANDOFF_QUEUE_MAX);
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    let senders = Arc::new(senders);
+    let token: Arc<[u8]> = Arc::from(cfg.auth_token.clone());
+    let stats = Arc::new(ServerStats::default());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut threads = Vec::with_capacity(cfg.threads);
+    for (id, (listener, rx)) in listeners.into_iter().zip(receivers).enumerate() {
+        let ctx = ShardInit {
+            stats: Arc::clone(&stats),
+            id,
+            nshards: cfg.threads,
+            volumes_dir: volumes_dir.clone(),
+            token: Arc::clone(&token),
+            senders: Arc::clone(&senders),
+            shutdown: shutdown_rx.clone(),
+        };
+        let ready = ready_tx.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("dp-shard-{id}"))
+            .spawn(move || {
+                tokio_uring::start(async move {
+                    if let Err(e) = shard_main(ctx, listener, rx, ready).await {
+                        tracing::error!(shard = id, error = %e, "shard stopped");
+                    }
+                });
+            })
+            .map_err(io_err("spawn shard thread"))?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    for _ in 0..cfg.threads {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = shutdown.send(true);
+                return Err(ServerError::Config(format!("shard failed to start: {e}")));
+            }
+            Err(_) => {
+                let _ = shutdown.send(true);
+                return Err(ServerError::Config(
+                    "a shard thread died during start-up".into(),
+                ));
+            }
+        }
+    }
+    tracing::info!(addr = %addr, threads = cfg.threads, data_dir = %cfg.data_dir.display(), "data plane listening");
+    Ok(ServerHandle {
+        stats,
+        local_addr: addr,
+        shutdown,
+        threads,
+        _lock: lock,
+    })
+}
+
+fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(io_err("socket"))?;
+    s.set_reuse_address(true).map_err(io_err("SO_REUSEADDR"))?;
+    s.set_reuse_port(true).map_err(io_err("SO_REUSEPORT"))?;
+    s.bind(&addr.into())
+        .map_err(io_err(format!("bind {addr}")))?;
+    s.listen(LISTEN_BACKLOG)
+        .map_err(io_err(format!("listen {addr}")))?;
+    s.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
+    Ok(s.into())
+}
+
+struct ShardInit {
+    id: usize,
+    nshards: usize,
+    volumes_dir: PathBuf,
+    token: Arc<[u8]>,
+    senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    stats: Arc<ServerStats>,
+}
+
+/// One shard's state: the volumes it owns. Lives on its thread only.
+struct Shard {
+    id: usize,
+    nshards: usize,
+    volumes_dir: PathBuf,
+    token: Arc<[u8]>,
+    senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
+    stats: Arc<ServerStats>,
+    volumes: RefCell<HashMap<String, Rc<Volume>>>,
+    /// Volumes whose manifest could not be read at start-up, with the reason: refused, never
+    /// replaced by a new empty volume.
+    broken: RefCell<HashMap<String, String>>,
+    create_lock: tokio::sync::Mutex<()>,
+}
+
+async fn shard_main(
+    init: ShardInit,
+    listener: std::net::TcpListener,
+    mut rx: tokio::sync::mpsc::Receiver<Handoff>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> Result<(), ServerError> {
+    let shard = Rc::new(Shard {
+        id: init.id,
+        nshards: init.nshards,
+        volumes_dir: init.volumes_dir,
+        token: init.token,
+        senders: init.senders,
+        stats: init.stats,
+        volumes: RefCell::new(HashMap::new()),
+        broken: RefCell::new(HashMap::new()),
+        create_lock: tokio::sync::Mutex::new(()),
+    });
+    let mut shutdown = init.shutdown;
+    let listener = match load_volumes(&shard).and_then(|()| {
+        tokio::net::TcpListener::from_std(listener).map_err(io_err("register listener"))
+    }) {
+        Ok(l) => {
+            let _ = ready.send(Ok(()));
+            l
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return Err(e);
+        }
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let shard = Rc::clone(&shard);
+                    tokio_uring::spawn(async move { handshake(shard, stream, peer).await });
+                }
+                Err(e) => {
+                    tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(h) = rx.recv() => {
+                let shard = Rc::clone(&shard);
+                tokio_uring::spawn(async move { serve(shard, h).await });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    tracing::info!(shard = shard.id, "shard shutting down");
+    Ok(())
+}
+
+fn load_volumes(shard: &Shard) -> Result<(), ServerError> {
+    let rd = std::fs::read_dir(&shard.volumes_dir)
+        .map_err(io_err(format!("list {}", shard.volumes_dir.display())))?;
+    for ent in rd {
+        let ent = ent.map_err(io_err("list volumes"))?;
+        let Some(name) = ent.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if !valid_volume_name(&name) || shard_of(&name, shard.nshards) != shard.id {
+            continue;
+        }
+        match Volume::load(&shard.volumes_dir, &name) {
+            Ok(Some(v)) => {
+                shard.volumes.borrow_mut().insert(name, v);
+            }
+            Ok(None) => {
+                tracing::warn!(volume = %name, "volume directory without a manifest: ignored")
+            }
+            Err(e) => {
+                // Serving an empty volume in its place would hide the loss: refuse it.
+                tracing::error!(volume = %name, error = %e, "volume cannot be loaded: refused until repaired");
+                shard.broken.borrow_mut().insert(name, e.to_string());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A request error: the code and message sent back, and whether the connection closes.
+#[derive(Debug)]
+struct ReqError {
+    code: wire::ErrorCode,
+    msg: String,
+    fatal: bool,
+}
+
+impl ReqError {
+    fn new(code: wire::ErrorCode, msg: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            fatal: false,
+        }
+    }
+
+    fn fatal(code: wire::ErrorCode, msg: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            fatal: true,
+        }
+    }
+}
+
+impl From<StoreError> for ReqError {
+    fn from(e: StoreError) -> Self {
+        use wire::ErrorCode as C;
+        let code = match e.kind() {
+            StoreErrorKind::Io => C::Io,
+            StoreErrorKind::Corrupt | StoreErrorKind::Damaged | StoreErrorKind::Unsupported => {
+                C::Damaged
+            }
+            StoreErrorKind::WrongVolume => C::WrongVolume,
+            StoreErrorKind::NoSuchVolume => C::NoSuchVolume,
+            StoreErrorKind::VolumeMismatch => C::VolumeMismatch,
+            StoreErrorKind::BadParent => C::BadParent,
+            StoreErrorKind::BadSnapshotId => C::BadSnapshotId,
+            StoreErrorKind::UploadInProgress => C::UploadInProgress,
+            StoreErrorKind::NoUpload => C::NoUpload,
+            StoreErrorKind::OutOfRange => C::OutOfRange,
+            StoreErrorKind::Checksum => C::Checksum,
+            StoreErrorKind::CommitMismatch => C::CommitMismatch,
+            StoreErrorKind::NoSuchSnapshot => C::NoSuchSnapshot,
+            StoreErrorKind::DeleteHead => C::DeleteHead,
+            StoreErrorKind::StaleGeneration => C::StaleGeneration,
+            StoreErrorKind::TooLarge => C::TooLarge,
+            _ => C::Malformed,
+        };
+        if e.kind() == StoreErrorKind::Io {
+            tracing::error!(error = %e, "storage I/O error");
+        }
+        ReqError::new(code, e.to_string())
+    }
+}
+
+fn frame_error(e: FrameError) -> ReqError {
+    let code = match e {
+        FrameError::HeaderTooLarge { .. } | FrameError::PayloadTooLarge { .. } => {
+            wire::ErrorCode::TooLarge
+        }
+        FrameError::UnknownMessage(_) => wire::ErrorCode::Protocol,
+        _ => wire::ErrorCode::Malformed,
+    };
+    ReqError::fatal(code, format!("refused frame: {e}"))
+}
+
+/// Builds frames into a reused buffer.
+struct Out {
+    fbb: FlatBufferBuilder<'static>,
+    buf: Vec<u8>,
+}
+
+impl Out {
+    fn new() -> Self {
+        Self {
+            fbb: FlatBufferBuilder::with_capacity(1024),
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    fn finish(
+        &mut self,
+        ty: wire::Message,
+        body: deltavol_schemas::flatbuffers::WIPOffset<
+            deltavol_schemas::flatbuffers::UnionWIPOffset,
+        >,
+        payload: &[u8],
+    ) {
+        self.buf.clear();
+        match finish_header(&mut self.fbb, ty, body, payload.len()) {
+            Ok(h) => {
+                append_frame(&mut self.buf, h, payload).expect("caps checked by finish_header");
+            }
+            Err(e) => {
+                // Only reachable by a bug in the server's own sizing: answer an error instead.
+                tracing::error!(error = %e, "reply frame over its caps");
+                self.fbb.reset();
+                let msg = self
+                    .fbb
+                    .create_string("internal error: reply over the frame caps");
+                let body = wire::Error::create(
+                    &mut self.fbb,
+                    &wire::ErrorArgs {
+                        code: wire::ErrorCode::Internal,
+                        message: Some(msg),
+                    },
+                );
+                let h = finish_header(
+                    &mut self.fbb,
+                    wire::Message::Error,
+                    body.as_union_value(),
+                    0,
+                )
+                .expect("small frame");
+                append_frame(&mut self.buf, h, &[]).expect("small frame");
+            }
+        }
+        self.fbb.reset();
+    }
+
+    fn error(&mut self, code: wire::ErrorCode, msg: &str) {
+        let mut cut = msg.len().min(ERROR_MESSAGE_MAX_BYTES);
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let m = self.fbb.create_string(&msg[..cut]);
+        let body = wire::Error::create(
+            &mut self.fbb,
+            &wire::ErrorArgs {
+                code,
+                message: Some(m),
+            },
+        );
+        self.finish(wire::Message::Error, body.as_union_value(), &[]);
+    }
+
+    fn volume_info_body(
+        &mut self,
+        name: &str,
+        v: Option<VolumeSummary>,
+    ) -> deltavol_schemas::flatbuffers::WIPOffset<wire::VolumeInfo<'static>> {
+        let name = self.fbb.create_string(name);
+        let v = v.as_ref();
+        wire::VolumeInfo::create(
+            &mut self.fbb,
+            &wire::VolumeInfoArgs {
+                name: Some(name),
+                exists: v.is_some(),
+                size_bytes: v.map_or(0, |v| v.size_bytes),
+                block_size: v.map_or(0, |v| v.block_size),
+                latest_snap_id: v.map_or(0, |v| v.latest_snap_id),
+                generation: v.map_or(0, |v| v.generation),
+                snapshot_count: v.map_or(0, |v| v.snapshot_count),
+                clone_source_volume: None,
+                clone_source_snap_id: 0,
+            },
+        )
+    }
+
+    fn snapshot_info(
+        &mut self,
+        s: &store::format::SnapEntry,
+    ) -> deltavol_schemas::flatbuffers::WIPOffset<wire::SnapshotInfo<'static>> {
+        wire::SnapshotInfo::create(
+            &mut self.fbb,
+            &wire::SnapshotInfoArgs {
+                snap_id: s.snap_id,
+                parent_id: s.parent_id,
+                commit_time_ms: s.commit_time_ms,
+                bytes: s.bytes,
+                extent_count: s.extent_count,
+                volume_size: s.volume_size,
+                generation: s.generation,
+            },
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Handshake (tokio TcpStream on the accepting shard)
+// ---------------------------------------------------------------------------------------
+
+async fn read_frame_tokio(
+    stream: &mut tokio::net::TcpStream,
+    hdr: &mut Vec<u8>,
+) -> Result<(), ReqError> {
+    let mut prefix = [0u8; FRAME_LEN_PREFIX_BYTES];
+    stream
+        .read_exact(&mut prefix)
+        .await
+        .map_err(|e| ReqError::fatal(wire::ErrorCode::Malformed, format!("reading frame: {e}")))?;
+    let len = header_len_from_prefix(prefix).map_err(frame_error)?;
+    hdr.resize(len, 0);
+    stream.read_exact(hdr).await.map_err(|e| {
+        ReqError::fatal(wire::ErrorCode::Malformed, format!("truncated frame: {e}"))
+    })?;
+    let f = decode_header(hdr).map_err(frame_error)?;
+    if f.payload_len() != 0 {
+        return Err(ReqError::fatal(
+            wire::ErrorCode::Protocol,
+            "handshake frames carry no payload",
+        ));
+    }
+    Ok(())
+}
+
+/// Hello → Challenge → Auth. Returns the authenticated volume name.
+async fn run_handshake(
+    shard: &Shard,
+    stream: &mut tokio::net::TcpStream,
+    out: &mut Out,
+) -> Result<String, ReqError> {
+    let mut hdr = Vec::new();
+    read_frame_tokio(stream, &mut hdr).await?;
+    let f = decode_header(&hdr).map_err(frame_error)?;
+    let hello = f.body_as_hello().ok_or_else(|| {
+        ReqError::fatal(
+            wire::ErrorCode::Protocol,
+            "expected Hello as the first frame",
+        )
+    })?;
+    if hello.protocol_version() != PROTOCOL_VERSION {
+        return Err(ReqError::fatal(
+            wire::ErrorCode::Protocol,
+            format!(
+                "protocol version {} not supported (server speaks {PROTOCOL_VERSION})",
+                hello.protocol_version()
+            ),
+        ));
+    }
+    let nonce = auth::nonce()
+        .map_err(|e| ReqError::fatal(wire::ErrorCode::Internal, format!("nonce: {e}")))?;
+    let n = out.fbb.create_vector(&nonce);
+    let body = wire::Challenge::create(
+        &mut out.fbb,
+        &wire::ChallengeArgs {
+            nonce: Some(n),
+            protocol_version: PROTOCOL_VERSION,
+        },
+    );
+    out.finish(wire::Message::Challenge, body.as_union_value(), &[]);
+    stream
+        .write_all(&out.buf)
+        .await
+        .map_err(|e| ReqError::fatal(wire::ErrorCode::Io, format!("write: {e}")))?;
+
+    read_frame_tokio(stream, &mut hdr).await?;
+    let f = decode_header(&hdr).map_err(frame_error)?;
+    let a = f.body_as_auth().ok_or_else(|| {
+        ReqError::fatal(
+            wire::ErrorCode::Protocol,
+            "expected Auth after the Challenge",
+        )
+    })?;
+    let volume = a.volume().unwrap_or_default();
+    if !valid_volume_name(volume) {
+        return Err(ReqError::fatal(
+            wire::ErrorCode::Unauthorized,
+            "invalid volume name (1-64 bytes of [A-Za-z0-9._-], not starting with '.')",
+        ));
+    }
+    let mac = a.mac().map(|m| m.bytes()).unwrap_or_default();
+    if !auth::verify(&shard.token, &nonce, volume, mac) {
+        return Err(ReqError::fatal(
+            wire::ErrorCode::Unauthorized,
+            "authentication failed: wrong token",
+        ));
+    }
+    Ok(volume.to_string())
+}
+
+async fn handshake(shard: Rc<Shard>, mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let mut out = Out::new();
+    let res = tokio::time::timeout(
+        Duration::from_millis(HANDSHAKE_TIMEOUT_MS),
+        run_handshake(&shard, &mut stream, &mut out),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(ReqError::fatal(
+            wire::ErrorCode::Protocol,
+            "handshake timed out",
+        ))
+    });
+    let volume = match res {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::info!(peer = %peer, code = ?e.code, error = %e.msg, "handshake refused");
+            out.error(e.code, &e.msg);
+            let _ = stream.write_all(&out.buf).await;
+            return;
+        }
+    };
+    let std_stream = match stream
+        .into_std()
+        .and_then(|s| s.set_nonblocking(false).map(|()| s))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(peer = %peer, error = %e, "could not detach the socket");
+            return;
+        }
+    };
+    let owner = shard_of(&volume, shard.nshards);
+    shard
+        .stats
+        .authenticated
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if owner != shard.id {
+        shard
+            .stats
+            .handed_off
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let h = Handoff {
+        stream: std_stream,
+        volume,
+        peer,
+    };
+    if owner == shard.id {
+        serve(shard, h).await;
+    } else if shard.senders[owner].send(h).await.is_err() {
+        tracing::warn!(peer = %peer, owner, "owner shard is gone");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Serving an authenticated connection (tokio-uring TcpStream on the owner shard)
+// ---------------------------------------------------------------------------------------
+
+struct Conn {
+    shard: Rc<Shard>,
+    volume_name: String,
+    stream: tokio_uring::net::TcpStream,
+    hdr: Vec<u8>,
+    payload: Vec<u8>,
+    out: Out,
+    upload: Option<Upload>,
+    rec_buf: Vec<u8>,
+    read_payload: Vec<u8>,
+    read_extents: Vec<wire::Extent>,
+}
+
+/// Reads exactly `n` bytes into `buf` (replacing its contents).
+async fn read_exact_uring(
+    stream: &tokio_uring::net::TcpStream,
+    mut buf: Vec<u8>,
+    n: usize,
+) -> (io::Result<()>, Vec<u8>) {
+    buf.clear();
+    buf.reserve(n);
+    while buf.len() < n {
+        let have = buf.len();
+        let (res, slice) = stream.read(buf.slice(have..n)).await;
+        buf = slice.into_inner();
+        match res {
+            Ok(0) => {
+                let e = if have == 0 {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed")
+                } else {
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("truncated frame: {have} of {n} bytes"),
+                    )
+                };
+                return (Err(e), buf);
+            }
+            Ok(_) => {}
+            Err(e) => return (Err(e), buf),
+        }
+    }
+    (Ok(()), buf)
+}
+
+enum Next {
+    Frame,
+    Closed,
+}
+
+impl Conn {
+    fn volume(&self) -> Option<Rc<Volume>> {
+        self.shard.volumes.borrow().get(&self.volume_name).cloned()
+    }
+
+    fn require_volume(&self) -> Result<Rc<Volume>, ReqError> {
+        self.volume().ok_or_else(|| {
+            ReqError::new(
+                wire::ErrorCode::NoSuchVolume,
+                format!(
+                    "volume {} does not exist: create it first",
+                    self.volume_name
+                ),
+            )
+        })
+    }
+
+    async fn send(&mut self) -> io::Result<()> {
+        let buf = std::mem::take(&mut self.out.buf);
+        let (res, buf) = self.stream.write_all(buf).await;
+        self.out.buf = buf;
+        res
+    }
+
+    /// Reads the next frame into `hdr` / `payload`.
+    async fn read_frame(&mut self) -> Result<Next, ReqError> {
+        let hdr = std::mem::take(&mut self.hdr);
+        let idle = Duration::from_millis(IDLE_TIMEOUT_MS);
+        let (res, hdr) = match tokio::time::timeout(
+            idle,
+            read_exact_uring(&self.stream, hdr, FRAME_LEN_PREFIX_BYTES),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => return Err(ReqError::fatal(wire::ErrorCode::Protocol, "idle timeout")),
+        };
+        self.hdr = hdr;
+        match res {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && self.hdr.is_empty() => {
+                return Ok(Next::Closed)
+            }
+            Err(e) => {
+                return Err(ReqError::fatal(
+                    wire::ErrorCode::Malformed,
+                    format!("reading frame: {e}"),
+                ))
+            }
+        }
+        let prefix = [self.hdr[0], self.hdr[1], self.hdr[2], self.hdr[3]];
+        let len = header_len_from_prefix(prefix).map_err(frame_error)?;
+        let frame_timeout = Duration::from_millis(FRAME_TIMEOUT_MS);
+        let hdr = std::mem::take(&mut self.hdr);
+        let (res, hdr) =
+            tokio::time::timeout(frame_timeout, read_exact_uring(&self.stream, hdr, len))
+                .await
+                .map_err(|_| {
+                    ReqError::fatal(wire::ErrorCode::Protocol, "timed out inside a frame")
+                })?;
+        self.hdr = hdr;
+        res.map_err(|e| {
+            ReqError::fatal(wire::ErrorCode::Malformed, format!("reading frame: {e}"))
+        })?;
+        let payload_len = decode_header(&self.hdr).map_err(frame_error)?.payload_len() as usize;
+        let payload = std::mem::take(&mut self.payload);
+        let (res, payload) = tokio::time::timeout(
+            frame_timeout,
+            read_exact_uring(&self.stream, payload, payload_len),
+        )
+        .await
+        .map_err(|_| ReqError::fatal(wire::ErrorCode::Protocol, "timed out inside a frame"))?;
+        self.payload = payload;
+        res.map_err(|e| {
+            ReqError::fatal(
+                wire::ErrorCode::Malformed,
+                format!("reading frame payload: {e}"),
+            )
+        })?;
+        Ok(Next::Frame)
+    }
+
+    async fn handle(&mut self) -> Result<(), ReqError> {
+        let hdr = std::mem::take(&mut self.hdr);
+        let res = self.dispatch(&hdr).await;
+        self.hdr = hdr;
+        res
+    }
+
+    async fn dispatch(&mut self, hdr: &[u8]) -> Result<(), ReqError> {
+        let f = decode_header(hdr).map_err(frame_error)?;
+        let ty = f.body_type();
+        if ty != wire::Message::PutExtents && !self.payload.is_empty() {
+            return Err(ReqError::fatal(
+                wire::ErrorCode::Protocol,
+                "only PutExtents frames carry a payload",
+            ));
+        }
+        if let Some(m) = f.body_as_put_extents() {
+            return self.put(m).await;
+        }
+        if let Some(m) = f.body_as_create_volume() {
+            return self.create_volume(m.size_bytes(), m.block_size()).await;
+        }
+        if f.body_as_get_volume_info().is_some() {
+            self.reply_volume_info();
+            return self.send_reply().await;
+        }
+        if let Some(m) = f.body_as_begin_snapshot() {
+            return self
+                .begin(m.snap_id(), m.parent_id(), m.volume_size(), m.generation())
+                .await;
+        }
+        if let Some(m) = f.body_as_commit() {
+            return self
+                .commit(m.snap_id(), m.extent_count(), m.total_bytes())
+                .await;
+        }
+        if let Some(m) = f.body_as_list_snapshots() {
+            return self.list(m.after_snap_id(), m.max_count()).await;
+        }
+        if let Some(m) = f.body_as_read_extents() {
+            return self.read(m.snap_id(), m.lba(), m.nblocks()).await;
+        }
+        if let Some(m) = f.body_as_delete_snapshot() {
+            let v = self.require_volume()?;
+            let merged_into = v.delete_snapshot(m.snap_id()).await?;
+            let body = wire::Deleted::create(
+                &mut self.out.fbb,
+                &wire::DeletedArgs {
+                    snap_id: m.snap_id(),
+                    merged_into,
+                },
+            );
+            self.out
+                .finish(wire::Message::Deleted, body.as_union_value(), &[]);
+            return self.send_reply().await;
+        }
+        Err(ReqError::fatal(
+            wire::ErrorCode::Protocol,
+            format!(
+                "unexpected message {} on an authenticated connection",
+                ty.variant_name().unwrap_or("?")
+            ),
+        ))
+    }
+
+    async fn send_reply(&mut self) -> Result<(), ReqError> {
+        self.send()
+            .await
+            .map_err(|e| ReqError::fatal(wire::ErrorCode::Io, format!("write: {e}")))
+    }
+
+    fn reply_volume_info(&mut self) {
+        let summary = self.volume().map(|v| v.summary());
+        let name = self.volume_name.clone();
+        let body = self.out.volume_info_body(&name, summary);
+        self.out
+            .finish(wire::Message::VolumeInfo, body.as_union_value(), &[]);
+    }
+
+    async fn create_volume(&mut self, size_bytes: u64, block_size: u32) -> Result<(), ReqError> {
+        if let Some(v) = self.volume() {
+            store::check_same_geometry(&v.summary(), size_bytes, block_size)?;
+        } else {
+            let shard = Rc::clone(&self.shard);
+            let _guard = shard.create_lock.lock().await;
+            let existing = self.volume();
+            match existing {
+                Some(v) => store::check_same_geometry(&v.summary(), size_bytes, block_size)?,
+                None => {
+                    let v = Volume::create(
+                        &shard.volumes_dir,
+                        &self.volume_name,
+                        size_bytes,
+                        block_size,
+                    )
+                    .await?;
+                    shard
+                        .volumes
+                        .borrow_mut()
+                        .insert(self.volume_name.clone(), v);
+                }
+            }
+        }
+        self.reply_volume_info();
+        self.send_reply().await
+    }
+
+    async fn begin(
+        &mut self,
+        snap_id: u64,
+        parent_id: u64,
+        volume_size: u64,
+        generation: u64,
+    ) -> Result<(), ReqError> {
+        if let Some(u) = &self.upload {
+            return Err(ReqError::new(
+                wire::ErrorCode::UploadInProgress,
+                format!(
+                    "snapshot {} is still being uploaded on this connection",
+                    u.snap_id()
+                ),
+            ));
+        }
+        let v = self.require_volume()?;
+        match v.begin(snap_id, parent_id, volume_size, generation).await? {
+            BeginOutcome::Started(u) => {
+                self.upload = Some(u);
+                let body = wire::BeginOk::create(&mut self.out.fbb, &wire::BeginOkArgs { snap_id });
+                self.out
+                    .finish(wire::Message::BeginOk, body.as_union_value(), &[]);
+            }
+            BeginOutcome::AlreadyCommitted(s) => {
+                let info = self.out.snapshot_info(&s);
+                let body = wire::AlreadyCommitted::create(
+                    &mut self.out.fbb,
+                    &wire::AlreadyCommittedArgs { info: Some(info) },
+                );
+                self.out
+                    .finish(wire::Message::AlreadyCommitted, body.as_union_value(), &[]);
+            }
+        }
+        self.send_reply().await
+    }
+
+    /// Puts are not answered; any error abandons the upload and closes the connection.
+    async fn put(&mut self, m: wire::PutExtents<'_>) -> Result<(), ReqError> {
+        let Some(mut upload) = self.upload.take() else {
+            return Err(ReqError::fatal(
+                wire::ErrorCode::NoUpload,
+                "PutExtents without a BeginSnapshot",
+            ));
+        };
+        if upload.snap_id() != m.snap_id() {
+            return Err(ReqError::fatal(
+                wire::ErrorCode::NoUpload,
+                format!(
+                    "PutExtents for snapshot {} while snapshot {} is being uploaded",
+                    m.snap_id(),
+                    upload.snap_id()
+                ),
+            ));
+        }
+        let Some(extents) = m.extents() else {
+            return Err(ReqError::fatal(
+                wire::ErrorCode::Malformed,
+                "PutExtents without extents",
+            ));
+        };
+        let payload = std::mem::take(&mut self.payload);
+        let (res, payload) = upload.put(extents.iter(), payload).await;
+        self.payload = payload;
+        match res {
+            Ok(()) => {
+                self.upload = Some(upload);
+                Ok(())
+            }
+            Err(e) => {
+                let mut r = ReqError::from(e);
+                r.fatal = true;
+                Err(r)
+            }
+        }
+    }
+
+    async fn commit(
+        &mut self,
+        snap_id: u64,
+        extent_count: u64,
+        total_bytes: u64,
+    ) -> Result<(), ReqError> {
+        let upload = match self.upload.take() {
+            Some(u) if u.snap_id() == snap_id => u,
+            Some(u) => {
+                let msg = format!(
+                    "Commit of snapshot {snap_id} while snapshot {} is being uploaded",
+                    u.snap_id()
+                );
+                return Err(ReqError::fatal(wire::ErrorCode::NoUpload, msg));
+            }
+            None => {
+                return Err(ReqError::new(
+                    wire::ErrorCode::NoUpload,
+                    format!("Commit of snapshot {snap_id} without a BeginSnapshot"),
+                ))
+            }
+        };
+        let entry = upload.commit(extent_count, total_bytes).await?;
+        let info = self.out.snapshot_info(&entry);
+        let body =
+            wire::Committed::create(&mut self.out.fbb, &wire::CommittedArgs { info: Some(info) });
+        self.out
+            .finish(wire::Message::Committed, body.as_union_value(), &[]);
+        self.send_reply().await
+    }
+
+    async fn list(&mut self, after: u64, max: u32) -> Result<(), ReqError> {
+        let v = self.require_volume()?;
+        let max = if max == 0 {
+            LIST_PAGE_SNAPSHOTS_MAX
+        } else {
+            max.min(LIST_PAGE_SNAPSHOTS_MAX)
+        };
+        let (page, more) = v.list(after, max as usize);
+        let mut infos = Vec::with_capacity(page.len());
+        for s in &page {
+            infos.push(self.out.snapshot_info(s));
+        }
+        let snaps = self.out.fbb.create_vector(&infos);
+        let body = wire::SnapshotList::create(
+            &mut self.out.fbb,
+            &wire::SnapshotListArgs {
+                snapshots: Some(snaps),
+                more,
+            },
+        );
+        self.out
+            .finish(wire::Message::SnapshotList, body.as_union_value(), &[]);
+        self.send_reply().await
+    }
+
+    async fn flush_read_frame(&mut self, snap_id: u64, last: bool) -> Result<(), ReqError> {
+        let ex = self.out.fbb.create_vector(&self.read_extents);
+        let body = wire::ReadData::create(
+            &mut self.out.fbb,
+            &wire::ReadDataArgs {
+                snap_id,
+                extents: Some(ex),
+                last,
+            },
+        );
+        let payload = std::mem::take(&mut self.read_payload);
+        self.out
+            .finish(wire::Message::ReadData, body.as_union_value(), &payload);
+        self.read_payload = payload;
+        self.read_payload.clear();
+        self.read_extents.clear();
+        self.send_reply().await
+    }
+
+    async fn read(&mut self, snap_id: u64, lba: u64, nblocks: u64) -> Result<(), ReqError> {
+        let v = self.require_volume()?;
+        let plan = v.plan_read(snap_id, lba, nblocks)?;
+        let bs = u64::from(plan.block_size);
+        let frame_blocks_max = FRAME_PAYLOAD_MAX_BYTES as u64 / bs;
+        self.read_extents.clear();
+        self.read_payload.clear();
+        let mut cached: Option<(u64, u32)> = None;
+        for (start, end, src) in &plan.pieces {
+            let mut cur = *start;
+            match src {
+                PlanSrc::Zero => {
+                    while cur < *end {
+                        if self.read_extents.len() == FRAME_EXTENTS_MAX {
+                            self.flush_read_frame(snap_id, false).await?;
+                        }
+                        let n = (*end - cur).min(u64::from(u32::MAX));
+                        self.read_extents.push(wire::Extent::new(
+                            cur,
+                            n as u32,
+                            0,
+                            wire::ExtentKind::Zero,
+                        ));
+                        cur += n;
+                    }
+                }
+                PlanSrc::Data { seg, rec, rec_lba } => {
+                    if cached != Some((seg.snap_id, *rec)) {
+                        let buf = std::mem::take(&mut self.rec_buf);
+                        let (res, buf) = seg.read_record(*rec, plan.block_size, buf).await;
+                        self.rec_buf = buf;
+                        res?;
+                        cached = Some((seg.snap_id, *rec));
+                    }
+                    while cur < *end {
+                        let used_blocks = self.read_payload.len() as u64 / bs;
+                        let room = frame_blocks_max - used_blocks;
+                        if room == 0 || self.read_extents.len() == FRAME_EXTENTS_MAX {
+                            self.flush_read_frame(snap_id, false).await?;
+                            continue;
+                        }
+                        let n = (*end - cur).min(room);
+                        let from = ((cur - rec_lba) * bs) as usize;
+                        let to = from + (n * bs) as usize;
+                        let Some(data) = self.rec_buf.get(from..to) else {
+                            return Err(ReqError::new(
+                                wire::ErrorCode::Damaged,
+                                "index points outside its extent",
+                            ));
+                        };
+                        let crc = crc32c::crc32c(data);
+                        self.read_payload.extend_from_slice(data);
+                        self.read_extents.push(wire::Extent::new(
+                            cur,
+                            n as u32,
+                            crc,
+                            wire::ExtentKind::Data,
+                        ));
+                        cur += n;
+                    }
+                }
+            }
+        }
+        self.flush_read_frame(snap_id, true).await
+    }
+}
+
+async fn serve(shard: Rc<Shard>, h: Handoff) {
+    let peer = h.peer;
+    let stream = tokio_uring::net::TcpStream::from_std(h.stream);
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn {
+        shard,
+        volume_name: h.volume,
+        stream,
+        hdr: Vec::new(),
+        payload: Vec::new(),
+        out: Out::new(),
+        upload: None,
+        rec_buf: Vec::new(),
+        read_payload: Vec::new(),
+        read_extents: Vec::new(),
+    };
+    tracing::debug!(peer = %peer, volume = %conn.volume_name, shard = conn.shard.id, "connection authenticated");
+    let broken = conn.shard.broken.borrow().get(&conn.volume_name).cloned();
+    if let Some(why) = broken {
+        let msg = format!("volume {} cannot be loaded: {why}", conn.volume_name);
+        conn.out.error(wire::ErrorCode::Damaged, &msg);
+        let _ = conn.send().await;
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        return;
+    }
+    let summary = conn.volume().map(|v| v.summary());
+    let name = conn.volume_name.clone();
+    let info = conn.out.volume_info_body(&name, summary);
+    let body = wire::AuthOk::create(&mut conn.out.fbb, &wire::AuthOkArgs { info: Some(info) });
+    conn.out
+        .finish(wire::Message::AuthOk, body.as_union_value(), &[]);
+    if conn.send().await.is_err() {
+        return;
+    }
+    loop {
+        let res = match conn.read_frame().await {
+            Ok(Next::Closed) => break,
+            Ok(Next::Frame) => conn.handle().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            tracing::info!(peer = %peer, volume = %conn.volume_name, code = ?e.code, fatal = e.fatal, error = %e.msg, "request refused");
+            conn.out.error(e.code, &e.msg);
+            let sent = conn.send().await;
+            if e.fatal || sent.is_err() {
+                break;
+            }
+        }
+    }
+    // Dropping the connection drops an unfinished upload: nothing of it becomes visible.
+    drop(conn.upload.take());
+    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Path helper for tests and tools: the directory of `volume` under `data_dir`.
+pub fn volume_dir(data_dir: &Path, volume: &str) -> PathBuf {
+    data_dir.join("volumes").join(volume)
+}

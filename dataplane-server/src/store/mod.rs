@@ -1,0 +1,1102 @@
+//! Per-volume storage: immutable segment files, an atomically replaced manifest, and the
+//! in-memory index that answers "block b as of snapshot s".
+//!
+//! Layout: `DATA_DIR/volumes/<name>/MANIFEST` and `snap-<id>.seg` (see [`mod@format`]).
+//!
+//! Invariants:
+//! * The manifest is the truth: a snapshot exists once the manifest naming it is durable
+//!   (segment written, fsynced, renamed, directory fsynced; then manifest written to a temp
+//!   name, fsynced, renamed, directory fsynced). Temp files and segments no manifest names are
+//!   removed at load, so a crash mid-upload leaves no trace.
+//! * A [`Volume`] lives on the thread that owns it (it is `!Send`); its manifest changes are
+//!   serialised by `meta_lock`, and at most one upload runs at a time (`upload`): a new
+//!   `BeginSnapshot` supersedes a streaming upload (its client may be gone without the
+//!   connection having closed yet), never one that is committing. Each upload writes its own
+//!   temp file (`snap-<id>.seg.<epoch>.tmp`), so a superseded one cannot touch the new one's.
+//! * No `RefCell` borrow is held across an `.await`.
+//! * A segment whose footer or header fails its checks marks the volume damaged: it is
+//!   reported and refused, never silently used. Data crcs are checked on every read.
+
+pub mod format;
+pub mod layer;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use deltavol_schemas::{check_extents, wire, ExtentError};
+use tokio_uring::buf::BoundedBuf;
+
+use format::{ManifestData, SegExtent, SnapEntry, VolumeId, KIND_DATA, KIND_ZERO};
+use layer::{Layer, Src};
+
+/// Largest block size a volume may have.
+pub const BLOCK_SIZE_MAX_BYTES: u32 = 64 * 1024;
+/// Smallest block size a volume may have.
+pub const BLOCK_SIZE_MIN_BYTES: u32 = 512;
+/// Largest volume.
+pub const VOLUME_SIZE_MAX_BYTES: u64 = 1 << 50;
+/// Cap on the extents of one snapshot (bounds the upload's in-memory index).
+pub const SNAPSHOT_EXTENTS_MAX: u64 = 4 * 1024 * 1024;
+/// Slack on top of a snapshot's data cap.
+pub const SNAPSHOT_DATA_SLACK_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Cap on the data one snapshot may carry: four times its volume (a delta holds each block
+/// about once; the factor allows overlapping extents) plus [`SNAPSHOT_DATA_SLACK_BYTES`].
+pub fn snapshot_data_max_bytes(volume_size: u64) -> u64 {
+    volume_size
+        .saturating_mul(4)
+        .saturating_add(SNAPSHOT_DATA_SLACK_BYTES)
+}
+
+/// Cap on the blocks one `ReadExtents` request may ask for, in bytes.
+pub const READ_REQUEST_MAX_BYTES: u64 = 1 << 30;
+
+/// What went wrong, in a few stable kinds (mapped to wire error codes by the server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    Io,
+    Corrupt,
+    Unsupported,
+    WrongVolume,
+    NoSuchVolume,
+    VolumeMismatch,
+    BadParent,
+    BadSnapshotId,
+    UploadInProgress,
+    NoUpload,
+    OutOfRange,
+    Checksum,
+    CommitMismatch,
+    NoSuchSnapshot,
+    DeleteHead,
+    StaleGeneration,
+    Damaged,
+    TooLarge,
+    Invalid,
+}
+
+/// A storage error: a kind, what was being done, and the I/O error if any.
+#[derive(Debug, thiserror::Error)]
+#[error("{ctx}{}", .source.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    ctx: String,
+    #[source]
+    source: Option<io::Error>,
+}
+
+impl StoreError {
+    pub fn new(kind: StoreErrorKind, ctx: impl Into<String>) -> Self {
+        Self {
+            kind,
+            ctx: ctx.into(),
+            source: None,
+        }
+    }
+
+    pub fn io(ctx: impl Into<String>, source: io::Error) -> Self {
+        Self {
+            kind: StoreErrorKind::Io,
+            ctx: ctx.into(),
+            source: Some(source),
+        }
+    }
+
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+fn io_at(op: &str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let ctx = format!("{op} {}", path.display());
+    move |e| StoreError::io(ctx, e)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn segment_name(snap_id: u64) -> String {
+    format!("snap-{snap_id}.seg")
+}
+
+const MANIFEST_NAME: &str = "MANIFEST";
+const TMP_SUFFIX: &str = ".tmp";
+
+/// fsyncs a directory (after a rename in it).
+async fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    let f = tokio_uring::fs::File::open(dir)
+        .await
+        .map_err(io_at("open dir", dir))?;
+    f.sync_all().await.map_err(io_at("fsync dir", dir))?;
+    f.close().await.map_err(io_at("close dir", dir))
+}
+
+/// Writes `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync dir.
+async fn write_atomic(dir: &Path, name: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+    let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
+    let dst = dir.join(name);
+    let f = tokio_uring::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .await
+        .map_err(io_at("create", &tmp))?;
+    let (res, _) = f.write_all_at(bytes, 0).await;
+    res.map_err(io_at("write", &tmp))?;
+    f.sync_all().await.map_err(io_at("fsync", &tmp))?;
+    f.close().await.map_err(io_at("close", &tmp))?;
+    tokio_uring::fs::rename(&tmp, &dst)
+        .await
+        .map_err(io_at("rename", &tmp))?;
+    sync_dir(dir).await
+}
+
+/// One immutable segment file, open for reads, with its footer's extents.
+#[derive(Debug)]
+pub struct Segment {
+    pub snap_id: u64,
+    file: tokio_uring::fs::File,
+    pub extents: Vec<SegExtent>,
+}
+
+impl Segment {
+    /// Reads record `rec`'s whole data into `buf` and checks its crc32c.
+    pub async fn read_record(
+        &self,
+        rec: u32,
+        block_size: u32,
+        buf: Vec<u8>,
+    ) -> (Result<(), StoreError>, Vec<u8>) {
+        let Some(e) = self.extents.get(rec as usize).copied() else {
+            let err = StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!("segment {}: no record {rec}", self.snap_id),
+            );
+            return (Err(err), buf);
+        };
+        let len = u64::from(e.nblocks) * u64::from(block_size);
+        let mut buf = buf;
+        buf.clear();
+        buf.reserve(len as usize);
+        let (res, slice) = self
+            .file
+            .read_exact_at(buf.slice(0..len as usize), e.offset)
+            .await;
+        let buf = slice.into_inner();
+        if let Err(err) = res {
+            return (
+                Err(StoreError::io(
+                    format!("read segment {} at offset {}", self.snap_id, e.offset),
+                    err,
+                )),
+                buf,
+            );
+        }
+        let crc = crc32c::crc32c(&buf);
+        if crc != e.crc32c {
+            let err = StoreError::new(
+                StoreErrorKind::Checksum,
+                format!(
+                    "segment {}: extent at lba {} fails its crc32c on disk",
+                    self.snap_id, e.lba
+                ),
+            );
+            return (Err(err), buf);
+        }
+        (Ok(()), buf)
+    }
+}
+
+/// The state of a volume behind its `RefCell`.
+#[derive(Debug)]
+struct VolumeState {
+    manifest: ManifestData,
+    /// Parallel to `manifest.snapshots`: each snapshot's own layer.
+    layers: Vec<Rc<Layer>>,
+    segments: HashMap<u64, Rc<Segment>>,
+    damaged: Option<String>,
+}
+
+/// The upload a volume is receiving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ActiveUpload {
+    epoch: u64,
+    snap_id: u64,
+    committing: bool,
+}
+
+/// A summary of a volume for replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeSummary {
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub latest_snap_id: u64,
+    pub generation: u64,
+    pub snapshot_count: u64,
+}
+
+/// One piece of a read plan.
+#[derive(Debug, Clone)]
+pub enum PlanSrc {
+    Zero,
+    Data {
+        seg: Rc<Segment>,
+        rec: u32,
+        rec_lba: u64,
+    },
+}
+
+/// A read "as of" a snapshot, resolved to pieces covering the range exactly, in block order.
+#[derive(Debug)]
+pub struct ReadPlan {
+    pub block_size: u32,
+    pub pieces: Vec<(u64, u64, PlanSrc)>,
+}
+
+/// A volume owned by one thread.
+#[derive(Debug)]
+pub struct Volume {
+    name: String,
+    dir: PathBuf,
+    meta_lock: tokio::sync::Mutex<()>,
+    /// The upload in progress, if any.
+    upload: Cell<Option<ActiveUpload>>,
+    /// Epoch of the last upload started (numbers temp files, identifies the current upload).
+    upload_epoch: Cell<u64>,
+    state: RefCell<VolumeState>,
+}
+
+/// The outcome of a `BeginSnapshot`.
+#[derive(Debug)]
+pub enum BeginOutcome {
+    Started(Upload),
+    AlreadyCommitted(SnapEntry),
+}
+
+impl Volume {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Creates a new volume directory with an empty chain.
+    pub async fn create(
+        volumes_dir: &Path,
+        name: &str,
+        size_bytes: u64,
+        block_size: u32,
+    ) -> Result<Rc<Volume>, StoreError> {
+        check_geometry(size_bytes, block_size)?;
+        let dir = volumes_dir.join(name);
+        std::fs::create_dir_all(&dir).map_err(io_at("create", &dir))?;
+        let mut volume_id: VolumeId = [0; 16];
+        getrandom::getrandom(&mut volume_id)
+            .map_err(|e| StoreError::io("volume id from getrandom", io::Error::other(e)))?;
+        let manifest = ManifestData {
+            volume_name: name.to_string(),
+            volume_id,
+            sequence: 1,
+            size_bytes,
+            block_size,
+            generation: 0,
+            created_ms: now_ms(),
+            snapshots: Vec::new(),
+        };
+        write_atomic(&dir, MANIFEST_NAME, format::encode_manifest(&manifest)).await?;
+        sync_dir(volumes_dir).await?;
+        tracing::info!(volume = name, size_bytes, block_size, "volume created");
+        Ok(Rc::new(Volume {
+            name: name.to_string(),
+            dir,
+            meta_lock: tokio::sync::Mutex::new(()),
+            upload: Cell::new(None),
+            upload_epoch: Cell::new(0),
+            state: RefCell::new(VolumeState {
+                manifest,
+                layers: Vec::new(),
+                segments: HashMap::new(),
+                damaged: None,
+            }),
+        }))
+    }
+
+    /// Loads a volume directory: removes temp files and segments no manifest names, verifies
+    /// the manifest and every segment's header and footer, rebuilds the index. Returns
+    /// `Ok(None)` for a directory without a manifest (a creation that never completed).
+    pub fn load(volumes_dir: &Path, name: &str) -> Result<Option<Rc<Volume>>, StoreError> {
+        let dir = volumes_dir.join(name);
+        let manifest_path = dir.join(MANIFEST_NAME);
+        let raw = match std::fs::read(&manifest_path) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                remove_stray_files(&dir, &HashSet::new())?;
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(StoreError::io(
+                    format!("read {}", manifest_path.display()),
+                    e,
+                ))
+            }
+        };
+        let manifest = format::decode_manifest(&raw, name)?;
+        let referenced: HashSet<u64> = manifest
+            .snapshots
+            .iter()
+            .flat_map(|s| s.segments.iter().copied())
+            .collect();
+        remove_stray_files(&dir, &referenced)?;
+
+        let mut segments = HashMap::new();
+        let mut damaged = None;
+        let mut ids: Vec<u64> = referenced.iter().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            match open_segment(&dir, &manifest.volume_id, id, manifest.block_size) {
+                Ok(seg) => {
+                    segments.insert(id, Rc::new(seg));
+                }
+                Err(e) => {
+                    tracing::error!(volume = name, segment = id, error = %e, "corrupt segment: volume marked damaged");
+                    damaged.get_or_insert_with(|| format!("segment {id}: {e}"));
+                }
+            }
+        }
+        let mut layers = Vec::with_capacity(manifest.snapshots.len());
+        for s in &manifest.snapshots {
+            layers.push(Rc::new(build_layer(&s.segments, &segments)));
+        }
+        tracing::info!(
+            volume = name,
+            snapshots = manifest.snapshots.len(),
+            segments = segments.len(),
+            damaged = damaged.is_some(),
+            "volume loaded"
+        );
+        Ok(Some(Rc::new(Volume {
+            name: name.to_string(),
+            dir,
+            meta_lock: tokio::sync::Mutex::new(()),
+            upload: Cell::new(None),
+            upload_epoch: Cell::new(0),
+            state: RefCell::new(VolumeState {
+                manifest,
+                layers,
+                segments,
+                damaged,
+            }),
+        })))
+    }
+
+    fn check_damaged(&self) -> Result<(), StoreError> {
+        match &self.state.borrow().damaged {
+            Some(why) => Err(StoreError::new(
+                StoreErrorKind::Damaged,
+                format!("volume {} is damaged: {why}", self.name),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    pub fn summary(&self) -> VolumeSummary {
+        let st = self.state.borrow();
+        let m = &st.manifest;
+        VolumeSummary {
+            size_bytes: m.size_bytes,
+            block_size: m.block_size,
+            latest_snap_id: m.snapshots.last().map_or(0, |s| s.snap_id),
+            generation: m.generation,
+            snapshot_count: m.snapshots.len() as u64,
+        }
+    }
+
+    /// Snapshots with id > `after`, oldest first, at most `max`; and whether more follow.
+    pub fn list(&self, after: u64, max: usize) -> (Vec<SnapEntry>, bool) {
+        let st = self.state.borrow();
+        let mut it = st.manifest.snapshots.iter().filter(|s| s.snap_id > after);
+        let page: Vec<SnapEntry> = it.by_ref().take(max).cloned().collect();
+        (page, it.next().is_some())
+    }
+
+    /// Starts receiving snapshot `snap_id` (see the wire protocol's `BeginSnapshot`).
+    pub async fn begin(
+        self: &Rc<Self>,
+        snap_id: u64,
+        parent_id: u64,
+        volume_size: u64,
+        generation: u64,
+    ) -> Result<BeginOutcome, StoreError> {
+        self.check_damaged()?;
+        let (volume_id, block_size) = {
+            let st = self.state.borrow();
+            let m = &st.manifest;
+            if let Some(s) = m.snapshots.iter().find(|s| s.snap_id == snap_id) {
+                if s.parent_id == parent_id {
+                    return Ok(BeginOutcome::AlreadyCommitted(s.clone()));
+                }
+                return Err(StoreError::new(
+                    StoreErrorKind::BadParent,
+                    format!(
+                        "snapshot {snap_id} is already committed with parent {}, not {parent_id}",
+                        s.parent_id
+                    ),
+                ));
+            }
+            if generation < m.generation {
+                return Err(StoreError::new(
+                    StoreErrorKind::StaleGeneration,
+                    format!(
+                        "generation {generation} is older than the volume's generation {}",
+                        m.generation
+                    ),
+                ));
+            }
+            let head = m.snapshots.last().map_or(0, |s| s.snap_id);
+            if parent_id != head {
+                return Err(StoreError::new(
+                    StoreErrorKind::BadParent,
+                    format!(
+                        "parent {parent_id} is not the chain head {head} of volume {}",
+                        self.name
+                    ),
+                ));
+            }
+            if snap_id == 0 || snap_id <= head {
+                return Err(StoreError::new(
+                    StoreErrorKind::BadSnapshotId,
+                    format!("snapshot id {snap_id} must be greater than the chain head {head}"),
+                ));
+            }
+            if volume_size != m.size_bytes {
+                return Err(StoreError::new(
+                    StoreErrorKind::VolumeMismatch,
+                    format!("snapshot volume size {volume_size} differs from the volume's {} (resize is not supported)", m.size_bytes),
+                ));
+            }
+            (m.volume_id, m.block_size)
+        };
+        match self.upload.get() {
+            Some(a) if a.committing => {
+                return Err(StoreError::new(
+                    StoreErrorKind::UploadInProgress,
+                    format!(
+                        "snapshot {} of volume {} is being committed: retry",
+                        a.snap_id, self.name
+                    ),
+                ));
+            }
+            Some(a) => tracing::warn!(
+                volume = %self.name,
+                superseded = a.snap_id,
+                snap_id,
+                "a new upload supersedes one still streaming"
+            ),
+            None => {}
+        }
+        let epoch = self.upload_epoch.get() + 1;
+        self.upload_epoch.set(epoch);
+        self.upload.set(Some(ActiveUpload {
+            epoch,
+            snap_id,
+            committing: false,
+        }));
+        let tmp_path = self
+            .dir
+            .join(format!("{}.{epoch}{TMP_SUFFIX}", segment_name(snap_id)));
+        let mut upload = Upload {
+            epoch,
+            volume: Rc::clone(self),
+            snap_id,
+            parent_id,
+            generation,
+            volume_size,
+            block_size,
+            volume_id,
+            file: None,
+            tmp_path,
+            write_off: 0,
+            extents: Vec::new(),
+            data_bytes: 0,
+            batch_seq: 0,
+            hdr_buf: Vec::new(),
+            finished: false,
+        };
+        let f = tokio_uring::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&upload.tmp_path)
+            .await
+            .map_err(io_at("create", &upload.tmp_path))?;
+        let header = format::encode_segment_header(&volume_id, snap_id, block_size).to_vec();
+        let (res, _) = f.write_all_at(header, 0).await;
+        res.map_err(io_at("write", &upload.tmp_path))?;
+        upload.write_off = format::SEGMENT_HEADER_BYTES as u64;
+        upload.file = Some(f);
+        Ok(BeginOutcome::Started(upload))
+    }
+
+    /// Plans a read of `[lba, lba + nblocks)` as of `snap_id`.
+    pub fn plan_read(&self, snap_id: u64, lba: u64, nblocks: u64) -> Result<ReadPlan, StoreError> {
+        self.check_damaged()?;
+        let st = self.state.borrow();
+        let m = &st.manifest;
+        let bs = m.block_size;
+        let volume_blocks = m.size_bytes / u64::from(bs);
+        let end = lba.checked_add(nblocks).filter(|e| *e <= volume_blocks && nblocks > 0).ok_or_else(|| {
+            StoreError::new(
+                StoreErrorKind::OutOfRange,
+                format!("read of lba {lba} + {nblocks} blocks is outside the volume ({volume_blocks} blocks)"),
+            )
+        })?;
+        if nblocks * u64::from(bs) > READ_REQUEST_MAX_BYTES {
+            return Err(StoreError::new(
+                StoreErrorKind::TooLarge,
+                format!("read of {nblocks} blocks exceeds the cap of {READ_REQUEST_MAX_BYTES} bytes a request"),
+            ));
+        }
+        let idx = m
+            .snapshots
+            .iter()
+            .position(|s| s.snap_id == snap_id)
+            .ok_or_else(|| {
+                StoreError::new(
+                    StoreErrorKind::NoSuchSnapshot,
+                    format!("volume {} has no snapshot {snap_id}", self.name),
+                )
+            })?;
+        let mut resolved = Vec::new();
+        layer::resolve(
+            st.layers[..=idx].iter().rev().map(|l| l.as_ref()),
+            lba,
+            end,
+            &mut resolved,
+        );
+        let mut pieces = Vec::with_capacity(resolved.len());
+        for (s, e, src) in resolved {
+            let p = match src {
+                None | Some(Src::Zero) => PlanSrc::Zero,
+                Some(Src::Data { seg, rec, rec_lba }) => {
+                    let seg = st.segments.get(&seg).cloned().ok_or_else(|| {
+                        StoreError::new(
+                            StoreErrorKind::Damaged,
+                            format!("segment {seg} is missing"),
+                        )
+                    })?;
+                    PlanSrc::Data { seg, rec, rec_lba }
+                }
+            };
+            // Merge adjacent zero pieces.
+            if let (PlanSrc::Zero, Some((_, pe, PlanSrc::Zero))) = (&p, pieces.last_mut()) {
+                if *pe == s {
+                    *pe = e;
+                    continue;
+                }
+            }
+            pieces.push((s, e, p));
+        }
+        Ok(ReadPlan {
+            block_size: bs,
+            pieces,
+        })
+    }
+
+    /// Deletes snapshot `snap_id`: its extents merge into the next snapshot of the chain, which
+    /// takes over its parent. The chain head cannot be deleted. Returns the absorbing snapshot.
+    pub async fn delete_snapshot(&self, snap_id: u64) -> Result<u64, StoreError> {
+        self.check_damaged()?;
+        let _guard = self.meta_lock.lock().await;
+        let (new_manifest, idx) = {
+            let st = self.state.borrow();
+            let m = &st.manifest;
+            let idx = m
+                .snapshots
+                .iter()
+                .position(|s| s.snap_id == snap_id)
+                .ok_or_else(|| {
+                    StoreError::new(
+                        StoreErrorKind::NoSuchSnapshot,
+                        format!("volume {} has no snapshot {snap_id}", self.name),
+                    )
+                })?;
+            if idx + 1 == m.snapshots.len() {
+                return Err(StoreError::new(
+                    StoreErrorKind::DeleteHead,
+                    format!("snapshot {snap_id} is the chain head (the next snapshot's parent): it cannot be deleted"),
+                ));
+            }
+            let mut nm = m.clone();
+            let gone = nm.snapshots.remove(idx);
+            let child = &mut nm.snapshots[idx];
+            child.parent_id = gone.parent_id;
+            let mut segs = gone.segments;
+            segs.extend_from_slice(&child.segments);
+            child.segments = segs;
+            child.bytes += gone.bytes;
+            child.extent_count += gone.extent_count;
+            nm.sequence += 1;
+            (nm, idx)
+        };
+        let merged_into = new_manifest.snapshots[idx].snap_id;
+        write_atomic(
+            &self.dir,
+            MANIFEST_NAME,
+            format::encode_manifest(&new_manifest),
+        )
+        .await?;
+        let mut st = self.state.borrow_mut();
+        let mut merged = Layer::clone(&st.layers[idx]);
+        merged.overlay(&st.layers[idx + 1]);
+        st.layers.remove(idx);
+        st.layers[idx] = Rc::new(merged);
+        st.manifest = new_manifest;
+        tracing::info!(volume = %self.name, snap_id, merged_into, "snapshot deleted");
+        Ok(merged_into)
+    }
+}
+
+fn check_geometry(size_bytes: u64, block_size: u32) -> Result<(), StoreError> {
+    let ok = block_size.is_power_of_two()
+        && (BLOCK_SIZE_MIN_BYTES..=BLOCK_SIZE_MAX_BYTES).contains(&block_size)
+        && size_bytes > 0
+        && size_bytes <= VOLUME_SIZE_MAX_BYTES
+        && size_bytes % u64::from(block_size) == 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::new(
+            StoreErrorKind::Invalid,
+            format!(
+                "invalid geometry: size {size_bytes} bytes, block size {block_size} (power of two in \
+                 {BLOCK_SIZE_MIN_BYTES}..={BLOCK_SIZE_MAX_BYTES}, size a multiple of it, at most {VOLUME_SIZE_MAX_BYTES})"
+            ),
+        ))
+    }
+}
+
+/// Checks that an existing volume matches a `CreateVolume` request.
+pub fn check_same_geometry(
+    v: &VolumeSummary,
+    size_bytes: u64,
+    block_size: u32,
+) -> Result<(), StoreError> {
+    if v.size_bytes == size_bytes && v.block_size == block_size {
+        Ok(())
+    } else {
+        Err(StoreError::new(
+            StoreErrorKind::VolumeMismatch,
+            format!(
+                "volume exists with size {} and block size {}, not {size_bytes} / {block_size}",
+                v.size_bytes, v.block_size
+            ),
+        ))
+    }
+}
+
+/// Removes `*.tmp` files and segment files not in `referenced`.
+fn remove_stray_files(dir: &Path, referenced: &HashSet<u64>) -> Result<(), StoreError> {
+    let rd = std::fs::read_dir(dir).map_err(io_at("list", dir))?;
+    for ent in rd {
+        let ent = ent.map_err(io_at("list", dir))?;
+        let fname = ent.file_name();
+        let Some(fname) = fname.to_str() else {
+            continue;
+        };
+        let stray = if fname.ends_with(TMP_SUFFIX) {
+            true
+        } else if let Some(id) = fname
+            .strip_prefix("snap-")
+            .and_then(|s| s.strip_suffix(".seg"))
+        {
+            id.parse::<u64>()
+                .map_or(true, |id| !referenced.contains(&id))
+        } else {
+            false
+        };
+        if stray {
+            let path = ent.path();
+            tracing::info!(path = %path.display(), "removing uncommitted file");
+            std::fs::remove_file(&path).map_err(io_at("remove", &path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens a segment and verifies header, trailer and footer (not the data: reads check it).
+fn open_segment(
+    dir: &Path,
+    volume_id: &VolumeId,
+    snap_id: u64,
+    block_size: u32,
+) -> Result<Segment, StoreError> {
+    let path = dir.join(segment_name(snap_id));
+    let f = std::fs::File::open(&path).map_err(io_at("open", &path))?;
+    let len = f.metadata().map_err(io_at("stat", &path))?.len();
+    let min = (format::SEGMENT_HEADER_BYTES + format::SEGMENT_TRAILER_BYTES) as u64;
+    if len < min {
+        return Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("segment {snap_id}: file too short ({len} bytes)"),
+        ));
+    }
+    let mut header = [0u8; format::SEGMENT_HEADER_BYTES];
+    f.read_exact_at(&mut header, 0)
+        .map_err(io_at("read", &path))?;
+    format::check_segment_header(&header, volume_id, snap_id, block_size)?;
+    let mut trailer = [0u8; format::SEGMENT_TRAILER_BYTES];
+    f.read_exact_at(&mut trailer, len - format::SEGMENT_TRAILER_BYTES as u64)
+        .map_err(io_at("read", &path))?;
+    let (off, flen, fcrc) = format::decode_segment_trailer(&trailer, snap_id, len)?;
+    let mut footer = vec![0u8; flen];
+    f.read_exact_at(&mut footer, off)
+        .map_err(io_at("read", &path))?;
+    let decoded = format::decode_segment_footer(&footer, fcrc, volume_id, snap_id, off)?;
+    if decoded.block_size != block_size {
+        return Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("segment {snap_id}: block size differs from the volume's"),
+        ));
+    }
+    Ok(Segment {
+        snap_id,
+        file: tokio_uring::fs::File::from_std(f),
+        extents: decoded.extents,
+    })
+}
+
+/// Builds a snapshot's layer from its segments (oldest first; within a segment, later records
+/// win). Missing segments (damaged volume) are skipped: the volume refuses reads then.
+fn build_layer(segment_ids: &[u64], segments: &HashMap<u64, Rc<Segment>>) -> Layer {
+    let mut layer = Layer::new();
+    for id in segment_ids {
+        let Some(seg) = segments.get(id) else {
+            continue;
+        };
+        add_segment(&mut layer, seg.snap_id, &seg.extents);
+    }
+    layer
+}
+
+fn add_segment(layer: &mut Layer, seg_id: u64, extents: &[SegExtent]) {
+    for (i, e) in extents.iter().enumerate() {
+        let src = if e.kind == KIND_ZERO {
+            Src::Zero
+        } else {
+            Src::Data {
+                seg: seg_id,
+                rec: i as u32,
+                rec_lba: e.lba,
+            }
+        };
+        layer.insert(e.lba, e.lba + u64::from(e.nblocks), src);
+    }
+}
+
+/// A snapshot being received. Dropping it before [`Upload::commit`] abandons it: the temp
+/// segment is removed and nothing becomes visible.
+#[derive(Debug)]
+pub struct Upload {
+    epoch: u64,
+    volume: Rc<Volume>,
+    snap_id: u64,
+    parent_id: u64,
+    generation: u64,
+    volume_size: u64,
+    block_size: u32,
+    volume_id: VolumeId,
+    file: Option<tokio_uring::fs::File>,
+    tmp_path: PathBuf,
+    write_off: u64,
+    extents: Vec<SegExtent>,
+    data_bytes: u64,
+    batch_seq: u64,
+    hdr_buf: Vec<u8>,
+    finished: bool,
+}
+
+impl Upload {
+    pub fn snap_id(&self) -> u64 {
+        self.snap_id
+    }
+
+    /// Checks one frame of extents (bounds, payload lengths, crc32c) and appends it to the
+    /// segment. `payload` is handed back for reuse.
+    pub async fn put<'a>(
+        &mut self,
+        extents: impl ExactSizeIterator<Item = &'a wire::Extent> + Clone,
+        payload: Vec<u8>,
+    ) -> (Result<(), StoreError>, Vec<u8>) {
+        let volume_blocks = self.volume_size / u64::from(self.block_size);
+        let count = extents.len();
+        if let Err(e) = check_extents(extents.clone(), &payload, self.block_size, volume_blocks) {
+            let kind = match e {
+                ExtentError::OutOfRange { .. } => StoreErrorKind::OutOfRange,
+                ExtentError::Checksum { .. } => StoreErrorKind::Checksum,
+                _ => StoreErrorKind::Invalid,
+            };
+            return (
+                Err(StoreError::new(
+                    kind,
+                    format!("snapshot {}: {e}", self.snap_id),
+                )),
+                payload,
+            );
+        }
+        if let Err(e) = self.check_current() {
+            return (Err(e), payload);
+        }
+        if self.extents.len() as u64 + count as u64 > SNAPSHOT_EXTENTS_MAX {
+            let e = StoreError::new(
+                StoreErrorKind::TooLarge,
+                format!(
+                    "snapshot {} exceeds {SNAPSHOT_EXTENTS_MAX} extents",
+                    self.snap_id
+                ),
+            );
+            return (Err(e), payload);
+        }
+        let data_max_bytes = snapshot_data_max_bytes(self.volume_size);
+        if self.data_bytes + payload.len() as u64 > data_max_bytes {
+            let e = StoreError::new(
+                StoreErrorKind::TooLarge,
+                format!(
+                    "snapshot {} exceeds {data_max_bytes} bytes of data (four times the volume size plus slack)",
+                    self.snap_id
+                ),
+            );
+            return (Err(e), payload);
+        }
+        let Some(file) = self.file.as_ref() else {
+            return (
+                Err(StoreError::new(
+                    StoreErrorKind::NoUpload,
+                    "upload already finished",
+                )),
+                payload,
+            );
+        };
+        let mut hdr = std::mem::take(&mut self.hdr_buf);
+        hdr.clear();
+        let records_start = format::BATCH_HEADER_BYTES;
+        hdr.resize(records_start, 0);
+        for e in extents.clone() {
+            format::encode_extent_record(&mut hdr, e.lba(), e.nblocks(), e.crc32c(), e.kind().0);
+        }
+        let records_crc = crc32c::crc32c(&hdr[records_start..]);
+        let batch = format::encode_batch_header(
+            count as u32,
+            payload.len() as u32,
+            records_crc,
+            self.batch_seq,
+        );
+        hdr[..records_start].copy_from_slice(&batch);
+        let hdr_len = hdr.len() as u64;
+        let (res, hdr) = file.write_all_at(hdr, self.write_off).await;
+        self.hdr_buf = hdr;
+        if let Err(e) = res {
+            return (
+                Err(StoreError::io(
+                    format!("write {}", self.tmp_path.display()),
+                    e,
+                )),
+                payload,
+            );
+        }
+        let data_off = self.write_off + hdr_len;
+        let payload_len = payload.len() as u64;
+        let (res, payload) = if payload.is_empty() {
+            (Ok(()), payload)
+        } else {
+            file.write_all_at(payload, data_off).await
+        };
+        if let Err(e) = res {
+            return (
+                Err(StoreError::io(
+                    format!("write {}", self.tmp_path.display()),
+                    e,
+                )),
+                payload,
+            );
+        }
+        let mut off = data_off;
+        for e in extents {
+            let is_data = e.kind() == wire::ExtentKind::Data;
+            self.extents.push(SegExtent {
+                lba: e.lba(),
+                nblocks: e.nblocks(),
+                kind: if is_data { KIND_DATA } else { KIND_ZERO },
+                crc32c: e.crc32c(),
+                offset: if is_data { off } else { 0 },
+            });
+            if is_data {
+                off += u64::from(e.nblocks()) * u64::from(self.block_size);
+            }
+        }
+        self.data_bytes += payload_len;
+        self.write_off = data_off + payload_len;
+        self.batch_seq += 1;
+        (Ok(()), payload)
+    }
+
+    /// Makes the snapshot durable and visible: footer, fsync, rename, fsync dir, then the
+    /// manifest naming it (atomically replaced). Checks the client's counts first.
+    pub async fn commit(
+        mut self,
+        extent_count: u64,
+        total_bytes: u64,
+    ) -> Result<SnapEntry, StoreError> {
+        self.check_current()?;
+        if extent_count != self.extents.len() as u64 || total_bytes != self.data_bytes {
+            return Err(StoreError::new(
+                StoreErrorKind::CommitMismatch,
+                format!(
+                    "commit of snapshot {} says {extent_count} extents / {total_bytes} bytes, the server received {} / {}",
+                    self.snap_id,
+                    self.extents.len(),
+                    self.data_bytes
+                ),
+            ));
+        }
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| StoreError::new(StoreErrorKind::NoUpload, "upload already finished"))?;
+        // From here on no new upload may supersede this one.
+        self.volume.upload.set(Some(ActiveUpload {
+            epoch: self.epoch,
+            snap_id: self.snap_id,
+            committing: true,
+        }));
+        let footer = format::encode_segment_footer(
+            &self.volume_id,
+            &format::FooterMeta {
+                snap_id: self.snap_id,
+                parent_id: self.parent_id,
+                block_size: self.block_size,
+                volume_size: self.volume_size,
+                generation: self.generation,
+                data_bytes: self.data_bytes,
+            },
+            &self.extents,
+        );
+        let trailer = format::encode_segment_trailer(self.write_off, &footer);
+        let mut tail = footer;
+        tail.extend_from_slice(&trailer);
+        let (res, _) = file.write_all_at(tail, self.write_off).await;
+        res.map_err(io_at("write", &self.tmp_path))?;
+        file.sync_all()
+            .await
+            .map_err(io_at("fsync", &self.tmp_path))?;
+        file.close().await.map_err(io_at("close", &self.tmp_path))?;
+        let dir = self.volume.dir.clone();
+        let final_path = dir.join(segment_name(self.snap_id));
+        tokio_uring::fs::rename(&self.tmp_path, &final_path)
+            .await
+            .map_err(io_at("rename", &self.tmp_path))?;
+        self.finished = true;
+        // On error the segment stays: whether the manifest naming it reached the disk is
+        // unknown here, and the next load removes it if no manifest names it.
+        let result = self.publish(&dir, &final_path).await;
+        self.release();
+        result
+    }
+
+    async fn publish(&mut self, dir: &Path, final_path: &Path) -> Result<SnapEntry, StoreError> {
+        sync_dir(dir).await?;
+        let std_file = std::fs::File::open(final_path).map_err(io_at("open", final_path))?;
+        let volume = Rc::clone(&self.volume);
+        let _guard = volume.meta_lock.lock().await;
+        let entry = SnapEntry {
+            snap_id: self.snap_id,
+            parent_id: self.parent_id,
+            commit_time_ms: now_ms(),
+            bytes: self.data_bytes,
+            extent_count: self.extents.len() as u64,
+            volume_size: self.volume_size,
+            generation: self.generation,
+            segments: vec![self.snap_id],
+        };
+        let new_manifest = {
+            let st = volume.state.borrow();
+            let mut nm = st.manifest.clone();
+            let head = nm.snapshots.last().map_or(0, |s| s.snap_id);
+            if head != self.parent_id {
+                return Err(StoreError::new(
+                    StoreErrorKind::BadParent,
+                    format!(
+                        "chain head moved to {head} during the upload of snapshot {}",
+                        self.snap_id
+                    ),
+                ));
+            }
+            nm.snapshots.push(entry.clone());
+            nm.sequence += 1;
+            nm.generation = nm.generation.max(self.generation);
+            nm
+        };
+        write_atomic(dir, MANIFEST_NAME, format::encode_manifest(&new_manifest)).await?;
+        let extents = std::mem::take(&mut self.extents);
+        let mut layer = Layer::new();
+        add_segment(&mut layer, self.snap_id, &extents);
+        let seg = Segment {
+            snap_id: self.snap_id,
+            file: tokio_uring::fs::File::from_std(std_file),
+            extents,
+        };
+        let mut st = volume.state.borrow_mut();
+        st.segments.insert(self.snap_id, Rc::new(seg));
+        st.layers.push(Rc::new(layer));
+        st.manifest = new_manifest;
+        tracing::info!(volume = %volume.name, snap_id = entry.snap_id, bytes = entry.bytes, extents = entry.extent_count, "snapshot committed");
+        Ok(entry)
+    }
+}
+
+impl Upload {
+    /// Fails when a newer upload superseded this one.
+    fn check_current(&self) -> Result<(), StoreError> {
+        match self.volume.upload.get() {
+            Some(a) if a.epoch == self.epoch => Ok(()),
+            _ => Err(StoreError::new(
+                StoreErrorKind::UploadInProgress,
+                format!(
+                    "the upload of snapshot {} was superseded by a newer upload to volume {}",
+                    self.snap_id, self.volume.name
+                ),
+            )),
+        }
+    }
+
+    /// Clears the volume's upload slot if it is still this upload's.
+    fn release(&self) {
+        if self
+            .volume
+            .upload
+            .get()
+            .is_some_and(|a| a.epoch == self.epoch)
+        {
+            self.volume.upload.set(None);
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.release();
+        if !self.finished {
+            // Best effort: a leftover temp file is also removed at the next load.
+            let _ = std::fs::remove_file(&self.tmp_path);
+            tracing::info!(volume = %self.volume.name, snap_id = self.snap_id, "upload abandoned");
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Bad input against a real server on 127.0.0.1: wrong token, another volume's name on an
+//! authenticated connection, truncated / oversized / garbage frames, LBAs past the end — each
+//! gets a clear error and its connection closes, while a well-behaved client is served.
+
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use deltavol_dataplane::{Client, ClientErrorKind};
+use deltavol_schemas::flatbuffers::FlatBufferBuilder;
+use deltavol_schemas::wire::{self, ErrorCode};
+
+const BS: usize = 4096;
+const BLOCKS: u64 = 256;
+const SIZE: u64 = BLOCKS * BS as u64;
+
+#[test]
+fn wrong_token_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = in_process(dir.path(), 2);
+    let err = Client::connect(server.local_addr(), b"not-the-token", "vol", timeouts())
+        .expect_err("refused");
+    assert_eq!(
+        err.kind(),
+        ClientErrorKind::Server(ErrorCode::Unauthorized),
+        "{err}"
+    );
+    assert!(err.to_string().contains("authentication failed"), "{err}");
+    // A bad volume name is refused too.
+    let (mut s, reply) = raw_auth(server.local_addr(), TOKEN, "../etc");
+    let (_, code, _) = reply.expect("a reply");
+    assert_eq!(code, Some(ErrorCode::Unauthorized));
+    assert!(closed(&mut s));
+    server.shutdown();
+}
+
+#[test]
+fn another_volume_cannot_be_named_after_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = in_process(dir.path(), 2);
+    let (mut s, reply) = raw_auth(server.local_addr(), TOKEN, "vol-one");
+    assert_eq!(reply.expect("auth ok").0, wire::Message::AuthOk);
+    // A second Auth naming another volume on the same connection.
+    let mut fbb = FlatBufferBuilder::new();
+    let v = fbb.create_string("vol-two");
+    let m = fbb.create_vector(&[0u8; 32]);
+    let body = wire::Auth::create(
+        &mut fbb,
+        &wire::AuthArgs {
+            volume: Some(v),
+            mac: Some(m),
+            generation: 0,
+        },
+    );
+    let f = frame(&mut fbb, wire::Message::Auth, body.as_union_value(), &[]);
+    s.write_all(&f).expect("send");
+    let (ty, code, msg) = read_reply(&mut s).expect("error reply");
+    assert_eq!(
+        (ty, code),
+        (wire::Message::Error, Some(ErrorCode::Protocol)),
+        "{msg}"
+    );
+    assert!(closed(&mut s));
+    server.shutdown();
+}
+
+fn good_client_loop(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> u64 {
+    let mut c = connect(addr, "good");
+    c.create_volume(SIZE, BS as u32).expect("create");
+    let mut rng = Rng::new(77);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut snap = 0;
+    while !stop.load(Ordering::Relaxed) || snap < 3 {
+        let changes = random_changes(&mut rng, BLOCKS, BS, 8);
+        upload(&mut c, snap + 1, snap, SIZE, BS, &changes);
+        snap += 1;
+        apply(&mut model, BS, &changes);
+        check_snapshot(&mut c, snap, &model, BS, &mut rng);
+    }
+    snap
+}
+
+#[test]
+fn bad_frames_get_errors_while_a_good_client_is_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = in_process(dir.path(), 2);
+    let addr = server.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let good = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || good_client_loop(addr, stop))
+    };
+    let mut setup = connect(addr, "bad");
+    setup.create_volume(SIZE, BS as u32).expect("create");
+    drop(setup);
+
+    // Oversized header length: refused before reading it.
+    let (mut s, _) = raw_auth(addr, TOKEN, "bad");
+    s.write_all(&(1u32 << 24).to_le_bytes()).expect("send");
+    let (_, code, msg) = read_reply(&mut s).expect("error reply");
+    assert_eq!(code, Some(ErrorCode::TooLarge), "{msg}");
+    assert!(closed(&mut s));
+
+    // Oversized payload announced by an otherwise valid header.
+    {
+        let (mut s, _) = raw_auth(addr, TOKEN, "bad");
+        let mut fbb = FlatBufferBuilder::new();
+        let body = wire::Commit::create(
+            &mut fbb,
+            &wire::CommitArgs {
+                snap_id: 1,
+                extent_count: 0,
+                total_bytes: 0,
+            },
+        );
+        let mut f = frame(&mut fbb, wire::Message::Commit, body.as_union_value(), &[]);
+        // Patch payload_len in place is fragile; build the frame by hand instead.
+        let root = wire::Frame::create(
+            &mut fbb,
+            &wire::FrameArgs {
+                body_type: wire::Message::Commit,
+                body: None,
+                payload_len: 2 << 20,
+            },
+        );
+        wire::finish_frame_buffer(&mut fbb, root);
+        let h = fbb.finished_data().to_vec();
+        f.clear();
+        f.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        f.extend_from_slice(&h);
+        s.write_all(&f).expect("send");
+        let (_, code, msg) = read_reply(&mut s).expect("error reply");
+        assert!(
+            matches!(code, Some(ErrorCode::TooLarge) | Some(ErrorCode::Malformed)),
+            "{code:?} {msg}"
+        );
+        assert!(closed(&mut s));
+    }
+
+    // Garbage flatbuffer.
+    let (mut s, _) = raw_auth(addr, TOKEN, "bad");
+    let mut junk = 64u32.to_le_bytes().to_vec();
+    junk.extend((0..64u8).map(|i| i.wrapping_mul(37)));
+    s.write_all(&junk).expect("send");
+    let (_, code, msg) = read_reply(&mut s).expect("error reply");
+    assert_eq!(code, Some(ErrorCode::Malformed), "{msg}");
+    assert!(closed(&mut s));
+
+    // Truncated frame: the prefix promises more than arrives before the peer half-closes.
+    let (mut s, _) = raw_auth(addr, TOKEN, "bad");
+    let mut part = 200u32.to_le_bytes().to_vec();
+    part.extend_from_slice(&[1u8; 20]);
+    s.write_all(&part).expect("send");
+    s.shutdown(std::net::Shutdown::Write).expect("half close");
+    let (_, code, msg) = read_reply(&mut s).expect("error reply");
+    assert_eq!(code, Some(ErrorCode::Malformed), "{msg}");
+    assert!(msg.contains("truncated"), "{msg}");
+
+    // Garbage before authentication.
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(&[0xff; 40]).expect("send");
+    let (_, code, _) = read_reply(&mut s).expect("error reply");
+    assert!(code.is_some());
+    assert!(closed(&mut s));
+
+    // LBA past the end of the volume in an upload: refused, connection closed, nothing visible.
+    {
+        let mut c = connect(addr, "bad");
+        c.begin_snapshot(1, 0, SIZE).expect("begin");
+        c.put_extent(BLOCKS - 1, 2, &vec![7u8; 2 * BS])
+            .expect("batched locally");
+        let err = c.commit().expect_err("refused");
+        assert_eq!(err.server_code(), Some(ErrorCode::OutOfRange), "{err}");
+        assert!(err.to_string().contains("past the end"), "{err}");
+        let mut c = connect(addr, "bad");
+        assert!(c.list_snapshots().expect("list").is_empty());
+    }
+
+    // A bad crc32c in an upload.
+    {
+        let (mut s, _) = raw_auth(addr, TOKEN, "bad");
+        let mut fbb = FlatBufferBuilder::new();
+        let body = wire::BeginSnapshot::create(
+            &mut fbb,
+            &wire::BeginSnapshotArgs {
+                snap_id: 1,
+                parent_id: 0,
+                volume_size: SIZE,
+                generation: 0,
+            },
+        );
+        let f = frame(
+            &mut fbb,
+            wire::Message::BeginSnapshot,
+            body.as_union_value(),
+            &[],
+        );
+        s.write_all(&f).expect("send");
+        assert_eq!(
+            read_reply(&mut s).expect("begin ok").0,
+            wire::Message::BeginOk
+        );
+        let data = vec![1u8; BS];
+        let ex = fbb.create_vector(&[wire::Extent::new(0, 1, 0xdead_beef, wire::ExtentKind::Data)]);
+        let body = wire::PutExtents::create(
+            &mut fbb,
+            &wire::PutExtentsArgs {
+                snap_id: 1,
+                extents: Some(ex),
+            },
+        );
+        let f = frame(
+            &mut fbb,
+            wire::Message::PutExtents,
+            body.as_union_value(),
+            &data,
+        );
+        s.write_all(&f).expect("send");
+        let (_, code, msg) = read_reply(&mut s).expect("error reply");
+        assert_eq!(code, Some(ErrorCode::Checksum), "{msg}");
+        assert!(closed(&mut s));
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    let snaps = good.join().expect("good client never failed");
+    assert!(snaps >= 3);
+    server.shutdown();
+}

@@ -1,0 +1,548 @@
+//! deltavol's flatbuffers schemas and the data-plane frame codec.
+//!
+//! * [`wire`]: the protocol between the compute daemon and the data plane (`wire.fbs`).
+//! * [`store`]: the data plane's on-disk segment index footer and manifest (`store.fbs`).
+//! * The frame codec: a frame is `u32 LE header_len | flatbuffer header | raw payload`. The
+//!   header (a [`wire::Frame`]) names the message and the payload length; bulk data is the raw
+//!   payload, never a flatbuffers vector.
+//!
+//! Invariants: nothing read from the network or a disk is used before [`decode_header`] (or
+//! [`verify_manifest`] / [`verify_segment_index`]) ran the flatbuffers verifier on it with the
+//! explicit limits below; every length is checked against a named cap before a buffer is sized
+//! from it.
+//!
+//! The generated code under `src/generated/` is committed; `regen.sh` regenerates it and the
+//! test `generated_code_is_fresh` fails when it is stale.
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    unsafe_op_in_unsafe_fn,
+    unused_imports,
+    dead_code,
+    deprecated,
+    non_camel_case_types,
+    non_snake_case,
+    mismatched_lifetime_syntaxes
+)]
+#[rustfmt::skip]
+mod generated_wire {
+    include!("generated/wire_generated.rs");
+}
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::undocumented_unsafe_blocks,
+    unsafe_op_in_unsafe_fn,
+    unused_imports,
+    dead_code,
+    deprecated,
+    non_camel_case_types,
+    non_snake_case,
+    mismatched_lifetime_syntaxes
+)]
+#[rustfmt::skip]
+mod generated_store {
+    include!("generated/store_generated.rs");
+}
+
+pub use flatbuffers;
+/// The data plane's storage formats (`store.fbs`).
+pub use generated_store::deltavol::store;
+/// The wire protocol (`wire.fbs`).
+pub use generated_wire::deltavol::wire;
+
+use flatbuffers::{
+    FlatBufferBuilder, InvalidFlatbuffer, UnionWIPOffset, VerifierOptions, WIPOffset,
+};
+
+/// Version of the protocol spoken in `Hello` / `Challenge`.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Bytes of the little-endian header length that starts every frame.
+pub const FRAME_LEN_PREFIX_BYTES: usize = 4;
+/// Smallest possible flatbuffer header (root offset + file identifier).
+pub const FRAME_HEADER_MIN_BYTES: usize = 8;
+/// Cap on a frame's flatbuffer header.
+pub const FRAME_HEADER_MAX_BYTES: usize = 64 * 1024;
+/// Cap on a frame's raw payload.
+pub const FRAME_PAYLOAD_MAX_BYTES: usize = 1024 * 1024;
+/// Cap on the extents one frame may describe (24 bytes each: well inside the header cap).
+pub const FRAME_EXTENTS_MAX: usize = 2048;
+/// Cap on snapshots in one `SnapshotList` page (keeps the answer inside the header cap).
+pub const LIST_PAGE_SNAPSHOTS_MAX: u32 = 256;
+/// Bytes of the auth challenge nonce.
+pub const AUTH_NONCE_BYTES: usize = 32;
+/// Bytes of the HMAC-SHA256 auth answer.
+pub const AUTH_MAC_BYTES: usize = 32;
+/// Cap on a volume name.
+pub const VOLUME_NAME_MAX_BYTES: usize = 64;
+/// Cap on an error message carried in an `Error` frame.
+pub const ERROR_MESSAGE_MAX_BYTES: usize = 1024;
+
+/// Verifier limits for frame headers.
+pub fn wire_verifier_options() -> VerifierOptions {
+    VerifierOptions {
+        max_depth: 8,
+        max_tables: 4 * 1024,
+        max_apparent_size: 2 * FRAME_HEADER_MAX_BYTES,
+        ignore_missing_null_terminator: false,
+    }
+}
+
+/// Why a frame was refused.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error(
+        "frame header length {len_bytes} bytes is too small (minimum {FRAME_HEADER_MIN_BYTES})"
+    )]
+    HeaderTooSmall { len_bytes: usize },
+    #[error("frame header length {len_bytes} bytes exceeds the cap of {FRAME_HEADER_MAX_BYTES}")]
+    HeaderTooLarge { len_bytes: usize },
+    #[error("frame payload length {len_bytes} bytes exceeds the cap of {FRAME_PAYLOAD_MAX_BYTES}")]
+    PayloadTooLarge { len_bytes: usize },
+    #[error("truncated frame: {needed_bytes} bytes needed, {available_bytes} available")]
+    Truncated {
+        needed_bytes: usize,
+        available_bytes: usize,
+    },
+    #[error("frame header is not a valid flatbuffer: {0}")]
+    Invalid(#[from] InvalidFlatbuffer),
+    #[error("frame header lacks the DVW1 file identifier")]
+    BadIdentifier,
+    #[error("frame header carries no message")]
+    MissingBody,
+    #[error("frame carries message type {0}, unknown to this version")]
+    UnknownMessage(u8),
+}
+
+/// Why the extents of a frame were refused.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExtentError {
+    #[error("{count} extents in one frame exceed the cap of {FRAME_EXTENTS_MAX}")]
+    TooMany { count: usize },
+    #[error("extent at lba {lba} has zero blocks")]
+    Empty { lba: u64 },
+    #[error("extent at lba {lba} has unknown kind {kind}")]
+    UnknownKind { lba: u64, kind: u8 },
+    #[error("extent lba {lba} + {nblocks} blocks is past the end of the volume ({volume_blocks} blocks)")]
+    OutOfRange {
+        lba: u64,
+        nblocks: u64,
+        volume_blocks: u64,
+    },
+    #[error(
+        "extents describe {described_bytes} payload bytes but the frame carries {payload_bytes}"
+    )]
+    PayloadMismatch {
+        described_bytes: u64,
+        payload_bytes: u64,
+    },
+    #[error("crc32c mismatch for extent at lba {lba}: header says {expected:#010x}, data has {actual:#010x}")]
+    Checksum {
+        lba: u64,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("zero extent at lba {lba} carries a non-zero crc32c")]
+    ZeroWithCrc { lba: u64 },
+    #[error("extent at lba {lba} of {nblocks} blocks does not fit one frame payload")]
+    TooLong { lba: u64, nblocks: u64 },
+}
+
+/// Parses the 4-byte length prefix and checks it against the header caps.
+pub fn header_len_from_prefix(prefix: [u8; FRAME_LEN_PREFIX_BYTES]) -> Result<usize, FrameError> {
+    let len_bytes = u32::from_le_bytes(prefix) as usize;
+    if len_bytes < FRAME_HEADER_MIN_BYTES {
+        return Err(FrameError::HeaderTooSmall { len_bytes });
+    }
+    if len_bytes > FRAME_HEADER_MAX_BYTES {
+        return Err(FrameError::HeaderTooLarge { len_bytes });
+    }
+    Ok(len_bytes)
+}
+
+/// Verifies a frame header (exactly the `header_len` bytes after the prefix) and returns it.
+/// The payload length it announces is checked against [`FRAME_PAYLOAD_MAX_BYTES`].
+pub fn decode_header(header: &[u8]) -> Result<wire::Frame<'_>, FrameError> {
+    if header.len() < FRAME_HEADER_MIN_BYTES {
+        return Err(FrameError::HeaderTooSmall {
+            len_bytes: header.len(),
+        });
+    }
+    if header.len() > FRAME_HEADER_MAX_BYTES {
+        return Err(FrameError::HeaderTooLarge {
+            len_bytes: header.len(),
+        });
+    }
+    if !wire::frame_buffer_has_identifier(header) {
+        return Err(FrameError::BadIdentifier);
+    }
+    let frame = wire::root_as_frame_with_opts(&wire_verifier_options(), header)?;
+    let payload_len = frame.payload_len() as usize;
+    if payload_len > FRAME_PAYLOAD_MAX_BYTES {
+        return Err(FrameError::PayloadTooLarge {
+            len_bytes: payload_len,
+        });
+    }
+    if frame.body_type() == wire::Message::NONE {
+        return Err(FrameError::MissingBody);
+    }
+    if frame.body_type().variant_name().is_none() {
+        return Err(FrameError::UnknownMessage(frame.body_type().0));
+    }
+    // A known member whose table is absent.
+    if frame.body().is_none() {
+        return Err(FrameError::MissingBody);
+    }
+    Ok(frame)
+}
+
+/// A frame decoded from a contiguous buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodedFrame<'a> {
+    pub header: wire::Frame<'a>,
+    pub payload: &'a [u8],
+    /// Bytes of `buf` the frame took (prefix + header + payload).
+    pub frame_bytes: usize,
+}
+
+/// Decodes one whole frame from the start of `buf`.
+pub fn decode_frame(buf: &[u8]) -> Result<DecodedFrame<'_>, FrameError> {
+    let prefix: [u8; FRAME_LEN_PREFIX_BYTES] = match buf.get(..FRAME_LEN_PREFIX_BYTES) {
+        Some(p) => [p[0], p[1], p[2], p[3]],
+        None => {
+            return Err(FrameError::Truncated {
+                needed_bytes: FRAME_LEN_PREFIX_BYTES,
+                available_bytes: buf.len(),
+            })
+        }
+    };
+    let header_len = header_len_from_prefix(prefix)?;
+    let header_end = FRAME_LEN_PREFIX_BYTES + header_len;
+    let header_bytes =
+        buf.get(FRAME_LEN_PREFIX_BYTES..header_end)
+            .ok_or(FrameError::Truncated {
+                needed_bytes: header_end,
+                available_bytes: buf.len(),
+            })?;
+    let header = decode_header(header_bytes)?;
+    let frame_end = header_end + header.payload_len() as usize;
+    let payload = buf
+        .get(header_end..frame_end)
+        .ok_or(FrameError::Truncated {
+            needed_bytes: frame_end,
+            available_bytes: buf.len(),
+        })?;
+    Ok(DecodedFrame {
+        header,
+        payload,
+        frame_bytes: frame_end,
+    })
+}
+
+/// Finishes a frame header in `fbb` around an already built message body and returns the
+/// header bytes (without the length prefix).
+pub fn finish_header<'b>(
+    fbb: &'b mut FlatBufferBuilder<'_>,
+    body_type: wire::Message,
+    body: WIPOffset<UnionWIPOffset>,
+    payload_len_bytes: usize,
+) -> Result<&'b [u8], FrameError> {
+    if payload_len_bytes > FRAME_PAYLOAD_MAX_BYTES {
+        return Err(FrameError::PayloadTooLarge {
+            len_bytes: payload_len_bytes,
+        });
+    }
+    let root = wire::Frame::create(
+        fbb,
+        &wire::FrameArgs {
+            body_type,
+            body: Some(body),
+            payload_len: payload_len_bytes as u32,
+        },
+    );
+    wire::finish_frame_buffer(fbb, root);
+    let header = fbb.finished_data();
+    if header.len() > FRAME_HEADER_MAX_BYTES {
+        return Err(FrameError::HeaderTooLarge {
+            len_bytes: header.len(),
+        });
+    }
+    Ok(header)
+}
+
+/// Appends `prefix | header | payload` to `out`. The header must come from [`finish_header`].
+pub fn append_frame(out: &mut Vec<u8>, header: &[u8], payload: &[u8]) -> Result<(), FrameError> {
+    if header.len() > FRAME_HEADER_MAX_BYTES {
+        return Err(FrameError::HeaderTooLarge {
+            len_bytes: header.len(),
+        });
+    }
+    if payload.len() > FRAME_PAYLOAD_MAX_BYTES {
+        return Err(FrameError::PayloadTooLarge {
+            len_bytes: payload.len(),
+        });
+    }
+    out.reserve(FRAME_LEN_PREFIX_BYTES + header.len() + payload.len());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(header);
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Bytes of an extent of `nblocks` blocks, or `None` on overflow.
+pub fn extent_bytes(nblocks: u64, block_size: u32) -> Option<u64> {
+    nblocks.checked_mul(u64::from(block_size))
+}
+
+/// Checks the extents a frame describes against its payload and the volume:
+/// count cap, non-empty, known kind, inside the volume, data lengths adding up to the payload,
+/// and each data extent's crc32c. Returns the data bytes described.
+pub fn check_extents<'a>(
+    extents: impl ExactSizeIterator<Item = &'a wire::Extent>,
+    payload: &[u8],
+    block_size: u32,
+    volume_blocks: u64,
+) -> Result<u64, ExtentError> {
+    if extents.len() > FRAME_EXTENTS_MAX {
+        return Err(ExtentError::TooMany {
+            count: extents.len(),
+        });
+    }
+    let mut offset: u64 = 0;
+    let payload_bytes = payload.len() as u64;
+    for e in extents {
+        let lba = e.lba();
+        let nblocks = u64::from(e.nblocks());
+        if nblocks == 0 {
+            return Err(ExtentError::Empty { lba });
+        }
+        match lba.checked_add(nblocks) {
+            Some(end) if end <= volume_blocks => {}
+            _ => {
+                return Err(ExtentError::OutOfRange {
+                    lba,
+                    nblocks,
+                    volume_blocks,
+                })
+            }
+        }
+        match e.kind() {
+            wire::ExtentKind::Zero => {
+                if e.crc32c() != 0 {
+                    return Err(ExtentError::ZeroWithCrc { lba });
+                }
+            }
+            wire::ExtentKind::Data => {
+                let len = extent_bytes(nblocks, block_size)
+                    .filter(|len| *len <= FRAME_PAYLOAD_MAX_BYTES as u64)
+                    .ok_or(ExtentError::TooLong { lba, nblocks })?;
+                let end = offset + len;
+                if end > payload_bytes {
+                    return Err(ExtentError::PayloadMismatch {
+                        described_bytes: end,
+                        payload_bytes,
+                    });
+                }
+                let data = &payload[offset as usize..end as usize];
+                let actual = crc32c::crc32c(data);
+                if actual != e.crc32c() {
+                    return Err(ExtentError::Checksum {
+                        lba,
+                        expected: e.crc32c(),
+                        actual,
+                    });
+                }
+                offset = end;
+            }
+            other => return Err(ExtentError::UnknownKind { lba, kind: other.0 }),
+        }
+    }
+    if offset != payload_bytes {
+        return Err(ExtentError::PayloadMismatch {
+            described_bytes: offset,
+            payload_bytes,
+        });
+    }
+    Ok(offset)
+}
+
+/// Checks a volume name: 1..=64 bytes of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn valid_volume_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= VOLUME_NAME_MAX_BYTES
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// Verifier limits for on-disk flatbuffers (manifests and segment footers).
+pub fn store_verifier_options(max_bytes: usize) -> VerifierOptions {
+    VerifierOptions {
+        max_depth: 8,
+        max_tables: 4 * 1024 * 1024,
+        max_apparent_size: max_bytes.saturating_mul(2),
+        ignore_missing_null_terminator: false,
+    }
+}
+
+/// Verifies a manifest body (the flatbuffer inside the manifest envelope).
+pub fn verify_manifest(buf: &[u8]) -> Result<store::Manifest<'_>, InvalidFlatbuffer> {
+    store::root_as_manifest_with_opts(&store_verifier_options(buf.len()), buf)
+}
+
+/// Verifies a segment index footer (the flatbuffer inside the segment trailer envelope).
+pub fn verify_segment_index(buf: &[u8]) -> Result<store::SegmentIndex<'_>, InvalidFlatbuffer> {
+    flatbuffers::root_with_opts::<store::SegmentIndex>(&store_verifier_options(buf.len()), buf)
+}
+
+/// Decodes `data` as a frame and, when accepted, reads every field of the message. Used by the
+/// fuzz target and the property test: it must never panic, whatever `data` is.
+#[doc(hidden)]
+pub fn fuzz_decode_one(data: &[u8]) {
+    let Ok(frame) = decode_frame(data) else {
+        return;
+    };
+    let h = frame.header;
+    let _ = h.payload_len();
+    if let Some(m) = h.body_as_hello() {
+        let _ = (m.protocol_version(), m.client_name());
+    } else if let Some(m) = h.body_as_challenge() {
+        let _ = (m.nonce().map(|n| n.len()), m.protocol_version());
+    } else if let Some(m) = h.body_as_auth() {
+        let _ = (m.volume(), m.mac().map(|n| n.bytes().len()), m.generation());
+    } else if let Some(m) = h.body_as_auth_ok() {
+        fuzz_volume_info(m.info());
+    } else if let Some(m) = h.body_as_volume_info() {
+        fuzz_volume_info(Some(m));
+    } else if let Some(m) = h.body_as_put_extents() {
+        let _ = m.snap_id();
+        if let Some(ex) = m.extents() {
+            let _ = check_extents(ex.iter(), frame.payload, 512, u64::MAX);
+            let _ = check_extents(ex.iter(), frame.payload, 4096, 1 << 20);
+        }
+    } else if let Some(m) = h.body_as_read_data() {
+        if let Some(ex) = m.extents() {
+            let _ = check_extents(ex.iter(), frame.payload, 4096, u64::MAX);
+        }
+        let _ = m.last();
+    } else if let Some(m) = h.body_as_snapshot_list() {
+        for s in m.snapshots().iter().flat_map(|v| v.iter()) {
+            let _ = (s.snap_id(), s.parent_id(), s.bytes(), s.commit_time_ms());
+        }
+    } else if let Some(m) = h.body_as_committed() {
+        let _ = m.info().map(|i| i.snap_id());
+    } else if let Some(m) = h.body_as_already_committed() {
+        let _ = m.info().map(|i| i.snap_id());
+    } else if let Some(m) = h.body_as_error() {
+        let _ = (m.code(), m.message());
+    }
+}
+
+fn fuzz_volume_info(info: Option<wire::VolumeInfo<'_>>) {
+    if let Some(i) = info {
+        let _ = (
+            i.name(),
+            i.exists(),
+            i.size_bytes(),
+            i.block_size(),
+            i.clone_source_volume(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put_frame(extents: &[wire::Extent], payload: &[u8]) -> Vec<u8> {
+        let mut fbb = FlatBufferBuilder::new();
+        let ex = fbb.create_vector(extents);
+        let body = wire::PutExtents::create(
+            &mut fbb,
+            &wire::PutExtentsArgs {
+                snap_id: 7,
+                extents: Some(ex),
+            },
+        );
+        let header = finish_header(
+            &mut fbb,
+            wire::Message::PutExtents,
+            body.as_union_value(),
+            payload.len(),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        append_frame(&mut out, header, payload).unwrap();
+        out
+    }
+
+    #[test]
+    fn put_extents_round_trip() {
+        let data = vec![0xabu8; 1024];
+        let extents = [
+            wire::Extent::new(8, 2, crc32c::crc32c(&data), wire::ExtentKind::Data),
+            wire::Extent::new(100, 50, 0, wire::ExtentKind::Zero),
+        ];
+        let buf = put_frame(&extents, &data);
+        let f = decode_frame(&buf).unwrap();
+        assert_eq!(f.frame_bytes, buf.len());
+        let put = f.header.body_as_put_extents().unwrap();
+        assert_eq!(put.snap_id(), 7);
+        let ex = put.extents().unwrap();
+        assert_eq!(check_extents(ex.iter(), f.payload, 512, 1000), Ok(1024));
+        assert_eq!(
+            check_extents(ex.iter(), f.payload, 512, 120),
+            Err(ExtentError::OutOfRange {
+                lba: 100,
+                nblocks: 50,
+                volume_blocks: 120
+            })
+        );
+        let mut bad = data.clone();
+        bad[3] ^= 1;
+        assert!(matches!(
+            check_extents(ex.iter(), &bad, 512, 1000),
+            Err(ExtentError::Checksum { lba: 8, .. })
+        ));
+        assert!(matches!(
+            check_extents(ex.iter(), &data[..512], 512, 1000),
+            Err(ExtentError::PayloadMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn caps_are_enforced() {
+        let big = ((FRAME_HEADER_MAX_BYTES + 1) as u32).to_le_bytes();
+        assert!(matches!(
+            header_len_from_prefix(big),
+            Err(FrameError::HeaderTooLarge { .. })
+        ));
+        assert!(matches!(
+            header_len_from_prefix([1, 0, 0, 0]),
+            Err(FrameError::HeaderTooSmall { .. })
+        ));
+        let buf = put_frame(&[], &[]);
+        assert!(matches!(
+            decode_frame(&buf[..buf.len() - 1]),
+            Err(FrameError::Truncated { .. })
+        ));
+        let mut garbage = vec![16u8, 0, 0, 0];
+        garbage.extend_from_slice(&[0xff; 16]);
+        assert!(decode_frame(&garbage).is_err());
+    }
+
+    #[test]
+    fn volume_names() {
+        assert!(valid_volume_name("vol-1.a_b"));
+        assert!(!valid_volume_name(""));
+        assert!(!valid_volume_name(".."));
+        assert!(!valid_volume_name("a/b"));
+        assert!(!valid_volume_name(&"x".repeat(65)));
+    }
+}
