@@ -54,6 +54,65 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Take a snapshot now: cut, flush, ship, and wait for the data plane's commit; prints its id.
+    Snapshot {
+        /// Volume name.
+        name: String,
+        /// How long to wait for the data plane's commit; past it the snapshot stays queued in
+        /// the outbox (exit status 2).
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a volume's snapshots on the data plane (id, parent, time, bytes, extents).
+    Snapshots {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a volume as of one snapshot into an image file (sparse), from the data plane alone.
+    Export {
+        /// NAME@SNAPSHOT_ID
+        spec: String,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        /// The image file to write (created or truncated).
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+/// How to reach the data plane.
+#[derive(Args, Debug, Clone)]
+pub struct DataPlaneArgs {
+    /// Data-plane server address, HOST:PORT.
+    #[arg(long)]
+    pub dataplane: String,
+    /// File holding the shared secret of the data plane.
+    #[arg(long)]
+    pub auth_token_file: PathBuf,
+}
+
+impl DataPlaneArgs {
+    fn connect(&self, volume: &str) -> anyhow::Result<deltavol_dataplane::Client> {
+        let token =
+            crate::ship::read_token(&self.auth_token_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let t = deltavol_dataplane::Timeouts {
+            connect: Duration::from_secs(5),
+            io: Duration::from_secs(60),
+        };
+        deltavol_dataplane::Client::connect(self.dataplane.as_str(), &token, volume, t)
+            .with_context(|| {
+                format!(
+                    "connect to the data plane at {} for volume {volume:?}",
+                    self.dataplane
+                )
+            })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +144,16 @@ pub struct AddArgs {
     /// Memory for the LRU read cache of clean blocks (0 disables it).
     #[arg(long, value_parser = parse_size, default_value = "64MiB")]
     pub read_cache: u64,
+    /// Ship every flushed epoch as a snapshot to this data-plane server (HOST:PORT).
+    #[arg(long, requires = "auth_token_file")]
+    pub dataplane: Option<String>,
+    /// File holding the data plane's shared secret (with --dataplane).
+    #[arg(long, requires = "dataplane")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Where snapshots wait while the data plane is unreachable (default: NAME.outbox next to
+    /// the backing file, on the same disk).
+    #[arg(long, requires = "dataplane")]
+    pub outbox_dir: Option<PathBuf>,
     /// Stay in the foreground (logs to stderr) instead of daemonizing.
     #[arg(long)]
     pub foreground: bool,
@@ -123,13 +192,44 @@ impl AddArgs {
                 bail!("--size {s} must be a positive multiple of 4KiB");
             }
         }
+        let backing = absolute(&self.backing)?;
+        let ship = match (&self.dataplane, &self.auth_token_file) {
+            (Some(addr), Some(tok)) => {
+                let token =
+                    crate::ship::read_token(&absolute(tok)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let outbox_dir = match &self.outbox_dir {
+                    Some(d) => absolute(d)?,
+                    None => {
+                        let parent = backing
+                            .parent()
+                            .filter(|p| !p.starts_with("/dev"))
+                            .ok_or_else(|| {
+                                anyhow::anyhow!(
+                                    "--backing {} is a device: give --outbox-dir on the same disk",
+                                    backing.display()
+                                )
+                            })?;
+                        parent.join(format!("{}.outbox", self.name))
+                    }
+                };
+                Some(crate::ship::ShipConfig {
+                    addr: addr.clone(),
+                    token,
+                    outbox_dir,
+                    connect_timeout: Duration::from_secs(2),
+                    io_timeout: Duration::from_secs(10),
+                })
+            }
+            _ => None,
+        };
         Ok(AddConfig {
             volume: VolumeConfig {
+                ship,
                 cache: CacheConfig {
                     name: self.name.clone(),
                     size_bytes: self.size,
                     cache_dir: absolute(&self.cache_dir)?,
-                    backing: absolute(&self.backing)?,
+                    backing,
                     cache_limit_bytes: self.cache_limit,
                     read_cache_bytes: self.read_cache,
                     nr_queues: usize::from(self.queues),
@@ -261,6 +361,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Snapshot {
+            name,
+            timeout_ms,
+            json,
+        } => snapshot(&name, timeout_ms, json),
+        Cmd::Snapshots { name, dp, json } => list_snapshots(&name, &dp, json),
+        Cmd::Export { spec, dp, output } => export(&spec, &dp, &output),
         Cmd::Flush { name, json } => {
             let info = attached(&name)?;
             let v = control::request(&info.socket, &Request::Flush, None)?;
@@ -280,6 +387,133 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn snapshot(name: &str, timeout_ms: u64, json: bool) -> anyhow::Result<()> {
+    let info = attached(name)?;
+    let v = control::request(&info.socket, &Request::Snapshot { timeout_ms }, None)?;
+    let id = v.get("snapshot").and_then(|x| x.as_u64()).unwrap_or(0);
+    let committed = v
+        .get("committed")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(false);
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else if committed {
+        println!("{id}");
+    }
+    if !committed {
+        let err = v
+            .get("last_error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no answer yet");
+        eprintln!("deltavol: snapshot {id} is durable in the outbox but not yet committed on the data plane ({err}); it ships when the data plane is reachable");
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<()> {
+    let mut c = dp.connect(name)?;
+    let snaps = c.list_snapshots().context("list snapshots")?;
+    if json {
+        let v: Vec<_> = snaps
+            .iter()
+            .map(|s| serde_json::json!({"id": s.snap_id, "parent": s.parent_id, "time_unix_ms": s.commit_time_ms, "bytes": s.bytes, "extents": s.extent_count, "volume_size": s.volume_size, "generation": s.generation}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:>10} {:>10} {:>24} {:>10} {:>8}",
+        "ID", "PARENT", "TIME (UTC)", "BYTES", "EXTENTS"
+    );
+    for s in &snaps {
+        let t = s.commit_time_ms / 1000;
+        let (d, secs) = (t / 86400, t % 86400);
+        // civil date from days since 1970 (Howard Hinnant's algorithm)
+        let z = d as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let ts = format!(
+            "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+            secs / 3600,
+            secs % 3600 / 60,
+            secs % 60
+        );
+        println!(
+            "{:>10} {:>10} {:>24} {:>10} {:>8}",
+            s.snap_id,
+            s.parent_id,
+            ts,
+            format_size(s.bytes),
+            s.extent_count
+        );
+    }
+    Ok(())
+}
+
+fn export(spec: &str, dp: &DataPlaneArgs, output: &Path) -> anyhow::Result<()> {
+    let (name, snap) = spec
+        .rsplit_once('@')
+        .and_then(|(n, s)| s.parse::<u64>().ok().map(|s| (n, s)))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{spec:?} is not NAME@SNAPSHOT_ID (e.g. db1@42; `deltavol snapshots` lists ids)"
+            )
+        })?;
+    let mut c = dp.connect(name)?;
+    let size = c.volume_info().context("volume info")?.size_bytes;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(output)
+        .with_context(|| format!("create {}", output.display()))?;
+    f.set_len(size)?;
+    const CHUNK_BLOCKS: u64 = 256;
+    let mut buf = vec![0u8; (CHUNK_BLOCKS * 4096) as usize];
+    let nblocks = size / 4096;
+    let (mut lba, mut last_pct, t0) = (0u64, u64::MAX, Instant::now());
+    use std::os::unix::fs::FileExt;
+    while lba < nblocks {
+        let n = (nblocks - lba).min(CHUNK_BLOCKS);
+        let b = &mut buf[..(n * 4096) as usize];
+        c.read_extents(snap, lba, n, b)
+            .with_context(|| format!("read snapshot {snap} at block {lba}"))?;
+        for (i, blk) in b.chunks(4096).enumerate() {
+            if blk.iter().any(|&x| x != 0) {
+                f.write_all_at(blk, (lba + i as u64) * 4096)?;
+            }
+        }
+        lba += n;
+        let pct = lba * 100 / nblocks;
+        if pct / 10 != last_pct / 10 || lba == nblocks {
+            last_pct = pct;
+            eprintln!(
+                "export {name}@{snap}: {pct}% ({} of {}, {:.1} s)",
+                format_size(lba * 4096),
+                format_size(size),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    f.sync_all()?;
+    println!("{}", output.display());
+    Ok(())
 }
 
 fn print_status(v: &serde_json::Value) {
@@ -352,6 +586,34 @@ fn print_status(v: &serde_json::Value) {
         if let Some(e) = f.get("last_error").and_then(|e| e.as_str()) {
             println!("flush error:   {e} (retrying; data is safe in the cache)");
         }
+    }
+    match v.get("shipping") {
+        Some(sh) if !sh.is_null() => {
+            let g = |k: &str| sh.get(k).and_then(|x| x.as_u64());
+            match (g("last_committed"), g("last_committed_unix_ms")) {
+                (Some(id), Some(t)) => println!(
+                    "last snapshot: {id} committed {:.1} s ago (recovery point)",
+                    now_ms().saturating_sub(t) as f64 / 1000.0
+                ),
+                _ => println!(
+                    "last snapshot: none committed since attach (chain head {})",
+                    g("head").unwrap_or(0)
+                ),
+            }
+            println!(
+                "outbox:        {} snapshot(s), {}",
+                g("outbox_entries").unwrap_or(0),
+                format_size(g("outbox_bytes").unwrap_or(0))
+            );
+            println!(
+                "data plane:    {}",
+                sh.get("dataplane").and_then(|x| x.as_str()).unwrap_or("?")
+            );
+            if let Some(e) = sh.get("last_error").and_then(|e| e.as_str()) {
+                println!("ship error:    {e}");
+            }
+        }
+        _ => println!("snapshots:     not shipped (no --dataplane)"),
     }
     if v.get("durability_failed")
         .and_then(|x| x.as_bool())

@@ -20,6 +20,10 @@ pub enum Request {
     Status,
     /// Cut the epoch now and wait until it is on permanent storage.
     Flush,
+    /// Cut now, flush, and wait up to `timeout_ms` for the snapshot's commit on the data plane.
+    Snapshot {
+        timeout_ms: u64,
+    },
     /// Stop the device after a final flush.
     Stop,
 }

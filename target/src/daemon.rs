@@ -8,7 +8,6 @@
 //! sharing a mount namespace with a mount of its own device can deadlock on exit).
 
 use crate::control::{self, Request, RunInfo};
-use crate::flush::NullSink;
 use crate::queue;
 use crate::ring::{Kicker, FILE_BACKING, FILE_MIRROR, NR_FIXED_FILES};
 use crate::volume::{Volume, VolumeConfig};
@@ -243,6 +242,23 @@ impl Daemon {
                 Ok(r) => serde_json::to_value(r).unwrap_or_default(),
                 Err(e) => serde_json::json!({ "error": format!("flush failed: {e}") }),
             },
+            Request::Snapshot { timeout_ms } => {
+                let Some(ship) = &self.volume.ship else {
+                    return serde_json::json!({ "error": "this volume ships no snapshots: attach it with --dataplane ADDR --auth-token-file F" });
+                };
+                match self.volume.cut_and_flush() {
+                    Ok(r) => {
+                        let committed =
+                            ship.wait_committed(r.epoch, Duration::from_millis(timeout_ms));
+                        let st = ship.status();
+                        serde_json::json!({
+                            "snapshot": r.epoch, "committed": committed, "flush": r,
+                            "outbox_entries": st.outbox_entries, "last_error": st.last_error,
+                        })
+                    }
+                    Err(e) => serde_json::json!({ "error": format!("snapshot failed: {e}") }),
+                }
+            }
             Request::Stop => {
                 self.stop();
                 serde_json::json!({ "stopping": true })
@@ -287,8 +303,7 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
     let features = UblkCtrl::get_features().unwrap_or(0);
     tracing::info!(features = format!("{features:#x}"), "ublk driver features");
 
-    let volume =
-        Arc::new(Volume::open(&cfg.volume, Box::new(NullSink)).map_err(|e| anyhow!("{e}"))?);
+    let volume = Arc::new(Volume::open(&cfg.volume).map_err(|e| anyhow!("{e}"))?);
     let cache = volume.cache.clone();
     let nr_queues = cfg.queues;
     let kickers: Arc<Vec<Arc<Kicker>>> = Arc::new(

@@ -27,24 +27,38 @@ pub const FLUSH_EXTENT_BLOCKS_MAX: u64 = 256;
 /// How often the flush thread looks at the watermark flag.
 const POLL: Duration = Duration::from_millis(10);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Failed attempts at one flush before a waiting `cut_and_wait` gets the error.
+const FAILURES_BEFORE_REPORT: u32 = 3;
 static ZERO_BLOCK: [u8; BLOCK_SIZE as usize] = [0u8; BLOCK_SIZE as usize];
 
 /// Where a flushed epoch's changes go besides the backing file (the data plane, in time).
 pub trait DeltaSink: Send {
-    /// Starts snapshot `snap` (the flushed epoch number); `parent` is the previous snapshot
-    /// this sink committed (0 for none).
-    fn begin(&mut self, snap: u64, parent: u64, volume_size: u64) -> Result<()>;
+    /// Starts snapshot `snap` (the flushed epoch number). The sink chains it onto the newest
+    /// snapshot it holds. `full`: the snapshot carries every block of the volume (a base),
+    /// not only the epoch's changes.
+    fn begin(&mut self, snap: u64, full: bool, volume_size: u64) -> Result<()>;
     /// One extent of `nblocks` blocks at block `lba`; `None` means zeros.
     fn extent(&mut self, lba: u64, nblocks: u64, data: Option<&[u8]>) -> Result<()>;
     /// Makes snapshot `snap` durable wherever the sink keeps it.
     fn commit(&mut self, snap: u64) -> Result<()>;
+    /// The newest snapshot id this sink has made durable (0 for none); persisted with each
+    /// flush so the chain continues after a restart.
+    fn head(&self) -> u64 {
+        0
+    }
+    /// Whether the sink's chain lacks epochs the backing file already holds (a volume flushed
+    /// before shipping was set up): then the flush first ships the whole backing file as a
+    /// full snapshot numbered `flushed_epoch` (every block, data or zero).
+    fn base_needed(&mut self, _flushed_epoch: u64) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// A sink that keeps nothing (no data plane configured).
 pub struct NullSink;
 
 impl DeltaSink for NullSink {
-    fn begin(&mut self, _: u64, _: u64, _: u64) -> Result<()> {
+    fn begin(&mut self, _: u64, _: bool, _: u64) -> Result<()> {
         Ok(())
     }
     fn extent(&mut self, _: u64, _: u64, _: Option<&[u8]>) -> Result<()> {
@@ -126,7 +140,6 @@ impl Flusher {
                     ctl: c2,
                     interval,
                     buf: Vec::new(),
-                    parent: 0,
                 }
                 .run()
             })?;
@@ -206,13 +219,15 @@ struct FlushThread {
     ctl: Arc<Ctl>,
     interval: Duration,
     buf: Vec<u8>,
-    parent: u64,
 }
 
 impl FlushThread {
     fn run(mut self) {
         let mut last_cut = Instant::now();
         let mut backoff = Duration::from_millis(100);
+        // The cut requests the frozen epoch answers, credited when its flush succeeds.
+        let mut pending_ticket: Option<u64> = None;
+        let mut failures = 0u32;
         loop {
             if self.aborted() {
                 break;
@@ -222,12 +237,21 @@ impl FlushThread {
                 match self.flush_frozen() {
                     Ok(r) => {
                         backoff = Duration::from_millis(100);
-                        self.finish(None, Some(r), None);
+                        failures = 0;
+                        self.finish(pending_ticket.take(), Some(r), None);
                     }
                     Err(_) if self.aborted() => break,
                     Err(e) => {
                         tracing::error!(volume = %self.cache.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "flush failed; data stays in the cache and the flush is retried");
-                        self.finish(None, None, Some(e.to_string()));
+                        failures += 1;
+                        // Waiters get the error after a few attempts rather than hang; the
+                        // flush goes on being retried in the background.
+                        let give_up = if failures >= FAILURES_BEFORE_REPORT {
+                            pending_ticket.take()
+                        } else {
+                            None
+                        };
+                        self.finish(give_up, None, Some(e.to_string()));
                         let st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
                         if st.stop {
                             // Stopping with an unflushable epoch: it stays in the cache
@@ -274,7 +298,9 @@ impl FlushThread {
                     Ok(r) => self.finish(Some(ticket), Some(r), None),
                     Err(_) if self.aborted() => break,
                     Err(e) => {
-                        tracing::error!(volume = %self.cache.name, error = %e, "flush failed; retrying");
+                        tracing::warn!(volume = %self.cache.name, error = %e, "flush failed; retrying");
+                        failures = 1;
+                        pending_ticket = Some(ticket);
                         self.finish(None, None, Some(e.to_string()));
                         continue;
                     }
@@ -336,10 +362,14 @@ impl FlushThread {
             epoch: f,
             ..Default::default()
         };
-        self.sink.begin(f, self.parent, c.size_bytes)?;
         if self.buf.len() < (FLUSH_EXTENT_BLOCKS_MAX * BLOCK_SIZE) as usize {
             self.buf = vec![0u8; (FLUSH_EXTENT_BLOCKS_MAX * BLOCK_SIZE) as usize];
         }
+        // The backing file holds exactly epoch f - 1 now: ship it whole if the chain needs it.
+        if self.sink.base_needed(f - 1)? {
+            self.ship_base(f - 1)?;
+        }
+        self.sink.begin(f, false, c.size_bytes)?;
         let mut buf = std::mem::take(&mut self.buf);
         let mut err = None;
         c.slots[s]
@@ -366,9 +396,8 @@ impl FlushThread {
             .map_err(|e| Error::io("fdatasync", &c.backing_path, e))?;
         self.check_abort()?;
         self.sink.commit(f)?;
-        self.parent = f;
         self.check_abort()?;
-        c.commit_flushed(f)?;
+        c.commit_flushed(f, self.sink.head())?;
         self.check_abort()?;
         c.rcache.bump_generation();
         c.slots[s].bits.for_each_run(u64::MAX, |start, len| {
@@ -384,6 +413,61 @@ impl FlushThread {
             zero_bytes = rep.zero_bytes, duration_ms = rep.duration_ms, "epoch flushed"
         );
         Ok(rep)
+    }
+
+    /// Ships the whole backing file (the volume as of epoch `snap`) as a full snapshot.
+    fn ship_base(&mut self, snap: u64) -> Result<()> {
+        let c = self.cache.clone();
+        tracing::info!(volume = %c.name, snapshot = snap, "shipping a full base snapshot of the backing file");
+        self.sink.begin(snap, true, c.size_bytes)?;
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self.ship_base_extents(&c, &mut buf);
+        self.buf = buf;
+        r?;
+        self.sink.commit(snap)
+    }
+
+    fn ship_base_extents(&mut self, c: &Cache, buf: &mut [u8]) -> Result<()> {
+        let mut lba = 0u64;
+        while lba < c.nblocks {
+            self.check_abort()?;
+            let n = (c.nblocks - lba).min(FLUSH_EXTENT_BLOCKS_MAX);
+            let off = lba << BLOCK_SHIFT;
+            // SAFETY: lseek on a valid fd with integer arguments.
+            let data_at =
+                unsafe { libc::lseek(c.backing.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+            if data_at < 0 || data_at as u64 >= off + (n << BLOCK_SHIFT) {
+                self.sink.extent(lba, n, None)?;
+                lba += n;
+                continue;
+            }
+            let b = &mut buf[..(n << BLOCK_SHIFT) as usize];
+            let got = crate::cache::meta::read_full_at(&c.backing, b, off)
+                .map_err(|e| Error::io_at("read", &c.backing_path, off, e))?;
+            if got != b.len() {
+                return Err(Error::corrupt(format!(
+                    "{} is shorter than the volume",
+                    c.backing_path.display()
+                )));
+            }
+            let is_zero = |i: u64| {
+                b[(i << BLOCK_SHIFT) as usize..((i + 1) << BLOCK_SHIFT) as usize] == ZERO_BLOCK
+            };
+            let mut i = 0u64;
+            while i < n {
+                let z = is_zero(i);
+                let mut j = i + 1;
+                while j < n && is_zero(j) == z {
+                    j += 1;
+                }
+                let data =
+                    (!z).then(|| &b[(i << BLOCK_SHIFT) as usize..(j << BLOCK_SHIFT) as usize]);
+                self.sink.extent(lba + i, j - i, data)?;
+                i = j;
+            }
+            lba += n;
+        }
+        Ok(())
     }
 
     fn flush_run(

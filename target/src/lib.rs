@@ -15,5 +15,6 @@ pub mod error;
 pub mod flush;
 pub mod queue;
 pub mod ring;
+pub mod ship;
 pub mod size;
 pub mod volume;

@@ -24,9 +24,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
         "p" | "pb" | "pib" => 50,
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "size {s:?} has an unknown unit {other:?}: use B, KiB, MiB, GiB, TiB (or K, M, G, T)"
-        )),
+        ))
+        }
     };
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("size {s:?} is too large"))

@@ -4,8 +4,9 @@
 
 use crate::cache::{meta, Cache, CacheConfig, SyncHandle};
 use crate::error::{Error, Result};
-use crate::flush::{DeltaSink, FlushStatus, Flusher};
+use crate::flush::{DeltaSink, FlushStatus, Flusher, NullSink};
 use crate::ring::{HostRing, Ring};
+use crate::ship::{DataPlaneSink, ShipConfig, ShipHandle, ShipStatus};
 use serde::Serialize;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::SeqCst;
@@ -18,11 +19,14 @@ pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 15_000;
 pub struct VolumeConfig {
     pub cache: CacheConfig,
     pub flush_interval: Duration,
+    /// Ship each flushed epoch as a snapshot to a data plane.
+    pub ship: Option<ShipConfig>,
 }
 
 pub struct Volume {
     pub cache: Arc<Cache>,
     pub flusher: Flusher,
+    pub ship: Option<ShipHandle>,
 }
 
 /// A point-in-time view of a volume for `deltavol status`.
@@ -50,15 +54,42 @@ pub struct VolumeStatus {
     pub backpressure_waits: u64,
     pub durability_failed: bool,
     pub flush: FlushStatus,
+    pub shipping: Option<ShipStatus>,
 }
 
 impl Volume {
-    /// Opens (or creates) the volume and starts its syncer and flush thread.
-    pub fn open(cfg: &VolumeConfig, sink: Box<dyn DeltaSink>) -> Result<Volume> {
+    /// Opens (or creates) the volume and starts its syncer, flush thread and (with a data
+    /// plane configured) its shipper.
+    pub fn open(cfg: &VolumeConfig) -> Result<Volume> {
+        Self::open_inner(cfg, None)
+    }
+
+    /// Like [`Volume::open`] with a given delta sink (tests).
+    pub fn open_with_sink(cfg: &VolumeConfig, sink: Box<dyn DeltaSink>) -> Result<Volume> {
+        Self::open_inner(cfg, Some(sink))
+    }
+
+    fn open_inner(cfg: &VolumeConfig, sink: Option<Box<dyn DeltaSink>>) -> Result<Volume> {
         if cfg.flush_interval.is_zero() {
             return Err(Error::invalid("flush interval must be at least 1 ms"));
         }
         let cache = Arc::new(Cache::open(&cfg.cache)?);
+        let mut ship = None;
+        let sink: Box<dyn DeltaSink> = match (sink, &cfg.ship) {
+            (Some(s), _) => s,
+            (None, Some(sc)) => {
+                let s = DataPlaneSink::start(
+                    sc.clone(),
+                    &cache.name,
+                    cache.volume_id,
+                    cache.size_bytes,
+                    cache.snap_head(),
+                )?;
+                ship = Some(s.handle());
+                Box::new(s)
+            }
+            (None, None) => Box::new(NullSink),
+        };
         let sync = SyncHandle::start(cache.clone())
             .map_err(|e| Error::io("start syncer for", &cfg.cache.cache_dir, e))?;
         if cache.syncer.set(sync).is_err() {
@@ -66,7 +97,11 @@ impl Volume {
         }
         let flusher = Flusher::start(cache.clone(), sink, cfg.flush_interval)
             .map_err(|e| Error::io("start flush thread for", &cfg.cache.cache_dir, e))?;
-        Ok(Volume { cache, flusher })
+        Ok(Volume {
+            cache,
+            flusher,
+            ship,
+        })
     }
 
     /// Serves one block request (see [`Cache::handle`]).
@@ -147,6 +182,7 @@ impl Volume {
             backpressure_waits: c.stats_sum(|s| &s.backpressure_waits),
             durability_failed: c.sync_failed.load(SeqCst),
             flush: self.flusher.status(),
+            shipping: self.ship.as_ref().map(|s| s.status()),
         }
     }
 }

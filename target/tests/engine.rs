@@ -365,7 +365,7 @@ fn bad_requests_are_refused() {
 }
 
 fn err_of(cfg: &deltavol::volume::VolumeConfig) -> deltavol::error::Error {
-    match deltavol::volume::Volume::open(cfg, Box::new(deltavol::flush::NullSink)) {
+    match deltavol::volume::Volume::open(cfg) {
         Ok(_) => panic!("open should have failed"),
         Err(e) => e,
     }

@@ -8,7 +8,9 @@
 //! Two 4096-byte copies at offsets 0 and 4096. Fields (little endian):
 //! `magic[8] "DVOLSUPR" | version u32 | hdr_len u32 | features u64 | volume_id [16] |
 //!  size_bytes u64 | block_size u32 | name_len u16 | pad u16 | name [64] | flushed_epoch u64 |
-//!  seq u64 | created_unix_ms u64 | ... | crc32c u32 (last 4 bytes, over the rest)`.
+//!  seq u64 | created_unix_ms u64 | snap_head u64 | ... | crc32c u32 (last 4 bytes, over the rest)`.
+//! `snap_head` is the newest snapshot of this volume made durable by the delta sink (committed on
+//! the data plane or spooled to its outbox), 0 for none: the parent of the next snapshot.
 //! `flushed_epoch` is the newest epoch whose data is durable in the backing file: the only
 //! epoch number that must be persisted (see `cache::Cache::open` for how the live epochs are
 //! derived from it and from the map pages).
@@ -52,6 +54,7 @@ pub struct Superblock {
     pub flushed_epoch: u64,
     pub seq: u64,
     pub created_unix_ms: u64,
+    pub snap_head: u64,
 }
 
 pub fn volume_id_hex(id: &VolumeId) -> String {
@@ -74,6 +77,7 @@ impl Superblock {
         b[120..128].copy_from_slice(&self.flushed_epoch.to_le_bytes());
         b[128..136].copy_from_slice(&self.seq.to_le_bytes());
         b[136..144].copy_from_slice(&self.created_unix_ms.to_le_bytes());
+        b[144..152].copy_from_slice(&self.snap_head.to_le_bytes());
         let crc = crc32c::crc32c(&b[..SUPER_COPY_BYTES - 4]);
         b[SUPER_COPY_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -137,6 +141,7 @@ impl Superblock {
             flushed_epoch: le64(120),
             seq: le64(128),
             created_unix_ms: le64(136),
+            snap_head: le64(144),
         }))
     }
 
@@ -286,6 +291,7 @@ mod tests {
             flushed_epoch: 9,
             seq: 0,
             created_unix_ms: 1,
+            snap_head: 0,
         }
     }
 

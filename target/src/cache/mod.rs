@@ -274,6 +274,7 @@ impl Cache {
                 flushed_epoch: 0,
                 seq: 0,
                 created_unix_ms: now_unix_ms(),
+                snap_head: 0,
             };
             (sb, true)
         };
@@ -553,18 +554,29 @@ impl Cache {
         Ok(())
     }
 
-    /// Commits `epoch` as flushed: its data is durable in the backing file.
-    pub fn commit_flushed(&self, epoch: u64) -> Result<()> {
+    /// Commits `epoch` as flushed (its data is durable in the backing file) and `snap_head` as
+    /// the newest snapshot the delta sink made durable.
+    pub fn commit_flushed(&self, epoch: u64, snap_head: u64) -> Result<()> {
         let mut g = self.sb.lock().unwrap_or_else(|p| p.into_inner());
         let (sb, file) = &mut *g;
-        let prev = sb.flushed_epoch;
+        let prev = (sb.flushed_epoch, sb.snap_head);
         sb.flushed_epoch = epoch;
+        sb.snap_head = snap_head;
         let path = self.cache_dir.join("superblock");
         if let Err(e) = sb.write_next(file, &path) {
-            sb.flushed_epoch = prev;
+            (sb.flushed_epoch, sb.snap_head) = prev;
             return Err(e);
         }
         Ok(())
+    }
+
+    /// The newest snapshot id recorded as durable in the sink (0 for none).
+    pub fn snap_head(&self) -> u64 {
+        self.sb
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .snap_head
     }
 
     /// After the flushed epoch in slot `s` is retired and no reader uses it: frees its mirror

@@ -28,11 +28,12 @@ pub fn config(dir: &Path, size_bytes: u64, nr_queues: usize) -> VolumeConfig {
             nr_queues,
         },
         flush_interval: Duration::from_millis(50),
+        ship: None,
     }
 }
 
 pub fn open(cfg: &VolumeConfig) -> Volume {
-    Volume::open(cfg, Box::new(NullSink)).expect("open volume")
+    Volume::open_with_sink(cfg, Box::new(NullSink)).expect("open volume")
 }
 
 /// Deterministic content of a block holding `tag` (tag 0 = zeros).

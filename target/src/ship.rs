@@ -1,0 +1,748 @@
+//! Shipping: each flushed epoch becomes a snapshot on the data plane.
+//!
+//! [`DataPlaneSink`] is the flush thread's [`DeltaSink`]. When the data plane is reachable and
+//! nothing is queued, it streams the epoch's extents straight to it (`BeginSnapshot` →
+//! `PutExtents`… → `Commit`, durable there before the flush goes on). Otherwise — data plane
+//! down, slow past the I/O timeout, or earlier snapshots still queued — it spools the delta to
+//! the **outbox** on the backing disk (written to a temp file, fsynced, renamed: a spooled
+//! delta is durable or absent), and the **shipper** thread sends the outbox in snapshot order
+//! when the data plane is back. Either way the flush only reclaims the SSD once the delta is
+//! durable somewhere, and the foreground I/O never waits on the network.
+//!
+//! Ordering: a snapshot is shipped directly only when the outbox is empty, so snapshots reach
+//! the data plane in order; the server refuses a parent that is not its chain head, and answers
+//! `AlreadyCommitted` to a snapshot it has, so a retry never ships one twice and a gap is
+//! reported instead of being papered over.
+//!
+//! ## Outbox entry (`<outbox>/snap-<id>.delta`)
+//! `header (64 B): magic "DVOUTBX1" | version u32 | flags u32 (bit 0: full snapshot) |
+//!  volume_id [16] | snap u64 | parent u64 | volume_size u64 | pad | crc32c u32`, then records
+//! `magic u32 | kind u32 (0 data, 1 zero) | lba u64 | nblocks u64 | data_crc u32 | hdr_crc u32`
+//! each followed by its data, then `trailer (32 B): magic "DVOUTEND" | records u64 |
+//! data_bytes u64 | pad u32 | crc32c u32`. Every part is checked before anything is sent.
+
+use crate::cache::meta::{VolumeId, BLOCK_SIZE};
+use crate::error::{Error, ErrorKind, Result};
+use crate::flush::DeltaSink;
+use deltavol_dataplane::{BeginOutcome, Client, ClientError, ErrorCode, SnapshotInfo, Timeouts};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const OUTBOX_MAGIC: &[u8; 8] = b"DVOUTBX1";
+const OUTBOX_END: &[u8; 8] = b"DVOUTEND";
+const OUTBOX_VERSION: u32 = 1;
+const REC_MAGIC: u32 = 0x5245_5644; // "DVER"
+const FLAG_FULL: u32 = 1;
+/// Largest extent a record may claim (the flush ships at most 1 MiB at once).
+const RECORD_BLOCKS_MAX: u64 = 1 << 20;
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub const TOKEN_BYTES_MAX: u64 = 4096;
+
+/// Where and how to ship.
+#[derive(Debug, Clone)]
+pub struct ShipConfig {
+    pub addr: String,
+    pub token: Vec<u8>,
+    pub outbox_dir: PathBuf,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+}
+
+/// Reads a shared-secret token file (trailing whitespace trimmed, as the server does).
+pub fn read_token(path: &Path) -> Result<Vec<u8>> {
+    let md = std::fs::metadata(path).map_err(|e| Error::io("read auth token", path, e))?;
+    if md.len() > TOKEN_BYTES_MAX {
+        return Err(Error::invalid(format!(
+            "auth token file {} is larger than {TOKEN_BYTES_MAX} bytes",
+            path.display()
+        )));
+    }
+    let mut t = std::fs::read(path).map_err(|e| Error::io("read auth token", path, e))?;
+    while t.last().is_some_and(|c| c.is_ascii_whitespace()) {
+        t.pop();
+    }
+    if t.is_empty() {
+        return Err(Error::invalid(format!(
+            "auth token file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(t)
+}
+
+/// Shipping state for `deltavol status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShipStatus {
+    pub dataplane: String,
+    pub connected: bool,
+    /// Newest snapshot made durable (committed on the data plane or queued in the outbox).
+    pub head: u64,
+    /// Newest snapshot committed on the data plane, and when (unix ms).
+    pub last_committed: Option<u64>,
+    pub last_committed_unix_ms: Option<u64>,
+    pub outbox_entries: u64,
+    pub outbox_bytes: u64,
+    pub last_error: Option<String>,
+}
+
+struct Queued {
+    snap: u64,
+    path: PathBuf,
+    bytes: u64,
+}
+
+struct State {
+    client: Option<Client>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    outbox: VecDeque<Queued>,
+    head: u64,
+    committed: Option<(u64, u64)>,
+    last_error: Option<String>,
+    stop: bool,
+}
+
+struct Shared {
+    cfg: ShipConfig,
+    volume: String,
+    volume_id: VolumeId,
+    size_bytes: u64,
+    st: Mutex<State>,
+    cv: Condvar,
+}
+
+fn client_err(e: ClientError) -> Error {
+    Error::new(ErrorKind::Io, format!("data plane: {e}"))
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn connect(&self) -> Result<Client> {
+        let t = Timeouts {
+            connect: self.cfg.connect_timeout,
+            io: self.cfg.io_timeout,
+        };
+        let mut c = Client::connect(self.cfg.addr.as_str(), &self.cfg.token, &self.volume, t)
+            .map_err(client_err)?;
+        let info = c
+            .create_volume(self.size_bytes, BLOCK_SIZE as u32)
+            .map_err(client_err)?;
+        if info.size_bytes != self.size_bytes {
+            return Err(Error::mismatch(format!(
+                "the data plane at {} holds volume {:?} with {} bytes, this volume has {}",
+                self.cfg.addr, self.volume, info.size_bytes, self.size_bytes
+            )));
+        }
+        Ok(c)
+    }
+
+    /// Takes the connected client, connecting if allowed now; `None` while backing off.
+    fn take_client(&self, st: &mut State) -> Option<Client> {
+        if let Some(c) = st.client.take() {
+            return Some(c);
+        }
+        if st.retry_at.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        match self.connect() {
+            Ok(c) => {
+                st.backoff = RETRY_BACKOFF_MIN;
+                st.retry_at = None;
+                Some(c)
+            }
+            Err(e) => {
+                self.note_failure(st, &e);
+                None
+            }
+        }
+    }
+
+    fn note_failure(&self, st: &mut State, e: &Error) {
+        tracing::warn!(volume = %self.volume, dataplane = %self.cfg.addr, error = %e, retry_in_ms = st.backoff.as_millis() as u64, "data plane unavailable; deltas queue in the outbox");
+        st.last_error = Some(e.to_string());
+        st.retry_at = Some(Instant::now() + st.backoff);
+        st.backoff = (st.backoff * 2).min(RETRY_BACKOFF_MAX);
+    }
+
+    fn note_commit(&self, st: &mut State, info: &SnapshotInfo) {
+        st.committed = Some((info.snap_id, info.commit_time_ms));
+        st.last_error = None;
+    }
+}
+
+enum Mode {
+    Idle,
+    Direct {
+        client: Box<Client>,
+    },
+    /// The data plane already has this snapshot (a re-flush after a crash).
+    Skip,
+    Spool {
+        w: OutboxWriter,
+    },
+}
+
+/// The flush thread's sink for a volume with a data plane.
+pub struct DataPlaneSink {
+    shared: Arc<Shared>,
+    mode: Mode,
+    shipper: Option<JoinHandle<()>>,
+}
+
+impl DataPlaneSink {
+    /// Opens the outbox (queuing what a previous run left in it) and starts the shipper.
+    /// `snap_head` is the chain head recorded in the superblock.
+    pub fn start(
+        cfg: ShipConfig,
+        volume: &str,
+        volume_id: VolumeId,
+        size_bytes: u64,
+        snap_head: u64,
+    ) -> Result<DataPlaneSink> {
+        std::fs::create_dir_all(&cfg.outbox_dir)
+            .map_err(|e| Error::io("create outbox", &cfg.outbox_dir, e))?;
+        let mut outbox: Vec<Queued> = Vec::new();
+        let rd = std::fs::read_dir(&cfg.outbox_dir)
+            .map_err(|e| Error::io("read outbox", &cfg.outbox_dir, e))?;
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(&p);
+                continue;
+            }
+            if let Some(id) = name
+                .strip_prefix("snap-")
+                .and_then(|s| s.strip_suffix(".delta"))
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
+                outbox.push(Queued {
+                    snap: id,
+                    path: p,
+                    bytes,
+                });
+            }
+        }
+        outbox.sort_by_key(|q| q.snap);
+        let head = outbox.last().map(|q| q.snap).unwrap_or(0).max(snap_head);
+        if !outbox.is_empty() {
+            tracing::info!(
+                volume,
+                entries = outbox.len(),
+                "outbox holds deltas not yet on the data plane; shipping them first"
+            );
+        }
+        let shared = Arc::new(Shared {
+            cfg,
+            volume: volume.to_string(),
+            volume_id,
+            size_bytes,
+            st: Mutex::new(State {
+                client: None,
+                retry_at: None,
+                backoff: RETRY_BACKOFF_MIN,
+                outbox: outbox.into(),
+                head,
+                committed: None,
+                last_error: None,
+                stop: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let s2 = shared.clone();
+        let shipper = std::thread::Builder::new()
+            .name(format!("dv-ship-{volume}"))
+            .spawn(move || run_shipper(s2))
+            .map_err(|e| Error::io("start shipper for", volume, e))?;
+        Ok(DataPlaneSink {
+            shared,
+            mode: Mode::Idle,
+            shipper: Some(shipper),
+        })
+    }
+
+    /// A handle for status and snapshot waits.
+    pub fn handle(&self) -> ShipHandle {
+        ShipHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for DataPlaneSink {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.cv.notify_all();
+        if let Some(t) = self.shipper.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Status and waiting, from other threads (control socket).
+#[derive(Clone)]
+pub struct ShipHandle {
+    shared: Arc<Shared>,
+}
+
+impl ShipHandle {
+    pub fn status(&self) -> ShipStatus {
+        let st = self.shared.lock();
+        ShipStatus {
+            dataplane: self.shared.cfg.addr.clone(),
+            connected: st.client.is_some()
+                || (st.retry_at.is_none() && st.last_error.is_none() && st.committed.is_some()),
+            head: st.head,
+            last_committed: st.committed.map(|c| c.0),
+            last_committed_unix_ms: st.committed.map(|c| c.1),
+            outbox_entries: st.outbox.len() as u64,
+            outbox_bytes: st.outbox.iter().map(|q| q.bytes).sum(),
+            last_error: st.last_error.clone(),
+        }
+    }
+
+    /// Waits until snapshot `snap` is committed on the data plane (not merely queued).
+    pub fn wait_committed(&self, snap: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        loop {
+            let queued = st.outbox.iter().any(|q| q.snap <= snap);
+            if !queued && st.committed.is_some_and(|c| c.0 >= snap) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+impl DataPlaneSink {
+    fn fail_direct(&self, e: Error) -> Error {
+        let mut st = self.shared.lock();
+        self.shared.note_failure(&mut st, &e);
+        e
+    }
+}
+
+impl DeltaSink for DataPlaneSink {
+    fn begin(&mut self, snap: u64, full: bool, volume_size: u64) -> Result<()> {
+        let sh = self.shared.clone();
+        let mut st = sh.lock();
+        if snap <= st.head {
+            // Already durable (committed, or queued in the outbox) before a restart: the
+            // re-flush of this epoch must not ship it again.
+            self.mode = Mode::Skip;
+            return Ok(());
+        }
+        let parent = st.head;
+        if st.outbox.is_empty() {
+            if let Some(mut c) = sh.take_client(&mut st) {
+                drop(st);
+                match c.begin_snapshot(snap, parent, volume_size) {
+                    Ok(BeginOutcome::Started) => {
+                        self.mode = Mode::Direct { client: Box::new(c) };
+                        return Ok(());
+                    }
+                    Ok(BeginOutcome::AlreadyCommitted(info)) => {
+                        let mut st = sh.lock();
+                        sh.note_commit(&mut st, &info);
+                        st.head = st.head.max(snap);
+                        st.client = Some(c);
+                        self.mode = Mode::Skip;
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        let mut st = sh.lock();
+                        sh.note_failure(&mut st, &client_err(e));
+                    }
+                }
+            }
+        } else {
+            drop(st);
+        }
+        self.mode = Mode::Spool {
+            w: OutboxWriter::create(&sh, snap, parent, volume_size, full)?,
+        };
+        Ok(())
+    }
+
+    fn extent(&mut self, lba: u64, nblocks: u64, data: Option<&[u8]>) -> Result<()> {
+        let r = match &mut self.mode {
+            Mode::Idle => return Err(Error::invalid("extent outside a snapshot")),
+            Mode::Skip => return Ok(()),
+            Mode::Spool { w } => return w.record(lba, nblocks, data),
+            Mode::Direct { client } => match data {
+                Some(d) => client.put_extent(lba, nblocks as u32, d),
+                None => client.put_zero_extent(lba, nblocks),
+            },
+        };
+        r.map_err(|e| {
+            self.mode = Mode::Idle;
+            self.fail_direct(client_err(e))
+        })
+    }
+
+    fn commit(&mut self, snap: u64) -> Result<()> {
+        let sh = self.shared.clone();
+        match std::mem::replace(&mut self.mode, Mode::Idle) {
+            Mode::Idle => Err(Error::invalid("commit outside a snapshot")),
+            Mode::Skip => Ok(()),
+            Mode::Spool { w } => {
+                let q = w.finish()?;
+                let mut st = sh.lock();
+                st.outbox.retain(|x| x.snap != q.snap);
+                st.outbox.push_back(q);
+                st.head = st.head.max(snap);
+                sh.cv.notify_all();
+                Ok(())
+            }
+            Mode::Direct { mut client } => match client.commit() {
+                Ok(info) => {
+                    let mut st = sh.lock();
+                    sh.note_commit(&mut st, &info);
+                    st.head = st.head.max(snap);
+                    st.client = Some(*client);
+                    sh.cv.notify_all();
+                    Ok(())
+                }
+                Err(e) => Err(self.fail_direct(client_err(e))),
+            },
+        }
+    }
+
+    fn head(&self) -> u64 {
+        self.shared.lock().head
+    }
+
+    fn base_needed(&mut self, flushed_epoch: u64) -> Result<bool> {
+        let sh = self.shared.clone();
+        let mut st = sh.lock();
+        if flushed_epoch == 0 || st.head >= flushed_epoch {
+            return Ok(false);
+        }
+        // The data plane may be further along than the superblock knew (a crash before the
+        // head was persisted): ask it.
+        if st.outbox.is_empty() {
+            if let Some(mut c) = sh.take_client(&mut st) {
+                drop(st);
+                let latest = c.volume_info().map(|i| i.latest_snap_id);
+                st = sh.lock();
+                match latest {
+                    Ok(l) => {
+                        st.client = Some(c);
+                        st.head = st.head.max(l);
+                        if l >= flushed_epoch {
+                            return Ok(false);
+                        }
+                    }
+                    Err(e) => sh.note_failure(&mut st, &client_err(e)),
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Writes one outbox entry: temp file, records, trailer, fsync, rename, fsync dir.
+struct OutboxWriter {
+    tmp: PathBuf,
+    path: PathBuf,
+    snap: u64,
+    w: BufWriter<File>,
+    records: u64,
+    data_bytes: u64,
+    bytes: u64,
+}
+
+impl OutboxWriter {
+    fn create(
+        sh: &Shared,
+        snap: u64,
+        parent: u64,
+        volume_size: u64,
+        full: bool,
+    ) -> Result<OutboxWriter> {
+        let dir = &sh.cfg.outbox_dir;
+        let path = dir.join(format!("snap-{snap:020}.delta"));
+        let tmp = dir.join(format!("snap-{snap:020}.delta.tmp"));
+        let f = File::create(&tmp).map_err(|e| Error::io("create outbox entry", &tmp, e))?;
+        let mut h = [0u8; 64];
+        h[0..8].copy_from_slice(OUTBOX_MAGIC);
+        h[8..12].copy_from_slice(&OUTBOX_VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&(if full { FLAG_FULL } else { 0 }).to_le_bytes());
+        h[16..32].copy_from_slice(&sh.volume_id);
+        h[32..40].copy_from_slice(&snap.to_le_bytes());
+        h[40..48].copy_from_slice(&parent.to_le_bytes());
+        h[48..56].copy_from_slice(&volume_size.to_le_bytes());
+        let crc = crc32c::crc32c(&h[..60]);
+        h[60..64].copy_from_slice(&crc.to_le_bytes());
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        w.write_all(&h).map_err(|e| Error::io("write", &tmp, e))?;
+        tracing::info!(volume = %sh.volume, snapshot = snap, full, "spooling snapshot to the outbox");
+        Ok(OutboxWriter {
+            tmp,
+            path,
+            snap,
+            w,
+            records: 0,
+            data_bytes: 0,
+            bytes: 64,
+        })
+    }
+
+    fn record(&mut self, lba: u64, nblocks: u64, data: Option<&[u8]>) -> Result<()> {
+        let mut r = [0u8; 32];
+        r[0..4].copy_from_slice(&REC_MAGIC.to_le_bytes());
+        r[4..8].copy_from_slice(&(if data.is_some() { 0u32 } else { 1 }).to_le_bytes());
+        r[8..16].copy_from_slice(&lba.to_le_bytes());
+        r[16..24].copy_from_slice(&nblocks.to_le_bytes());
+        r[24..28].copy_from_slice(&data.map(crc32c::crc32c).unwrap_or(0).to_le_bytes());
+        let crc = crc32c::crc32c(&r[..28]);
+        r[28..32].copy_from_slice(&crc.to_le_bytes());
+        self.w
+            .write_all(&r)
+            .map_err(|e| Error::io("write", &self.tmp, e))?;
+        self.bytes += 32;
+        if let Some(d) = data {
+            self.w
+                .write_all(d)
+                .map_err(|e| Error::io("write", &self.tmp, e))?;
+            self.data_bytes += d.len() as u64;
+            self.bytes += d.len() as u64;
+        }
+        self.records += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Queued> {
+        let mut t = [0u8; 32];
+        t[0..8].copy_from_slice(OUTBOX_END);
+        t[8..16].copy_from_slice(&self.records.to_le_bytes());
+        t[16..24].copy_from_slice(&self.data_bytes.to_le_bytes());
+        let crc = crc32c::crc32c(&t[..28]);
+        t[28..32].copy_from_slice(&crc.to_le_bytes());
+        self.w
+            .write_all(&t)
+            .map_err(|e| Error::io("write", &self.tmp, e))?;
+        let f = self
+            .w
+            .into_inner()
+            .map_err(|e| Error::io("write", &self.tmp, e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io("fsync", &self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io("rename", &self.tmp, e))?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io("fsync", dir, e))?;
+        }
+        Ok(Queued {
+            snap: self.snap,
+            path: self.path,
+            bytes: self.bytes + 32,
+        })
+    }
+}
+
+/// A verified outbox entry being read back.
+struct OutboxReader {
+    r: BufReader<File>,
+    path: PathBuf,
+    snap: u64,
+    parent: u64,
+    full: bool,
+    volume_size: u64,
+}
+
+impl OutboxReader {
+    fn open(path: &Path, volume_id: &VolumeId) -> Result<OutboxReader> {
+        let f = File::open(path).map_err(|e| Error::io("open outbox entry", path, e))?;
+        let mut r = BufReader::with_capacity(1 << 20, f);
+        let mut h = [0u8; 64];
+        r.read_exact(&mut h)
+            .map_err(|e| Error::io("read", path, e))?;
+        let bad = |what: &str| Error::corrupt(format!("outbox entry {}: {what}", path.display()));
+        if &h[0..8] != OUTBOX_MAGIC {
+            return Err(bad("bad magic"));
+        }
+        if u32::from_le_bytes(h[60..64].try_into().unwrap_or_default()) != crc32c::crc32c(&h[..60])
+        {
+            return Err(bad("header checksum mismatch"));
+        }
+        let le32 = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap_or_default());
+        let le64 = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
+        if le32(8) != OUTBOX_VERSION {
+            return Err(bad(&format!("version {} unsupported", le32(8))));
+        }
+        if le32(12) & !FLAG_FULL != 0 {
+            return Err(bad("unknown flags"));
+        }
+        if &h[16..32] != volume_id {
+            return Err(bad("belongs to another volume"));
+        }
+        Ok(OutboxReader {
+            r,
+            path: path.to_path_buf(),
+            snap: le64(32),
+            parent: le64(40),
+            full: le32(12) & FLAG_FULL != 0,
+            volume_size: le64(48),
+        })
+    }
+
+    /// Next record, `None` at a valid trailer.
+    fn next(&mut self, buf: &mut Vec<u8>) -> Result<Option<(u64, u64, bool)>> {
+        let bad =
+            |what: String| Error::corrupt(format!("outbox entry {}: {what}", self.path.display()));
+        let mut r = [0u8; 32];
+        self.r
+            .read_exact(&mut r)
+            .map_err(|e| bad(format!("truncated ({e})")))?;
+        if &r[0..8] == OUTBOX_END {
+            if u32::from_le_bytes(r[28..32].try_into().unwrap_or_default())
+                != crc32c::crc32c(&r[..28])
+            {
+                return Err(bad("trailer checksum mismatch".into()));
+            }
+            return Ok(None);
+        }
+        if u32::from_le_bytes(r[0..4].try_into().unwrap_or_default()) != REC_MAGIC
+            || u32::from_le_bytes(r[28..32].try_into().unwrap_or_default())
+                != crc32c::crc32c(&r[..28])
+        {
+            return Err(bad("bad record header".into()));
+        }
+        let kind = u32::from_le_bytes(r[4..8].try_into().unwrap_or_default());
+        let lba = u64::from_le_bytes(r[8..16].try_into().unwrap_or_default());
+        let n = u64::from_le_bytes(r[16..24].try_into().unwrap_or_default());
+        if n == 0
+            || n > RECORD_BLOCKS_MAX
+            || lba
+                .checked_add(n)
+                .is_none_or(|e| e * BLOCK_SIZE > self.volume_size)
+        {
+            return Err(bad(format!("record {lba}+{n} out of range")));
+        }
+        match kind {
+            1 => Ok(Some((lba, n, false))),
+            0 => {
+                buf.resize((n * BLOCK_SIZE) as usize, 0);
+                self.r
+                    .read_exact(buf)
+                    .map_err(|e| bad(format!("truncated data ({e})")))?;
+                if crc32c::crc32c(buf)
+                    != u32::from_le_bytes(r[24..28].try_into().unwrap_or_default())
+                {
+                    return Err(bad(format!("data checksum mismatch at block {lba}")));
+                }
+                Ok(Some((lba, n, true)))
+            }
+            k => Err(bad(format!("unknown record kind {k}"))),
+        }
+    }
+}
+
+/// Ships one outbox entry; returns the committed snapshot.
+fn ship_entry(sh: &Shared, c: &mut Client, path: &Path) -> Result<SnapshotInfo> {
+    let mut rd = OutboxReader::open(path, &sh.volume_id)?;
+    let mut parent = rd.parent;
+    let info = c.volume_info().map_err(client_err)?;
+    if rd.full && info.latest_snap_id != parent && info.latest_snap_id < rd.snap {
+        // A full snapshot is self-contained: chain it onto the data plane's head.
+        parent = info.latest_snap_id;
+    }
+    match c.begin_snapshot(rd.snap, parent, rd.volume_size) {
+        Ok(BeginOutcome::AlreadyCommitted(i)) => return Ok(i),
+        Ok(BeginOutcome::Started) => {}
+        Err(e) if e.server_code() == Some(ErrorCode::BadParent) => {
+            return Err(Error::new(
+                ErrorKind::Mismatch,
+                format!(
+                    "the data plane's chain for {:?} ends at snapshot {}, but outbox snapshot {} has parent {}: a snapshot is missing; shipping stopped",
+                    sh.volume, info.latest_snap_id, rd.snap, parent
+                ),
+            ))
+        }
+        Err(e) => return Err(client_err(e)),
+    }
+    let mut buf = Vec::new();
+    while let Some((lba, n, data)) = rd.next(&mut buf)? {
+        let r = if data {
+            c.put_extent(lba, n as u32, &buf)
+        } else {
+            c.put_zero_extent(lba, n)
+        };
+        r.map_err(client_err)?;
+    }
+    c.commit().map_err(client_err)
+}
+
+fn run_shipper(sh: Arc<Shared>) {
+    loop {
+        let mut st = sh.lock();
+        loop {
+            if st.stop {
+                return;
+            }
+            let due = st.retry_at.is_none_or(|t| Instant::now() >= t);
+            if !st.outbox.is_empty() && due {
+                break;
+            }
+            let wait = st
+                .retry_at
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(1))
+                .max(Duration::from_millis(10));
+            st = sh
+                .cv
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let Some(front) = st.outbox.front().map(|q| q.path.clone()) else {
+            continue;
+        };
+        let Some(mut c) = sh.take_client(&mut st) else {
+            continue;
+        };
+        drop(st);
+        let r = ship_entry(&sh, &mut c, &front);
+        let mut st = sh.lock();
+        match r {
+            Ok(info) => {
+                tracing::info!(volume = %sh.volume, snapshot = info.snap_id, "outbox snapshot committed on the data plane");
+                if let Err(e) = std::fs::remove_file(&front) {
+                    tracing::warn!(path = %front.display(), error = %e, "could not remove shipped outbox entry");
+                }
+                st.outbox.pop_front();
+                sh.note_commit(&mut st, &info);
+                st.client = Some(c);
+            }
+            Err(e) => {
+                if e.kind() == ErrorKind::Corrupt || e.kind() == ErrorKind::Mismatch {
+                    tracing::error!(volume = %sh.volume, error = %e, "cannot ship outbox entry");
+                }
+                sh.note_failure(&mut st, &e);
+            }
+        }
+        sh.cv.notify_all();
+    }
+}

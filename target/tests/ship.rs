@@ -1,0 +1,384 @@
+//! Shipping each flushed epoch to a real data-plane server on 127.0.0.1: snapshot truth,
+//! the data plane down for a while (outbox), killed mid-upload, and base snapshots.
+
+mod common;
+use common::*;
+use deltavol::ship::ShipConfig;
+use deltavol::volume::{Volume, VolumeConfig};
+use rand::{Rng, SeedableRng};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TOKEN: &[u8] = b"test-token-ship";
+
+/// The data-plane binary, built on demand (cargo only builds other packages' binaries for
+/// `cargo test --workspace`).
+fn dataplane_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("deltavol-dataplane");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let profile_release = dir.file_name().is_some_and(|n| n == "release");
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-q",
+        "-p",
+        "deltavol-dataplane",
+        "--bin",
+        "deltavol-dataplane",
+    ]);
+    if profile_release {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().expect("run cargo build for the data plane");
+    assert!(st.success(), "building deltavol-dataplane failed");
+    assert!(bin.exists(), "{} missing after build", bin.display());
+    bin
+}
+
+struct Dp {
+    child: Child,
+    addr: String,
+}
+
+impl Dp {
+    fn start(data_dir: &Path, listen: &str) -> Dp {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let tok = data_dir.with_extension("token");
+        std::fs::write(&tok, TOKEN).unwrap();
+        let mut child = Command::new(dataplane_bin())
+            .args([
+                "--listen",
+                listen,
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--threads",
+                "2",
+                "--auth-token-file",
+                tok.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start data plane");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected: {line:?}"))
+            .to_string();
+        Dp { child, addr }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Dp {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn ship_cfg(dir: &Path, addr: &str) -> ShipConfig {
+    ShipConfig {
+        addr: addr.to_string(),
+        token: TOKEN.to_vec(),
+        outbox_dir: dir.join("outbox"),
+        connect_timeout: Duration::from_millis(500),
+        io_timeout: Duration::from_secs(5),
+    }
+}
+
+fn client(addr: &str) -> deltavol_dataplane::Client {
+    let t = deltavol_dataplane::Timeouts {
+        connect: Duration::from_secs(2),
+        io: Duration::from_secs(10),
+    };
+    deltavol_dataplane::Client::connect(addr, TOKEN, "testvol", t).expect("connect")
+}
+
+/// Reads a whole snapshot back from the data plane as block tags.
+fn snapshot_tags(addr: &str, snap: u64, nblocks: u64) -> Vec<Option<u64>> {
+    let mut c = client(addr);
+    let mut buf = vec![0u8; 128 * BS];
+    let mut out = Vec::new();
+    let mut lba = 0;
+    while lba < nblocks {
+        let n = (nblocks - lba).min(128);
+        c.read_extents(snap, lba, n, &mut buf[..n as usize * BS])
+            .unwrap();
+        out.extend((0..n as usize).map(|i| tag_of(&buf[i * BS..(i + 1) * BS])));
+        lba += n;
+    }
+    out
+}
+
+fn wait_outbox_empty(vol: &Volume, limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let st = vol.ship.as_ref().unwrap().status();
+        if st.outbox_entries == 0 {
+            return;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "outbox not drained in {limit:?}: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Seeded multi-queue workload with cuts at random moments from another thread; every
+/// snapshot, rebuilt from the data plane alone, equals the model at some instant within its
+/// cut (the ops done when the cut began .. when it returned).
+#[test]
+fn snapshots_equal_the_model_at_their_cut() {
+    let seed = seed("snapshots_equal_the_model_at_their_cut");
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let nblocks = 512u64;
+    let queues = 2;
+    let mut cfg = config(dir.path(), nblocks * BS as u64, queues);
+    cfg.flush_interval = Duration::from_secs(3600);
+    cfg.ship = Some(ship_cfg(dir.path(), &dp.addr));
+    let vol = Arc::new(Volume::open(&cfg).unwrap());
+    let ops_done = Arc::new(AtomicU64::new(0));
+    let history: Arc<Mutex<Vec<Vec<u64>>>> =
+        Arc::new(Mutex::new(vec![vec![0u64; nblocks as usize]]));
+    let stop = Arc::new(AtomicU64::new(0));
+    let cuts = {
+        let (vol, ops_done, stop) = (vol.clone(), ops_done.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xC0FFEE);
+            let mut cuts = Vec::new();
+            while stop.load(SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(rng.gen_range(1..30)));
+                let lo = ops_done.load(SeqCst);
+                let r = vol.cut_and_flush().unwrap();
+                let hi = ops_done.load(SeqCst);
+                cuts.push((r.epoch, lo, hi));
+            }
+            cuts
+        })
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut d = Driver::new(&vol, queues);
+    let mut model = vec![0u64; nblocks as usize];
+    let mut tag = 1u64;
+    for _ in 0..1500 {
+        let q = rng.gen_range(0..queues);
+        let n = rng.gen_range(1..=16u64);
+        let b = rng.gen_range(0..=nblocks - n);
+        match rng.gen_range(0..10) {
+            0..=6 => {
+                let tags: Vec<u64> = (0..n).map(|i| tag + i).collect();
+                tag += n;
+                assert!(d.write_tags(q, b, &tags, false) > 0);
+                model[b as usize..(b + n) as usize].copy_from_slice(&tags);
+            }
+            7 => {
+                assert_eq!(d.discard(q, b, n), 0);
+                model[b as usize..(b + n) as usize].fill(0);
+            }
+            8 => assert_eq!(d.flush(q), 0),
+            _ => {
+                let got = d.read_tags(q, b, n);
+                assert!(
+                    got.iter()
+                        .zip(&model[b as usize..])
+                        .all(|(g, m)| *g == Some(*m)),
+                    "seed {seed}: read"
+                );
+            }
+        }
+        history.lock().unwrap().push(model.clone());
+        ops_done.fetch_add(1, SeqCst);
+    }
+    stop.store(1, SeqCst);
+    let cuts = cuts.join().unwrap();
+    assert!(cuts.len() >= 5, "cuts taken: {}", cuts.len());
+    wait_outbox_empty(&vol, Duration::from_secs(30));
+    let h = history.lock().unwrap();
+    let mut c = client(&dp.addr);
+    let listed = c.list_snapshots().unwrap();
+    let mut prev = 0;
+    for s in &listed {
+        assert_eq!(s.parent_id, prev, "seed {seed}: chain order");
+        prev = s.snap_id;
+    }
+    for (snap, lo, hi) in &cuts {
+        assert!(
+            listed.iter().any(|s| s.snap_id == *snap),
+            "seed {seed}: snapshot {snap} missing on the data plane"
+        );
+        let got = snapshot_tags(&dp.addr, *snap, nblocks);
+        let ok = (*lo..=*hi).any(|k| h[k as usize].iter().zip(&got).all(|(m, g)| Some(*m) == *g));
+        assert!(
+            ok,
+            "seed {seed}: snapshot {snap} equals no model state between ops {lo} and {hi}"
+        );
+    }
+    drop(d);
+    vol.shutdown();
+}
+
+/// The data plane is away for several flushes: foreground I/O goes on, snapshots queue in the
+/// outbox, and once it is back every snapshot arrives, in order, each one exact.
+#[test]
+fn outbox_holds_snapshots_while_the_data_plane_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let nblocks = 256u64;
+    let mut cfg = config(dir.path(), nblocks * BS as u64, 1);
+    cfg.flush_interval = Duration::from_secs(3600);
+    cfg.ship = Some(ship_cfg(dir.path(), &addr));
+    let vol = Volume::open(&cfg).unwrap();
+    let mut d = Driver::new(&vol, 1);
+    let mut model = vec![0u64; nblocks as usize];
+    let mut at_cut = Vec::new();
+    for round in 0..5u64 {
+        for i in 0..20u64 {
+            let b = (round * 37 + i * 11) % nblocks;
+            let t = round * 1000 + i + 1;
+            assert!(
+                d.write_tags(0, b, &[t], false) > 0,
+                "writes go on without the data plane"
+            );
+            model[b as usize] = t;
+        }
+        let r = vol.cut_and_flush().unwrap();
+        at_cut.push((r.epoch, model.clone()));
+    }
+    let st = vol.ship.as_ref().unwrap().status();
+    assert_eq!(st.outbox_entries, 5, "{st:?}");
+    assert!(st.last_error.is_some());
+    // Nothing was lost from the foreground's point of view.
+    assert!(d
+        .read_tags(0, 0, nblocks)
+        .iter()
+        .zip(&model)
+        .all(|(g, m)| *g == Some(*m)));
+    let dp = Dp::start(&dir.path().join("dp"), &addr);
+    wait_outbox_empty(&vol, Duration::from_secs(60));
+    let listed = client(&dp.addr).list_snapshots().unwrap();
+    let ids: Vec<u64> = listed.iter().map(|s| s.snap_id).collect();
+    assert_eq!(
+        ids,
+        at_cut.iter().map(|c| c.0).collect::<Vec<_>>(),
+        "every snapshot, in order"
+    );
+    for (snap, m) in &at_cut {
+        let got = snapshot_tags(&dp.addr, *snap, nblocks);
+        assert!(
+            got.iter().zip(m).all(|(g, m)| *g == Some(*m)),
+            "snapshot {snap} exact"
+        );
+    }
+    assert!(
+        std::fs::read_dir(dir.path().join("outbox"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "shipped entries removed"
+    );
+    drop(d);
+    vol.shutdown();
+}
+
+/// The data plane is killed (-9) in the middle of an upload and restarted: nothing partial is
+/// visible, the snapshot is re-sent from the outbox, the chain continues.
+#[test]
+fn data_plane_killed_mid_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let nblocks = 8192u64; // 32 MiB
+    let mut dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let addr = dp.addr.clone();
+    let mut cfg = config(dir.path(), nblocks * BS as u64, 1);
+    cfg.flush_interval = Duration::from_secs(3600);
+    cfg.cache.cache_limit_bytes = 1 << 30; // no early (watermark) cut in the middle
+    cfg.ship = Some(ship_cfg(dir.path(), &addr));
+    let vol = Arc::new(Volume::open(&cfg).unwrap());
+    let mut d = Driver::new(&vol, 1);
+    assert!(d.write_tags(0, 0, &[7], false) > 0);
+    let first = vol.cut_and_flush().unwrap().epoch;
+    let mut model = vec![0u64; nblocks as usize];
+    model[0] = 7;
+    for b in (0..nblocks).step_by(64) {
+        let tags: Vec<u64> = (0..64).map(|i| b + i + 100).collect();
+        assert!(d.write_tags(0, b, &tags, false) > 0);
+        model[b as usize..(b + 64) as usize].copy_from_slice(&tags);
+    }
+    let v2 = vol.clone();
+    let cut = std::thread::spawn(move || v2.cut_and_flush().unwrap().epoch);
+    std::thread::sleep(Duration::from_millis(40));
+    dp.kill9();
+    let second = cut.join().unwrap();
+    // Restart on the same address; the snapshot must arrive whole.
+    let dp = Dp::start(&dir.path().join("dp"), &addr);
+    wait_outbox_empty(&vol, Duration::from_secs(60));
+    let listed = client(&dp.addr).list_snapshots().unwrap();
+    let ids: Vec<u64> = listed.iter().map(|s| s.snap_id).collect();
+    assert_eq!(ids, vec![first, second]);
+    assert_eq!(listed[1].parent_id, first);
+    let got = snapshot_tags(&dp.addr, second, nblocks);
+    assert!(
+        got.iter().zip(&model).all(|(g, m)| *g == Some(*m)),
+        "the re-sent snapshot is exact"
+    );
+    drop(d);
+    vol.shutdown();
+}
+
+/// A volume that was flushed before shipping was configured starts its chain with a full base
+/// snapshot, so the data plane alone can rebuild it.
+#[test]
+fn first_snapshot_of_an_existing_volume_is_a_full_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let nblocks = 256u64;
+    let mut cfg = config(dir.path(), nblocks * BS as u64, 1);
+    cfg.flush_interval = Duration::from_secs(3600);
+    let mut model = vec![0u64; nblocks as usize];
+    {
+        let vol = open(&cfg);
+        let mut d = Driver::new(&vol, 1);
+        for b in 0..100u64 {
+            assert!(d.write_tags(0, b, &[b + 1], false) > 0);
+            model[b as usize] = b + 1;
+        }
+        vol.cut_and_flush().unwrap();
+        drop(d);
+        vol.shutdown();
+    }
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let mut cfg2: VolumeConfig = cfg.clone();
+    cfg2.ship = Some(ship_cfg(dir.path(), &dp.addr));
+    let vol = Volume::open(&cfg2).unwrap();
+    let mut d = Driver::new(&vol, 1);
+    assert!(d.write_tags(0, 200, &[999], false) > 0);
+    model[200] = 999;
+    let snap = vol.cut_and_flush().unwrap().epoch;
+    wait_outbox_empty(&vol, Duration::from_secs(30));
+    let listed = client(&dp.addr).list_snapshots().unwrap();
+    assert_eq!(listed.len(), 2, "base + delta: {listed:?}");
+    assert_eq!(listed[1].snap_id, snap);
+    let got = snapshot_tags(&dp.addr, snap, nblocks);
+    assert!(got.iter().zip(&model).all(|(g, m)| *g == Some(*m)));
+    drop(d);
+    vol.shutdown();
+}
