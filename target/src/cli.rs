@@ -249,8 +249,7 @@ fn attached(name: &str) -> anyhow::Result<control::RunInfo> {
     match control::read_info(&control::info_path(name))? {
         Some(i) if control::pid_alive(i.pid) => Ok(i),
         Some(i) => {
-            let _ = std::fs::remove_file(control::info_path(name));
-            let _ = std::fs::remove_file(&i.socket);
+            let _ = daemon::remove_stale(&i);
             bail!("volume {name:?} is not attached: its daemon (pid {}) is gone; stale state removed. `deltavol add --name {name} --cache-dir {} --backing {}` reattaches it", i.pid, i.cache_dir.display(), i.backing.display())
         }
         None => bail!("volume {name:?} is not attached (`deltavol list` shows attached volumes)"),
@@ -270,6 +269,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Add(a) => daemon::add(a.to_config()?),
         Cmd::Del { name, force } => {
+            if let Some(dead) = daemon::dead_daemon(&name) {
+                // Its daemon died (kill -9, crash): clean up what it left, which is all `del`
+                // can do; the volume's files are intact and `add` reattaches them.
+                let removed = daemon::remove_stale(&dead)?;
+                let what = removed
+                    .map(|id| format!("; removed its stale device /dev/ublkc{id}"))
+                    .unwrap_or_default();
+                println!(
+                    "volume {name}'s daemon (pid {}) had died{what}; volume files kept in {} and {} (`deltavol add` reattaches them)",
+                    dead.pid,
+                    dead.cache_dir.display(),
+                    dead.backing.display()
+                );
+                return Ok(());
+            }
             let info = attached(&name)?;
             if !force && device_busy(&info.device) {
                 bail!(

@@ -295,11 +295,65 @@ fn serve_control(listener: UnixListener, d: Arc<Daemon>) {
     }
 }
 
+/// The run state of a dead daemon of `name`, if its run file is left behind.
+pub fn dead_daemon(name: &str) -> Option<RunInfo> {
+    let info = control::read_info(&control::info_path(name)).ok()??;
+    (!control::pid_alive(info.pid) && info.pid != std::process::id()).then_some(info)
+}
+
+/// Removes what a dead daemon of this volume left: its run files and the ublk device it
+/// created (after `kill -9` the driver stops the disk, but `/dev/ublkcN` stays until someone
+/// deletes it). Returns the device id it deleted. The delete can wait for the last user of the
+/// dead disk (a lazily unmounted filesystem), so `add` runs this in the background.
+pub fn remove_stale(info: &RunInfo) -> anyhow::Result<Option<u32>> {
+    let _ = std::fs::remove_file(control::info_path(&info.name));
+    let _ = std::fs::remove_file(&info.socket);
+    let dev_id = info.dev_id;
+    if !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{dev_id}")).exists() {
+        return Ok(None);
+    }
+    tracing::info!(
+        dev_id,
+        dead_pid = info.pid,
+        "removing the ublk device left by a dead daemon of this volume"
+    );
+    libublk::ublk_init_ctrl_task_ring(|r| {
+        if r.is_none() {
+            *r = Some(
+                io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
+                    .build(16)
+                    .map_err(libublk::UblkError::IOError)?,
+            );
+        }
+        Ok(())
+    })
+    .and_then(|_| UblkCtrl::new_simple(dev_id as i32))
+    .and_then(|c| c.del_dev_async().or_else(|_| c.del_dev()))
+    .map_err(|e| anyhow!("delete stale ublk device {dev_id}: {e}"))?;
+    Ok(Some(dev_id))
+}
+
+fn remove_stale_in_background(name: &str) {
+    let Some(info) = dead_daemon(name) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("dv-stale-del".into())
+        .spawn(move || match remove_stale(&info) {
+            Ok(Some(id)) => tracing::info!(dev_id = id, "stale ublk device removed"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not remove the stale ublk device")
+            }
+        });
+}
+
 /// Opens the volume and serves the device until it is stopped.
 pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
     let sigs = block_signals();
     private_mount_namespace();
     let name = cfg.volume.cache.name.clone();
+    remove_stale_in_background(&name);
     let features = UblkCtrl::get_features().unwrap_or(0);
     tracing::info!(features = format!("{features:#x}"), "ublk driver features");
 

@@ -359,7 +359,9 @@ impl DeltaSink for DataPlaneSink {
                 drop(st);
                 match c.begin_snapshot(snap, parent, volume_size) {
                     Ok(BeginOutcome::Started) => {
-                        self.mode = Mode::Direct { client: Box::new(c) };
+                        self.mode = Mode::Direct {
+                            client: Box::new(c),
+                        };
                         return Ok(());
                     }
                     Ok(BeginOutcome::AlreadyCommitted(info)) => {

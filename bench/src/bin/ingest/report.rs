@@ -1,0 +1,216 @@
+//! Results: the machine, the runs, medians and ratios, as JSON and as a markdown table.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::workload::Workload;
+
+/// The machine and the moment.
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub date_utc: String,
+    pub unix_time_s: u64,
+    pub kernel: String,
+    pub cpus: usize,
+    /// `/proc/loadavg` when the bench started (the machine may be shared).
+    pub loadavg_start: String,
+    pub dir: String,
+    /// `statfs` f_type of `dir`, hex.
+    pub dir_fs_magic: String,
+    pub dir_is_tmpfs: bool,
+}
+
+impl Machine {
+    pub fn probe(dir: &Path) -> Machine {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let kernel = std::process::Command::new("uname")
+            .arg("-r")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let (magic, tmpfs) = match nix::sys::statfs::statfs(dir) {
+            Ok(s) => (
+                format!("{:#x}", s.filesystem_type().0),
+                s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC,
+            ),
+            Err(_) => ("unknown".into(), false),
+        };
+        Machine {
+            date_utc: utc_timestamp(now),
+            unix_time_s: now,
+            kernel,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            loadavg_start: std::fs::read_to_string("/proc/loadavg")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            dir: dir.display().to_string(),
+            dir_fs_magic: magic,
+            dir_is_tmpfs: tmpfs,
+        }
+    }
+
+    /// `YYYY-MM-DD` of the start.
+    pub fn date(&self) -> &str {
+        &self.date_utc[..10]
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (proleptic Gregorian, Howard Hinnant's algorithm).
+pub fn utc_timestamp(unix_s: u64) -> String {
+    let days = (unix_s / 86_400) as i64;
+    let secs = unix_s % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// One timed run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub config: String,
+    /// 0-based repeat index; runs were interleaved across configurations.
+    pub repeat: usize,
+    pub bytes: u64,
+    pub wall_s: f64,
+    /// 10^6 bytes per second.
+    pub mb_s: f64,
+    /// Mean over the clients of the time spent waiting for commits (fsyncs included).
+    pub commit_wait_s: f64,
+    /// CPU seconds (user + system) the data-plane server used during the run.
+    pub server_cpu_s: Option<f64>,
+}
+
+/// A configuration's summary.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub config: String,
+    pub mb_s_median: f64,
+    pub mb_s_min: f64,
+    pub mb_s_max: f64,
+    pub runs: usize,
+    pub ratio_vs_sink: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub bench: &'static str,
+    pub command: Vec<String>,
+    pub machine: Machine,
+    pub workload: Workload,
+    pub total_bytes_per_run: u64,
+    pub repeats: usize,
+    pub quick: bool,
+    pub summaries: Vec<Summary>,
+    /// The data plane with two threads over one thread (medians), when both ran.
+    pub ratio_2_threads_vs_1: Option<f64>,
+    pub runs: Vec<Run>,
+}
+
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Summaries of `configs` (the first is the baseline), in that order.
+pub fn summarise(configs: &[String], runs: &[Run]) -> Vec<Summary> {
+    let mut out: Vec<Summary> = configs
+        .iter()
+        .map(|c| {
+            let xs: Vec<f64> = runs
+                .iter()
+                .filter(|r| &r.config == c)
+                .map(|r| r.mb_s)
+                .collect();
+            Summary {
+                config: c.clone(),
+                mb_s_median: median(&xs),
+                mb_s_min: xs.iter().copied().fold(f64::INFINITY, f64::min),
+                mb_s_max: xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                runs: xs.len(),
+                ratio_vs_sink: f64::NAN,
+            }
+        })
+        .collect();
+    let base = out.first().map_or(f64::NAN, |s| s.mb_s_median);
+    for s in &mut out {
+        s.ratio_vs_sink = s.mb_s_median / base;
+    }
+    out
+}
+
+/// The results as a markdown table.
+pub fn table(r: &Report) -> String {
+    let mut t = String::from(
+        "| config | MB/s (median) | min – max | runs | vs sink |\n| --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for s in &r.summaries {
+        t.push_str(&format!(
+            "| {} | {:.1} | {:.1} – {:.1} | {} | {:.2}× |\n",
+            s.config, s.mb_s_median, s.mb_s_min, s.mb_s_max, s.runs, s.ratio_vs_sink
+        ));
+    }
+    if let Some(x) = r.ratio_2_threads_vs_1 {
+        t.push_str(&format!("\ndata plane, 2 threads / 1 thread: {x:.2}×\n"));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_timestamp(1_795_924_066), "2026-11-29T03:47:46Z");
+    }
+
+    #[test]
+    fn ratios_against_the_first_config() {
+        let run = |c: &str, x| Run {
+            config: c.into(),
+            repeat: 0,
+            bytes: 1,
+            wall_s: 1.0,
+            mb_s: x,
+            commit_wait_s: 0.0,
+            server_cpu_s: None,
+        };
+        let runs = [run("sink", 100.0), run("dp", 80.0), run("sink", 120.0)];
+        let s = summarise(&["sink".into(), "dp".into()], &runs);
+        assert_eq!(s[0].mb_s_median, 110.0);
+        assert!((s[1].ratio_vs_sink - 80.0 / 110.0).abs() < 1e-12);
+        assert_eq!(s[0].runs, 2);
+    }
+}

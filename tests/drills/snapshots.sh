@@ -1,0 +1,99 @@
+# shellcheck shell=sh
+# Drill: point-in-time snapshots of a mounted ext4 volume, shipped to a data plane on
+# 127.0.0.1 inside the VM. Files are written between three `deltavol snapshot` calls (the
+# filesystem frozen around each, as a consistent backup would do); each snapshot is then read
+# back from the data plane alone into an image file, which must pass `e2fsck -fn` and hold
+# exactly the files of its moment.
+. "${DRILL_LIB:-/drills/lib.sh}"
+
+require deltavol-dataplane
+NAME=snapvol
+MED=/mnt/snapmed
+MNT=/mnt/snapvol
+IMG_MNT=/mnt/snapimg
+scratch_mount "$MED" 1100m
+mkdir -p "$MNT" "$IMG_MNT"
+TOK=$MED/token
+printf 'drill-secret-%s\n' "$$" >"$TOK"
+
+deltavol-dataplane --listen 127.0.0.1:0 --data-dir "$MED/dp" --threads 2 --auth-token-file "$TOK" \
+    >"$DRILL_TMP/dp.out" 2>"$DRILL_TMP/dp.err" &
+DP_PID=$!
+i=0
+while ! grep -q '^listening on ' "$DRILL_TMP/dp.out" 2>/dev/null; do
+    i=$((i + 1))
+    if [ "$i" -gt 300 ] || ! pid_alive "$DP_PID"; then
+        sed 's/^/# dp: /' "$DRILL_TMP/dp.err"
+        abort dataplane-start "the data plane did not start"
+    fi
+    sleep 0.1
+done
+ADDR=$(sed -n 's/^listening on //p' "$DRILL_TMP/dp.out" | head -n 1)
+pass dataplane-start
+log "data plane at $ADDR"
+
+DEV=$(dv_add "$NAME" 128MiB "$MED/cache" "$MED/backing.img" --flush-interval-ms 600000 \
+    --dataplane "$ADDR" --auth-token-file "$TOK") || abort add "deltavol add --dataplane failed"
+pass add
+check mkfs mkfs.ext4 -q "$DEV"
+check mount mount -t ext4 "$DEV" "$MNT" || abort mount "cannot mount"
+
+ids=""
+for round in 1 2 3; do
+    mkdir -p "$MNT/round$round"
+    make_tree "$MNT/round$round" 6 64 || fail "write-$round" "could not write files"
+    [ "$round" = 3 ] && rm -rf "$MNT/round1/c"   # deletions must show up too
+    (cd "$MNT" && find . -path ./lost+found -prune -o -type f -print | sort | xargs sha256sum) >"$DRILL_TMP/sums.$round"
+    sync
+    check "freeze-$round" fsfreeze --freeze "$MNT"
+    if run_timeout 120 "$DV" snapshot "$NAME" >"$DRILL_TMP/snap.$round" 2>"$DRILL_TMP/snap.err.$round"; then
+        id=$(tail -n 1 "$DRILL_TMP/snap.$round")
+        pass "snapshot-$round"
+        log "snapshot $round is $id"
+    else
+        id=""
+        fail "snapshot-$round" "$(tr '\n' ' ' <"$DRILL_TMP/snap.err.$round")"
+    fi
+    fsfreeze --unfreeze "$MNT"
+    ids="$ids $id"
+    # More writes after the snapshot must not leak into it.
+    dd if=/dev/urandom of="$MNT/after-$round" bs=1024 count=128 2>/dev/null
+done
+dv_status "$NAME" >"$DRILL_TMP/status.json"
+log "status: $(tr -d '\n ' <"$DRILL_TMP/status.json" | grep -o '"shipping":{[^}]*}')"
+check umount umount "$MNT"
+
+check list-snapshots "$DV" snapshots "$NAME" --dataplane "$ADDR" --auth-token-file "$TOK"
+round=1
+for id in $ids; do
+    img=$MED/img.$round
+    if ! run_timeout 300 "$DV" export "$NAME@$id" --dataplane "$ADDR" --auth-token-file "$TOK" --output "$img" >/dev/null 2>"$DRILL_TMP/export.err"; then
+        fail "export-$round" "$(tail -n 2 "$DRILL_TMP/export.err" | tr '\n' ' ')"
+        round=$((round + 1))
+        continue
+    fi
+    pass "export-$round"
+    check "fsck-$round" e2fsck -fn "$img"
+    LOOPDEV=$(loop_attach "$img") || abort "loop-$round" "no loop device"
+    if mount -t ext4 -o ro,noload "$LOOPDEV" "$IMG_MNT"; then
+        (cd "$IMG_MNT" && find . -path ./lost+found -prune -o -type f -print | sort | xargs sha256sum) >"$DRILL_TMP/got.$round"
+        if cmp -s "$DRILL_TMP/sums.$round" "$DRILL_TMP/got.$round"; then
+            pass "files-of-moment-$round"
+        else
+            fail "files-of-moment-$round" "snapshot $id does not hold exactly the files of its moment"
+            diff "$DRILL_TMP/sums.$round" "$DRILL_TMP/got.$round" | head -n 10 | sed 's/^/# /'
+        fi
+        umount "$IMG_MNT"
+    else
+        fail "mount-image-$round" "cannot mount the image of snapshot $id"
+    fi
+    losetup -d "$LOOPDEV"
+    rm -f "$img"
+    round=$((round + 1))
+done
+
+check del dv_del "$NAME"
+kill "$DP_PID" 2>/dev/null
+wait_pid_gone "$DP_PID" 10 || kill -9 "$DP_PID" 2>/dev/null
+check_no_ublk_devices no-devices-left
+drill_finish
