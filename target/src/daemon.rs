@@ -167,19 +167,21 @@ fn block_signals() -> nix::sys::signal::SigSet {
     set
 }
 
-/// Stops the ublk device from a thread other than the one running it.
-fn kill_device(dev_id: u32) -> anyhow::Result<()> {
+/// Gives this thread libublk's control ring (a `UblkCtrl` used off the thread that created
+/// the device panics without one).
+fn init_ctrl_ring() -> Result<(), libublk::UblkError> {
     libublk::ublk_init_ctrl_task_ring(|r| {
         if r.is_none() {
-            *r = Some(
-                io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
-                    .build(16)
-                    .map_err(libublk::UblkError::IOError)?,
-            );
+            let ring = io_uring::IoUring::<io_uring::squeue::Entry128>::builder().build(16);
+            *r = Some(ring.map_err(libublk::UblkError::IOError)?);
         }
         Ok(())
     })
-    .map_err(|e| anyhow!("control ring: {e}"))?;
+}
+
+/// Stops the ublk device from a thread other than the one running it.
+fn kill_device(dev_id: u32) -> anyhow::Result<()> {
+    init_ctrl_ring().map_err(|e| anyhow!("control ring: {e}"))?;
     let ctrl = UblkCtrl::new_simple(dev_id as i32)
         .map_err(|e| anyhow!("open ublk device {dev_id}: {e}"))?;
     ctrl.kill_dev()
@@ -317,19 +319,10 @@ pub fn remove_stale(info: &RunInfo) -> anyhow::Result<Option<u32>> {
         dead_pid = info.pid,
         "removing the ublk device left by a dead daemon of this volume"
     );
-    libublk::ublk_init_ctrl_task_ring(|r| {
-        if r.is_none() {
-            *r = Some(
-                io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
-                    .build(16)
-                    .map_err(libublk::UblkError::IOError)?,
-            );
-        }
-        Ok(())
-    })
-    .and_then(|_| UblkCtrl::new_simple(dev_id as i32))
-    .and_then(|c| c.del_dev_async().or_else(|_| c.del_dev()))
-    .map_err(|e| anyhow!("delete stale ublk device {dev_id}: {e}"))?;
+    init_ctrl_ring()
+        .and_then(|_| UblkCtrl::new_simple(dev_id as i32))
+        .and_then(|c| c.del_dev_async().or_else(|_| c.del_dev()))
+        .map_err(|e| anyhow!("delete stale ublk device {dev_id}: {e}"))?;
     Ok(Some(dev_id))
 }
 

@@ -432,39 +432,9 @@ impl FlushThread {
         while lba < c.nblocks {
             self.check_abort()?;
             let n = (c.nblocks - lba).min(FLUSH_EXTENT_BLOCKS_MAX);
-            let off = lba << BLOCK_SHIFT;
-            // SAFETY: lseek on a valid fd with integer arguments.
-            let data_at =
-                unsafe { libc::lseek(c.backing.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-            if data_at < 0 || data_at as u64 >= off + (n << BLOCK_SHIFT) {
-                self.sink.extent(lba, n, None)?;
-                lba += n;
-                continue;
-            }
-            let b = &mut buf[..(n << BLOCK_SHIFT) as usize];
-            let got = crate::cache::meta::read_full_at(&c.backing, b, off)
-                .map_err(|e| Error::io_at("read", &c.backing_path, off, e))?;
-            if got != b.len() {
-                return Err(Error::corrupt(format!(
-                    "{} is shorter than the volume",
-                    c.backing_path.display()
-                )));
-            }
-            let is_zero = |i: u64| {
-                b[(i << BLOCK_SHIFT) as usize..((i + 1) << BLOCK_SHIFT) as usize] == ZERO_BLOCK
-            };
-            let mut i = 0u64;
-            while i < n {
-                let z = is_zero(i);
-                let mut j = i + 1;
-                while j < n && is_zero(j) == z {
-                    j += 1;
-                }
-                let data =
-                    (!z).then(|| &b[(i << BLOCK_SHIFT) as usize..(j << BLOCK_SHIFT) as usize]);
-                self.sink.extent(lba + i, j - i, data)?;
-                i = j;
-            }
+            for_each_subextent(&c.backing, &c.backing_path, lba, n, buf, |l, k, data| {
+                self.sink.extent(l, k, data)
+            })?;
             lba += n;
         }
         Ok(())
@@ -478,57 +448,15 @@ impl FlushThread {
         buf: &mut [u8],
         rep: &mut FlushReport,
     ) -> Result<()> {
-        let c = &self.cache;
-        let off = start << BLOCK_SHIFT;
-        let bytes = len << BLOCK_SHIFT;
-        let mirror = &c.mirrors[s];
-        let mpath = || c.cache_dir.join(format!("mirror.{s}"));
-        // All hole (discarded): no need to read it.
-        // SAFETY: lseek on a valid fd with integer arguments.
-        let data_at =
-            unsafe { libc::lseek(mirror.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-        if data_at < 0 || data_at as u64 >= off + bytes {
-            return self.ship(start, len, None, rep);
-        }
-        let b = &mut buf[..bytes as usize];
-        let n = crate::cache::meta::read_full_at(mirror, b, off)
-            .map_err(|e| Error::io_at("read", mpath(), off, e))?;
-        if n != b.len() {
-            return Err(Error::corrupt(format!(
-                "{} is shorter than the volume",
-                mpath().display()
-            )));
-        }
-        // Split into data and zero sub-extents.
-        let is_zero = |i: u64| {
-            b[(i << BLOCK_SHIFT) as usize..((i + 1) << BLOCK_SHIFT) as usize] == ZERO_BLOCK
-        };
-        let mut i = 0u64;
-        while i < len {
-            let z = is_zero(i);
-            let mut j = i + 1;
-            while j < len && is_zero(j) == z {
-                j += 1;
-            }
-            let data = (!z).then(|| &b[(i << BLOCK_SHIFT) as usize..(j << BLOCK_SHIFT) as usize]);
-            self.ship_inner(start + i, j - i, data, rep)?;
-            i = j;
-        }
-        Ok(())
-    }
-
-    fn ship(&mut self, lba: u64, n: u64, data: Option<&[u8]>, rep: &mut FlushReport) -> Result<()> {
-        self.ship_inner(lba, n, data, rep)
+        let c = self.cache.clone();
+        let path = c.cache_dir.join(format!("mirror.{s}"));
+        for_each_subextent(&c.mirrors[s], &path, start, len, buf, |lba, n, data| {
+            self.ship(lba, n, data, rep)
+        })
     }
 
     /// Writes one extent to the backing file and hands it to the sink.
-    fn ship_inner(
-        &mut self,
-        lba: u64,
-        n: u64,
-        data: Option<&[u8]>,
-        rep: &mut FlushReport,
-    ) -> Result<()> {
+    fn ship(&mut self, lba: u64, n: u64, data: Option<&[u8]>, rep: &mut FlushReport) -> Result<()> {
         let c = &self.cache;
         let off = lba << BLOCK_SHIFT;
         let bytes = n << BLOCK_SHIFT;
@@ -547,6 +475,48 @@ impl FlushThread {
         rep.extents += 1;
         self.sink.extent(lba, n, data)
     }
+}
+
+/// Reads blocks `[lba, lba + n)` of `f` (at most `buf` long) and calls `f_ext` for each run of
+/// data blocks (`Some(data)`) and of zero blocks (`None`), in order. A range that is all hole
+/// is not read at all (`SEEK_DATA`).
+fn for_each_subextent(
+    f: &std::fs::File,
+    path: &std::path::Path,
+    lba: u64,
+    n: u64,
+    buf: &mut [u8],
+    mut f_ext: impl FnMut(u64, u64, Option<&[u8]>) -> Result<()>,
+) -> Result<()> {
+    let off = lba << BLOCK_SHIFT;
+    let bytes = n << BLOCK_SHIFT;
+    // SAFETY: lseek on a valid fd with integer arguments.
+    let data_at = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if data_at < 0 || data_at as u64 >= off + bytes {
+        return f_ext(lba, n, None);
+    }
+    let b = &mut buf[..bytes as usize];
+    let got = crate::cache::meta::read_full_at(f, b, off)
+        .map_err(|e| Error::io_at("read", path, off, e))?;
+    if got != b.len() {
+        return Err(Error::corrupt(format!(
+            "{} is shorter than the volume",
+            path.display()
+        )));
+    }
+    let blk = |i: u64| &b[(i << BLOCK_SHIFT) as usize..((i + 1) << BLOCK_SHIFT) as usize];
+    let mut i = 0u64;
+    while i < n {
+        let z = blk(i) == ZERO_BLOCK;
+        let mut j = i + 1;
+        while j < n && (blk(j) == ZERO_BLOCK) == z {
+            j += 1;
+        }
+        let data = (!z).then(|| &b[(i << BLOCK_SHIFT) as usize..(j << BLOCK_SHIFT) as usize]);
+        f_ext(lba + i, j - i, data)?;
+        i = j;
+    }
+    Ok(())
 }
 
 /// Makes `[off, off+len)` of `f` read as zeros: punch a hole, else write zeros.

@@ -350,3 +350,21 @@ make_tree() {
 sums_of() {
     (cd "$1" && find . -type f | sort | xargs sha256sum)
 }
+
+# dp_start DATA_DIR TOKEN_FILE [THREADS]: start deltavol-dataplane on 127.0.0.1 (any port) in
+# the background; sets DP_PID and DP_ADDR. Returns non-zero if it does not come up in 30 s.
+dp_start() {
+    deltavol-dataplane --listen 127.0.0.1:0 --data-dir "$1" --threads "${3:-2}" --auth-token-file "$2" \
+        >"$DRILL_TMP/dp.out" 2>"$DRILL_TMP/dp.err" &
+    DP_PID=$!
+    _ds_i=0
+    while ! grep -q '^listening on ' "$DRILL_TMP/dp.out" 2>/dev/null; do
+        _ds_i=$((_ds_i + 1))
+        if [ "$_ds_i" -gt 300 ] || ! pid_alive "$DP_PID"; then
+            sed 's/^/# dp: /' "$DRILL_TMP/dp.err" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+    DP_ADDR=$(sed -n 's/^listening on //p' "$DRILL_TMP/dp.out" | head -n 1)
+}

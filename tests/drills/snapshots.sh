@@ -16,19 +16,8 @@ mkdir -p "$MNT" "$IMG_MNT"
 TOK=$MED/token
 printf 'drill-secret-%s\n' "$$" >"$TOK"
 
-deltavol-dataplane --listen 127.0.0.1:0 --data-dir "$MED/dp" --threads 2 --auth-token-file "$TOK" \
-    >"$DRILL_TMP/dp.out" 2>"$DRILL_TMP/dp.err" &
-DP_PID=$!
-i=0
-while ! grep -q '^listening on ' "$DRILL_TMP/dp.out" 2>/dev/null; do
-    i=$((i + 1))
-    if [ "$i" -gt 300 ] || ! pid_alive "$DP_PID"; then
-        sed 's/^/# dp: /' "$DRILL_TMP/dp.err"
-        abort dataplane-start "the data plane did not start"
-    fi
-    sleep 0.1
-done
-ADDR=$(sed -n 's/^listening on //p' "$DRILL_TMP/dp.out" | head -n 1)
+dp_start "$MED/dp" "$TOK" 2 || abort dataplane-start "the data plane did not start"
+ADDR=$DP_ADDR
 pass dataplane-start
 log "data plane at $ADDR"
 
