@@ -22,10 +22,13 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "host tests (cargo test)"
 cargo test --workspace 2>&1 | tee build/host-tests.log
-host_summary=$(grep -E '^test result:' build/host-tests.log | awk '{p+=$4; f+=$6} END {print p" passed, "f" failed"}')
+host_passed=$(grep -E '^test result:' build/host-tests.log | awk '{p+=$4} END {print p+0}')
+host_failed=$(grep -E '^test result:' build/host-tests.log | awk '{f+=$6} END {print f+0}')
+host_summary="$host_passed passed, $host_failed failed"
 
 if ((host_only)); then
-    step "done: host $host_summary"
+    step "done"
+    echo "test.sh: $host_passed passed, $host_failed failed"
     exit 0
 fi
 
@@ -40,14 +43,22 @@ declare -A result
 rc=0
 for k in 7 6.12; do
     step "VM drills on kernel $k"
-    if kernel-setup/vm-run --kernel "$k" --bin-dir build/vm-bin --timeout 1200 "${drills[@]}"; then
+    if kernel-setup/vm-run --kernel "$k" --bin-dir build/vm-bin --timeout 1200 "${drills[@]}" 2>&1 | tee "build/vm-$k.log"; then
         result[$k]=pass
     else
         result[$k]=FAIL
         rc=1
     fi
+    # vm-run's closing count: "vm-run: N passed, M failed"
+    vp='' vf=''
+    read -r vp vf < <(sed -nE 's/^vm-run: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/p' "build/vm-$k.log" | tail -n 1) || true
+    vm_passed=$((${vm_passed:-0} + ${vp:-0}))
+    vm_failed=$((${vm_failed:-0} + ${vf:-0}))
+    [[ -n ${vp:-} ]] || { vm_failed=$((vm_failed + 1)); rc=1; }
 done
 step "summary"
 echo "host tests: $host_summary"
 for k in 7 6.12; do echo "VM drills, kernel $k: ${result[$k]}"; done
+((rc == 0)) || vm_failed=$((vm_failed > 0 ? vm_failed : 1))
+echo "test.sh: $((host_passed + vm_passed)) passed, $((host_failed + vm_failed)) failed"
 exit $rc

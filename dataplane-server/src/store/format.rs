@@ -21,8 +21,12 @@ use super::{StoreError, StoreErrorKind};
 
 /// Current on-disk format version of segments and manifests.
 pub const FORMAT_VERSION: u32 = 1;
-/// Feature bits this build understands (none yet): any other bit is refused.
-pub const FEATURES_SUPPORTED: u32 = 0;
+/// Manifest feature bit: the volume is a clone (its manifest has a `clone_source`, and its
+/// content falls through to that source). A build that does not know clones refuses it
+/// instead of serving the clone without its base.
+pub const FEATURE_CLONE: u32 = 1 << 1;
+/// Feature bits this build understands: any other bit is refused.
+pub const FEATURES_SUPPORTED: u32 = FEATURE_CLONE;
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"DVSEG\0\0\x01";
 pub const SEGMENT_END_MAGIC: [u8; 8] = *b"DVSEGEND";
@@ -82,6 +86,16 @@ pub struct ManifestData {
     pub created_ms: u64,
     /// The chain, oldest first; the last one is the head.
     pub snapshots: Vec<SnapEntry>,
+    /// For a clone: the snapshot of another volume its content starts from.
+    pub clone_source: Option<CloneSourceData>,
+}
+
+/// The source of a clone volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneSourceData {
+    pub volume: String,
+    pub volume_id: VolumeId,
+    pub snap_id: u64,
 }
 
 fn corrupt(ctx: impl Into<String>) -> StoreError {
@@ -140,7 +154,8 @@ pub fn encode_segment_header(
     let mut h = [0u8; SEGMENT_HEADER_BYTES];
     h[0..8].copy_from_slice(&SEGMENT_MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    h[12..16].copy_from_slice(&FEATURES_SUPPORTED.to_le_bytes());
+    // Segments use no feature bit.
+    h[12..16].copy_from_slice(&0u32.to_le_bytes());
     h[16..32].copy_from_slice(volume_id);
     h[32..40].copy_from_slice(&snap_id.to_le_bytes());
     h[40..44].copy_from_slice(&block_size.to_le_bytes());
@@ -394,6 +409,18 @@ pub fn encode_manifest(m: &ManifestData) -> Vec<u8> {
         ));
     }
     let snaps = fbb.create_vector(&entries);
+    let clone_source = m.clone_source.as_ref().map(|c| {
+        let volume = fbb.create_string(&c.volume);
+        let vid = fb_volume_id(&c.volume_id);
+        store::CloneSource::create(
+            &mut fbb,
+            &store::CloneSourceArgs {
+                volume: Some(volume),
+                volume_id: Some(&vid),
+                snap_id: c.snap_id,
+            },
+        )
+    });
     let name = fbb.create_string(&m.volume_name);
     let vid = fb_volume_id(&m.volume_id);
     let root = store::Manifest::create(
@@ -406,7 +433,7 @@ pub fn encode_manifest(m: &ManifestData) -> Vec<u8> {
             block_size: m.block_size,
             generation: m.generation,
             snapshots: Some(snaps),
-            clone_source: None,
+            clone_source,
             created_ms: m.created_ms,
         },
     );
@@ -415,7 +442,12 @@ pub fn encode_manifest(m: &ManifestData) -> Vec<u8> {
     let mut out = Vec::with_capacity(MANIFEST_HEADER_BYTES + body.len());
     out.extend_from_slice(&MANIFEST_MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&FEATURES_SUPPORTED.to_le_bytes());
+    let features = if m.clone_source.is_some() {
+        FEATURE_CLONE
+    } else {
+        0
+    };
+    out.extend_from_slice(&features.to_le_bytes());
     out.extend_from_slice(&m.volume_id);
     out.extend_from_slice(&m.sequence.to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -435,7 +467,8 @@ pub fn decode_manifest(buf: &[u8], expected_name: &str) -> Result<ManifestData, 
     if crc32c::crc32c(&buf[..60]) != le_u32(buf, 60) {
         return Err(corrupt("manifest: header crc mismatch"));
     }
-    check_version("manifest", le_u32(buf, 8), le_u32(buf, 12))?;
+    let features = le_u32(buf, 12);
+    check_version("manifest", le_u32(buf, 8), features)?;
     let body_len = le_u32(buf, 40) as usize;
     if body_len > MANIFEST_BODY_MAX_BYTES || buf.len() != MANIFEST_HEADER_BYTES + body_len {
         return Err(corrupt(format!(
@@ -481,6 +514,24 @@ pub fn decode_manifest(buf: &[u8], expected_name: &str) -> Result<ManifestData, 
             segments: s.segments().iter().flat_map(|v| v.iter()).collect(),
         })
         .collect();
+    let clone_source = match m.clone_source() {
+        Some(c) => {
+            let (Some(volume), Some(vid)) = (c.volume(), c.volume_id()) else {
+                return Err(corrupt("manifest: clone source without volume name or id"));
+            };
+            Some(CloneSourceData {
+                volume: volume.to_string(),
+                volume_id: from_fb_volume_id(vid),
+                snap_id: c.snap_id(),
+            })
+        }
+        None => None,
+    };
+    if clone_source.is_some() != (features & FEATURE_CLONE != 0) {
+        return Err(corrupt(
+            "manifest: the clone feature bit and the clone source disagree",
+        ));
+    }
     Ok(ManifestData {
         volume_name: name.to_string(),
         volume_id,
@@ -490,6 +541,7 @@ pub fn decode_manifest(buf: &[u8], expected_name: &str) -> Result<ManifestData, 
         generation: m.generation(),
         created_ms: m.created_ms(),
         snapshots,
+        clone_source,
     })
 }
 
@@ -506,6 +558,7 @@ mod tests {
             block_size: 4096,
             generation: 2,
             created_ms: 5,
+            clone_source: None,
             snapshots: vec![SnapEntry {
                 snap_id: 1,
                 parent_id: 0,

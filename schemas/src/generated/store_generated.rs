@@ -802,7 +802,8 @@ impl ::core::fmt::Debug for SnapshotEntry<'_> {
 pub enum CloneSourceOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// Reserved for clones (issue 4): the snapshot a clone volume starts from.
+/// The snapshot a clone volume starts from (a manifest that has one carries the CLONE feature
+/// bit in its envelope, so a build that does not know clones refuses it).
 pub struct CloneSource<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }

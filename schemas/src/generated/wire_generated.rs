@@ -98,10 +98,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ExtentKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 19;
+pub const ENUM_MAX_ERROR_CODE: u16 = 21;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 20] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 22] = [
   ErrorCode::Internal,
   ErrorCode::Malformed,
   ErrorCode::Unauthorized,
@@ -122,6 +122,8 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 20] = [
   ErrorCode::TooLarge,
   ErrorCode::Protocol,
   ErrorCode::BadSnapshotId,
+  ErrorCode::InUse,
+  ErrorCode::VolumeExists,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -149,9 +151,13 @@ impl ErrorCode {
   pub const TooLarge: Self = Self(17);
   pub const Protocol: Self = Self(18);
   pub const BadSnapshotId: Self = Self(19);
+  /// A snapshot cannot be deleted: a clone volume depends on it (delete the clone first).
+  pub const InUse: Self = Self(20);
+  /// CloneVolume onto a name that already exists.
+  pub const VolumeExists: Self = Self(21);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 19;
+  pub const ENUM_MAX: u16 = 21;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Internal,
     Self::Malformed,
@@ -173,6 +179,8 @@ impl ErrorCode {
     Self::TooLarge,
     Self::Protocol,
     Self::BadSnapshotId,
+    Self::InUse,
+    Self::VolumeExists,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -197,6 +205,8 @@ impl ErrorCode {
       Self::TooLarge => Some("TooLarge"),
       Self::Protocol => Some("Protocol"),
       Self::BadSnapshotId => Some("BadSnapshotId"),
+      Self::InUse => Some("InUse"),
+      Self::VolumeExists => Some("VolumeExists"),
       _ => None,
     }
   }
@@ -254,10 +264,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_MESSAGE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE: u8 = 20;
+pub const ENUM_MAX_MESSAGE: u8 = 22;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE: [Message; 21] = [
+pub const ENUM_VALUES_MESSAGE: [Message; 23] = [
   Message::NONE,
   Message::Hello,
   Message::Challenge,
@@ -279,6 +289,8 @@ pub const ENUM_VALUES_MESSAGE: [Message; 21] = [
   Message::DeleteSnapshot,
   Message::Deleted,
   Message::Error,
+  Message::NewGeneration,
+  Message::CloneVolume,
 ];
 
 /// Append-only: new members go at the end.
@@ -308,9 +320,11 @@ impl Message {
   pub const DeleteSnapshot: Self = Self(18);
   pub const Deleted: Self = Self(19);
   pub const Error: Self = Self(20);
+  pub const NewGeneration: Self = Self(21);
+  pub const CloneVolume: Self = Self(22);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 20;
+  pub const ENUM_MAX: u8 = 22;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -333,6 +347,8 @@ impl Message {
     Self::DeleteSnapshot,
     Self::Deleted,
     Self::Error,
+    Self::NewGeneration,
+    Self::CloneVolume,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -358,6 +374,8 @@ impl Message {
       Self::DeleteSnapshot => Some("DeleteSnapshot"),
       Self::Deleted => Some("Deleted"),
       Self::Error => Some("Error"),
+      Self::NewGeneration => Some("NewGeneration"),
+      Self::CloneVolume => Some("CloneVolume"),
       _ => None,
     }
   }
@@ -887,7 +905,10 @@ impl<'a> Auth<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Auth::VT_MAC, None)}
   }
-  /// Fencing generation the client believes current (issue 4 will enforce it).
+  /// Fencing generation the client believes current. An older one than the volume's still
+  /// authenticates (reads work, and AuthOk tells the client the volume's generation), but the
+  /// connection's writes (BeginSnapshot, PutExtents, Commit, DeleteSnapshot) are refused with
+  /// `StaleGeneration`.
   #[inline]
   pub fn generation(&self) -> u64 {
     // Safety:
@@ -1067,7 +1088,7 @@ impl<'a> VolumeInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(VolumeInfo::VT_SNAPSHOT_COUNT, Some(0)).unwrap()}
   }
-  /// Reserved for clones (issue 4): the source volume and snapshot, empty/0 otherwise.
+  /// For a clone: the source volume and snapshot it was cloned from; empty/0 otherwise.
   #[inline]
   pub fn clone_source_volume(&self) -> Option<&'a str> {
     // Safety:
@@ -2624,6 +2645,10 @@ pub enum ReadExtentsOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
 /// Request: the volume's content as of `snap_id` for blocks [lba, lba + nblocks).
+/// On a clone volume, a block no snapshot of the clone's own chain (up to `snap_id`) wrote
+/// reads as the clone source as of its source snapshot; and `snap_id = 0` means the clone's
+/// base: the source volume as of `clone_source_snap_id` (the content before the clone's first
+/// snapshot). On a volume that is not a clone, `snap_id = 0` is `NoSuchSnapshot`.
 pub struct ReadExtents<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -3089,6 +3114,225 @@ impl ::core::fmt::Debug for Deleted<'_> {
     let mut ds = f.debug_struct("Deleted");
       ds.field("snap_id", &self.snap_id());
       ds.field("merged_into", &self.merged_into());
+      ds.finish()
+  }
+}
+pub enum NewGenerationOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request (recovery fencing): atomically increments the authenticated volume's generation,
+/// durably, and makes it this connection's generation. Every connection that authenticated
+/// with an older generation is fenced from then on: its writes are refused with
+/// `StaleGeneration` and its upload in progress, if any, is abandoned without a trace.
+/// Answered by `VolumeInfo` (whose `generation` is the new value).
+pub struct NewGeneration<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for NewGeneration<'a> {
+  type Inner = NewGeneration<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> NewGeneration<'a> {
+  pub const VT_RESERVED: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    NewGeneration { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args NewGenerationArgs
+  ) -> ::flatbuffers::WIPOffset<NewGeneration<'bldr>> {
+    let mut builder = NewGenerationBuilder::new(_fbb);
+    builder.add_reserved(args.reserved);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn reserved(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(NewGeneration::VT_RESERVED, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for NewGeneration<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("reserved", Self::VT_RESERVED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct NewGenerationArgs {
+    pub reserved: u32,
+}
+impl<'a> Default for NewGenerationArgs {
+  #[inline]
+  fn default() -> Self {
+    NewGenerationArgs {
+      reserved: 0,
+    }
+  }
+}
+
+pub struct NewGenerationBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> NewGenerationBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_reserved(&mut self, reserved: u32) {
+    self.fbb_.push_slot::<u32>(NewGeneration::VT_RESERVED, reserved, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> NewGenerationBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    NewGenerationBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<NewGeneration<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for NewGeneration<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("NewGeneration");
+      ds.field("reserved", &self.reserved());
+      ds.finish()
+  }
+}
+pub enum CloneVolumeOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request: create the authenticated volume (which must not exist: `VolumeExists`) as a
+/// metadata-only clone of `source_volume` as of its committed snapshot `source_snap_id`. The
+/// clone gets the source's size and block size and an empty chain of its own (its first
+/// snapshot has parent 0); no data is copied. While a clone depends on it, the source snapshot
+/// cannot be deleted (`InUse`). Answered by `VolumeInfo`.
+pub struct CloneVolume<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CloneVolume<'a> {
+  type Inner = CloneVolume<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CloneVolume<'a> {
+  pub const VT_SOURCE_VOLUME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SOURCE_SNAP_ID: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CloneVolume { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CloneVolumeArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CloneVolume<'bldr>> {
+    let mut builder = CloneVolumeBuilder::new(_fbb);
+    builder.add_source_snap_id(args.source_snap_id);
+    if let Some(x) = args.source_volume { builder.add_source_volume(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn source_volume(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CloneVolume::VT_SOURCE_VOLUME, None)}
+  }
+  #[inline]
+  pub fn source_snap_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(CloneVolume::VT_SOURCE_SNAP_ID, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CloneVolume<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("source_volume", Self::VT_SOURCE_VOLUME, false)?
+     .visit_field::<u64>("source_snap_id", Self::VT_SOURCE_SNAP_ID, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CloneVolumeArgs<'a> {
+    pub source_volume: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub source_snap_id: u64,
+}
+impl<'a> Default for CloneVolumeArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CloneVolumeArgs {
+      source_volume: None,
+      source_snap_id: 0,
+    }
+  }
+}
+
+pub struct CloneVolumeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CloneVolumeBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_source_volume(&mut self, source_volume: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CloneVolume::VT_SOURCE_VOLUME, source_volume);
+  }
+  #[inline]
+  pub fn add_source_snap_id(&mut self, source_snap_id: u64) {
+    self.fbb_.push_slot::<u64>(CloneVolume::VT_SOURCE_SNAP_ID, source_snap_id, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CloneVolumeBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CloneVolumeBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CloneVolume<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CloneVolume<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CloneVolume");
+      ds.field("source_volume", &self.source_volume());
+      ds.field("source_snap_id", &self.source_snap_id());
       ds.finish()
   }
 }
@@ -3564,6 +3808,36 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_new_generation(&self) -> Option<NewGeneration<'a>> {
+    if self.body_type() == Message::NewGeneration {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { NewGeneration::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_clone_volume(&self) -> Option<CloneVolume<'a>> {
+    if self.body_type() == Message::CloneVolume {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CloneVolume::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -3594,6 +3868,8 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Message::DeleteSnapshot => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteSnapshot>>("Message::DeleteSnapshot", pos),
           Message::Deleted => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Deleted>>("Message::Deleted", pos),
           Message::Error => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Error>>("Message::Error", pos),
+          Message::NewGeneration => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<NewGeneration>>("Message::NewGeneration", pos),
+          Message::CloneVolume => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CloneVolume>>("Message::CloneVolume", pos),
           _ => Ok(()),
         }
      })?
@@ -3790,6 +4066,20 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Message::Error => {
           if let Some(x) = self.body_as_error() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::NewGeneration => {
+          if let Some(x) = self.body_as_new_generation() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::CloneVolume => {
+          if let Some(x) = self.body_as_clone_volume() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
