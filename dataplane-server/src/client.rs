@@ -114,6 +114,10 @@ pub struct VolumeInfo {
     pub latest_snap_id: u64,
     pub generation: u64,
     pub snapshot_count: u64,
+    /// For a clone: the source volume (empty otherwise).
+    pub clone_source_volume: String,
+    /// For a clone: the source snapshot (0 otherwise).
+    pub clone_source_snap_id: u64,
 }
 
 impl VolumeInfo {
@@ -126,6 +130,8 @@ impl VolumeInfo {
             latest_snap_id: v.latest_snap_id(),
             generation: v.generation(),
             snapshot_count: v.snapshot_count(),
+            clone_source_volume: v.clone_source_volume().unwrap_or_default().to_string(),
+            clone_source_snap_id: v.clone_source_snap_id(),
         }
     }
 }
@@ -447,6 +453,60 @@ impl Client {
         };
         self.info = info.clone();
         Ok(info)
+    }
+
+    /// The fencing generation this connection writes as.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Fencing (recovery): atomically increments the volume's generation on the data plane
+    /// (durable before the answer) and makes it this connection's. Every writer of an older
+    /// generation is refused from then on (`StaleGeneration`), its upload in progress
+    /// abandoned. Returns the new generation; [`Client::info`] is refreshed too (its
+    /// `latest_snap_id` is the head as of the fence).
+    pub fn new_generation(&mut self) -> Result<u64, ClientError> {
+        if self.upload.is_some() {
+            return Err(usage("new_generation while a snapshot is being uploaded"));
+        }
+        let body =
+            wire::NewGeneration::create(&mut self.fbb, &wire::NewGenerationArgs { reserved: 0 });
+        self.send(wire::Message::NewGeneration, body.as_union_value())?;
+        let info = self.recv_volume_info()?;
+        if info.generation <= self.generation {
+            // The server must move past any generation this client wrote as.
+            return self.poison(Err(protocol(format!(
+                "new generation {} is not newer than this connection's {}",
+                info.generation, self.generation
+            ))));
+        }
+        self.generation = info.generation;
+        Ok(info.generation)
+    }
+
+    /// Creates this connection's volume (which must not exist yet) as a metadata-only clone
+    /// of `source_volume` as of its snapshot `source_snap_id`: same size and block size, no
+    /// snapshot of its own (its first has parent 0), nothing copied. Reads as of the clone's
+    /// snapshots fall through to the source; `read_extents(0, ..)` reads the clone's base.
+    /// While the clone exists the source snapshot cannot be deleted (`InUse`).
+    pub fn clone_volume(
+        &mut self,
+        source_volume: &str,
+        source_snap_id: u64,
+    ) -> Result<VolumeInfo, ClientError> {
+        if !valid_volume_name(source_volume) {
+            return Err(usage(format!("invalid volume name {source_volume:?}")));
+        }
+        let src = self.fbb.create_string(source_volume);
+        let body = wire::CloneVolume::create(
+            &mut self.fbb,
+            &wire::CloneVolumeArgs {
+                source_volume: Some(src),
+                source_snap_id,
+            },
+        );
+        self.send(wire::Message::CloneVolume, body.as_union_value())?;
+        self.recv_volume_info()
     }
 
     /// Starts snapshot `snap_id` on top of `parent_id` (0 for the first one).

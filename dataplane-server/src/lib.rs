@@ -25,7 +25,17 @@
 //! | `Commit{snap_id, extent_count, total_bytes}` | `Committed{SnapshotInfo}` once durable |
 //! | `ListSnapshots{after_snap_id, max_count}` | `SnapshotList{snapshots, more}` (pages of ≤ 256) |
 //! | `ReadExtents{snap_id, lba, nblocks}` | `ReadData{extents, last}` + payload, repeated until `last` |
-//! | `DeleteSnapshot{snap_id}` | `Deleted{snap_id, merged_into}` (`DeleteHead` for the head) |
+//! | `DeleteSnapshot{snap_id}` | `Deleted{snap_id, merged_into}` (`DeleteHead` for the head, `InUse` when a clone depends on it) |
+//! | `NewGeneration{}` | `VolumeInfo` with the new generation (durable); older writers are fenced |
+//! | `CloneVolume{source_volume, source_snap_id}` | `VolumeInfo` of the new clone (`VolumeExists`, `NoSuchVolume`, `NoSuchSnapshot`) |
+//!
+//! Generations: a connection writes as the generation it authenticated with (or got from its
+//! own `NewGeneration`); `BeginSnapshot`, `PutExtents`, `Commit` and `DeleteSnapshot` of a
+//! generation older than the volume's are refused with `StaleGeneration`, reads are not.
+//!
+//! Clones: reads as of a clone's snapshot fall through, for blocks its own chain never wrote,
+//! to the source as of the source snapshot; `ReadExtents{snap_id: 0}` on a clone reads its
+//! base (the source alone).
 //!
 //! After `AuthOk` the connection is bound to its volume: no request names a volume.
 

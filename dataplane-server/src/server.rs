@@ -7,6 +7,15 @@
 //!   owner shard through that shard's bounded channel (the tokio channel wakes its runtime);
 //!   the owner serves every request of the connection. Volumes are `Rc`s in the owner's map:
 //!   there is no lock shared between threads on the data path.
+//! * Generations (fencing): a connection carries the generation it authenticated with (raised
+//!   by its own `NewGeneration`). Reads always work; writes (begin, put, commit, delete) of a
+//!   generation older than the volume's are refused with `StaleGeneration`.
+//! * Clones: a clone's shard reads its source's immutable files itself (a read-only
+//!   [`store`] source view opened from the source's manifest and segments on disk), so a clone
+//!   read never waits on the source's owner shard. What must be coordinated across shards is
+//!   only "a clone depends on snapshot S of volume V": the [`CloneRegistry`], one small mutex
+//!   shared by all shards, taken by clone creation, snapshot deletion and start-up only (never
+//!   on the data path). Deleting a snapshot a clone depends on is refused with `InUse`.
 //! * A malformed frame, a protocol violation or any error during an upload's stream gets an
 //!   `Error` reply and closes that connection only; request errors (bad parent, unknown
 //!   snapshot, ...) get an `Error` reply and the connection goes on.
@@ -130,7 +139,91 @@ impl ServerHandle {
 struct Handoff {
     stream: std::net::TcpStream,
     volume: String,
+    /// The generation the client authenticated with.
+    generation: u64,
     peer: SocketAddr,
+}
+
+/// Which clones depend on which snapshots, across all shards (see the module doc).
+#[derive(Debug, Default)]
+pub struct CloneRegistry {
+    inner: std::sync::Mutex<RegistryInner>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryInner {
+    /// (source volume, source snapshot) → the clones depending on it.
+    deps: HashMap<(String, u64), std::collections::BTreeSet<String>>,
+    /// Snapshots being deleted right now: a clone of them is refused until that ends.
+    deleting: std::collections::HashSet<(String, u64)>,
+}
+
+impl CloneRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        // The lock guards plain maps updated in one step: a panic cannot leave them torn.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that `clone` depends on `source@snap`; refused while that snapshot is being
+    /// deleted.
+    fn add(&self, source: &str, snap: u64, clone: &str) -> Result<(), ReqError> {
+        let mut r = self.lock();
+        let key = (source.to_string(), snap);
+        if r.deleting.contains(&key) {
+            return Err(ReqError::new(
+                wire::ErrorCode::NoSuchSnapshot,
+                format!("snapshot {snap} of volume {source} is being deleted"),
+            ));
+        }
+        r.deps.entry(key).or_default().insert(clone.to_string());
+        Ok(())
+    }
+
+    fn remove(&self, source: &str, snap: u64, clone: &str) {
+        let mut r = self.lock();
+        let key = (source.to_string(), snap);
+        if let Some(set) = r.deps.get_mut(&key) {
+            set.remove(clone);
+            if set.is_empty() {
+                r.deps.remove(&key);
+            }
+        }
+    }
+
+    /// Marks `volume@snap` as being deleted, unless a clone depends on it.
+    fn begin_delete<'a>(&'a self, volume: &str, snap: u64) -> Result<DeleteGuard<'a>, ReqError> {
+        let mut r = self.lock();
+        let key = (volume.to_string(), snap);
+        if let Some(clones) = r.deps.get(&key).filter(|c| !c.is_empty()) {
+            let names: Vec<&str> = clones.iter().map(String::as_str).collect();
+            return Err(ReqError::new(
+                wire::ErrorCode::InUse,
+                format!(
+                    "snapshot {snap} of volume {volume} is the source of clone(s) {}: it cannot be deleted while they exist",
+                    names.join(", ")
+                ),
+            ));
+        }
+        if !r.deleting.insert(key.clone()) {
+            return Err(ReqError::new(
+                wire::ErrorCode::UploadInProgress,
+                format!("snapshot {snap} of volume {volume} is already being deleted"),
+            ));
+        }
+        Ok(DeleteGuard { reg: self, key })
+    }
+}
+
+/// Ends a deletion's mark in the [`CloneRegistry`] when dropped.
+struct DeleteGuard<'a> {
+    reg: &'a CloneRegistry,
+    key: (String, u64),
+}
+
+impl Drop for DeleteGuard<'_> {
+    fn drop(&mut self) {
+        self.reg.lock().deleting.remove(&self.key);
+    }
 }
 
 /// Binds the listeners, loads the volumes (each shard its own) and starts the shards.
@@ -178,6 +271,10 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     let senders = Arc::new(senders);
     let token: Arc<[u8]> = Arc::from(cfg.auth_token.clone());
     let stats = Arc::new(ServerStats::default());
+    let registry = Arc::new(CloneRegistry::default());
+    // Every shard loads its volumes (and registers its clones' dependencies) before any shard
+    // serves a request, so no deletion can miss a dependency recorded on another shard.
+    let loaded = Arc::new(std::sync::Barrier::new(cfg.threads));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut threads = Vec::with_capacity(cfg.threads);
     for (id, (listener, rx)) in listeners.into_iter().zip(receivers).enumerate() {
@@ -189,6 +286,8 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
             token: Arc::clone(&token),
             senders: Arc::clone(&senders),
             shutdown: shutdown_rx.clone(),
+            registry: Arc::clone(&registry),
+            loaded: Arc::clone(&loaded),
         };
         let ready = ready_tx.clone();
         let t = std::thread::Builder::new()
@@ -251,6 +350,8 @@ struct ShardInit {
     senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     stats: Arc<ServerStats>,
+    registry: Arc<CloneRegistry>,
+    loaded: Arc<std::sync::Barrier>,
 }
 
 /// One shard's state: the volumes it owns. Lives on its thread only.
@@ -266,6 +367,7 @@ struct Shard {
     /// replaced by a new empty volume.
     broken: RefCell<HashMap<String, String>>,
     create_lock: tokio::sync::Mutex<()>,
+    registry: Arc<CloneRegistry>,
 }
 
 async fn shard_main(
@@ -284,9 +386,12 @@ async fn shard_main(
         volumes: RefCell::new(HashMap::new()),
         broken: RefCell::new(HashMap::new()),
         create_lock: tokio::sync::Mutex::new(()),
+        registry: init.registry,
     });
     let mut shutdown = init.shutdown;
-    let listener = match load_volumes(&shard).and_then(|()| {
+    let loaded = load_volumes(&shard);
+    init.loaded.wait();
+    let listener = match loaded.and_then(|()| {
         tokio::net::TcpListener::from_std(listener).map_err(io_err("register listener"))
     }) {
         Ok(l) => {
@@ -334,6 +439,15 @@ fn load_volumes(shard: &Shard) -> Result<(), ServerError> {
         }
         match Volume::load(&shard.volumes_dir, &name) {
             Ok(Some(v)) => {
+                if let Some(c) = v.clone_source() {
+                    shard
+                        .registry
+                        .lock()
+                        .deps
+                        .entry((c.volume, c.snap_id))
+                        .or_default()
+                        .insert(name.clone());
+                }
                 shard.volumes.borrow_mut().insert(name, v);
             }
             Ok(None) => {
@@ -494,6 +608,9 @@ impl Out {
     ) -> deltavol_schemas::flatbuffers::WIPOffset<wire::VolumeInfo<'static>> {
         let name = self.fbb.create_string(name);
         let v = v.as_ref();
+        let clone_volume = v
+            .and_then(|v| v.clone_source.as_ref())
+            .map(|c| self.fbb.create_string(&c.0));
         wire::VolumeInfo::create(
             &mut self.fbb,
             &wire::VolumeInfoArgs {
@@ -504,8 +621,8 @@ impl Out {
                 latest_snap_id: v.map_or(0, |v| v.latest_snap_id),
                 generation: v.map_or(0, |v| v.generation),
                 snapshot_count: v.map_or(0, |v| v.snapshot_count),
-                clone_source_volume: None,
-                clone_source_snap_id: 0,
+                clone_source_volume: clone_volume,
+                clone_source_snap_id: v.and_then(|v| v.clone_source.as_ref()).map_or(0, |c| c.1),
             },
         )
     }
@@ -557,12 +674,12 @@ async fn read_frame_tokio(
     Ok(())
 }
 
-/// Hello → Challenge → Auth. Returns the authenticated volume name.
+/// Hello → Challenge → Auth. Returns the authenticated volume name and generation.
 async fn run_handshake(
     shard: &Shard,
     stream: &mut tokio::net::TcpStream,
     out: &mut Out,
-) -> Result<String, ReqError> {
+) -> Result<(String, u64), ReqError> {
     let mut hdr = Vec::new();
     read_frame_tokio(stream, &mut hdr).await?;
     let f = decode_header(&hdr).map_err(frame_error)?;
@@ -619,7 +736,7 @@ async fn run_handshake(
             "authentication failed: wrong token",
         ));
     }
-    Ok(volume.to_string())
+    Ok((volume.to_string(), a.generation()))
 }
 
 async fn handshake(shard: Rc<Shard>, mut stream: tokio::net::TcpStream, peer: SocketAddr) {
@@ -635,7 +752,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: tokio::net::TcpStream, peer: So
             "handshake timed out",
         ))
     });
-    let volume = match res {
+    let (volume, generation) = match res {
         Ok(v) => v,
         Err(e) => {
             tracing::info!(peer = %peer, code = ?e.code, error = %e.msg, "handshake refused");
@@ -668,6 +785,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: tokio::net::TcpStream, peer: So
     let h = Handoff {
         stream: std_stream,
         volume,
+        generation,
         peer,
     };
     if owner == shard.id {
@@ -684,6 +802,8 @@ async fn handshake(shard: Rc<Shard>, mut stream: tokio::net::TcpStream, peer: So
 struct Conn {
     shard: Rc<Shard>,
     volume_name: String,
+    /// The generation this connection writes as (its Auth's, or its own NewGeneration's).
+    generation: u64,
     stream: tokio_uring::net::TcpStream,
     hdr: Vec<u8>,
     payload: Vec<u8>,
@@ -854,8 +974,20 @@ impl Conn {
         if let Some(m) = f.body_as_read_extents() {
             return self.read(m.snap_id(), m.lba(), m.nblocks()).await;
         }
+        if f.body_as_new_generation().is_some() {
+            return self.new_generation().await;
+        }
+        if let Some(m) = f.body_as_clone_volume() {
+            let source = m.source_volume().unwrap_or_default().to_string();
+            return self.clone_volume(&source, m.source_snap_id()).await;
+        }
         if let Some(m) = f.body_as_delete_snapshot() {
             let v = self.require_volume()?;
+            v.check_generation(self.generation)?;
+            let shard = Rc::clone(&self.shard);
+            let _deleting = shard
+                .registry
+                .begin_delete(&self.volume_name, m.snap_id())?;
             let merged_into = v.delete_snapshot(m.snap_id()).await?;
             let body = wire::Deleted::create(
                 &mut self.out.fbb,
@@ -906,6 +1038,7 @@ impl Conn {
                         &self.volume_name,
                         size_bytes,
                         block_size,
+                        None,
                     )
                     .await?;
                     shard
@@ -917,6 +1050,87 @@ impl Conn {
         }
         self.reply_volume_info();
         self.send_reply().await
+    }
+
+    async fn new_generation(&mut self) -> Result<(), ReqError> {
+        let v = self.require_volume()?;
+        self.generation = v.new_generation(self.generation).await?;
+        self.reply_volume_info();
+        self.send_reply().await
+    }
+
+    async fn clone_volume(&mut self, source: &str, source_snap_id: u64) -> Result<(), ReqError> {
+        use wire::ErrorCode as C;
+        if !valid_volume_name(source) {
+            return Err(ReqError::new(
+                C::NoSuchVolume,
+                format!("invalid clone source volume name {source:?}"),
+            ));
+        }
+        if source == self.volume_name {
+            return Err(ReqError::new(
+                C::VolumeExists,
+                format!("volume {source} cannot be a clone of itself"),
+            ));
+        }
+        let shard = Rc::clone(&self.shard);
+        let _guard = shard.create_lock.lock().await;
+        if self.volume().is_some() || shard.broken.borrow().contains_key(&self.volume_name) {
+            return Err(ReqError::new(
+                C::VolumeExists,
+                format!(
+                    "volume {} already exists: a clone needs a new name",
+                    self.volume_name
+                ),
+            ));
+        }
+        // Pin the source snapshot first, then check it exists: a deletion either sees the pin
+        // or has already removed the snapshot from the manifest read below.
+        shard
+            .registry
+            .add(source, source_snap_id, &self.volume_name)?;
+        let res = self.create_clone(source, source_snap_id).await;
+        if res.is_err() {
+            shard
+                .registry
+                .remove(source, source_snap_id, &self.volume_name);
+        }
+        res?;
+        self.reply_volume_info();
+        self.send_reply().await
+    }
+
+    async fn create_clone(&mut self, source: &str, source_snap_id: u64) -> Result<(), ReqError> {
+        use wire::ErrorCode as C;
+        let m = store::read_manifest(&self.shard.volumes_dir, source)?.ok_or_else(|| {
+            ReqError::new(
+                C::NoSuchVolume,
+                format!("clone source volume {source} does not exist"),
+            )
+        })?;
+        if source_snap_id == 0 || !m.snapshots.iter().any(|s| s.snap_id == source_snap_id) {
+            return Err(ReqError::new(
+                C::NoSuchSnapshot,
+                format!("clone source volume {source} has no snapshot {source_snap_id}"),
+            ));
+        }
+        let v = Volume::create(
+            &self.shard.volumes_dir,
+            &self.volume_name,
+            m.size_bytes,
+            m.block_size,
+            Some(store::format::CloneSourceData {
+                volume: source.to_string(),
+                volume_id: m.volume_id,
+                snap_id: source_snap_id,
+            }),
+        )
+        .await?;
+        self.shard
+            .volumes
+            .borrow_mut()
+            .insert(self.volume_name.clone(), v);
+        Ok(())
     }
 
     async fn begin(
@@ -936,6 +1150,8 @@ impl Conn {
             ));
         }
         let v = self.require_volume()?;
+        // A writer is as old as the older of its Auth and its BeginSnapshot.
+        let generation = generation.min(self.generation);
         match v.begin(snap_id, parent_id, volume_size, generation).await? {
             BeginOutcome::Started(u) => {
                 self.upload = Some(u);
@@ -1078,7 +1294,9 @@ impl Conn {
         let frame_blocks_max = FRAME_PAYLOAD_MAX_BYTES as u64 / bs;
         self.read_extents.clear();
         self.read_payload.clear();
-        let mut cached: Option<(u64, u32)> = None;
+        // The record in `rec_buf`, by segment identity: a clone's segment and its source's may
+        // carry the same snapshot id.
+        let mut cached: Option<(*const store::Segment, u32)> = None;
         for (start, end, src) in &plan.pieces {
             let mut cur = *start;
             match src {
@@ -1098,12 +1316,12 @@ impl Conn {
                     }
                 }
                 PlanSrc::Data { seg, rec, rec_lba } => {
-                    if cached != Some((seg.snap_id, *rec)) {
+                    if cached != Some((Rc::as_ptr(seg), *rec)) {
                         let buf = std::mem::take(&mut self.rec_buf);
                         let (res, buf) = seg.read_record(*rec, plan.block_size, buf).await;
                         self.rec_buf = buf;
                         res?;
-                        cached = Some((seg.snap_id, *rec));
+                        cached = Some((Rc::as_ptr(seg), *rec));
                     }
                     while cur < *end {
                         let used_blocks = self.read_payload.len() as u64 / bs;
@@ -1145,6 +1363,7 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
     let mut conn = Conn {
         shard,
         volume_name: h.volume,
+        generation: h.generation,
         stream,
         hdr: Vec::new(),
         payload: Vec::new(),

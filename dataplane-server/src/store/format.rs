@@ -599,6 +599,30 @@ mod tests {
     }
 
     #[test]
+    fn clone_manifest_round_trips_with_its_feature_bit() {
+        let mut m = sample();
+        m.clone_source = Some(CloneSourceData {
+            volume: "src".into(),
+            volume_id: [9u8; 16],
+            snap_id: 42,
+        });
+        let buf = encode_manifest(&m);
+        assert_eq!(le_u32(&buf, 12), FEATURE_CLONE);
+        assert_eq!(decode_manifest(&buf, "v1").unwrap(), m);
+        // A plain manifest carries no feature bit.
+        assert_eq!(le_u32(&encode_manifest(&sample()), 12), 0);
+        // The bit without a clone source (or the reverse) is refused.
+        let mut lie = encode_manifest(&sample());
+        lie[12..16].copy_from_slice(&FEATURE_CLONE.to_le_bytes());
+        let crc = crc32c::crc32c(&lie[..60]);
+        lie[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode_manifest(&lie, "v1").unwrap_err().kind(),
+            StoreErrorKind::Corrupt
+        );
+    }
+
+    #[test]
     fn segment_envelopes() {
         let vid = [3u8; 16];
         let h = encode_segment_header(&vid, 4, 4096);

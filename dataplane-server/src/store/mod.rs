@@ -31,7 +31,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use deltavol_schemas::{check_extents, wire, ExtentError};
 use tokio_uring::buf::BoundedBuf;
 
-use format::{ManifestData, SegExtent, SnapEntry, VolumeId, KIND_DATA, KIND_ZERO};
+use format::{CloneSourceData, ManifestData, SegExtent, SnapEntry, VolumeId, KIND_DATA, KIND_ZERO};
 use layer::{Layer, Src};
 
 /// Largest block size a volume may have.
@@ -52,6 +52,9 @@ pub fn snapshot_data_max_bytes(volume_size: u64) -> u64 {
         .saturating_mul(4)
         .saturating_add(SNAPSHOT_DATA_SLACK_BYTES)
 }
+
+/// Cap on the depth of a clone chain (a clone of a clone of ...), bounding a read's fall-through.
+pub const CLONE_DEPTH_MAX: usize = 16;
 
 /// Cap on the blocks one `ReadExtents` request may ask for, in bytes.
 pub const READ_REQUEST_MAX_BYTES: u64 = 1 << 30;
@@ -233,17 +236,141 @@ struct VolumeState {
 struct ActiveUpload {
     epoch: u64,
     snap_id: u64,
+    generation: u64,
     committing: bool,
 }
 
 /// A summary of a volume for replies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeSummary {
     pub size_bytes: u64,
     pub block_size: u32,
     pub latest_snap_id: u64,
     pub generation: u64,
     pub snapshot_count: u64,
+    /// For a clone: the source volume and snapshot.
+    pub clone_source: Option<(String, u64)>,
+}
+
+/// A read-only view of a clone's source as of the source snapshot, opened by the clone's
+/// shard from the source's files: the source snapshot and every one before it are immutable
+/// (their segment files are never rewritten; a deleted predecessor's segment is merged by
+/// reference into the next snapshot, which keeps the content as of the source snapshot
+/// unchanged) and the source snapshot itself cannot be deleted while a clone depends on it.
+/// So the view, once built, stays exact without coordination with the source's owner shard.
+#[derive(Debug)]
+struct SourceView {
+    /// The source's layers up to and including the source snapshot, oldest first.
+    layers: Vec<Rc<Layer>>,
+    segments: HashMap<u64, Rc<Segment>>,
+    /// The source's own clone source, if the source is itself a clone.
+    next: Option<Rc<SourceView>>,
+}
+
+impl SourceView {
+    fn load(
+        volumes_dir: &Path,
+        src: &CloneSourceData,
+        depth: usize,
+    ) -> Result<Rc<SourceView>, StoreError> {
+        if depth >= CLONE_DEPTH_MAX {
+            return Err(StoreError::new(
+                StoreErrorKind::Damaged,
+                format!("clone chain deeper than {CLONE_DEPTH_MAX} volumes"),
+            ));
+        }
+        let damaged = |why: String| {
+            StoreError::new(
+                StoreErrorKind::Damaged,
+                format!("clone source {}@{}: {why}", src.volume, src.snap_id),
+            )
+        };
+        let m = read_manifest(volumes_dir, &src.volume)
+            .map_err(|e| damaged(e.to_string()))?
+            .ok_or_else(|| damaged("the source volume is gone".into()))?;
+        if m.volume_id != src.volume_id {
+            return Err(damaged(
+                "the source volume was replaced by another volume of the same name".into(),
+            ));
+        }
+        let idx = m
+            .snapshots
+            .iter()
+            .position(|s| s.snap_id == src.snap_id)
+            .ok_or_else(|| damaged("the source snapshot is gone".into()))?;
+        let dir = volumes_dir.join(&src.volume);
+        let mut segments = HashMap::new();
+        for s in &m.snapshots[..=idx] {
+            for id in &s.segments {
+                if segments.contains_key(id) {
+                    continue;
+                }
+                let seg = open_segment(&dir, &m.volume_id, *id, m.block_size)
+                    .map_err(|e| damaged(format!("segment {id}: {e}")))?;
+                segments.insert(*id, Rc::new(seg));
+            }
+        }
+        let layers = m.snapshots[..=idx]
+            .iter()
+            .map(|s| Rc::new(build_layer(&s.segments, &segments)))
+            .collect();
+        let next = match &m.clone_source {
+            Some(c) => Some(SourceView::load(volumes_dir, c, depth + 1)?),
+            None => None,
+        };
+        Ok(Rc::new(SourceView {
+            layers,
+            segments,
+            next,
+        }))
+    }
+}
+
+/// Reads and verifies `volumes_dir/<name>/MANIFEST`; `Ok(None)` when there is none.
+pub fn read_manifest(volumes_dir: &Path, name: &str) -> Result<Option<ManifestData>, StoreError> {
+    let path = volumes_dir.join(name).join(MANIFEST_NAME);
+    match std::fs::read(&path) {
+        Ok(raw) => format::decode_manifest(&raw, name).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io(format!("read {}", path.display()), e)),
+    }
+}
+
+/// Resolves `holes` through `layers` (newest last); appends what they hold to `out` and
+/// returns in `holes` what none of them writes.
+fn resolve_level(
+    layers: &[Rc<Layer>],
+    segments: &HashMap<u64, Rc<Segment>>,
+    holes: &mut Vec<(u64, u64)>,
+    out: &mut Vec<(u64, u64, PlanSrc)>,
+) -> Result<(), StoreError> {
+    let mut resolved = Vec::new();
+    let mut left = Vec::new();
+    for &(hs, he) in holes.iter() {
+        layer::resolve(
+            layers.iter().rev().map(|l| l.as_ref()),
+            hs,
+            he,
+            &mut resolved,
+        );
+        for (s, e, src) in resolved.drain(..) {
+            match src {
+                None => left.push((s, e)),
+                Some(Src::Zero) => out.push((s, e, PlanSrc::Zero)),
+                Some(Src::Data { seg, rec, rec_lba }) => {
+                    let seg = segments.get(&seg).cloned().ok_or_else(|| {
+                        StoreError::new(
+                            StoreErrorKind::Damaged,
+                            format!("segment {seg} is missing"),
+                        )
+                    })?;
+                    out.push((s, e, PlanSrc::Data { seg, rec, rec_lba }));
+                }
+            }
+        }
+    }
+    *holes = left;
+    Ok(())
 }
 
 /// One piece of a read plan.
@@ -275,6 +402,8 @@ pub struct Volume {
     /// Epoch of the last upload started (numbers temp files, identifies the current upload).
     upload_epoch: Cell<u64>,
     state: RefCell<VolumeState>,
+    /// For a clone: its source, opened at the first read that needs it.
+    source_view: RefCell<Option<Rc<SourceView>>>,
 }
 
 /// The outcome of a `BeginSnapshot`.
@@ -289,12 +418,14 @@ impl Volume {
         &self.name
     }
 
-    /// Creates a new volume directory with an empty chain.
+    /// Creates a new volume directory with an empty chain; with `clone_source`, a
+    /// metadata-only clone of that snapshot (the caller checked that it exists and pinned it).
     pub async fn create(
         volumes_dir: &Path,
         name: &str,
         size_bytes: u64,
         block_size: u32,
+        clone_source: Option<CloneSourceData>,
     ) -> Result<Rc<Volume>, StoreError> {
         check_geometry(size_bytes, block_size)?;
         let dir = volumes_dir.join(name);
@@ -311,10 +442,16 @@ impl Volume {
             generation: 0,
             created_ms: now_ms(),
             snapshots: Vec::new(),
+            clone_source,
         };
         write_atomic(&dir, MANIFEST_NAME, format::encode_manifest(&manifest)).await?;
         sync_dir(volumes_dir).await?;
-        tracing::info!(volume = name, size_bytes, block_size, "volume created");
+        match &manifest.clone_source {
+            Some(c) => {
+                tracing::info!(volume = name, source = %c.volume, source_snap_id = c.snap_id, "clone volume created")
+            }
+            None => tracing::info!(volume = name, size_bytes, block_size, "volume created"),
+        }
         Ok(Rc::new(Volume {
             name: name.to_string(),
             dir,
@@ -327,6 +464,7 @@ impl Volume {
                 segments: HashMap::new(),
                 damaged: None,
             }),
+            source_view: RefCell::new(None),
         }))
     }
 
@@ -395,6 +533,7 @@ impl Volume {
                 segments,
                 damaged,
             }),
+            source_view: RefCell::new(None),
         })))
     }
 
@@ -417,7 +556,80 @@ impl Volume {
             latest_snap_id: m.snapshots.last().map_or(0, |s| s.snap_id),
             generation: m.generation,
             snapshot_count: m.snapshots.len() as u64,
+            clone_source: m
+                .clone_source
+                .as_ref()
+                .map(|c| (c.volume.clone(), c.snap_id)),
         }
+    }
+
+    /// The clone source recorded in the manifest, if this volume is a clone.
+    pub fn clone_source(&self) -> Option<CloneSourceData> {
+        self.state.borrow().manifest.clone_source.clone()
+    }
+
+    /// Fencing: moves the volume's generation past both its current one and `floor` (the
+    /// asking connection's) by one, durably (manifest replaced before this returns), and
+    /// returns the new value. A streaming upload of an older generation is
+    /// abandoned at once (its temp file removed); a commit of an older generation that has not
+    /// published yet is refused when it does.
+    pub async fn new_generation(&self, floor: u64) -> Result<u64, StoreError> {
+        self.check_damaged()?;
+        let _guard = self.meta_lock.lock().await;
+        let new_manifest = {
+            let st = self.state.borrow();
+            let mut nm = st.manifest.clone();
+            nm.generation = nm.generation.max(floor).checked_add(1).ok_or_else(|| {
+                StoreError::new(StoreErrorKind::Invalid, "generation counter exhausted")
+            })?;
+            nm.sequence += 1;
+            nm
+        };
+        let generation = new_manifest.generation;
+        write_atomic(
+            &self.dir,
+            MANIFEST_NAME,
+            format::encode_manifest(&new_manifest),
+        )
+        .await?;
+        self.state.borrow_mut().manifest = new_manifest;
+        if let Some(a) = self.upload.get() {
+            if !a.committing && a.generation < generation {
+                self.upload.set(None);
+                let tmp = self.dir.join(format!(
+                    "{}.{}{TMP_SUFFIX}",
+                    segment_name(a.snap_id),
+                    a.epoch
+                ));
+                let _ = std::fs::remove_file(&tmp);
+                tracing::info!(volume = %self.name, snap_id = a.snap_id, generation = a.generation, "upload of a fenced generation abandoned");
+            }
+        }
+        tracing::info!(volume = %self.name, generation, "new generation: older writers are fenced");
+        Ok(generation)
+    }
+
+    /// Refuses a writer of generation `generation` when the volume moved past it.
+    pub fn check_generation(&self, generation: u64) -> Result<(), StoreError> {
+        let current = self.state.borrow().manifest.generation;
+        if generation < current {
+            return Err(stale_generation(&self.name, current, generation));
+        }
+        Ok(())
+    }
+
+    /// The clone's source view, opened on first use.
+    fn source_view(&self) -> Result<Option<Rc<SourceView>>, StoreError> {
+        if let Some(v) = self.source_view.borrow().as_ref() {
+            return Ok(Some(Rc::clone(v)));
+        }
+        let Some(src) = self.clone_source() else {
+            return Ok(None);
+        };
+        let volumes_dir = self.dir.parent().unwrap_or(Path::new("."));
+        let view = SourceView::load(volumes_dir, &src, 1)?;
+        *self.source_view.borrow_mut() = Some(Rc::clone(&view));
+        Ok(Some(view))
     }
 
     /// Snapshots with id > `after`, oldest first, at most `max`; and whether more follow.
@@ -453,13 +665,7 @@ impl Volume {
                 ));
             }
             if generation < m.generation {
-                return Err(StoreError::new(
-                    StoreErrorKind::StaleGeneration,
-                    format!(
-                        "generation {generation} is older than the volume's generation {}",
-                        m.generation
-                    ),
-                ));
+                return Err(stale_generation(&self.name, m.generation, generation));
             }
             let head = m.snapshots.last().map_or(0, |s| s.snap_id);
             if parent_id != head {
@@ -508,6 +714,7 @@ impl Volume {
         self.upload.set(Some(ActiveUpload {
             epoch,
             snap_id,
+            generation,
             committing: false,
         }));
         let tmp_path = self
@@ -546,9 +753,12 @@ impl Volume {
         Ok(BeginOutcome::Started(upload))
     }
 
-    /// Plans a read of `[lba, lba + nblocks)` as of `snap_id`.
+    /// Plans a read of `[lba, lba + nblocks)` as of `snap_id`. On a clone, blocks the clone's
+    /// own chain does not hold fall through to the source as of the source snapshot, and
+    /// `snap_id = 0` reads the clone's base (the source alone).
     pub fn plan_read(&self, snap_id: u64, lba: u64, nblocks: u64) -> Result<ReadPlan, StoreError> {
         self.check_damaged()?;
+        let view = self.source_view()?;
         let st = self.state.borrow();
         let m = &st.manifest;
         let bs = m.block_size;
@@ -565,37 +775,35 @@ impl Volume {
                 format!("read of {nblocks} blocks exceeds the cap of {READ_REQUEST_MAX_BYTES} bytes a request"),
             ));
         }
-        let idx = m
-            .snapshots
-            .iter()
-            .position(|s| s.snap_id == snap_id)
-            .ok_or_else(|| {
-                StoreError::new(
-                    StoreErrorKind::NoSuchSnapshot,
-                    format!("volume {} has no snapshot {snap_id}", self.name),
-                )
-            })?;
-        let mut resolved = Vec::new();
-        layer::resolve(
-            st.layers[..=idx].iter().rev().map(|l| l.as_ref()),
-            lba,
-            end,
-            &mut resolved,
-        );
-        let mut pieces = Vec::with_capacity(resolved.len());
-        for (s, e, src) in resolved {
-            let p = match src {
-                None | Some(Src::Zero) => PlanSrc::Zero,
-                Some(Src::Data { seg, rec, rec_lba }) => {
-                    let seg = st.segments.get(&seg).cloned().ok_or_else(|| {
-                        StoreError::new(
-                            StoreErrorKind::Damaged,
-                            format!("segment {seg} is missing"),
-                        )
-                    })?;
-                    PlanSrc::Data { seg, rec, rec_lba }
-                }
-            };
+        let own = if snap_id == 0 && view.is_some() {
+            0
+        } else {
+            m.snapshots
+                .iter()
+                .position(|s| s.snap_id == snap_id)
+                .ok_or_else(|| {
+                    StoreError::new(
+                        StoreErrorKind::NoSuchSnapshot,
+                        format!("volume {} has no snapshot {snap_id}", self.name),
+                    )
+                })?
+                + 1
+        };
+        let mut holes = vec![(lba, end)];
+        let mut found = Vec::new();
+        resolve_level(&st.layers[..own], &st.segments, &mut holes, &mut found)?;
+        let mut level = view;
+        while let Some(v) = level {
+            if holes.is_empty() {
+                break;
+            }
+            resolve_level(&v.layers, &v.segments, &mut holes, &mut found)?;
+            level = v.next.clone();
+        }
+        found.extend(holes.into_iter().map(|(s, e)| (s, e, PlanSrc::Zero)));
+        found.sort_unstable_by_key(|p| p.0);
+        let mut pieces: Vec<(u64, u64, PlanSrc)> = Vec::with_capacity(found.len());
+        for (s, e, p) in found {
             // Merge adjacent zero pieces.
             if let (PlanSrc::Zero, Some((_, pe, PlanSrc::Zero))) = (&p, pieces.last_mut()) {
                 if *pe == s {
@@ -663,6 +871,16 @@ impl Volume {
         tracing::info!(volume = %self.name, snap_id, merged_into, "snapshot deleted");
         Ok(merged_into)
     }
+}
+
+fn stale_generation(volume: &str, current: u64, writer: u64) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::StaleGeneration,
+        format!(
+            "volume {volume} is now at generation {current} (recovered elsewhere); this writer \
+             (generation {writer}) is fenced"
+        ),
+    )
 }
 
 fn check_geometry(size_bytes: u64, block_size: u32) -> Result<(), StoreError> {
@@ -852,7 +1070,11 @@ impl Upload {
                 payload,
             );
         }
-        if let Err(e) = self.check_current() {
+        if let Err(e) = self
+            .volume
+            .check_generation(self.generation)
+            .and_then(|()| self.check_current())
+        {
             return (Err(e), payload);
         }
         if self.extents.len() as u64 + count as u64 > SNAPSHOT_EXTENTS_MAX {
@@ -955,6 +1177,7 @@ impl Upload {
         extent_count: u64,
         total_bytes: u64,
     ) -> Result<SnapEntry, StoreError> {
+        self.volume.check_generation(self.generation)?;
         self.check_current()?;
         if extent_count != self.extents.len() as u64 || total_bytes != self.data_bytes {
             return Err(StoreError::new(
@@ -975,6 +1198,7 @@ impl Upload {
         self.volume.upload.set(Some(ActiveUpload {
             epoch: self.epoch,
             snap_id: self.snap_id,
+            generation: self.generation,
             committing: true,
         }));
         let footer = format::encode_segment_footer(
@@ -1029,6 +1253,15 @@ impl Upload {
         let new_manifest = {
             let st = volume.state.borrow();
             let mut nm = st.manifest.clone();
+            if self.generation < nm.generation {
+                // Fenced while committing: no manifest names this segment, remove it now.
+                let _ = std::fs::remove_file(final_path);
+                return Err(stale_generation(
+                    &volume.name,
+                    nm.generation,
+                    self.generation,
+                ));
+            }
             let head = nm.snapshots.last().map_or(0, |s| s.snap_id);
             if head != self.parent_id {
                 return Err(StoreError::new(
