@@ -154,6 +154,10 @@ pub struct AddArgs {
     /// the backing file, on the same disk).
     #[arg(long, requires = "dataplane")]
     pub outbox_dir: Option<PathBuf>,
+    /// Background hydration rate limit per second, e.g. 100MiB (0 = unlimited); only while
+    /// the volume hydrates after `recover` or `clone`.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    pub hydrate_rate: u64,
     /// Stay in the foreground (logs to stderr) instead of daemonizing.
     #[arg(long)]
     pub foreground: bool,
@@ -233,8 +237,11 @@ impl AddArgs {
                     cache_limit_bytes: self.cache_limit,
                     read_cache_bytes: self.read_cache,
                     nr_queues: usize::from(self.queues),
+                    create_as: None,
                 },
                 flush_interval: Duration::from_millis(self.flush_interval_ms),
+                hydrate_rate_bytes_per_s: self.hydrate_rate,
+                fetch_timeout: crate::volume::FETCH_TIMEOUT_DEFAULT,
             },
             queues: self.queues,
             depth: self.depth,

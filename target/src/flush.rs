@@ -372,6 +372,10 @@ impl FlushThread {
         self.sink.begin(f, false, c.size_bytes)?;
         let mut buf = std::mem::take(&mut self.buf);
         let mut err = None;
+        // While hydrating, hydration must not write a block of this epoch after we do.
+        let hyd_lock = c
+            .hydrating()
+            .map(|_| c.backing_lock.lock().unwrap_or_else(|p| p.into_inner()));
         c.slots[s]
             .bits
             .for_each_run(FLUSH_EXTENT_BLOCKS_MAX, |start, len| {
@@ -394,6 +398,10 @@ impl FlushThread {
         c.backing
             .sync_data()
             .map_err(|e| Error::io("fdatasync", &c.backing_path, e))?;
+        drop(hyd_lock);
+        // The blocks of this epoch are local: that must be durable before the epoch is
+        // committed, or a restart would hydrate old data over them.
+        crate::hydrate::persist_local(&c)?;
         self.check_abort()?;
         self.sink.commit(f)?;
         self.check_abort()?;

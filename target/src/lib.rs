@@ -13,6 +13,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod flush;
+pub mod hydrate;
 pub mod queue;
 pub mod ring;
 pub mod ship;

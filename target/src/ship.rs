@@ -111,6 +111,7 @@ struct State {
 
 struct Shared {
     cfg: ShipConfig,
+    generation: u64,
     volume: String,
     volume_id: VolumeId,
     size_bytes: u64,
@@ -132,8 +133,14 @@ impl Shared {
             connect: self.cfg.connect_timeout,
             io: self.cfg.io_timeout,
         };
-        let mut c = Client::connect(self.cfg.addr.as_str(), &self.cfg.token, &self.volume, t)
-            .map_err(client_err)?;
+        let mut c = Client::connect_with_generation(
+            self.cfg.addr.as_str(),
+            &self.cfg.token,
+            &self.volume,
+            t,
+            self.generation,
+        )
+        .map_err(client_err)?;
         let info = c
             .create_volume(self.size_bytes, BLOCK_SIZE as u32)
             .map_err(client_err)?;
@@ -208,6 +215,7 @@ impl DataPlaneSink {
         volume_id: VolumeId,
         size_bytes: u64,
         snap_head: u64,
+        generation: u64,
     ) -> Result<DataPlaneSink> {
         std::fs::create_dir_all(&cfg.outbox_dir)
             .map_err(|e| Error::io("create outbox", &cfg.outbox_dir, e))?;
@@ -245,6 +253,7 @@ impl DataPlaneSink {
         }
         let shared = Arc::new(Shared {
             cfg,
+            generation,
             volume: volume.to_string(),
             volume_id,
             size_bytes,

@@ -5,6 +5,7 @@
 use crate::cache::{meta, Cache, CacheConfig, SyncHandle};
 use crate::error::{Error, Result};
 use crate::flush::{DeltaSink, FlushStatus, Flusher, NullSink};
+use crate::hydrate::{HydrateConfig, HydrateStatus, Hydrator};
 use crate::ring::{HostRing, Ring};
 use crate::ship::{DataPlaneSink, ShipConfig, ShipHandle, ShipStatus};
 use serde::Serialize;
@@ -19,14 +20,22 @@ pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 15_000;
 pub struct VolumeConfig {
     pub cache: CacheConfig,
     pub flush_interval: Duration,
-    /// Ship each flushed epoch as a snapshot to a data plane.
+    /// Ship each flushed epoch as a snapshot to a data plane (and, while the volume
+    /// hydrates, fetch from it).
     pub ship: Option<ShipConfig>,
+    /// Background hydration rate limit, bytes per second (0 = unlimited).
+    pub hydrate_rate_bytes_per_s: u64,
+    /// How long a read of a not-yet-hydrated block retries an unreachable data plane.
+    pub fetch_timeout: Duration,
 }
+
+pub const FETCH_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
 pub struct Volume {
     pub cache: Arc<Cache>,
     pub flusher: Flusher,
     pub ship: Option<ShipHandle>,
+    pub hydrator: Option<Hydrator>,
 }
 
 /// A point-in-time view of a volume for `deltavol status`.
@@ -55,6 +64,7 @@ pub struct VolumeStatus {
     pub durability_failed: bool,
     pub flush: FlushStatus,
     pub shipping: Option<ShipStatus>,
+    pub hydration: Option<HydrateStatus>,
 }
 
 impl Volume {
@@ -84,6 +94,7 @@ impl Volume {
                     cache.volume_id,
                     cache.size_bytes,
                     cache.snap_head(),
+                    cache.generation(),
                 )?;
                 ship = Some(s.handle());
                 Box::new(s)
@@ -97,10 +108,29 @@ impl Volume {
         }
         let flusher = Flusher::start(cache.clone(), sink, cfg.flush_interval)
             .map_err(|e| Error::io("start flush thread for", &cfg.cache.cache_dir, e))?;
+        let hydrator = match (&cfg.ship, cache.hydrating()) {
+            (_, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::invalid(format!(
+                    "volume {:?} is still hydrating from the data plane: give --dataplane and --auth-token-file",
+                    cache.name
+                )))
+            }
+            (Some(sc), Some(_)) => Hydrator::start(
+                cache.clone(),
+                HydrateConfig {
+                    ship: sc.clone(),
+                    generation: cache.generation(),
+                    rate_bytes_per_s: cfg.hydrate_rate_bytes_per_s,
+                    fetch_timeout: cfg.fetch_timeout,
+                },
+            )?,
+        };
         Ok(Volume {
             cache,
             flusher,
             ship,
+            hydrator,
         })
     }
 
@@ -138,6 +168,9 @@ impl Volume {
     /// no more I/O can arrive.
     pub fn shutdown(&self) {
         self.flusher.stop();
+        if let Some(h) = &self.hydrator {
+            h.stop();
+        }
         if let Some(s) = self.cache.syncer.get() {
             s.stop();
         }
@@ -146,6 +179,9 @@ impl Volume {
     /// Simulated crash (tests): stops the threads without flushing anything more.
     pub fn crash(&self) {
         self.flusher.abort();
+        if let Some(h) = &self.hydrator {
+            h.abort();
+        }
         if let Some(s) = self.cache.syncer.get() {
             s.stop();
         }
@@ -183,6 +219,7 @@ impl Volume {
             durability_failed: c.sync_failed.load(SeqCst),
             flush: self.flusher.status(),
             shipping: self.ship.as_ref().map(|s| s.status()),
+            hydration: self.hydrator.as_ref().map(|h| h.status()),
         }
     }
 }

@@ -2,127 +2,13 @@
 //! the data plane down for a while (outbox), killed mid-upload, and base snapshots.
 
 mod common;
+use common::dp::*;
 use common::*;
-use deltavol::ship::ShipConfig;
 use deltavol::volume::{Volume, VolumeConfig};
 use rand::{Rng, SeedableRng};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-const TOKEN: &[u8] = b"test-token-ship";
-
-/// The data-plane binary, built on demand (cargo only builds other packages' binaries for
-/// `cargo test --workspace`).
-fn dataplane_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("deltavol-dataplane");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let profile_release = dir.file_name().is_some_and(|n| n == "release");
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "-q",
-        "-p",
-        "deltavol-dataplane",
-        "--bin",
-        "deltavol-dataplane",
-    ]);
-    if profile_release {
-        cmd.arg("--release");
-    }
-    let st = cmd.status().expect("run cargo build for the data plane");
-    assert!(st.success(), "building deltavol-dataplane failed");
-    assert!(bin.exists(), "{} missing after build", bin.display());
-    bin
-}
-
-struct Dp {
-    child: Child,
-    addr: String,
-}
-
-impl Dp {
-    fn start(data_dir: &Path, listen: &str) -> Dp {
-        std::fs::create_dir_all(data_dir).unwrap();
-        let tok = data_dir.with_extension("token");
-        std::fs::write(&tok, TOKEN).unwrap();
-        let mut child = Command::new(dataplane_bin())
-            .args([
-                "--listen",
-                listen,
-                "--data-dir",
-                data_dir.to_str().unwrap(),
-                "--threads",
-                "2",
-                "--auth-token-file",
-                tok.to_str().unwrap(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start data plane");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected: {line:?}"))
-            .to_string();
-        Dp { child, addr }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Dp {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn ship_cfg(dir: &Path, addr: &str) -> ShipConfig {
-    ShipConfig {
-        addr: addr.to_string(),
-        token: TOKEN.to_vec(),
-        outbox_dir: dir.join("outbox"),
-        connect_timeout: Duration::from_millis(500),
-        io_timeout: Duration::from_secs(5),
-    }
-}
-
-fn client(addr: &str) -> deltavol_dataplane::Client {
-    let t = deltavol_dataplane::Timeouts {
-        connect: Duration::from_secs(2),
-        io: Duration::from_secs(10),
-    };
-    deltavol_dataplane::Client::connect(addr, TOKEN, "testvol", t).expect("connect")
-}
-
-/// Reads a whole snapshot back from the data plane as block tags.
-fn snapshot_tags(addr: &str, snap: u64, nblocks: u64) -> Vec<Option<u64>> {
-    let mut c = client(addr);
-    let mut buf = vec![0u8; 128 * BS];
-    let mut out = Vec::new();
-    let mut lba = 0;
-    while lba < nblocks {
-        let n = (nblocks - lba).min(128);
-        c.read_extents(snap, lba, n, &mut buf[..n as usize * BS])
-            .unwrap();
-        out.extend((0..n as usize).map(|i| tag_of(&buf[i * BS..(i + 1) * BS])));
-        lba += n;
-    }
-    out
-}
 
 fn wait_outbox_empty(vol: &Volume, limit: Duration) {
     let t0 = Instant::now();

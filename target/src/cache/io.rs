@@ -26,6 +26,8 @@ static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
 enum Src {
     Mirror(usize),
     Clean,
+    /// Not local yet (hydrating): fetched from the data plane.
+    Remote,
 }
 
 impl Cache {
@@ -111,13 +113,20 @@ impl Cache {
         };
         let sa = &self.slots[(a % 2) as usize].bits;
         let sf = (f != 0).then(|| &self.slots[(f % 2) as usize].bits);
+        let hyd = self.hydrating();
         let src_of = |b: u64| {
+            // Sampled before the epoch bits: a write marks a block local only after its
+            // epoch bit is set, so "not local" here plus "in no epoch" below means the data
+            // plane still has its newest contents.
+            let local = hyd.is_none_or(|h| h.local.get(b));
             if sa.get(b) {
                 Src::Mirror((a % 2) as usize)
             } else if sf.is_some_and(|bf| bf.get(b)) {
                 Src::Mirror((f % 2) as usize)
-            } else {
+            } else if local {
                 Src::Clean
+            } else {
+                Src::Remote
             }
         };
         // Runs of blocks with one source, in order.
@@ -138,6 +147,7 @@ impl Cache {
                         .await
                 }
                 Src::Clean => self.read_clean(ring, b0 + i, &mut buf[lo..hi], gen).await,
+                Src::Remote => self.read_remote(ring, b0 + i, &mut buf[lo..hi]).await,
             };
             if r < 0 {
                 return r;
@@ -180,6 +190,34 @@ impl Cache {
                 st.rcache_hits.fetch_add(1, Relaxed);
             }
             i = j + 1;
+        }
+        0
+    }
+
+    /// Reads blocks not yet hydrated: their extents are fetched from the data plane (one fetch
+    /// shared by concurrent reads of an extent), installed in the backing file, and copied out.
+    async fn read_remote<R: Ring>(&self, ring: &R, b0: u64, buf: &mut [u8]) -> i32 {
+        use crate::hydrate::HYDRATE_EXTENT_BLOCKS as EXT;
+        let Some(fetch) = self.hydration.as_ref().and_then(|h| h.fetch.get()) else {
+            return -libc::EIO;
+        };
+        let n = (buf.len() as u64) >> BLOCK_SHIFT;
+        let mut b = b0;
+        while b < b0 + n {
+            let ext = b / EXT;
+            let end = ((ext + 1) * EXT).min(b0 + n);
+            let data = match fetch.request(ext, ring.kicker()).await {
+                Ok(d) => d,
+                Err(e) => return e,
+            };
+            let src = ((b - ext * EXT) << BLOCK_SHIFT) as usize;
+            let dst = ((b - b0) << BLOCK_SHIFT) as usize;
+            let len = ((end - b) << BLOCK_SHIFT) as usize;
+            if src + len > data.len() {
+                return -libc::EIO;
+            }
+            buf[dst..dst + len].copy_from_slice(&data[src..src + len]);
+            b = end;
         }
         0
     }
@@ -267,6 +305,9 @@ impl Cache {
             return r;
         }
         self.slots[s].mark(b0, n, true);
+        if let Some(h) = self.hydrating() {
+            h.local.set_range(b0, n);
+        }
         drop(g);
         buf.len() as i32
     }
@@ -297,6 +338,9 @@ impl Cache {
             return r;
         }
         self.slots[s].mark(b0, n, false);
+        if let Some(h) = self.hydrating() {
+            h.local.set_range(b0, n);
+        }
         drop(g);
         0
     }

@@ -8,7 +8,10 @@
 //! Two 4096-byte copies at offsets 0 and 4096. Fields (little endian):
 //! `magic[8] "DVOLSUPR" | version u32 | hdr_len u32 | features u64 | volume_id [16] |
 //!  size_bytes u64 | block_size u32 | name_len u16 | pad u16 | name [64] | flushed_epoch u64 |
-//!  seq u64 | created_unix_ms u64 | snap_head u64 | ... | crc32c u32 (last 4 bytes, over the rest)`.
+//!  seq u64 | created_unix_ms u64 | snap_head u64 | generation u64 | hydrating u64 |
+//!  hydrate_snap u64 | ... | crc32c u32 (last 4 bytes, over the rest)`.
+//! `generation` is the volume's writer generation on the data plane (fencing); `hydrating` is 1
+//! while the volume is still being filled from snapshot `hydrate_snap` of the data plane.
 //! `snap_head` is the newest snapshot of this volume made durable by the delta sink (committed on
 //! the data plane or spooled to its outbox), 0 for none: the parent of the next snapshot.
 //! `flushed_epoch` is the newest epoch whose data is durable in the backing file: the only
@@ -55,6 +58,9 @@ pub struct Superblock {
     pub seq: u64,
     pub created_unix_ms: u64,
     pub snap_head: u64,
+    pub generation: u64,
+    pub hydrating: bool,
+    pub hydrate_snap: u64,
 }
 
 pub fn volume_id_hex(id: &VolumeId) -> String {
@@ -78,6 +84,9 @@ impl Superblock {
         b[128..136].copy_from_slice(&self.seq.to_le_bytes());
         b[136..144].copy_from_slice(&self.created_unix_ms.to_le_bytes());
         b[144..152].copy_from_slice(&self.snap_head.to_le_bytes());
+        b[152..160].copy_from_slice(&self.generation.to_le_bytes());
+        b[160..168].copy_from_slice(&u64::from(self.hydrating).to_le_bytes());
+        b[168..176].copy_from_slice(&self.hydrate_snap.to_le_bytes());
         let crc = crc32c::crc32c(&b[..SUPER_COPY_BYTES - 4]);
         b[SUPER_COPY_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -142,6 +151,9 @@ impl Superblock {
             seq: le64(128),
             created_unix_ms: le64(136),
             snap_head: le64(144),
+            generation: le64(152),
+            hydrating: le64(160) != 0,
+            hydrate_snap: le64(168),
         }))
     }
 
@@ -292,6 +304,9 @@ mod tests {
             seq: 0,
             created_unix_ms: 1,
             snap_head: 0,
+            generation: 0,
+            hydrating: false,
+            hydrate_snap: 0,
         }
     }
 

@@ -26,6 +26,7 @@ pub mod io;
 pub mod meta;
 pub mod readcache;
 pub mod syncer;
+pub mod wait;
 
 pub use syncer::SyncHandle;
 
@@ -57,6 +58,33 @@ pub struct CacheConfig {
     pub read_cache_bytes: u64,
     /// Queues (or host threads) that will call the handler.
     pub nr_queues: usize,
+    /// When the volume is created (not reattached): start it as a copy of a data-plane
+    /// snapshot, to be hydrated (recover, clone).
+    pub create_as: Option<CreateAs>,
+}
+
+/// The starting point of a volume created from the data plane.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateAs {
+    /// The epoch the local volume starts after (its snapshots continue the chain from here).
+    pub flushed_epoch: u64,
+    /// The chain head on the data plane (parent of the first new snapshot).
+    pub snap_head: u64,
+    /// The writer generation the data plane gave this volume.
+    pub generation: u64,
+    /// The data-plane snapshot whose contents the volume hydrates from (0: a clone's base).
+    pub hydrate_snap: u64,
+}
+
+/// While a volume hydrates from the data plane: which blocks are local (hydrated, or written
+/// here), so that reads of the others are fetched and hydration never overwrites a write.
+pub struct Hydration {
+    pub local: Bitmap,
+    pub snap: u64,
+    pub done: AtomicBool,
+    /// The fetcher serving on-demand reads; set once it is started.
+    pub fetch: std::sync::OnceLock<crate::hydrate::FetchHandle>,
+    pub(crate) persist: Mutex<crate::hydrate::MapPersist>,
 }
 
 /// One mirror slot: the dirty bitmap of the epoch using it, and its persistence state.
@@ -148,6 +176,11 @@ pub struct Cache {
     pub sync_failed: AtomicBool,
     /// The syncer thread serving FLUSH; set once it is started (see [`SyncHandle::start`]).
     pub syncer: std::sync::OnceLock<SyncHandle>,
+    /// Present while the volume hydrates from the data plane.
+    pub hydration: Option<Hydration>,
+    /// Held by whoever writes the backing file for the flush or for hydration, so that
+    /// hydration never writes a block after the flush of a newer write to it.
+    pub backing_lock: Mutex<()>,
     _lock: File,
 }
 
@@ -267,14 +300,18 @@ impl Cache {
                     cfg.name
                 )));
             };
+            let ca = cfg.create_as;
             let sb = Superblock {
                 volume_id: rand::random(),
                 name: cfg.name.clone(),
                 size_bytes,
-                flushed_epoch: 0,
+                flushed_epoch: ca.map_or(0, |c| c.flushed_epoch),
                 seq: 0,
                 created_unix_ms: now_unix_ms(),
-                snap_head: 0,
+                snap_head: ca.map_or(0, |c| c.snap_head),
+                generation: ca.map_or(0, |c| c.generation),
+                hydrating: ca.is_some(),
+                hydrate_snap: ca.map_or(0, |c| c.hydrate_snap),
             };
             (sb, true)
         };
@@ -382,6 +419,18 @@ impl Cache {
                 cfg.cache_limit_bytes
             )));
         }
+        let hydration = if sb.hydrating {
+            let h = crate::hydrate::open_local_map(&cfg.cache_dir, &sb, nblocks)?;
+            // Blocks written here (still in an epoch) are local whatever the map says.
+            for s in &slots {
+                for w in 0..s.bits.nwords() {
+                    h.local.or_word(w, s.bits.word(w));
+                }
+            }
+            Some(h)
+        } else {
+            None
+        };
         let mirrors: [File; 2] = mirrors.try_into().map_err(|_| Error::invalid("mirrors"))?;
         let maps: [File; 2] = maps.try_into().map_err(|_| Error::invalid("maps"))?;
         let c = Cache {
@@ -406,6 +455,8 @@ impl Cache {
             watermark_hit: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
             syncer: std::sync::OnceLock::new(),
+            hydration,
+            backing_lock: Mutex::new(()),
             _lock: lock,
         };
         tracing::info!(
@@ -566,6 +617,36 @@ impl Cache {
         if let Err(e) = sb.write_next(file, &path) {
             (sb.flushed_epoch, sb.snap_head) = prev;
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The writer generation on the data plane.
+    pub fn generation(&self) -> u64 {
+        self.sb
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .generation
+    }
+
+    /// The hydration state, while the volume is still hydrating.
+    pub fn hydrating(&self) -> Option<&Hydration> {
+        self.hydration.as_ref().filter(|h| !h.done.load(SeqCst))
+    }
+
+    /// Marks hydration complete in the superblock: from now on an ordinary volume.
+    pub fn finish_hydration(&self) -> Result<()> {
+        let mut g = self.sb.lock().unwrap_or_else(|p| p.into_inner());
+        let (sb, file) = &mut *g;
+        sb.hydrating = false;
+        let path = self.cache_dir.join("superblock");
+        if let Err(e) = sb.write_next(file, &path) {
+            sb.hydrating = true;
+            return Err(e);
+        }
+        if let Some(h) = &self.hydration {
+            h.done.store(true, SeqCst);
         }
         Ok(())
     }

@@ -4,53 +4,18 @@
 //! Queue threads never block: a FLUSH sends a [`Waiter`] and awaits it; the syncer completes
 //! it, wakes the task and kicks the queue's ring (see [`crate::ring::Kicker`]).
 
+use super::wait::{Completion, Wait};
 use super::Cache;
 use crate::ring::Kicker;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 
-/// One FLUSH waiting for the syncer.
-pub struct Waiter {
-    state: Mutex<(Option<i32>, Option<Waker>)>,
-    kicker: Option<Arc<Kicker>>,
-}
-
-impl Waiter {
-    fn complete(&self, res: i32) {
-        let waker = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.0 = Some(res);
-            st.1.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-        if let Some(k) = &self.kicker {
-            k.kick();
-        }
-    }
-}
+/// One FLUSH waiting for the syncer: resolves to 0, or a negative errno.
+type Waiter = Completion<i32>;
 
 /// Resolves to 0 once everything completed before the request is durable, or `-EIO`.
-pub struct WaitDurable(Arc<Waiter>);
-
-impl Future for WaitDurable {
-    type Output = i32;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
-        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        match st.0 {
-            Some(r) => Poll::Ready(r),
-            None => {
-                st.1 = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        }
-    }
-}
+pub type WaitDurable = Wait<i32>;
 
 enum Msg {
     Sync(Arc<Waiter>),
@@ -78,10 +43,7 @@ impl SyncHandle {
 
     /// Asks for durability of everything completed so far; `kicker` wakes the caller's ring.
     pub fn request(&self, kicker: Option<Arc<Kicker>>) -> WaitDurable {
-        let w = Arc::new(Waiter {
-            state: Mutex::new((None, None)),
-            kicker,
-        });
+        let w = Waiter::new(kicker);
         let sent = self
             .tx
             .lock()
@@ -90,7 +52,7 @@ impl SyncHandle {
         if sent.is_err() {
             w.complete(-libc::ESHUTDOWN);
         }
-        WaitDurable(w)
+        w.wait()
     }
 
     /// Stops the thread after the requests already queued.

@@ -3,6 +3,8 @@
 //! model can be a flat array of tags.
 #![allow(dead_code)]
 
+pub mod dp;
+
 use deltavol::cache::io::{
     UBLK_IO_F_FUA, UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE,
     UBLK_IO_OP_WRITE_ZEROES,
@@ -26,9 +28,12 @@ pub fn config(dir: &Path, size_bytes: u64, nr_queues: usize) -> VolumeConfig {
             cache_limit_bytes: 64 << 20,
             read_cache_bytes: 1 << 20,
             nr_queues,
+            create_as: None,
         },
         flush_interval: Duration::from_millis(50),
         ship: None,
+        hydrate_rate_bytes_per_s: 0,
+        fetch_timeout: Duration::from_secs(5),
     }
 }
 

@@ -1,0 +1,592 @@
+//! Hydration: a volume recovered (or cloned) from a data-plane snapshot is usable at once and
+//! fills itself in the background.
+//!
+//! While hydrating, the cache keeps a *local* bitmap: blocks whose data is in the backing file
+//! (hydrated) or that were written here. A read of a block that is neither in an epoch nor
+//! local is served from the data plane: the queue hands the block's extent
+//! ([`HYDRATE_EXTENT_BLOCKS`] blocks) to the fetcher thread and awaits it; concurrent reads of
+//! one extent share one fetch; the fetcher writes the extent's non-local blocks to the backing
+//! file, marks them local, and hands the data to the waiting reads. Between requests the same
+//! thread hydrates the rest in LBA order, at most `rate_bytes_per_s`.
+//!
+//! ## Never overwrite a write
+//! A write marks its blocks local once its mirror write completed (before its epoch can be
+//! cut). Hydration writes a block only if it is not local, checked and written under the
+//! cache's `backing_lock`, which the flush also holds while it writes the backing file — so a
+//! hydrated (old) block can land before the flush of a newer write, never after it.
+//!
+//! ## Durability
+//! The local map is persisted (A/B files `hydrate.map.{0,1}`, magic, sequence, crc32c) after
+//! the backing file is synced, and by the flush before it commits an epoch, so after a crash a
+//! block marked local always has its data in the backing file. A block hydrated but not yet in
+//! the persisted map is merely fetched again.
+
+use crate::cache::bitmap::Bitmap;
+use crate::cache::meta::{read_full_at, Superblock, BLOCK_SHIFT, BLOCK_SIZE};
+use crate::cache::wait::{Completion, Wait};
+use crate::cache::{Cache, Hydration};
+use crate::error::{Error, ErrorKind, Result};
+use crate::ring::Kicker;
+use crate::ship::ShipConfig;
+use deltavol_dataplane::{Client, Timeouts};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The unit of fetching and hydrating: 64 blocks, 256 KiB.
+pub const HYDRATE_EXTENT_BLOCKS: u64 = 64;
+const MAP_MAGIC: &[u8; 8] = b"DVHYDMAP";
+const MAP_VERSION: u32 = 1;
+const MAP_HDR_BYTES: usize = 64;
+/// How often background hydration syncs the backing file and persists the map.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The result of one extent fetch: its data, or a negative errno.
+pub type FetchResult = std::result::Result<Arc<Vec<u8>>, i32>;
+
+#[derive(Debug, Clone)]
+pub struct HydrateConfig {
+    pub ship: ShipConfig,
+    pub generation: u64,
+    /// Background hydration rate limit (bytes per second; 0 = unlimited).
+    pub rate_bytes_per_s: u64,
+    /// How long a read of a missing block retries an unreachable data plane before EIO.
+    pub fetch_timeout: Duration,
+}
+
+/// Persistence state of the local map (alternating copies).
+pub struct MapPersist {
+    dir: PathBuf,
+    seq: u64,
+}
+
+fn map_path(dir: &Path, copy: u64) -> PathBuf {
+    dir.join(format!("hydrate.map.{copy}"))
+}
+
+fn encode_map(sb_id: &[u8; 16], snap: u64, seq: u64, bits: &Bitmap) -> Vec<u8> {
+    let mut out = vec![0u8; MAP_HDR_BYTES + bits.nwords() * 8];
+    out[0..8].copy_from_slice(MAP_MAGIC);
+    out[8..12].copy_from_slice(&MAP_VERSION.to_le_bytes());
+    out[16..32].copy_from_slice(sb_id);
+    out[32..40].copy_from_slice(&snap.to_le_bytes());
+    out[40..48].copy_from_slice(&seq.to_le_bytes());
+    out[48..56].copy_from_slice(&bits.len_bits().to_le_bytes());
+    for w in 0..bits.nwords() {
+        let o = MAP_HDR_BYTES + w * 8;
+        out[o..o + 8].copy_from_slice(&bits.word(w).to_le_bytes());
+    }
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..60]), &out[MAP_HDR_BYTES..]);
+    out[60..64].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes one copy: `(seq, words)` if valid and ours.
+fn decode_map(b: &[u8], sb: &Superblock, nblocks: u64) -> Option<(u64, Vec<u64>)> {
+    if b.len() < MAP_HDR_BYTES || &b[0..8] != MAP_MAGIC {
+        return None;
+    }
+    let le64 = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+    let crc = u32::from_le_bytes(b[60..64].try_into().ok()?);
+    if crc != crc32c::crc32c_append(crc32c::crc32c(&b[..60]), &b[MAP_HDR_BYTES..])
+        || u32::from_le_bytes(b[8..12].try_into().ok()?) != MAP_VERSION
+        || b[16..32] != sb.volume_id
+        || le64(32) != sb.hydrate_snap
+        || le64(48) != nblocks
+        || b.len() != MAP_HDR_BYTES + nblocks.div_ceil(64) as usize * 8
+    {
+        return None;
+    }
+    let words = b[MAP_HDR_BYTES..]
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    Some((le64(40), words))
+}
+
+/// Loads the persisted local map of a hydrating volume (empty if none was persisted yet).
+pub fn open_local_map(dir: &Path, sb: &Superblock, nblocks: u64) -> Result<Hydration> {
+    let local = Bitmap::new(nblocks);
+    let mut best: Option<(u64, Vec<u64>)> = None;
+    for copy in 0..2 {
+        if let Ok(b) = std::fs::read(map_path(dir, copy)) {
+            if let Some((seq, words)) = decode_map(&b, sb, nblocks) {
+                if best.as_ref().is_none_or(|(s, _)| seq > *s) {
+                    best = Some((seq, words));
+                }
+            }
+        }
+    }
+    let seq = best.as_ref().map_or(0, |b| b.0);
+    if let Some((_, words)) = best {
+        for (i, w) in words.into_iter().enumerate() {
+            local.or_word(i, w);
+        }
+    }
+    Ok(Hydration {
+        local,
+        snap: sb.hydrate_snap,
+        done: Default::default(),
+        fetch: std::sync::OnceLock::new(),
+        persist: Mutex::new(MapPersist {
+            dir: dir.to_path_buf(),
+            seq,
+        }),
+    })
+}
+
+/// Persists the local map: syncs the backing file first (so every block marked local has its
+/// data durable there), then writes the other copy and syncs it.
+pub fn persist_local(c: &Cache) -> Result<()> {
+    let Some(h) = c.hydrating() else {
+        return Ok(());
+    };
+    let mut p = h.persist.lock().unwrap_or_else(|p| p.into_inner());
+    let seq = p.seq + 1;
+    let snapshot = Bitmap::new(h.local.len_bits());
+    for w in 0..h.local.nwords() {
+        snapshot.or_word(w, h.local.word(w));
+    }
+    c.backing
+        .sync_data()
+        .map_err(|e| Error::io("fdatasync", &c.backing_path, e))?;
+    let path = map_path(&p.dir, seq % 2);
+    let bytes = encode_map(&c.volume_id, h.snap, seq, &snapshot);
+    let f = File::create(&path).map_err(|e| Error::io("create", &path, e))?;
+    f.write_all_at(&bytes, 0)
+        .map_err(|e| Error::io("write", &path, e))?;
+    f.sync_all().map_err(|e| Error::io("fsync", &path, e))?;
+    p.seq = seq;
+    Ok(())
+}
+
+struct FetchReq {
+    extent: u64,
+    done: Arc<Completion<FetchResult>>,
+}
+
+/// How queues reach the fetcher.
+pub struct FetchHandle {
+    tx: Mutex<Sender<FetchReq>>,
+}
+
+impl FetchHandle {
+    /// Asks for extent `extent` (block `extent * HYDRATE_EXTENT_BLOCKS` on); `kicker` wakes the
+    /// caller's ring when the data is there.
+    pub fn request(&self, extent: u64, kicker: Option<Arc<Kicker>>) -> Wait<FetchResult> {
+        let done = Completion::new(kicker);
+        let w = done.wait();
+        if self
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(FetchReq {
+                extent,
+                done: done.clone(),
+            })
+            .is_err()
+        {
+            done.complete(Err(-libc::EIO));
+        }
+        w
+    }
+}
+
+/// Hydration progress, for `deltavol status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HydrateStatus {
+    pub snapshot: u64,
+    pub done: bool,
+    pub local_bytes: u64,
+    pub total_bytes: u64,
+    pub percent: f64,
+    pub rate_bytes_per_s: u64,
+    pub eta_s: Option<u64>,
+    pub fetched_on_demand: u64,
+    pub last_error: Option<String>,
+}
+
+struct Shared {
+    cache: Arc<Cache>,
+    cfg: HydrateConfig,
+    stop: AtomicU64,
+    on_demand: AtomicU64,
+    rate: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// The fetcher + background hydrator of one volume.
+pub struct Hydrator {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Hydrator {
+    /// Starts the thread if the volume is hydrating; `None` otherwise.
+    pub fn start(cache: Arc<Cache>, cfg: HydrateConfig) -> Result<Option<Hydrator>> {
+        let Some(h) = cache.hydrating() else {
+            return Ok(None);
+        };
+        let (tx, rx) = channel();
+        if h.fetch.set(FetchHandle { tx: Mutex::new(tx) }).is_err() {
+            return Err(Error::invalid("hydrator already started"));
+        }
+        let shared = Arc::new(Shared {
+            cache: cache.clone(),
+            cfg,
+            stop: AtomicU64::new(0),
+            on_demand: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        });
+        let s2 = shared.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("dv-hydrate-{}", cache.name))
+            .spawn(move || Worker::new(s2, rx).run())
+            .map_err(|e| Error::io("start hydrator for", &cache.name, e))?;
+        Ok(Some(Hydrator {
+            shared,
+            thread: Mutex::new(Some(t)),
+        }))
+    }
+
+    pub fn status(&self) -> HydrateStatus {
+        status_of(&self.shared)
+    }
+
+    /// Stops the thread (the map is persisted; hydration resumes on the next attach).
+    pub fn stop(&self) {
+        self.halt(1);
+    }
+
+    /// Stops the thread without persisting anything more, as a crash would (tests).
+    pub fn abort(&self) {
+        self.halt(2);
+    }
+
+    fn halt(&self, how: u64) {
+        self.shared.stop.store(how, SeqCst);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn status_of(sh: &Shared) -> HydrateStatus {
+    let c = &sh.cache;
+    let Some(h) = &c.hydration else {
+        return HydrateStatus::default();
+    };
+    let total = c.size_bytes;
+    let done = h.done.load(SeqCst);
+    let local = if done {
+        total
+    } else {
+        h.local.count() * BLOCK_SIZE
+    };
+    let rate = sh.rate.load(SeqCst);
+    HydrateStatus {
+        snapshot: h.snap,
+        done,
+        local_bytes: local,
+        total_bytes: total,
+        percent: if total == 0 {
+            100.0
+        } else {
+            local as f64 * 100.0 / total as f64
+        },
+        rate_bytes_per_s: rate,
+        eta_s: (rate > 0 && !done).then(|| (total - local) / rate),
+        fetched_on_demand: sh.on_demand.load(SeqCst),
+        last_error: sh
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+    }
+}
+
+struct Pending {
+    waiters: Vec<Arc<Completion<FetchResult>>>,
+    since: Instant,
+}
+
+struct Worker {
+    sh: Arc<Shared>,
+    rx: Receiver<FetchReq>,
+    client: Option<Client>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    pending: BTreeMap<u64, Pending>,
+    cursor: u64,
+    window_start: Instant,
+    window_bytes: u64,
+    last_persist: Instant,
+}
+
+impl Worker {
+    fn new(sh: Arc<Shared>, rx: Receiver<FetchReq>) -> Worker {
+        Worker {
+            sh,
+            rx,
+            client: None,
+            retry_at: None,
+            backoff: Duration::from_millis(50),
+            pending: BTreeMap::new(),
+            cursor: 0,
+            window_start: Instant::now(),
+            window_bytes: 0,
+            last_persist: Instant::now(),
+        }
+    }
+
+    fn nextents(&self) -> u64 {
+        self.sh.cache.nblocks.div_ceil(HYDRATE_EXTENT_BLOCKS)
+    }
+
+    fn take(&mut self, r: FetchReq) {
+        self.pending
+            .entry(r.extent)
+            .or_insert_with(|| Pending {
+                waiters: Vec::new(),
+                since: Instant::now(),
+            })
+            .waiters
+            .push(r.done);
+    }
+
+    fn run(mut self) {
+        tracing::info!(volume = %self.sh.cache.name, "hydration started");
+        loop {
+            if self.sh.stop.load(SeqCst) != 0 {
+                break;
+            }
+            while let Ok(r) = self.rx.try_recv() {
+                self.take(r);
+            }
+            let hydrated = self.sh.cache.hydrating().is_none();
+            if self.pending.is_empty() && (hydrated || self.backing_off()) {
+                // Idle (or waiting out a data-plane outage): block for a request.
+                match self.rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(r) => self.take(r),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+                continue;
+            }
+            if let Some((&ext, _)) = self.pending.iter().next() {
+                self.serve_on_demand(ext);
+            } else if !hydrated {
+                self.background_step();
+            }
+        }
+        if self.sh.stop.load(SeqCst) == 1 {
+            let _ = persist_local(&self.sh.cache);
+        }
+        for (_, p) in std::mem::take(&mut self.pending) {
+            for w in p.waiters {
+                w.complete(Err(-libc::EIO));
+            }
+        }
+    }
+
+    fn backing_off(&self) -> bool {
+        self.retry_at.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn note_error(&mut self, e: &Error) {
+        tracing::warn!(volume = %self.sh.cache.name, error = %e, "hydration: data plane unavailable; retrying");
+        *self.sh.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        self.client = None;
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(RETRY_BACKOFF_MAX);
+    }
+
+    fn client(&mut self) -> Result<&mut Client> {
+        if self.client.is_none() {
+            let sc = &self.sh.cfg.ship;
+            let t = Timeouts {
+                connect: sc.connect_timeout,
+                io: sc.io_timeout,
+            };
+            let c = Client::connect_with_generation(
+                sc.addr.as_str(),
+                &sc.token,
+                &self.sh.cache.name,
+                t,
+                self.sh.cfg.generation,
+            )
+            .map_err(|e| Error::new(ErrorKind::Io, format!("data plane: {e}")))?;
+            self.client = Some(c);
+            self.backoff = Duration::from_millis(50);
+            self.retry_at = None;
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Io, "no data-plane client"))
+    }
+
+    /// Fetches extent `ext` from the data plane as of the hydration snapshot.
+    fn fetch(&mut self, ext: u64) -> Result<Vec<u8>> {
+        let c = self.sh.cache.clone();
+        let lba = ext * HYDRATE_EXTENT_BLOCKS;
+        let n = (c.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS);
+        let snap = c.hydration.as_ref().map_or(0, |h| h.snap);
+        let mut buf = vec![0u8; (n * BLOCK_SIZE) as usize];
+        let r = self.client()?.read_extents(snap, lba, n, &mut buf);
+        r.map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("data plane read of blocks {lba}+{n} as of snapshot {snap}: {e}"),
+            )
+        })?;
+        Ok(buf)
+    }
+
+    /// Writes the blocks of a fetched extent that are still not local, and marks them local.
+    fn install(&self, ext: u64, data: &[u8]) -> Result<u64> {
+        let c = &self.sh.cache;
+        let Some(h) = &c.hydration else { return Ok(0) };
+        let lba = ext * HYDRATE_EXTENT_BLOCKS;
+        let n = (data.len() as u64) >> BLOCK_SHIFT;
+        let _g = c.backing_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut written = 0;
+        let mut i = 0;
+        while i < n {
+            if h.local.get(lba + i) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n && !h.local.get(lba + j) {
+                j += 1;
+            }
+            let off = (lba + i) << BLOCK_SHIFT;
+            c.backing
+                .write_all_at(
+                    &data[(i << BLOCK_SHIFT) as usize..(j << BLOCK_SHIFT) as usize],
+                    off,
+                )
+                .map_err(|e| Error::io_at("write", &c.backing_path, off, e))?;
+            h.local.set_range(lba + i, j - i);
+            written += j - i;
+            i = j;
+        }
+        Ok(written)
+    }
+
+    fn serve_on_demand(&mut self, ext: u64) {
+        match self.fetch(ext) {
+            Ok(data) => {
+                let r = self.install(ext, &data);
+                let res: FetchResult = match r {
+                    Ok(_) => Ok(Arc::new(data)),
+                    Err(e) => {
+                        tracing::error!(volume = %self.sh.cache.name, error = %e, "hydration: cannot write the backing file");
+                        Err(e.errno())
+                    }
+                };
+                self.sh.on_demand.fetch_add(1, SeqCst);
+                if let Some(p) = self.pending.remove(&ext) {
+                    for w in p.waiters {
+                        w.complete(res.clone());
+                    }
+                }
+            }
+            Err(e) => {
+                self.note_error(&e);
+                // Reads waiting longer than the fetch timeout fail (never wrong data).
+                let timeout = self.sh.cfg.fetch_timeout;
+                let expired: Vec<u64> = self
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| p.since.elapsed() >= timeout)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in expired {
+                    if let Some(p) = self.pending.remove(&k) {
+                        for w in p.waiters {
+                            w.complete(Err(-libc::EIO));
+                        }
+                    }
+                }
+                std::thread::sleep(self.backoff.min(Duration::from_millis(100)));
+            }
+        }
+    }
+
+    fn background_step(&mut self) {
+        let c = self.sh.cache.clone();
+        let Some(h) = c.hydrating() else { return };
+        // Next extent with a block that is not local.
+        let total = self.nextents();
+        while self.cursor < total {
+            let lba = self.cursor * HYDRATE_EXTENT_BLOCKS;
+            let n = (c.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS);
+            if (lba..lba + n).any(|b| !h.local.get(b)) {
+                break;
+            }
+            self.cursor += 1;
+        }
+        if self.cursor >= total {
+            match persist_local(&c).and_then(|_| c.finish_hydration()) {
+                Ok(()) => {
+                    tracing::info!(volume = %c.name, "hydration complete: the volume is an ordinary volume")
+                }
+                Err(e) => self.note_error(&e),
+            }
+            return;
+        }
+        // Rate limit over a one-second window.
+        let rate = self.sh.cfg.rate_bytes_per_s;
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            self.sh.rate.store(
+                (self.window_bytes as f64 / elapsed.as_secs_f64()) as u64,
+                SeqCst,
+            );
+            self.window_start = Instant::now();
+            self.window_bytes = 0;
+        } else if rate > 0 && self.window_bytes >= rate {
+            std::thread::sleep(
+                Duration::from_secs(1)
+                    .saturating_sub(elapsed)
+                    .min(Duration::from_millis(50)),
+            );
+            return;
+        }
+        let ext = self.cursor;
+        match self.fetch(ext) {
+            Ok(data) => match self.install(ext, &data) {
+                Ok(_) => {
+                    self.window_bytes += data.len() as u64;
+                    self.cursor += 1;
+                }
+                Err(e) => self.note_error(&e),
+            },
+            Err(e) => self.note_error(&e),
+        }
+        if self.last_persist.elapsed() >= PERSIST_EVERY {
+            if let Err(e) = persist_local(&c) {
+                self.note_error(&e);
+            }
+            self.last_persist = Instant::now();
+        }
+    }
+}
+
+/// Reads block range `[lba, lba + n)` of the backing file (tests, verify).
+pub fn read_backing(c: &Cache, lba: u64, buf: &mut [u8]) -> Result<()> {
+    let off = lba << BLOCK_SHIFT;
+    read_full_at(&c.backing, buf, off)
+        .map_err(|e| Error::io_at("read", &c.backing_path, off, e))?;
+    Ok(())
+}
