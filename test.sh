@@ -38,7 +38,8 @@ scripts/build-release
 step "benchmark smoke (data-plane ingest vs a plain TCP sink, --quick)"
 build/release/deltavol-bench-ingest --quick
 
-drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/crash.sh tests/drills/snapshots.sh)
+drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/crash.sh tests/drills/snapshots.sh
+        tests/drills/recovery.sh tests/drills/clone.sh)
 declare -A result
 rc=0
 for k in 7 6.12; do

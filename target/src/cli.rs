@@ -74,6 +74,36 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Bring a volume back on this machine from its last snapshot on the data plane: the device
+    /// is live at once, reads of blocks not yet here are fetched on the fly, the rest hydrates
+    /// in the background. Fences the old machine (it can ship nothing more).
+    Recover {
+        /// Volume name on the data plane.
+        name: String,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[command(flatten)]
+        dev: DeviceArgs,
+        /// Wait until hydration is complete, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Create a new volume from a snapshot (metadata-only on the data plane) and serve it;
+    /// it hydrates like `recover`, and has its own snapshot chain.
+    Clone {
+        /// NAME@SNAPSHOT_ID to clone.
+        spec: String,
+        /// Name of the new volume.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[command(flatten)]
+        dev: DeviceArgs,
+        /// Wait until hydration is complete, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Write a volume as of one snapshot into an image file (sparse), from the data plane alone.
     Export {
         /// NAME@SNAPSHOT_ID
@@ -123,6 +153,19 @@ pub struct AddArgs {
     /// Volume size, e.g. 10GiB, 256MiB, 4G. Required to create; checked on reattach.
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
+    /// Ship every flushed epoch as a snapshot to this data-plane server (HOST:PORT).
+    #[arg(long, requires = "auth_token_file")]
+    pub dataplane: Option<String>,
+    /// File holding the data plane's shared secret (with --dataplane).
+    #[arg(long, requires = "dataplane")]
+    pub auth_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
+
+/// The local side of a volume: where it lives and how its device is served.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
     /// Directory on fast SSD for the writeback cache (created if missing).
     #[arg(long)]
     pub cache_dir: PathBuf,
@@ -144,12 +187,6 @@ pub struct AddArgs {
     /// Memory for the LRU read cache of clean blocks (0 disables it).
     #[arg(long, value_parser = parse_size, default_value = "64MiB")]
     pub read_cache: u64,
-    /// Ship every flushed epoch as a snapshot to this data-plane server (HOST:PORT).
-    #[arg(long, requires = "auth_token_file")]
-    pub dataplane: Option<String>,
-    /// File holding the data plane's shared secret (with --dataplane).
-    #[arg(long, requires = "dataplane")]
-    pub auth_token_file: Option<PathBuf>,
     /// Where snapshots wait while the data plane is unreachable (default: NAME.outbox next to
     /// the backing file, on the same disk).
     #[arg(long, requires = "dataplane")]
@@ -175,19 +212,19 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 
 impl AddArgs {
     pub fn to_config(&self) -> anyhow::Result<AddConfig> {
-        if self.queues == 0 || self.queues > QUEUES_MAX {
+        if self.dev.queues == 0 || self.dev.queues > QUEUES_MAX {
             bail!(
                 "--queues {} is out of range: use 1 to {QUEUES_MAX}",
-                self.queues
+                self.dev.queues
             );
         }
-        if self.depth == 0 || self.depth > DEPTH_MAX {
+        if self.dev.depth == 0 || self.dev.depth > DEPTH_MAX {
             bail!(
                 "--depth {} is out of range: use 1 to {DEPTH_MAX}",
-                self.depth
+                self.dev.depth
             );
         }
-        if self.flush_interval_ms == 0 {
+        if self.dev.flush_interval_ms == 0 {
             bail!("--flush-interval-ms must be at least 1");
         }
         crate::cache::validate_name(&self.name).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -196,12 +233,12 @@ impl AddArgs {
                 bail!("--size {s} must be a positive multiple of 4KiB");
             }
         }
-        let backing = absolute(&self.backing)?;
+        let backing = absolute(&self.dev.backing)?;
         let ship = match (&self.dataplane, &self.auth_token_file) {
             (Some(addr), Some(tok)) => {
                 let token =
                     crate::ship::read_token(&absolute(tok)?).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let outbox_dir = match &self.outbox_dir {
+                let outbox_dir = match &self.dev.outbox_dir {
                     Some(d) => absolute(d)?,
                     None => {
                         let parent = backing
@@ -232,21 +269,21 @@ impl AddArgs {
                 cache: CacheConfig {
                     name: self.name.clone(),
                     size_bytes: self.size,
-                    cache_dir: absolute(&self.cache_dir)?,
+                    cache_dir: absolute(&self.dev.cache_dir)?,
                     backing,
-                    cache_limit_bytes: self.cache_limit,
-                    read_cache_bytes: self.read_cache,
-                    nr_queues: usize::from(self.queues),
+                    cache_limit_bytes: self.dev.cache_limit,
+                    read_cache_bytes: self.dev.read_cache,
+                    nr_queues: usize::from(self.dev.queues),
                     create_as: None,
                 },
-                flush_interval: Duration::from_millis(self.flush_interval_ms),
-                hydrate_rate_bytes_per_s: self.hydrate_rate,
+                flush_interval: Duration::from_millis(self.dev.flush_interval_ms),
+                hydrate_rate_bytes_per_s: self.dev.hydrate_rate,
                 fetch_timeout: crate::volume::FETCH_TIMEOUT_DEFAULT,
             },
-            queues: self.queues,
-            depth: self.depth,
-            foreground: self.foreground,
-            json: self.json,
+            queues: self.dev.queues,
+            depth: self.dev.depth,
+            foreground: self.dev.foreground,
+            json: self.dev.json,
         })
     }
 }
@@ -387,6 +424,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             timeout_ms,
             json,
         } => snapshot(&name, timeout_ms, json),
+        Cmd::Recover {
+            name,
+            dp,
+            dev,
+            wait,
+        } => recover(&name, &dp, dev, wait),
+        Cmd::Clone {
+            spec,
+            name,
+            dp,
+            dev,
+            wait,
+        } => clone(&spec, &name, &dp, dev, wait),
         Cmd::Snapshots { name, dp, json } => list_snapshots(&name, &dp, json),
         Cmd::Export { spec, dp, output } => export(&spec, &dp, &output),
         Cmd::Flush { name, json } => {
@@ -441,6 +491,188 @@ fn snapshot(name: &str, timeout_ms: u64, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_spec(spec: &str) -> anyhow::Result<(&str, u64)> {
+    spec.rsplit_once('@')
+        .and_then(|(n, s)| s.parse::<u64>().ok().map(|s| (n, s)))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{spec:?} is not NAME@SNAPSHOT_ID (e.g. db1@42; `deltavol snapshots` lists ids)"
+            )
+        })
+}
+
+/// Builds the `add` configuration of a volume created from the data plane.
+fn from_dataplane(
+    name: &str,
+    dp: &DataPlaneArgs,
+    dev: DeviceArgs,
+    create_as: Option<crate::cache::CreateAs>,
+    size: Option<u64>,
+) -> anyhow::Result<AddConfig> {
+    let args = AddArgs {
+        name: name.to_string(),
+        size,
+        dataplane: Some(dp.dataplane.clone()),
+        auth_token_file: Some(dp.auth_token_file.clone()),
+        dev,
+    };
+    let mut cfg = args.to_config()?;
+    cfg.volume.cache.create_as = create_as;
+    Ok(cfg)
+}
+
+/// Whether `dir` already holds a volume's cache (then recover/clone reattach it).
+fn holds_volume(dir: &Path) -> bool {
+    dir.join("superblock")
+        .metadata()
+        .map(|m| m.len() > 0)
+        .unwrap_or(false)
+}
+
+fn recover(name: &str, dp: &DataPlaneArgs, dev: DeviceArgs, wait: bool) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    // Before fencing the old machine: this one must be able to take over.
+    daemon::check_driver()?;
+    crate::cache::validate_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = if holds_volume(&absolute(&dev.cache_dir)?) {
+        eprintln!(
+            "{} already holds volume {name}: reattaching (hydration resumes)",
+            dev.cache_dir.display()
+        );
+        from_dataplane(name, dp, dev, None, None)?
+    } else {
+        let mut c = dp.connect(name)?;
+        let info = c.volume_info().context("volume info")?;
+        if !info.exists || info.latest_snap_id == 0 {
+            bail!(
+                "the data plane at {} has no snapshot of volume {name:?}: nothing to recover",
+                dp.dataplane
+            );
+        }
+        // Fence the old machine first: from now on it can ship nothing.
+        let generation = c
+            .new_generation()
+            .context("start a new generation (fence the old machine)")?;
+        let head = c.info().latest_snap_id.max(info.latest_snap_id);
+        let ca = crate::cache::CreateAs {
+            flushed_epoch: head,
+            snap_head: head,
+            generation,
+            hydrate_snap: head,
+        };
+        eprintln!(
+            "recovering {name} from snapshot {head} ({}), generation {generation}",
+            format_size(info.size_bytes)
+        );
+        from_dataplane(name, dp, dev, Some(ca), Some(info.size_bytes))?
+    };
+    let json = cfg.json;
+    daemon::add(cfg)?;
+    if !json {
+        eprintln!(
+            "device live {} ms after `recover` started",
+            t0.elapsed().as_millis()
+        );
+    }
+    if wait {
+        wait_hydrated(name)?;
+    }
+    Ok(())
+}
+
+fn clone(
+    spec: &str,
+    new: &str,
+    dp: &DataPlaneArgs,
+    dev: DeviceArgs,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let (src, snap) = parse_spec(spec)?;
+    crate::cache::validate_name(new).map_err(|e| anyhow::anyhow!("{e}"))?;
+    daemon::check_driver()?;
+    let cfg = if holds_volume(&absolute(&dev.cache_dir)?) {
+        eprintln!(
+            "{} already holds volume {new}: reattaching",
+            dev.cache_dir.display()
+        );
+        from_dataplane(new, dp, dev, None, None)?
+    } else {
+        let mut c = dp.connect(new)?;
+        let info = c
+            .clone_volume(src, snap)
+            .with_context(|| format!("clone {src}@{snap} as {new}"))?;
+        let ca = crate::cache::CreateAs {
+            flushed_epoch: 0,
+            snap_head: 0,
+            generation: info.generation,
+            hydrate_snap: 0,
+        };
+        eprintln!(
+            "cloned {src}@{snap} as {new} ({}) on the data plane (metadata only)",
+            format_size(info.size_bytes)
+        );
+        from_dataplane(new, dp, dev, Some(ca), Some(info.size_bytes))?
+    };
+    daemon::add(cfg)?;
+    if wait {
+        wait_hydrated(new)?;
+    }
+    Ok(())
+}
+
+/// Polls the daemon until hydration is complete, printing progress (a bar on a terminal).
+fn wait_hydrated(name: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let info = attached(name)?;
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = Instant::now() - Duration::from_secs(60);
+    loop {
+        let v = control::request(&info.socket, &Request::Status, Some(Duration::from_secs(5)))?;
+        let Some(h) = v.get("hydration").filter(|h| !h.is_null()) else {
+            return Ok(());
+        };
+        let g = |k: &str| h.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        let pct = h.get("percent").and_then(|x| x.as_f64()).unwrap_or(0.0);
+        let done = h.get("done").and_then(|x| x.as_bool()).unwrap_or(false);
+        let eta = h
+            .get("eta_s")
+            .and_then(|x| x.as_u64())
+            .map(|e| format!(", ETA {e} s"))
+            .unwrap_or_default();
+        let line = format!(
+            "hydrating {name}: {pct:5.1}% ({} of {}) at {}/s{eta}",
+            format_size(g("local_bytes")),
+            format_size(g("total_bytes")),
+            format_size(g("rate_bytes_per_s"))
+        );
+        if tty {
+            let width = 30usize;
+            let filled = ((pct / 100.0) * width as f64) as usize;
+            eprint!(
+                "\r[{}{}] {line}   ",
+                "#".repeat(filled.min(width)),
+                "-".repeat(width - filled.min(width))
+            );
+        } else if last_line.elapsed() >= Duration::from_secs(5) || done {
+            eprintln!("{line}");
+            last_line = Instant::now();
+        }
+        if done {
+            if tty {
+                eprintln!();
+            }
+            eprintln!("hydration of {name} complete: it is an ordinary volume now");
+            return Ok(());
+        }
+        if let Some(e) = h.get("last_error").and_then(|e| e.as_str()) {
+            if !tty && last_line.elapsed() < Duration::from_millis(10) {
+                eprintln!("  (data plane: {e}; retrying)");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<()> {
     let mut c = dp.connect(name)?;
     let snaps = c.list_snapshots().context("list snapshots")?;
@@ -488,14 +720,7 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
 }
 
 fn export(spec: &str, dp: &DataPlaneArgs, output: &Path) -> anyhow::Result<()> {
-    let (name, snap) = spec
-        .rsplit_once('@')
-        .and_then(|(n, s)| s.parse::<u64>().ok().map(|s| (n, s)))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "{spec:?} is not NAME@SNAPSHOT_ID (e.g. db1@42; `deltavol snapshots` lists ids)"
-            )
-        })?;
+    let (name, snap) = parse_spec(spec)?;
     let mut c = dp.connect(name)?;
     let size = c.volume_info().context("volume info")?.size_bytes;
     let f = std::fs::OpenOptions::new()
@@ -630,11 +855,35 @@ fn print_status(v: &serde_json::Value) {
                 "data plane:    {}",
                 sh.get("dataplane").and_then(|x| x.as_str()).unwrap_or("?")
             );
+            if sh.get("fenced").and_then(|x| x.as_bool()).unwrap_or(false) {
+                println!("FENCED:        this volume was recovered on another machine; this daemon ships nothing more");
+            }
             if let Some(e) = sh.get("last_error").and_then(|e| e.as_str()) {
                 println!("ship error:    {e}");
             }
         }
         _ => println!("snapshots:     not shipped (no --dataplane)"),
+    }
+    if let Some(h) = v.get("hydration").filter(|h| !h.is_null()) {
+        let g = |k: &str| h.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        if h.get("done").and_then(|x| x.as_bool()).unwrap_or(false) {
+            println!("hydration:     complete (from snapshot {})", g("snapshot"));
+        } else {
+            let pct = h.get("percent").and_then(|x| x.as_f64()).unwrap_or(0.0);
+            let eta = h
+                .get("eta_s")
+                .and_then(|x| x.as_u64())
+                .map(|e| format!(", ETA {e} s"))
+                .unwrap_or_default();
+            println!(
+                "hydration:     {pct:.1}% of snapshot {} ({} of {}), {}/s{eta}, {} fetched on demand",
+                g("snapshot"),
+                format_size(g("local_bytes")),
+                format_size(g("total_bytes")),
+                format_size(g("rate_bytes_per_s")),
+                g("fetched_on_demand")
+            );
+        }
     }
     if v.get("durability_failed")
         .and_then(|x| x.as_bool())

@@ -59,11 +59,17 @@ fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Checks what can be checked before forking, so the common mistakes fail fast and clearly.
-pub fn preflight(cfg: &AddConfig) -> anyhow::Result<()> {
+/// Fails unless the ublk driver is loaded.
+pub fn check_driver() -> anyhow::Result<()> {
     if !std::path::Path::new("/dev/ublk-control").exists() {
         bail!("/dev/ublk-control is missing: the ublk driver is not loaded. Run `modprobe ublk_drv` (Linux >= 6.0; see kernel-setup/README.md)");
     }
+    Ok(())
+}
+
+/// Checks what can be checked before forking, so the common mistakes fail fast and clearly.
+pub fn preflight(cfg: &AddConfig) -> anyhow::Result<()> {
+    check_driver()?;
     let name = &cfg.volume.cache.name;
     if let Some(info) = control::read_info(&control::info_path(name))? {
         if control::pid_alive(info.pid) {

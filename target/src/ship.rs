@@ -90,6 +90,8 @@ pub struct ShipStatus {
     pub outbox_entries: u64,
     pub outbox_bytes: u64,
     pub last_error: Option<String>,
+    /// Recovered elsewhere: this daemon ships nothing more.
+    pub fenced: bool,
 }
 
 struct Queued {
@@ -106,6 +108,8 @@ struct State {
     head: u64,
     committed: Option<(u64, u64)>,
     last_error: Option<String>,
+    /// The volume was recovered elsewhere (a newer generation): ship nothing, ever.
+    fenced: bool,
     stop: bool,
 }
 
@@ -120,7 +124,14 @@ struct Shared {
 }
 
 fn client_err(e: ClientError) -> Error {
+    if e.server_code() == Some(ErrorCode::StaleGeneration) {
+        return Error::new(ErrorKind::Mismatch, format!("fenced: {e}"));
+    }
     Error::new(ErrorKind::Io, format!("data plane: {e}"))
+}
+
+fn is_fence(e: &Error) -> bool {
+    e.kind() == ErrorKind::Mismatch && e.to_string().starts_with("fenced: ")
 }
 
 impl Shared {
@@ -155,6 +166,9 @@ impl Shared {
 
     /// Takes the connected client, connecting if allowed now; `None` while backing off.
     fn take_client(&self, st: &mut State) -> Option<Client> {
+        if st.fenced {
+            return None;
+        }
         if let Some(c) = st.client.take() {
             return Some(c);
         }
@@ -175,6 +189,15 @@ impl Shared {
     }
 
     fn note_failure(&self, st: &mut State, e: &Error) {
+        if is_fence(e) {
+            if !st.fenced {
+                tracing::error!(volume = %self.volume, error = %e, "this volume was recovered on another machine: this daemon is fenced and ships nothing more; its unshipped snapshots stay in the outbox");
+            }
+            st.fenced = true;
+            st.client = None;
+            st.last_error = Some(e.to_string());
+            return;
+        }
         tracing::warn!(volume = %self.volume, dataplane = %self.cfg.addr, error = %e, retry_in_ms = st.backoff.as_millis() as u64, "data plane unavailable; deltas queue in the outbox");
         st.last_error = Some(e.to_string());
         st.retry_at = Some(Instant::now() + st.backoff);
@@ -265,6 +288,7 @@ impl DataPlaneSink {
                 head,
                 committed: None,
                 last_error: None,
+                fenced: false,
                 stop: false,
             }),
             cv: Condvar::new(),
@@ -318,6 +342,7 @@ impl ShipHandle {
             outbox_entries: st.outbox.len() as u64,
             outbox_bytes: st.outbox.iter().map(|q| q.bytes).sum(),
             last_error: st.last_error.clone(),
+            fenced: st.fenced,
         }
     }
 
@@ -714,7 +739,7 @@ fn run_shipper(sh: Arc<Shared>) {
                 return;
             }
             let due = st.retry_at.is_none_or(|t| Instant::now() >= t);
-            if !st.outbox.is_empty() && due {
+            if !st.outbox.is_empty() && due && !st.fenced {
                 break;
             }
             let wait = st
