@@ -556,11 +556,14 @@ impl Worker {
             self.window_start = Instant::now();
             self.window_bytes = 0;
         } else if rate > 0 && self.window_bytes >= rate {
-            std::thread::sleep(
-                Duration::from_secs(1)
-                    .saturating_sub(elapsed)
-                    .min(Duration::from_millis(50)),
-            );
+            // Over the rate: wait on the request queue (not a sleep), so an on-demand read
+            // arriving meanwhile is served at once.
+            let wait = Duration::from_secs(1)
+                .saturating_sub(elapsed)
+                .min(Duration::from_millis(50));
+            if let Ok(r) = self.rx.recv_timeout(wait) {
+                self.take(r);
+            }
             return;
         }
         let ext = self.cursor;

@@ -199,6 +199,13 @@ pub fn write_sqe(file: u32, buf: *const u8, len: u32, off: u64) -> squeue::Entry
         .build()
 }
 
+/// `opcode::Write` of `len` bytes at `off` to a plain (unregistered) fd from `buf`.
+pub fn fd_write_sqe(fd: RawFd, buf: *const u8, len: u32, off: u64) -> squeue::Entry {
+    opcode::Write::new(types::Fd(fd), buf, len)
+        .offset(off)
+        .build()
+}
+
 /// Punches a hole (reads back as zeros, frees the space) in a registered file.
 pub fn punch_sqe(file: u32, off: u64, len: u64) -> squeue::Entry {
     opcode::Fallocate::new(types::Fixed(file), len)

@@ -304,12 +304,46 @@ impl Cache {
         if r < 0 {
             return r;
         }
+        let r = self.journal(ring, g.epoch, s, b0, n, false).await;
+        if r < 0 {
+            return r;
+        }
         self.slots[s].mark(b0, n, true);
         if let Some(h) = self.hydrating() {
             h.local.set_range(b0, n);
         }
         drop(g);
         buf.len() as i32
+    }
+
+    /// Appends the membership record of a completed write to its slot's journal (page cache
+    /// only: it is for a daemon crash, see [`super::journal`]).
+    async fn journal<R: Ring>(
+        &self,
+        ring: &R,
+        epoch: u64,
+        s: usize,
+        b0: u64,
+        n: u64,
+        zero: bool,
+    ) -> i32 {
+        use std::os::fd::AsRawFd;
+        let Some(j) = self.journals.get() else {
+            return 0;
+        };
+        let rec = super::journal::record(epoch, b0, n, zero);
+        let (f, off) = j.reserve(s, ring.queue_index());
+        let sqe = ring::fd_write_sqe(f.as_raw_fd(), rec.as_ptr(), rec.len() as u32, off);
+        // SAFETY: `rec` lives in this frame and the file in `self`, both until the await below
+        // completes.
+        let r = unsafe { ring.submit(sqe) }.await;
+        if r == rec.len() as i32 {
+            0
+        } else if r < 0 {
+            r
+        } else {
+            -libc::EIO
+        }
     }
 
     /// DISCARD and WRITE_ZEROES: the range reads as zeros from now on. Recorded in the epoch
@@ -335,6 +369,10 @@ impl Cache {
                 done += chunk as u64;
             }
         } else if r < 0 {
+            return r;
+        }
+        let r = self.journal(ring, g.epoch, s, b0, n, true).await;
+        if r < 0 {
             return r;
         }
         self.slots[s].mark(b0, n, false);

@@ -23,6 +23,7 @@
 pub mod bitmap;
 pub mod epoch;
 pub mod io;
+pub mod journal;
 pub mod meta;
 pub mod readcache;
 pub mod syncer;
@@ -181,6 +182,9 @@ pub struct Cache {
     /// Held by whoever writes the backing file for the flush or for hydration, so that
     /// hydration never writes a block after the flush of a newer write to it.
     pub backing_lock: Mutex<()>,
+    /// Membership of completed writes, for a daemon crash (see [`journal`]); started once
+    /// what the previous run's journals held is persisted.
+    pub journals: std::sync::OnceLock<journal::Journals>,
     _lock: File,
 }
 
@@ -392,6 +396,18 @@ impl Cache {
                 &sb.volume_id,
             )?;
         }
+        // Writes completed before a daemon crash on this boot (not yet FLUSHed).
+        let replayed = journal::replay(&cfg.cache_dir, &sb.volume_id, |slot, epoch, lba, n| {
+            let expected = if (f + 1) % 2 == slot as u64 {
+                f + 1
+            } else {
+                f + 2
+            };
+            if epoch == expected && n > 0 && lba.checked_add(n).is_some_and(|e| e <= nblocks) {
+                slots[slot].mark(lba, n, false);
+                found[slot] = true;
+            }
+        })?;
         let (active, frozen) = if found[(f % 2) as usize] {
             (f + 2, f + 1)
         } else {
@@ -457,9 +473,17 @@ impl Cache {
             syncer: std::sync::OnceLock::new(),
             hydration,
             backing_lock: Mutex::new(()),
+            journals: std::sync::OnceLock::new(),
             _lock: lock,
         };
+        if replayed > 0 {
+            // Make the replayed membership durable before the journals start over.
+            c.sync_durable()?;
+        }
+        let j = journal::Journals::create(&cfg.cache_dir, &c.volume_id, cfg.nr_queues)?;
+        let _ = c.journals.set(j);
         tracing::info!(
+            journal_records_replayed = replayed,
             volume = %c.name, id = %meta::volume_id_hex(&c.volume_id), size_bytes = c.size_bytes,
             active_epoch = active, frozen_epoch = frozen, flushed_epoch = f,
             dirty_blocks = c.dirty_blocks(), "volume cache opened"
@@ -678,6 +702,9 @@ impl Cache {
         slot.mirror_dirty.store(false, SeqCst);
         for d in slot.dirty_pages.iter() {
             d.store(false, SeqCst);
+        }
+        if let Some(j) = self.journals.get() {
+            j.reset(s);
         }
         Ok(())
     }
