@@ -35,8 +35,9 @@ fi
 step "release build"
 scripts/build-release
 
-step "benchmark smoke (data-plane ingest vs a plain TCP sink, --quick)"
+step "benchmark smoke (ingest vs a TCP sink, hydration vs a plain copy; --quick)"
 build/release/deltavol-bench-ingest --quick
+build/release/deltavol-bench-hydrate --quick
 
 drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/crash.sh tests/drills/snapshots.sh
         tests/drills/recovery.sh tests/drills/clone.sh)

@@ -1,0 +1,344 @@
+//! Results: the machine, the runs, medians, percentiles and the ratio, as JSON and as a
+//! markdown table. ([`Machine`] is the ingest bench's.)
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// The machine and the moment.
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub date_utc: String,
+    pub unix_time_s: u64,
+    pub kernel: String,
+    pub cpus: usize,
+    /// `/proc/loadavg` when the bench started (the machine may be shared).
+    pub loadavg_start: String,
+    pub dir: String,
+    /// `statfs` f_type of `dir`, hex.
+    pub dir_fs_magic: String,
+    pub dir_is_tmpfs: bool,
+}
+
+impl Machine {
+    pub fn probe(dir: &Path) -> Machine {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let kernel = std::process::Command::new("uname")
+            .arg("-r")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let (magic, tmpfs) = match nix::sys::statfs::statfs(dir) {
+            Ok(s) => (
+                format!("{:#x}", s.filesystem_type().0),
+                s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC,
+            ),
+            Err(_) => ("unknown".into(), false),
+        };
+        Machine {
+            date_utc: utc_timestamp(now),
+            unix_time_s: now,
+            kernel,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            loadavg_start: std::fs::read_to_string("/proc/loadavg")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            dir: dir.display().to_string(),
+            dir_fs_magic: magic,
+            dir_is_tmpfs: tmpfs,
+        }
+    }
+
+    /// `YYYY-MM-DD` of the start.
+    pub fn date(&self) -> &str {
+        &self.date_utc[..10]
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (proleptic Gregorian, Howard Hinnant's algorithm).
+pub fn utc_timestamp(unix_s: u64) -> String {
+    let days = (unix_s / 86_400) as i64;
+    let secs = unix_s % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// A latency phase: a fresh recovered volume with background hydration held back, its open
+/// and its reads of blocks that were not local.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyRun {
+    /// `held-back` (background hydration at 1 byte/s) or `full-speed` (unlimited).
+    pub mode: String,
+    /// The background hydration limit of the phase (0 = unlimited).
+    pub hydrate_rate_bytes_per_s: u64,
+    pub repeat: usize,
+    /// `Volume::open` of the recovered volume.
+    pub open_ms: f64,
+    /// The volume's first read (a 4k block not yet local).
+    pub first_read_us: f64,
+    /// Every read, in order (the first one included).
+    pub reads_us: Vec<f64>,
+    pub median_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    /// Extents the fetcher served on demand (from the volume's status).
+    pub fetched_on_demand: u64,
+    /// Bytes local when the reads were done (on-demand plus what the held-back background
+    /// hydration did meanwhile).
+    pub local_bytes_at_end: u64,
+}
+
+/// One timed hydration or copy.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// `hydrate` or `copy`.
+    pub config: String,
+    /// 0-based repeat index; runs were interleaved (hydrate, copy, hydrate, ...).
+    pub repeat: usize,
+    pub bytes: u64,
+    pub wall_s: f64,
+    /// 10^6 bytes per second.
+    pub mb_s: f64,
+    /// `hydrate`: the volume's open, included in `wall_s`.
+    pub open_ms: Option<f64>,
+    /// CPU seconds (user + system) the data-plane server used during the run.
+    pub server_cpu_s: Option<f64>,
+    /// Blocks compared with the source afterwards.
+    pub verified_blocks: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub config: String,
+    pub mb_s_median: f64,
+    pub mb_s_min: f64,
+    pub mb_s_max: f64,
+    pub runs: usize,
+    pub ratio_vs_copy: f64,
+}
+
+/// The latency phases of one mode together.
+#[derive(Debug, Serialize)]
+pub struct LatencySummary {
+    pub mode: String,
+    pub phases: usize,
+    /// Medians over the latency phases.
+    pub open_ms_median: f64,
+    pub first_read_us_median: f64,
+    /// Open plus first read.
+    pub time_to_usable_ms_median: f64,
+    /// Every read of every phase, pooled.
+    pub reads: usize,
+    pub read_us_median: f64,
+    pub read_us_p99: f64,
+    pub read_us_max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Params {
+    pub size_bytes: u64,
+    pub fill_percent: u8,
+    pub extent_bytes: usize,
+    pub reads_per_phase: usize,
+    pub repeats: usize,
+    pub dataplane_threads: usize,
+    /// Page cache of the source side (data-plane data, source backing file) dropped before
+    /// every timed run.
+    pub cold_source: bool,
+    pub seed: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub bench: &'static str,
+    pub command: Vec<String>,
+    pub machine: Machine,
+    pub params: Params,
+    pub quick: bool,
+    pub source: crate::volume::Source,
+    pub latency: Vec<LatencySummary>,
+    pub summaries: Vec<Summary>,
+    /// Hydration over the copy (medians).
+    pub ratio_hydrate_vs_copy: f64,
+    pub latency_runs: Vec<LatencyRun>,
+    pub runs: Vec<Run>,
+}
+
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The `p`-th percentile (0 < p ≤ 100), nearest rank.
+pub fn percentile(xs: &[f64], p: f64) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+pub fn max(xs: &[f64]) -> f64 {
+    xs.iter().copied().fold(f64::NAN, f64::max)
+}
+
+/// Summaries of `configs` (the last is the baseline), in that order.
+pub fn summarise(configs: &[&str], runs: &[Run]) -> Vec<Summary> {
+    let mut out: Vec<Summary> = configs
+        .iter()
+        .map(|c| {
+            let xs: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.config == *c)
+                .map(|r| r.mb_s)
+                .collect();
+            Summary {
+                config: (*c).to_string(),
+                mb_s_median: median(&xs),
+                mb_s_min: xs.iter().copied().fold(f64::INFINITY, f64::min),
+                mb_s_max: xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                runs: xs.len(),
+                ratio_vs_copy: f64::NAN,
+            }
+        })
+        .collect();
+    let base = out.last().map_or(f64::NAN, |s| s.mb_s_median);
+    for s in &mut out {
+        s.ratio_vs_copy = s.mb_s_median / base;
+    }
+    out
+}
+
+/// Summaries of each mode of `modes`, in that order.
+pub fn summarise_latency(modes: &[&str], runs: &[LatencyRun]) -> Vec<LatencySummary> {
+    modes
+        .iter()
+        .map(|m| {
+            let rs: Vec<LatencyRun> = runs.iter().filter(|r| r.mode == *m).cloned().collect();
+            summarise_mode(m, &rs)
+        })
+        .collect()
+}
+
+fn summarise_mode(mode: &str, runs: &[LatencyRun]) -> LatencySummary {
+    let all: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.reads_us.iter().copied())
+        .collect();
+    let open: Vec<f64> = runs.iter().map(|r| r.open_ms).collect();
+    let first: Vec<f64> = runs.iter().map(|r| r.first_read_us).collect();
+    let usable: Vec<f64> = runs
+        .iter()
+        .map(|r| r.open_ms + r.first_read_us / 1000.0)
+        .collect();
+    LatencySummary {
+        mode: mode.to_string(),
+        phases: runs.len(),
+        open_ms_median: median(&open),
+        first_read_us_median: median(&first),
+        time_to_usable_ms_median: median(&usable),
+        reads: all.len(),
+        read_us_median: median(&all),
+        read_us_p99: percentile(&all, 99.0),
+        read_us_max: max(&all),
+    }
+}
+
+/// The results as markdown.
+pub fn table(r: &Report) -> String {
+    let mut t = String::from(
+        "| config | MB/s (median) | min – max | runs | vs copy |\n| --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for s in &r.summaries {
+        t.push_str(&format!(
+            "| {} | {:.1} | {:.1} – {:.1} | {} | {:.2}× |\n",
+            s.config, s.mb_s_median, s.mb_s_min, s.mb_s_max, s.runs, s.ratio_vs_copy
+        ));
+    }
+    t.push_str(&format!(
+        "\nhydration / copy: {:.2}×\n\n\
+         | recovered volume, background hydration | `Volume::open` | first read | open + first read | 4k reads not local | median | p99 | max |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        r.ratio_hydrate_vs_copy
+    ));
+    for l in &r.latency {
+        t.push_str(&format!(
+            "| {} | {:.1} ms | {:.0} µs | {:.1} ms | {} | {:.0} µs | {:.0} µs | {:.0} µs |\n",
+            l.mode,
+            l.open_ms_median,
+            l.first_read_us_median,
+            l.time_to_usable_ms_median,
+            l.reads,
+            l.read_us_median,
+            l.read_us_p99,
+            l.read_us_max,
+        ));
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_percentiles() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        let xs: Vec<f64> = (1..=200).map(f64::from).collect();
+        assert_eq!(percentile(&xs, 99.0), 198.0);
+        assert_eq!(percentile(&xs, 50.0), 100.0);
+        assert_eq!(percentile(&[5.0], 99.0), 5.0);
+        assert_eq!(max(&xs), 200.0);
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn ratio_against_the_copy() {
+        let run = |c: &str, x| Run {
+            config: c.into(),
+            repeat: 0,
+            bytes: 1,
+            wall_s: 1.0,
+            mb_s: x,
+            open_ms: None,
+            server_cpu_s: None,
+            verified_blocks: 0,
+        };
+        let runs = [run("hydrate", 80.0), run("copy", 100.0), run("copy", 120.0)];
+        let s = summarise(&["hydrate", "copy"], &runs);
+        assert_eq!(s[1].mb_s_median, 110.0);
+        assert!((s[0].ratio_vs_copy - 80.0 / 110.0).abs() < 1e-12);
+    }
+}
