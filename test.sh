@@ -40,7 +40,7 @@ build/release/deltavol-bench-ingest --quick
 build/release/deltavol-bench-hydrate --quick
 
 drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/crash.sh tests/drills/snapshots.sh
-        tests/drills/recovery.sh tests/drills/clone.sh)
+        tests/drills/recovery.sh tests/drills/clone.sh tests/drills/restart.sh)
 declare -A result
 rc=0
 for k in 7 6.12; do

@@ -195,6 +195,11 @@ pub struct DeviceArgs {
     /// the volume hydrates after `recover` or `clone`.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     pub hydrate_rate: u64,
+    /// Kernel user recovery: if the daemon dies, the device stays and its I/O waits until
+    /// `deltavol add` of the same volume takes it over (a mounted filesystem carries on).
+    /// Without a successor that I/O waits forever; `del` then fails it.
+    #[arg(long)]
+    pub user_recovery: bool,
     /// Stay in the foreground (logs to stderr) instead of daemonizing.
     #[arg(long)]
     pub foreground: bool,
@@ -280,6 +285,7 @@ impl AddArgs {
                 hydrate_rate_bytes_per_s: self.dev.hydrate_rate,
                 fetch_timeout: crate::volume::FETCH_TIMEOUT_DEFAULT,
             },
+            user_recovery: self.dev.user_recovery,
             queues: self.dev.queues,
             depth: self.dev.depth,
             foreground: self.dev.foreground,

@@ -35,6 +35,10 @@ const CONTROL_CONNECTIONS_MAX: usize = 16;
 #[derive(Debug, Clone)]
 pub struct AddConfig {
     pub volume: VolumeConfig,
+    /// Create the device with the kernel's user recovery: after a daemon crash the device
+    /// (and a filesystem on it) waits for `deltavol add` to take it over; its I/O blocks
+    /// until then.
+    pub user_recovery: bool,
     pub queues: u16,
     pub depth: u16,
     pub foreground: bool,
@@ -160,6 +164,26 @@ fn private_mount_namespace() {
     let flags = nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE;
     if let Err(e) = nix::mount::mount(None::<&str>, "/", None::<&str>, flags, None::<&str>) {
         tracing::warn!(error = %e, "could not make / private in the daemon's mount namespace");
+    }
+    // The new namespace is a copy: a filesystem mounted on a ublk device when the daemon
+    // started (its own device being taken over, or another volume's) would stay mounted in
+    // here and keep that device busy after the user unmounts it. The daemon needs none.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut targets: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let src = f.next()?;
+            let dst = f.next()?;
+            src.starts_with("/dev/ublkb").then_some(dst)
+        })
+        .collect();
+    targets.reverse(); // innermost first
+    for t in targets {
+        let t = t.replace("\\040", " ");
+        if let Err(e) = nix::mount::umount2(t.as_str(), nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(mount = %t, error = %e, "could not detach a ublk mount from the daemon's namespace");
+        }
     }
 }
 
@@ -332,6 +356,23 @@ pub fn remove_stale(info: &RunInfo) -> anyhow::Result<Option<u32>> {
     Ok(Some(dev_id))
 }
 
+/// The device of a dead daemon of `name` that the kernel holds for a successor (state
+/// QUIESCED: created with user recovery, daemon gone): its id, queue count and depth.
+fn takeover_candidate(name: &str) -> Option<(u32, u16, u16)> {
+    let info = dead_daemon(name)?;
+    if !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{}", info.dev_id)).exists() {
+        return None;
+    }
+    init_ctrl_ring().ok()?;
+    let c = UblkCtrl::new_simple(info.dev_id as i32).ok()?;
+    let di = c.dev_info();
+    (u32::from(di.state) == sys::UBLK_S_DEV_QUIESCED).then_some((
+        info.dev_id,
+        di.nr_hw_queues,
+        di.queue_depth,
+    ))
+}
+
 fn remove_stale_in_background(name: &str) {
     let Some(info) = dead_daemon(name) else {
         return;
@@ -352,31 +393,68 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
     let sigs = block_signals();
     private_mount_namespace();
     let name = cfg.volume.cache.name.clone();
-    remove_stale_in_background(&name);
     let features = UblkCtrl::get_features().unwrap_or(0);
     tracing::info!(features = format!("{features:#x}"), "ublk driver features");
+    // A dead daemon of this volume whose device waits for a successor (user recovery): take
+    // the device over, so a mounted filesystem carries on. Otherwise clean up what it left.
+    // Taking over is safe because the membership journal restored every write the dead
+    // daemon completed (same boot: the page cache is intact).
+    let takeover = takeover_candidate(&name);
+    if takeover.is_none() {
+        remove_stale_in_background(&name);
+    }
+    let recovery_flags = u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
+    let supported = features & recovery_flags == recovery_flags;
+    if cfg.user_recovery && !supported {
+        bail!("--user-recovery: this kernel's ublk driver lacks UBLK_F_USER_RECOVERY_REISSUE (Linux >= 6.1 has it)");
+    }
+    let user_recovery = cfg.user_recovery && supported;
 
     let volume = Arc::new(Volume::open(&cfg.volume).map_err(|e| anyhow!("{e}"))?);
     let cache = volume.cache.clone();
-    let nr_queues = cfg.queues;
+    // A taken-over device keeps its own geometry.
+    let nr_queues = takeover.map_or(cfg.queues, |t| t.1);
     let kickers: Arc<Vec<Arc<Kicker>>> = Arc::new(
         (0..nr_queues)
             .map(|_| Kicker::new().map(Arc::new))
             .collect::<std::io::Result<_>>()?,
     );
 
-    let ctrl = UblkCtrlBuilder::default()
-        .name("deltavol")
-        .id(-1)
-        .nr_queues(nr_queues)
-        .depth(cfg.depth)
-        .io_buf_bytes(IO_BUF_BYTES)
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-        .build()
-        .map_err(|e| anyhow!("create ublk device: {e} (is ublk_drv loaded and are you root?)"))?;
+    let ctrl = match takeover {
+        Some((id, q, d)) => {
+            tracing::info!(
+                dev_id = id,
+                "taking over the device of a dead daemon of this volume (user recovery)"
+            );
+            UblkCtrl::new_simple(id as i32)
+                .and_then(|c| c.start_user_recover())
+                .map_err(|e| anyhow!("start user recovery of ublk device {id}: {e}"))?;
+            UblkCtrlBuilder::default()
+                .name("deltavol")
+                .id(id as i32)
+                .nr_queues(q)
+                .depth(d)
+                .io_buf_bytes(IO_BUF_BYTES)
+                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+                .build()
+                .map_err(|e| anyhow!("recover ublk device {id}: {e}"))?
+        }
+        None => UblkCtrlBuilder::default()
+            .name("deltavol")
+            .id(-1)
+            .nr_queues(nr_queues)
+            .depth(cfg.depth)
+            .io_buf_bytes(IO_BUF_BYTES)
+            .ctrl_flags(if user_recovery { recovery_flags } else { 0 })
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .build()
+            .map_err(|e| {
+                anyhow!("create ublk device: {e} (is ublk_drv loaded and are you root?)")
+            })?,
+    };
 
     let size = cache.size_bytes;
-    let depth = cfg.depth;
+    let depth = takeover.map_or(cfg.depth, |t| t.2);
     let fds = [
         cache.mirrors[0].as_raw_fd(),
         cache.mirrors[1].as_raw_fd(),
@@ -467,10 +545,15 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
         }
     };
     let r = ctrl.run_target(tgt_init, q_fn, dev_fn);
-    // Queues are gone: no more I/O can arrive. Flush everything, then let `ctrl` drop, which
-    // deletes the device.
+    // Queues are gone: no more I/O can arrive. Flush everything, then delete the device (a
+    // control made for ADD_DEV does it when dropped; a recovered one must be told).
     tracing::info!("device stopped; flushing");
     volume.shutdown();
+    if takeover.is_some() {
+        if let Err(e) = ctrl.del_dev() {
+            tracing::warn!(error = %e, "could not delete the recovered ublk device");
+        }
+    }
     let _ = std::fs::remove_file(control::socket_path(&name));
     let _ = std::fs::remove_file(control::info_path(&name));
     r.map_err(|e| anyhow!("ublk device: {e}"))?;
