@@ -24,6 +24,8 @@
 
 mod copy;
 mod data;
+#[path = "../common/machine.rs"]
+mod machine;
 mod report;
 #[path = "../ingest/server.rs"]
 mod server;
@@ -39,6 +41,7 @@ use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use deltavol::cache::io::UBLK_IO_OP_READ;
 use deltavol::hydrate::HYDRATE_EXTENT_BLOCKS;
+use deltavol::size::parse_size;
 use deltavol::volume::Volume;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -103,25 +106,6 @@ struct Args {
     /// CI smoke test: tiny sizes, one repeat; still fails on any error.
     #[arg(long)]
     quick: bool,
-}
-
-/// Parses `4096`, `64K`, `256M`, `1G` (also `KiB`/`MiB`/`GiB`, any case) into bytes.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with an optional K/M/G suffix"))?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (K, M or G)")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn main() -> anyhow::Result<()> {
