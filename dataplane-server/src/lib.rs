@@ -48,4 +48,4 @@ pub use client::{
     BeginOutcome, Client, ClientError, ClientErrorKind, SnapshotInfo, Timeouts, VolumeInfo,
 };
 pub use deltavol_schemas::wire::ErrorCode;
-pub use server::{start, ServerConfig, ServerError, ServerHandle, ServerStats};
+pub use server::{start, ConnLimits, ServerConfig, ServerError, ServerHandle, ServerStats};

@@ -22,6 +22,8 @@ struct Args {
     /// File holding the shared secret clients authenticate with.
     #[arg(long)]
     auth_token_file: PathBuf,
+    #[command(flatten)]
+    limits: deltavol_dataplane::ConnLimits,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         threads,
         auth_token: token,
+        limits: args.limits.clone(),
     })
     .with_context(|| {
         format!(

@@ -19,6 +19,14 @@
 //! * A malformed frame, a protocol violation or any error during an upload's stream gets an
 //!   `Error` reply and closes that connection only; request errors (bad parent, unknown
 //!   snapshot, ...) get an `Error` reply and the connection goes on.
+//! * Hostile clients are bounded by [`ConnLimits`]: at most `max_connections` sockets open in
+//!   the whole process (one more is answered "busy" and closed at once, never queued); at most
+//!   `max_handshakes` unauthenticated ones (when full, the oldest unfinished handshake is
+//!   dropped for the newcomer, so idle sockets cannot lock out a client that answers at once);
+//!   a short deadline for the whole handshake, an idle deadline between requests, a deadline
+//!   for the rest of a frame once its length prefix arrived, and one for each reply written (a
+//!   client that stops reading is dropped). Handshake frames are capped at
+//!   [`HANDSHAKE_FRAME_MAX_BYTES`], so an unauthenticated socket costs a few KiB at most.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -43,12 +51,21 @@ use crate::store::{
     self, BeginOutcome, PlanSrc, StoreError, StoreErrorKind, Upload, Volume, VolumeSummary,
 };
 
-/// Time a new connection has to finish hello / challenge / auth.
-pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-/// Time an authenticated connection may stay silent between requests.
+/// Default time a new connection has to finish hello / challenge / auth.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// Default time an authenticated connection may stay silent between requests.
 pub const IDLE_TIMEOUT_MS: u64 = 600_000;
-/// Time to receive the rest of a frame once its length prefix arrived.
+/// Default time to receive the rest of a frame once its length prefix arrived, and to write
+/// one reply frame.
 pub const FRAME_TIMEOUT_MS: u64 = 60_000;
+/// Default cap on connections open at once in the whole process.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Default cap on connections in the handshake at once in the whole process.
+pub const MAX_HANDSHAKES: usize = 512;
+/// Cap on a handshake frame's header (`Hello` and `Auth` are ~150 bytes).
+pub const HANDSHAKE_FRAME_MAX_BYTES: usize = 1024;
+/// At most one "connection limit reached" log line per shard per this many ms.
+pub const REFUSAL_LOG_INTERVAL_MS: u64 = 1_000;
 /// Depth of each shard's hand-off queue.
 pub const HANDOFF_QUEUE_MAX: usize = 1024;
 /// Listen backlog of each shard's socket.
@@ -61,6 +78,65 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub threads: usize,
     pub auth_token: Vec<u8>,
+    /// Connection caps and deadlines (`ConnLimits::default()` for a production server).
+    pub limits: ConnLimits,
+}
+
+/// Caps and deadlines that bound what a client, hostile or slow, can hold of the server.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct ConnLimits {
+    /// Most connections open at once in the whole process (handshaking and authenticated);
+    /// one more is answered "busy" and closed at once.
+    #[arg(long, default_value_t = MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Most connections still in the handshake at once in the whole process (split evenly
+    /// over the threads); when full, the oldest unfinished handshake is dropped.
+    #[arg(long, default_value_t = MAX_HANDSHAKES)]
+    pub max_handshakes: usize,
+    /// Deadline for hello, challenge and auth of a new connection, in ms.
+    #[arg(long, default_value_t = HANDSHAKE_TIMEOUT_MS)]
+    pub handshake_timeout_ms: u64,
+    /// How long an authenticated connection may stay silent between requests, in ms.
+    #[arg(long, default_value_t = IDLE_TIMEOUT_MS)]
+    pub idle_timeout_ms: u64,
+    /// Deadline for the rest of a frame once its length prefix arrived, and for writing one
+    /// reply frame, in ms.
+    #[arg(long, default_value_t = FRAME_TIMEOUT_MS)]
+    pub frame_timeout_ms: u64,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: MAX_CONNECTIONS,
+            max_handshakes: MAX_HANDSHAKES,
+            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
+            idle_timeout_ms: IDLE_TIMEOUT_MS,
+            frame_timeout_ms: FRAME_TIMEOUT_MS,
+        }
+    }
+}
+
+impl ConnLimits {
+    fn check(&self) -> Result<(), ServerError> {
+        let bad = |what: &str| Err(ServerError::Config(format!("{what} must be at least 1")));
+        if self.max_connections == 0 {
+            return bad("--max-connections");
+        }
+        if self.max_handshakes == 0 {
+            return bad("--max-handshakes");
+        }
+        if self.handshake_timeout_ms == 0 {
+            return bad("--handshake-timeout-ms");
+        }
+        if self.idle_timeout_ms == 0 {
+            return bad("--idle-timeout-ms");
+        }
+        if self.frame_timeout_ms == 0 {
+            return bad("--frame-timeout-ms");
+        }
+        Ok(())
+    }
 }
 
 /// Server start-up errors.
@@ -107,6 +183,43 @@ pub struct ServerStats {
     pub authenticated: std::sync::atomic::AtomicU64,
     /// Of those, connections handed to another shard (the volume's owner).
     pub handed_off: std::sync::atomic::AtomicU64,
+    /// Connections open right now (handshaking and authenticated).
+    pub open: std::sync::atomic::AtomicUsize,
+    /// Connections closed at accept because `max_connections` were open.
+    pub refused_busy: std::sync::atomic::AtomicU64,
+    /// Unfinished handshakes dropped to make room for a newer connection.
+    pub handshakes_evicted: std::sync::atomic::AtomicU64,
+    /// Connections closed by a deadline (handshake, idle, frame or write).
+    pub timed_out: std::sync::atomic::AtomicU64,
+}
+
+/// One of the `max_connections` slots, given back when the connection ends.
+#[derive(Debug)]
+struct ConnSlot {
+    stats: Arc<ServerStats>,
+}
+
+impl ConnSlot {
+    fn try_acquire(stats: &Arc<ServerStats>, max: usize) -> Option<ConnSlot> {
+        use std::sync::atomic::Ordering;
+        stats
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(ConnSlot {
+            stats: Arc::clone(stats),
+        })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.stats
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl ServerHandle {
@@ -142,6 +255,7 @@ struct Handoff {
     /// The generation the client authenticated with.
     generation: u64,
     peer: SocketAddr,
+    _slot: ConnSlot,
 }
 
 /// Which clones depend on which snapshots, across all shards (see the module doc).
@@ -234,6 +348,7 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     if cfg.auth_token.is_empty() {
         return Err(ServerError::Config("the auth token is empty".into()));
     }
+    cfg.limits.check()?;
     let volumes_dir = cfg.data_dir.join("volumes");
     std::fs::create_dir_all(&volumes_dir)
         .map_err(io_err(format!("create {}", volumes_dir.display())))?;
@@ -288,6 +403,7 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
             shutdown: shutdown_rx.clone(),
             registry: Arc::clone(&registry),
             loaded: Arc::clone(&loaded),
+            limits: cfg.limits.clone(),
         };
         let ready = ready_tx.clone();
         let t = std::thread::Builder::new()
@@ -318,7 +434,13 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
             }
         }
     }
-    tracing::info!(addr = %addr, threads = cfg.threads, data_dir = %cfg.data_dir.display(), "data plane listening");
+    tracing::info!(
+        addr = %addr,
+        threads = cfg.threads,
+        data_dir = %cfg.data_dir.display(),
+        limits = ?cfg.limits,
+        "data plane listening"
+    );
     Ok(ServerHandle {
         stats,
         local_addr: addr,
@@ -352,6 +474,7 @@ struct ShardInit {
     stats: Arc<ServerStats>,
     registry: Arc<CloneRegistry>,
     loaded: Arc<std::sync::Barrier>,
+    limits: ConnLimits,
 }
 
 /// One shard's state: the volumes it owns. Lives on its thread only.
@@ -368,6 +491,79 @@ struct Shard {
     broken: RefCell<HashMap<String, String>>,
     create_lock: tokio::sync::Mutex<()>,
     registry: Arc<CloneRegistry>,
+    limits: ConnLimits,
+    /// This shard's share of `max_handshakes`.
+    handshakes_max: usize,
+    /// Unfinished handshakes of this shard, oldest first (by accept sequence).
+    handshakes: RefCell<std::collections::BTreeMap<u64, tokio::task::AbortHandle>>,
+    accept_seq: std::cell::Cell<u64>,
+    /// Connections refused since the last "connection limit" log line, and when it was.
+    refused_unlogged: std::cell::Cell<u64>,
+    refusal_logged_at: std::cell::Cell<Option<std::time::Instant>>,
+}
+
+impl Shard {
+    /// Answers "busy" (best effort, never waiting) and closes a connection over the cap.
+    fn refuse_busy(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        self.stats
+            .refused_busy
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut out = Out::new();
+        out.error(
+            wire::ErrorCode::Internal,
+            &format!(
+                "server busy: {} connections open (--max-connections); try again later",
+                self.limits.max_connections
+            ),
+        );
+        let _ = stream.try_write(&out.buf);
+        drop(stream);
+        self.refused_unlogged.set(self.refused_unlogged.get() + 1);
+        let now = std::time::Instant::now();
+        let due = self.refusal_logged_at.get().is_none_or(|t| {
+            now.duration_since(t) >= Duration::from_millis(REFUSAL_LOG_INTERVAL_MS)
+        });
+        if due {
+            tracing::warn!(
+                shard = self.id,
+                peer = %peer,
+                refused = self.refused_unlogged.get(),
+                max_connections = self.limits.max_connections,
+                "connection limit reached: closing new connections at once"
+            );
+            self.refused_unlogged.set(0);
+            self.refusal_logged_at.set(Some(now));
+        }
+    }
+
+    /// Makes room for one more handshake: drops the oldest unfinished one when full.
+    fn make_room_for_handshake(&self) {
+        let oldest = {
+            let mut hs = self.handshakes.borrow_mut();
+            if hs.len() < self.handshakes_max {
+                return;
+            }
+            hs.pop_first()
+        };
+        if let Some((_, h)) = oldest {
+            h.abort();
+            self.stats
+                .handshakes_evicted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Removes a handshake from its shard's table when it ends, however it ends.
+struct HandshakeEntry {
+    shard: Rc<Shard>,
+    seq: u64,
+}
+
+impl Drop for HandshakeEntry {
+    fn drop(&mut self) {
+        self.shard.handshakes.borrow_mut().remove(&self.seq);
+    }
 }
 
 async fn shard_main(
@@ -387,6 +583,12 @@ async fn shard_main(
         broken: RefCell::new(HashMap::new()),
         create_lock: tokio::sync::Mutex::new(()),
         registry: init.registry,
+        handshakes_max: init.limits.max_handshakes.div_ceil(init.nshards).max(1),
+        limits: init.limits,
+        handshakes: RefCell::new(std::collections::BTreeMap::new()),
+        accept_seq: std::cell::Cell::new(0),
+        refused_unlogged: std::cell::Cell::new(0),
+        refusal_logged_at: std::cell::Cell::new(None),
     });
     let mut shutdown = init.shutdown;
     let loaded = load_volumes(&shard);
@@ -407,8 +609,17 @@ async fn shard_main(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let shard = Rc::clone(&shard);
-                    tokio_uring::spawn(async move { handshake(shard, stream, peer).await });
+                    let Some(slot) = ConnSlot::try_acquire(&shard.stats, shard.limits.max_connections) else {
+                        shard.refuse_busy(stream, peer);
+                        continue;
+                    };
+                    shard.make_room_for_handshake();
+                    let seq = shard.accept_seq.get();
+                    shard.accept_seq.set(seq + 1);
+                    let entry = HandshakeEntry { shard: Rc::clone(&shard), seq };
+                    let task = tokio_uring::spawn(async move { handshake(entry, stream, peer, slot).await });
+                    // The task has not run yet (this thread is busy here): it finds its entry.
+                    shard.handshakes.borrow_mut().insert(seq, task.abort_handle());
                 }
                 Err(e) => {
                     tracing::warn!(shard = shard.id, error = %e, "accept failed");
@@ -469,6 +680,8 @@ struct ReqError {
     code: wire::ErrorCode,
     msg: String,
     fatal: bool,
+    /// Writing to the peer failed: no error reply is attempted.
+    write_failed: bool,
 }
 
 impl ReqError {
@@ -477,6 +690,7 @@ impl ReqError {
             code,
             msg: msg.into(),
             fatal: false,
+            write_failed: false,
         }
     }
 
@@ -485,6 +699,7 @@ impl ReqError {
             code,
             msg: msg.into(),
             fatal: true,
+            write_failed: false,
         }
     }
 }
@@ -660,6 +875,14 @@ async fn read_frame_tokio(
         .await
         .map_err(|e| ReqError::fatal(wire::ErrorCode::Malformed, format!("reading frame: {e}")))?;
     let len = header_len_from_prefix(prefix).map_err(frame_error)?;
+    if len > HANDSHAKE_FRAME_MAX_BYTES {
+        return Err(ReqError::fatal(
+            wire::ErrorCode::TooLarge,
+            format!(
+                "handshake frame header of {len} bytes exceeds the cap of {HANDSHAKE_FRAME_MAX_BYTES}"
+            ),
+        ));
+    }
     hdr.resize(len, 0);
     stream.read_exact(hdr).await.map_err(|e| {
         ReqError::fatal(wire::ErrorCode::Malformed, format!("truncated frame: {e}"))
@@ -739,25 +962,40 @@ async fn run_handshake(
     Ok((volume.to_string(), a.generation()))
 }
 
-async fn handshake(shard: Rc<Shard>, mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+async fn handshake(
+    entry: HandshakeEntry,
+    mut stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: ConnSlot,
+) {
+    let shard = Rc::clone(&entry.shard);
     let mut out = Out::new();
-    let res = tokio::time::timeout(
-        Duration::from_millis(HANDSHAKE_TIMEOUT_MS),
-        run_handshake(&shard, &mut stream, &mut out),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(ReqError::fatal(
-            wire::ErrorCode::Protocol,
-            "handshake timed out",
-        ))
-    });
+    let deadline = Duration::from_millis(shard.limits.handshake_timeout_ms);
+    let res = tokio::time::timeout(deadline, run_handshake(&shard, &mut stream, &mut out))
+        .await
+        .unwrap_or_else(|_| {
+            shard
+                .stats
+                .timed_out
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(ReqError::fatal(
+                wire::ErrorCode::Protocol,
+                format!(
+                    "handshake not finished within {} ms",
+                    shard.limits.handshake_timeout_ms
+                ),
+            ))
+        });
+    // No longer an unfinished handshake: it cannot be evicted from here on.
+    drop(entry);
     let (volume, generation) = match res {
         Ok(v) => v,
         Err(e) => {
             tracing::info!(peer = %peer, code = ?e.code, error = %e.msg, "handshake refused");
             out.error(e.code, &e.msg);
-            let _ = stream.write_all(&out.buf).await;
+            // The error frame is small; a peer that does not take it is not waited for long.
+            let write = stream.write_all(&out.buf);
+            let _ = tokio::time::timeout(deadline, write).await;
             return;
         }
     };
@@ -787,6 +1025,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: tokio::net::TcpStream, peer: So
         volume,
         generation,
         peer,
+        _slot: slot,
     };
     if owner == shard.id {
         serve(shard, h).await;
@@ -867,17 +1106,41 @@ impl Conn {
         })
     }
 
+    /// Writes the frame in `out.buf`; a peer that does not take it within the frame deadline
+    /// (it stopped reading) gets `TimedOut`.
     async fn send(&mut self) -> io::Result<()> {
         let buf = std::mem::take(&mut self.out.buf);
-        let (res, buf) = self.stream.write_all(buf).await;
-        self.out.buf = buf;
-        res
+        let deadline = Duration::from_millis(self.shard.limits.frame_timeout_ms);
+        match tokio::time::timeout(deadline, self.stream.write_all(buf)).await {
+            Ok((res, buf)) => {
+                self.out.buf = buf;
+                res
+            }
+            Err(_) => {
+                // The buffer went with the cancelled write; the connection is closed next.
+                self.count_timeout();
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "peer did not take a reply within {} ms",
+                        self.shard.limits.frame_timeout_ms
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn count_timeout(&self) {
+        self.shard
+            .stats
+            .timed_out
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Reads the next frame into `hdr` / `payload`.
     async fn read_frame(&mut self) -> Result<Next, ReqError> {
         let hdr = std::mem::take(&mut self.hdr);
-        let idle = Duration::from_millis(IDLE_TIMEOUT_MS);
+        let idle = Duration::from_millis(self.shard.limits.idle_timeout_ms);
         let (res, hdr) = match tokio::time::timeout(
             idle,
             read_exact_uring(&self.stream, hdr, FRAME_LEN_PREFIX_BYTES),
@@ -885,7 +1148,16 @@ impl Conn {
         .await
         {
             Ok(r) => r,
-            Err(_) => return Err(ReqError::fatal(wire::ErrorCode::Protocol, "idle timeout")),
+            Err(_) => {
+                self.count_timeout();
+                return Err(ReqError::fatal(
+                    wire::ErrorCode::Protocol,
+                    format!(
+                        "idle timeout: no request within {} ms",
+                        self.shard.limits.idle_timeout_ms
+                    ),
+                ));
+            }
         };
         self.hdr = hdr;
         match res {
@@ -902,26 +1174,39 @@ impl Conn {
         }
         let prefix = [self.hdr[0], self.hdr[1], self.hdr[2], self.hdr[3]];
         let len = header_len_from_prefix(prefix).map_err(frame_error)?;
-        let frame_timeout = Duration::from_millis(FRAME_TIMEOUT_MS);
+        // One deadline for the header and the payload together: a client trickling bytes holds
+        // the connection for at most this long per frame.
+        let frame_timeout_ms = self.shard.limits.frame_timeout_ms;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(frame_timeout_ms);
+        let timed_out = |c: &Conn| {
+            c.count_timeout();
+            ReqError::fatal(
+                wire::ErrorCode::Protocol,
+                format!("frame not received within {frame_timeout_ms} ms of its length prefix"),
+            )
+        };
         let hdr = std::mem::take(&mut self.hdr);
         let (res, hdr) =
-            tokio::time::timeout(frame_timeout, read_exact_uring(&self.stream, hdr, len))
-                .await
-                .map_err(|_| {
-                    ReqError::fatal(wire::ErrorCode::Protocol, "timed out inside a frame")
-                })?;
+            match tokio::time::timeout_at(deadline, read_exact_uring(&self.stream, hdr, len)).await
+            {
+                Ok(r) => r,
+                Err(_) => return Err(timed_out(self)),
+            };
         self.hdr = hdr;
         res.map_err(|e| {
             ReqError::fatal(wire::ErrorCode::Malformed, format!("reading frame: {e}"))
         })?;
         let payload_len = decode_header(&self.hdr).map_err(frame_error)?.payload_len() as usize;
         let payload = std::mem::take(&mut self.payload);
-        let (res, payload) = tokio::time::timeout(
-            frame_timeout,
+        let (res, payload) = match tokio::time::timeout_at(
+            deadline,
             read_exact_uring(&self.stream, payload, payload_len),
         )
         .await
-        .map_err(|_| ReqError::fatal(wire::ErrorCode::Protocol, "timed out inside a frame"))?;
+        {
+            Ok(r) => r,
+            Err(_) => return Err(timed_out(self)),
+        };
         self.payload = payload;
         res.map_err(|e| {
             ReqError::fatal(
@@ -1010,9 +1295,11 @@ impl Conn {
     }
 
     async fn send_reply(&mut self) -> Result<(), ReqError> {
-        self.send()
-            .await
-            .map_err(|e| ReqError::fatal(wire::ErrorCode::Io, format!("write: {e}")))
+        self.send().await.map_err(|e| {
+            let mut r = ReqError::fatal(wire::ErrorCode::Io, format!("write: {e}"));
+            r.write_failed = true;
+            r
+        })
     }
 
     fn reply_volume_info(&mut self) {
@@ -1399,6 +1686,9 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
         };
         if let Err(e) = res {
             tracing::info!(peer = %peer, volume = %conn.volume_name, code = ?e.code, fatal = e.fatal, error = %e.msg, "request refused");
+            if e.write_failed {
+                break;
+            }
             conn.out.error(e.code, &e.msg);
             let sent = conn.send().await;
             if e.fatal || sent.is_err() {

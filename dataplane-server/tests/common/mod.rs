@@ -28,6 +28,7 @@ pub fn in_process(data_dir: &Path, threads: usize) -> ServerHandle {
         data_dir: data_dir.to_path_buf(),
         threads,
         auth_token: TOKEN.to_vec(),
+        limits: Default::default(),
     })
     .expect("server starts")
 }
