@@ -6,6 +6,8 @@
 //! * [`auth`]: challenge–response on a shared secret (HMAC-SHA256).
 //! * [`store`]: per-volume segment files, the atomically replaced manifest, the in-memory
 //!   index answering "block b as of snapshot s"; [`mod@store::format`] holds the on-disk formats.
+//!   [`mod@store::backend`] puts them on the local filesystem (default) or an S3-compatible
+//!   object store (numbered manifests committed with create-if-absent puts).
 //! * [`client`]: the blocking client the compute daemon's flush thread uses.
 //!
 //! The wire format and schemas live in the `deltavol-schemas` crate.
@@ -48,4 +50,7 @@ pub use client::{
     BeginOutcome, Client, ClientError, ClientErrorKind, SnapshotInfo, Timeouts, VolumeInfo,
 };
 pub use deltavol_schemas::wire::ErrorCode;
-pub use server::{start, ConnLimits, ServerConfig, ServerError, ServerHandle, ServerStats};
+pub use server::{
+    start, start_with_backend, ConnLimits, ServerConfig, ServerError, ServerHandle, ServerStats,
+};
+pub use store::backend::{BackendConfig, S3Config};

@@ -342,6 +342,15 @@ impl Drop for DeleteGuard<'_> {
 
 /// Binds the listeners, loads the volumes (each shard its own) and starts the shards.
 pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
+    start_with_backend(cfg, &store::backend::BackendConfig::Local)
+}
+
+/// [`start`] with the store on the backend `backend` names (the data dir then holds only the
+/// lock file for an object store).
+pub fn start_with_backend(
+    cfg: ServerConfig,
+    backend: &store::backend::BackendConfig,
+) -> Result<ServerHandle, ServerError> {
     if cfg.threads == 0 {
         return Err(ServerError::Config("--threads must be at least 1".into()));
     }
@@ -349,9 +358,9 @@ pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         return Err(ServerError::Config("the auth token is empty".into()));
     }
     cfg.limits.check()?;
-    let volumes_dir = cfg.data_dir.join("volumes");
-    std::fs::create_dir_all(&volumes_dir)
-        .map_err(io_err(format!("create {}", volumes_dir.display())))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(io_err(format!("create {}", cfg.data_dir.display())))?;
+    let volumes_dir = store::backend::Backend::open(backend, &cfg.data_dir)?;
     let lock_path = cfg.data_dir.join("LOCK");
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
@@ -467,7 +476,7 @@ fn bind_reuseport(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError
 struct ShardInit {
     id: usize,
     nshards: usize,
-    volumes_dir: PathBuf,
+    volumes_dir: store::backend::Backend,
     token: Arc<[u8]>,
     senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -481,7 +490,7 @@ struct ShardInit {
 struct Shard {
     id: usize,
     nshards: usize,
-    volumes_dir: PathBuf,
+    volumes_dir: store::backend::Backend,
     token: Arc<[u8]>,
     senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
     stats: Arc<ServerStats>,
@@ -591,7 +600,7 @@ async fn shard_main(
         refusal_logged_at: std::cell::Cell::new(None),
     });
     let mut shutdown = init.shutdown;
-    let loaded = load_volumes(&shard);
+    let loaded = load_volumes(&shard).await;
     init.loaded.wait();
     let listener = match loaded.and_then(|()| {
         tokio::net::TcpListener::from_std(listener).map_err(io_err("register listener"))
@@ -637,18 +646,12 @@ async fn shard_main(
     Ok(())
 }
 
-fn load_volumes(shard: &Shard) -> Result<(), ServerError> {
-    let rd = std::fs::read_dir(&shard.volumes_dir)
-        .map_err(io_err(format!("list {}", shard.volumes_dir.display())))?;
-    for ent in rd {
-        let ent = ent.map_err(io_err("list volumes"))?;
-        let Some(name) = ent.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
+async fn load_volumes(shard: &Shard) -> Result<(), ServerError> {
+    for name in shard.volumes_dir.list_volumes().await? {
         if !valid_volume_name(&name) || shard_of(&name, shard.nshards) != shard.id {
             continue;
         }
-        match Volume::load(&shard.volumes_dir, &name) {
+        match Volume::load(&shard.volumes_dir, &name).await {
             Ok(Some(v)) => {
                 if let Some(c) = v.clone_source() {
                     shard
@@ -1389,12 +1392,14 @@ impl Conn {
 
     async fn create_clone(&mut self, source: &str, source_snap_id: u64) -> Result<(), ReqError> {
         use wire::ErrorCode as C;
-        let m = store::read_manifest(&self.shard.volumes_dir, source)?.ok_or_else(|| {
-            ReqError::new(
-                C::NoSuchVolume,
-                format!("clone source volume {source} does not exist"),
-            )
-        })?;
+        let m = store::read_manifest(&self.shard.volumes_dir, source)
+            .await?
+            .ok_or_else(|| {
+                ReqError::new(
+                    C::NoSuchVolume,
+                    format!("clone source volume {source} does not exist"),
+                )
+            })?;
         if source_snap_id == 0 || !m.snapshots.iter().any(|s| s.snap_id == source_snap_id) {
             return Err(ReqError::new(
                 C::NoSuchSnapshot,
@@ -1576,7 +1581,7 @@ impl Conn {
 
     async fn read(&mut self, snap_id: u64, lba: u64, nblocks: u64) -> Result<(), ReqError> {
         let v = self.require_volume()?;
-        let plan = v.plan_read(snap_id, lba, nblocks)?;
+        let plan = v.plan_read(snap_id, lba, nblocks).await?;
         let bs = u64::from(plan.block_size);
         let frame_blocks_max = FRAME_PAYLOAD_MAX_BYTES as u64 / bs;
         self.read_extents.clear();

@@ -17,8 +17,10 @@
 //! * A segment whose footer or header fails its checks marks the volume damaged: it is
 //!   reported and refused, never silently used. Data crcs are checked on every read.
 
+pub mod backend;
 pub mod format;
 pub mod layer;
+pub mod tools;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -26,7 +28,11 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use backend::{Backend, CreateOutcome, ObjBackend, ObjManifest};
+use object_store::path::Path as ObjPath;
 
 use deltavol_schemas::{check_extents, wire, ExtentError};
 use tokio_uring::buf::BoundedBuf;
@@ -165,11 +171,23 @@ async fn write_atomic(dir: &Path, name: &str, bytes: Vec<u8>) -> Result<(), Stor
     sync_dir(dir).await
 }
 
-/// One immutable segment file, open for reads, with its footer's extents.
+/// Where a segment's bytes are read from.
+#[derive(Debug)]
+enum SegSrc {
+    File(tokio_uring::fs::File),
+    /// An object read with ranged GETs.
+    Object {
+        obj: Arc<ObjBackend>,
+        key: ObjPath,
+    },
+}
+
+/// One immutable segment (a file or an object), open for reads, with its footer's extents
+/// (the in-memory index cache: footers are fetched once, when the volume loads).
 #[derive(Debug)]
 pub struct Segment {
     pub snap_id: u64,
-    file: tokio_uring::fs::File,
+    src: SegSrc,
     pub extents: Vec<SegExtent>,
 }
 
@@ -192,20 +210,33 @@ impl Segment {
         let mut buf = buf;
         buf.clear();
         buf.reserve(len as usize);
-        let (res, slice) = self
-            .file
-            .read_exact_at(buf.slice(0..len as usize), e.offset)
-            .await;
-        let buf = slice.into_inner();
-        if let Err(err) = res {
-            return (
-                Err(StoreError::io(
-                    format!("read segment {} at offset {}", self.snap_id, e.offset),
-                    err,
-                )),
-                buf,
-            );
-        }
+        let buf = match &self.src {
+            SegSrc::File(file) => {
+                let (res, slice) = file
+                    .read_exact_at(buf.slice(0..len as usize), e.offset)
+                    .await;
+                let buf = slice.into_inner();
+                if let Err(err) = res {
+                    return (
+                        Err(StoreError::io(
+                            format!("read segment {} at offset {}", self.snap_id, e.offset),
+                            err,
+                        )),
+                        buf,
+                    );
+                }
+                buf
+            }
+            SegSrc::Object { obj, key } => {
+                match obj.get_range(key, e.offset..e.offset + len).await {
+                    Ok(b) => {
+                        buf.extend_from_slice(&b);
+                        buf
+                    }
+                    Err(err) => return (Err(err), buf),
+                }
+            }
+        };
         let crc = crc32c::crc32c(&buf);
         if crc != e.crc32c {
             let err = StoreError::new(
@@ -229,6 +260,8 @@ struct VolumeState {
     layers: Vec<Rc<Layer>>,
     segments: HashMap<u64, Rc<Segment>>,
     damaged: Option<String>,
+    /// Object backend: segment id → the upload tag naming its object.
+    tags: HashMap<u64, u128>,
 }
 
 /// The upload a volume is receiving.
@@ -268,8 +301,8 @@ struct SourceView {
 }
 
 impl SourceView {
-    fn load(
-        volumes_dir: &Path,
+    async fn load(
+        backend: &Backend,
         src: &CloneSourceData,
         depth: usize,
     ) -> Result<Rc<SourceView>, StoreError> {
@@ -285,7 +318,8 @@ impl SourceView {
                 format!("clone source {}@{}: {why}", src.volume, src.snap_id),
             )
         };
-        let m = read_manifest(volumes_dir, &src.volume)
+        let (m, tags) = read_manifest_full(backend, &src.volume)
+            .await
             .map_err(|e| damaged(e.to_string()))?
             .ok_or_else(|| damaged("the source volume is gone".into()))?;
         if m.volume_id != src.volume_id {
@@ -298,14 +332,14 @@ impl SourceView {
             .iter()
             .position(|s| s.snap_id == src.snap_id)
             .ok_or_else(|| damaged("the source snapshot is gone".into()))?;
-        let dir = volumes_dir.join(&src.volume);
         let mut segments = HashMap::new();
         for s in &m.snapshots[..=idx] {
             for id in &s.segments {
                 if segments.contains_key(id) {
                     continue;
                 }
-                let seg = open_segment(&dir, &m.volume_id, *id, m.block_size)
+                let seg = open_segment_any(backend, &src.volume, &m, &tags, *id)
+                    .await
                     .map_err(|e| damaged(format!("segment {id}: {e}")))?;
                 segments.insert(*id, Rc::new(seg));
             }
@@ -315,7 +349,7 @@ impl SourceView {
             .map(|s| Rc::new(build_layer(&s.segments, &segments)))
             .collect();
         let next = match &m.clone_source {
-            Some(c) => Some(SourceView::load(volumes_dir, c, depth + 1)?),
+            Some(c) => Some(Box::pin(SourceView::load(backend, c, depth + 1)).await?),
             None => None,
         };
         Ok(Rc::new(SourceView {
@@ -326,14 +360,85 @@ impl SourceView {
     }
 }
 
-/// Reads and verifies `volumes_dir/<name>/MANIFEST`; `Ok(None)` when there is none.
-pub fn read_manifest(volumes_dir: &Path, name: &str) -> Result<Option<ManifestData>, StoreError> {
-    let path = volumes_dir.join(name).join(MANIFEST_NAME);
-    match std::fs::read(&path) {
-        Ok(raw) => format::decode_manifest(&raw, name).map(Some),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StoreError::io(format!("read {}", path.display()), e)),
+/// Reads and verifies the current manifest of volume `name`; `Ok(None)` when there is none.
+pub async fn read_manifest(
+    backend: &Backend,
+    name: &str,
+) -> Result<Option<ManifestData>, StoreError> {
+    Ok(read_manifest_full(backend, name).await?.map(|(m, _)| m))
+}
+
+/// [`read_manifest`] with the segment tags of the object backend (empty for local).
+pub async fn read_manifest_full(
+    backend: &Backend,
+    name: &str,
+) -> Result<Option<(ManifestData, HashMap<u64, u128>)>, StoreError> {
+    match backend {
+        Backend::Local { volumes_dir } => {
+            let path = volumes_dir.join(name).join(MANIFEST_NAME);
+            match std::fs::read(&path) {
+                Ok(raw) => Ok(Some((format::decode_manifest(&raw, name)?, HashMap::new()))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(StoreError::io(format!("read {}", path.display()), e)),
+            }
+        }
+        Backend::Object(obj) => Ok(latest_obj_manifest(obj, name)
+            .await?
+            .map(|(m, om)| (m, om.tags))),
     }
+}
+
+/// The highest-numbered manifest object of volume `name`, decoded and checked.
+pub async fn latest_obj_manifest(
+    obj: &ObjBackend,
+    name: &str,
+) -> Result<Option<(ManifestData, ObjManifest)>, StoreError> {
+    let listed = obj.list(&format!("volumes/{name}/manifest")).await?;
+    let mut seq = listed
+        .iter()
+        .filter_map(|m| m.location.filename().and_then(backend::parse_manifest_name))
+        .max();
+    // A listing may lag a create: look past what it showed until a number is free.
+    loop {
+        let next = seq.map_or(1, |s| s + 1);
+        if obj
+            .head(&obj.key(&backend::manifest_rel(name, next)))
+            .await?
+            .is_none()
+        {
+            break;
+        }
+        seq = Some(next);
+    }
+    let Some(seq) = seq else {
+        return Ok(None);
+    };
+    let key = obj.key(&backend::manifest_rel(name, seq));
+    let raw = obj.get(&key).await?.ok_or_else(|| {
+        StoreError::new(
+            StoreErrorKind::Io,
+            format!("manifest {key} vanished while being read (garbage collected?): retry"),
+        )
+    })?;
+    let om = backend::decode_obj_manifest(&raw, key.as_ref())?;
+    let m = format::decode_manifest(&om.manifest, name)?;
+    if m.sequence != seq {
+        return Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("manifest {key} says sequence {}", m.sequence),
+        ));
+    }
+    for s in &m.snapshots {
+        for id in &s.segments {
+            if !om.tags.contains_key(id) {
+                return Err(StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    format!("manifest {key} names segment {id} without its object tag"),
+                ));
+            }
+        }
+    }
+    Ok(Some((m, om)))
 }
 
 /// Resolves `holes` through `layers` (newest last); appends what they hold to `out` and
@@ -395,7 +500,9 @@ pub struct ReadPlan {
 #[derive(Debug)]
 pub struct Volume {
     name: String,
+    /// Local backend: the volume's directory (unused by the object backend).
     dir: PathBuf,
+    backend: Backend,
     meta_lock: tokio::sync::Mutex<()>,
     /// The upload in progress, if any.
     upload: Cell<Option<ActiveUpload>>,
@@ -418,18 +525,18 @@ impl Volume {
         &self.name
     }
 
-    /// Creates a new volume directory with an empty chain; with `clone_source`, a
-    /// metadata-only clone of that snapshot (the caller checked that it exists and pinned it).
+    /// Creates a new volume with an empty chain; with `clone_source`, a metadata-only clone of
+    /// that snapshot (the caller checked that it exists and pinned it). On a shared object
+    /// store, a volume another server created first under the same name is loaded instead
+    /// when it has the same geometry and source (`VolumeMismatch` otherwise).
     pub async fn create(
-        volumes_dir: &Path,
+        backend: &Backend,
         name: &str,
         size_bytes: u64,
         block_size: u32,
         clone_source: Option<CloneSourceData>,
     ) -> Result<Rc<Volume>, StoreError> {
         check_geometry(size_bytes, block_size)?;
-        let dir = volumes_dir.join(name);
-        std::fs::create_dir_all(&dir).map_err(io_at("create", &dir))?;
         let mut volume_id: VolumeId = [0; 16];
         getrandom::getrandom(&mut volume_id)
             .map_err(|e| StoreError::io("volume id from getrandom", io::Error::other(e)))?;
@@ -444,8 +551,47 @@ impl Volume {
             snapshots: Vec::new(),
             clone_source,
         };
-        write_atomic(&dir, MANIFEST_NAME, format::encode_manifest(&manifest)).await?;
-        sync_dir(volumes_dir).await?;
+        let dir = match backend {
+            Backend::Local { volumes_dir } => {
+                let dir = volumes_dir.join(name);
+                std::fs::create_dir_all(&dir).map_err(io_at("create", &dir))?;
+                write_atomic(&dir, MANIFEST_NAME, format::encode_manifest(&manifest)).await?;
+                sync_dir(volumes_dir).await?;
+                dir
+            }
+            Backend::Object(obj) => {
+                match commit_obj_manifest(obj, name, &manifest, &HashMap::new()).await? {
+                    CreateOutcome::Created => PathBuf::new(),
+                    CreateOutcome::Exists => {
+                        let v = Box::pin(Volume::load(backend, name))
+                            .await?
+                            .ok_or_else(|| {
+                                StoreError::new(
+                                    StoreErrorKind::Io,
+                                    format!("volume {name}: manifest 1 exists but cannot be read"),
+                                )
+                            })?;
+                        check_same_geometry(&v.summary(), size_bytes, block_size)?;
+                        let theirs = v.clone_source().map(|c| (c.volume, c.snap_id));
+                        let ours = manifest
+                            .clone_source
+                            .as_ref()
+                            .map(|c| (c.volume.clone(), c.snap_id));
+                        if theirs != ours {
+                            return Err(StoreError::new(
+                                StoreErrorKind::VolumeMismatch,
+                                format!("volume {name} exists with another clone source"),
+                            ));
+                        }
+                        tracing::info!(
+                            volume = name,
+                            "volume was created by another server: loaded"
+                        );
+                        return Ok(v);
+                    }
+                }
+            }
+        };
         match &manifest.clone_source {
             Some(c) => {
                 tracing::info!(volume = name, source = %c.volume, source_snap_id = c.snap_id, "clone volume created")
@@ -455,6 +601,7 @@ impl Volume {
         Ok(Rc::new(Volume {
             name: name.to_string(),
             dir,
+            backend: backend.clone(),
             meta_lock: tokio::sync::Mutex::new(()),
             upload: Cell::new(None),
             upload_epoch: Cell::new(0),
@@ -463,78 +610,86 @@ impl Volume {
                 layers: Vec::new(),
                 segments: HashMap::new(),
                 damaged: None,
+                tags: HashMap::new(),
             }),
             source_view: RefCell::new(None),
         }))
     }
 
-    /// Loads a volume directory: removes temp files and segments no manifest names, verifies
-    /// the manifest and every segment's header and footer, rebuilds the index. Returns
-    /// `Ok(None)` for a directory without a manifest (a creation that never completed).
-    pub fn load(volumes_dir: &Path, name: &str) -> Result<Option<Rc<Volume>>, StoreError> {
-        let dir = volumes_dir.join(name);
-        let manifest_path = dir.join(MANIFEST_NAME);
-        let raw = match std::fs::read(&manifest_path) {
-            Ok(raw) => raw,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                remove_stray_files(&dir, &HashSet::new())?;
-                return Ok(None);
-            }
-            Err(e) => {
-                return Err(StoreError::io(
-                    format!("read {}", manifest_path.display()),
-                    e,
-                ))
-            }
+    /// Loads a volume: verifies the manifest and every segment's header and footer, rebuilds
+    /// the index. Local: removes temp files and segments no manifest names first. Returns
+    /// `Ok(None)` for a volume without a manifest (a creation that never completed).
+    pub async fn load(backend: &Backend, name: &str) -> Result<Option<Rc<Volume>>, StoreError> {
+        let Some(state) = load_state(backend, name).await? else {
+            return Ok(None);
         };
-        let manifest = format::decode_manifest(&raw, name)?;
-        let referenced: HashSet<u64> = manifest
-            .snapshots
-            .iter()
-            .flat_map(|s| s.segments.iter().copied())
-            .collect();
-        remove_stray_files(&dir, &referenced)?;
-
-        let mut segments = HashMap::new();
-        let mut damaged = None;
-        let mut ids: Vec<u64> = referenced.iter().copied().collect();
-        ids.sort_unstable();
-        for id in ids {
-            match open_segment(&dir, &manifest.volume_id, id, manifest.block_size) {
-                Ok(seg) => {
-                    segments.insert(id, Rc::new(seg));
-                }
-                Err(e) => {
-                    tracing::error!(volume = name, segment = id, error = %e, "corrupt segment: volume marked damaged");
-                    damaged.get_or_insert_with(|| format!("segment {id}: {e}"));
-                }
-            }
-        }
-        let mut layers = Vec::with_capacity(manifest.snapshots.len());
-        for s in &manifest.snapshots {
-            layers.push(Rc::new(build_layer(&s.segments, &segments)));
-        }
+        let dir = match backend {
+            Backend::Local { volumes_dir } => volumes_dir.join(name),
+            Backend::Object(_) => PathBuf::new(),
+        };
         tracing::info!(
             volume = name,
-            snapshots = manifest.snapshots.len(),
-            segments = segments.len(),
-            damaged = damaged.is_some(),
+            snapshots = state.manifest.snapshots.len(),
+            segments = state.segments.len(),
+            damaged = state.damaged.is_some(),
             "volume loaded"
         );
         Ok(Some(Rc::new(Volume {
             name: name.to_string(),
             dir,
+            backend: backend.clone(),
             meta_lock: tokio::sync::Mutex::new(()),
             upload: Cell::new(None),
             upload_epoch: Cell::new(0),
-            state: RefCell::new(VolumeState {
-                manifest,
-                layers,
-                segments,
-                damaged,
-            }),
+            state: RefCell::new(state),
             source_view: RefCell::new(None),
         })))
+    }
+
+    /// Replaces the in-memory state by the store's latest (after another server committed).
+    async fn reload(&self) -> Result<(), StoreError> {
+        if let Some(st) = load_state(&self.backend, &self.name).await? {
+            let mut cur = self.state.borrow_mut();
+            if st.manifest.volume_id == cur.manifest.volume_id {
+                *cur = st;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `nm` as the volume's manifest (local: atomically replaced; object: created as
+    /// number `nm.sequence`, which fails when another server committed that number first: the
+    /// state is then reloaded from the store and the change refused).
+    async fn write_manifest(
+        &self,
+        nm: &ManifestData,
+        tags: &HashMap<u64, u128>,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local { .. } => {
+                write_atomic(&self.dir, MANIFEST_NAME, format::encode_manifest(nm)).await
+            }
+            Backend::Object(obj) => match commit_obj_manifest(obj, &self.name, nm, tags).await? {
+                CreateOutcome::Created => Ok(()),
+                CreateOutcome::Exists => {
+                    tracing::warn!(volume = %self.name, sequence = nm.sequence, "another server committed this manifest number first: reloading");
+                    if let Err(e) = self.reload().await {
+                        tracing::error!(volume = %self.name, error = %e, "reload after a lost manifest race failed");
+                    }
+                    let cur = self.state.borrow().manifest.generation;
+                    if cur > nm.generation {
+                        return Err(stale_generation(&self.name, cur, nm.generation));
+                    }
+                    Err(StoreError::new(
+                        StoreErrorKind::BadParent,
+                        format!(
+                            "volume {}: another server committed manifest {} first (the chain moved): retry",
+                            self.name, nm.sequence
+                        ),
+                    ))
+                }
+            },
+        }
     }
 
     fn check_damaged(&self) -> Result<(), StoreError> {
@@ -586,22 +741,20 @@ impl Volume {
             nm
         };
         let generation = new_manifest.generation;
-        write_atomic(
-            &self.dir,
-            MANIFEST_NAME,
-            format::encode_manifest(&new_manifest),
-        )
-        .await?;
+        let tags = self.state.borrow().tags.clone();
+        self.write_manifest(&new_manifest, &tags).await?;
         self.state.borrow_mut().manifest = new_manifest;
         if let Some(a) = self.upload.get() {
             if !a.committing && a.generation < generation {
                 self.upload.set(None);
-                let tmp = self.dir.join(format!(
-                    "{}.{}{TMP_SUFFIX}",
-                    segment_name(a.snap_id),
-                    a.epoch
-                ));
-                let _ = std::fs::remove_file(&tmp);
+                if let Backend::Local { .. } = self.backend {
+                    let tmp = self.dir.join(format!(
+                        "{}.{}{TMP_SUFFIX}",
+                        segment_name(a.snap_id),
+                        a.epoch
+                    ));
+                    let _ = std::fs::remove_file(&tmp);
+                }
                 tracing::info!(volume = %self.name, snap_id = a.snap_id, generation = a.generation, "upload of a fenced generation abandoned");
             }
         }
@@ -619,15 +772,14 @@ impl Volume {
     }
 
     /// The clone's source view, opened on first use.
-    fn source_view(&self) -> Result<Option<Rc<SourceView>>, StoreError> {
+    async fn source_view(&self) -> Result<Option<Rc<SourceView>>, StoreError> {
         if let Some(v) = self.source_view.borrow().as_ref() {
             return Ok(Some(Rc::clone(v)));
         }
         let Some(src) = self.clone_source() else {
             return Ok(None);
         };
-        let volumes_dir = self.dir.parent().unwrap_or(Path::new("."));
-        let view = SourceView::load(volumes_dir, &src, 1)?;
+        let view = SourceView::load(&self.backend, &src, 1).await?;
         *self.source_view.borrow_mut() = Some(Rc::clone(&view));
         Ok(Some(view))
     }
@@ -729,7 +881,8 @@ impl Volume {
             volume_size,
             block_size,
             volume_id,
-            file: None,
+            sink: None,
+            tag: 0,
             tmp_path,
             write_off: 0,
             extents: Vec::new(),
@@ -738,27 +891,54 @@ impl Volume {
             hdr_buf: Vec::new(),
             finished: false,
         };
-        let f = tokio_uring::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&upload.tmp_path)
-            .await
-            .map_err(io_at("create", &upload.tmp_path))?;
         let header = format::encode_segment_header(&volume_id, snap_id, block_size).to_vec();
-        let (res, _) = f.write_all_at(header, 0).await;
-        res.map_err(io_at("write", &upload.tmp_path))?;
+        match &self.backend {
+            Backend::Local { .. } => {
+                let f = tokio_uring::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&upload.tmp_path)
+                    .await
+                    .map_err(io_at("create", &upload.tmp_path))?;
+                let (res, _) = f.write_all_at(header, 0).await;
+                res.map_err(io_at("write", &upload.tmp_path))?;
+                upload.sink = Some(Sink::File(f));
+            }
+            Backend::Object(obj) => {
+                let mut tag = [0u8; 16];
+                getrandom::getrandom(&mut tag).map_err(|e| {
+                    StoreError::io("segment tag from getrandom", io::Error::other(e))
+                })?;
+                upload.tag = u128::from_le_bytes(tag);
+                let key = obj.key(&backend::segment_rel(&self.name, snap_id, upload.tag));
+                upload.tmp_path = PathBuf::from(key.to_string());
+                let mut sink = ObjSink {
+                    obj: Arc::clone(obj),
+                    key,
+                    part: Vec::new(),
+                    upload: None,
+                    parts: 0,
+                };
+                sink.append(&header).await?;
+                upload.sink = Some(Sink::Object(sink));
+            }
+        }
         upload.write_off = format::SEGMENT_HEADER_BYTES as u64;
-        upload.file = Some(f);
         Ok(BeginOutcome::Started(upload))
     }
 
     /// Plans a read of `[lba, lba + nblocks)` as of `snap_id`. On a clone, blocks the clone's
     /// own chain does not hold fall through to the source as of the source snapshot, and
     /// `snap_id = 0` reads the clone's base (the source alone).
-    pub fn plan_read(&self, snap_id: u64, lba: u64, nblocks: u64) -> Result<ReadPlan, StoreError> {
+    pub async fn plan_read(
+        &self,
+        snap_id: u64,
+        lba: u64,
+        nblocks: u64,
+    ) -> Result<ReadPlan, StoreError> {
         self.check_damaged()?;
-        let view = self.source_view()?;
+        let view = self.source_view().await?;
         let st = self.state.borrow();
         let m = &st.manifest;
         let bs = m.block_size;
@@ -856,12 +1036,8 @@ impl Volume {
             (nm, idx)
         };
         let merged_into = new_manifest.snapshots[idx].snap_id;
-        write_atomic(
-            &self.dir,
-            MANIFEST_NAME,
-            format::encode_manifest(&new_manifest),
-        )
-        .await?;
+        let tags = self.state.borrow().tags.clone();
+        self.write_manifest(&new_manifest, &tags).await?;
         let mut st = self.state.borrow_mut();
         let mut merged = Layer::clone(&st.layers[idx]);
         merged.overlay(&st.layers[idx + 1]);
@@ -950,6 +1126,206 @@ fn remove_stray_files(dir: &Path, referenced: &HashSet<u64>) -> Result<(), Store
     Ok(())
 }
 
+/// Reads a volume's manifest and opens its segments; `Ok(None)` when it has no manifest.
+async fn load_state(backend: &Backend, name: &str) -> Result<Option<VolumeState>, StoreError> {
+    let (manifest, tags) = match backend {
+        Backend::Local { volumes_dir } => {
+            let dir = volumes_dir.join(name);
+            let manifest_path = dir.join(MANIFEST_NAME);
+            let raw = match std::fs::read(&manifest_path) {
+                Ok(raw) => raw,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    remove_stray_files(&dir, &HashSet::new())?;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    return Err(StoreError::io(
+                        format!("read {}", manifest_path.display()),
+                        e,
+                    ))
+                }
+            };
+            let manifest = format::decode_manifest(&raw, name)?;
+            let referenced: HashSet<u64> = manifest
+                .snapshots
+                .iter()
+                .flat_map(|s| s.segments.iter().copied())
+                .collect();
+            remove_stray_files(&dir, &referenced)?;
+            (manifest, HashMap::new())
+        }
+        Backend::Object(obj) => match latest_obj_manifest(obj, name).await? {
+            Some((m, om)) => (m, om.tags),
+            None => return Ok(None),
+        },
+    };
+    let mut ids: Vec<u64> = manifest
+        .snapshots
+        .iter()
+        .flat_map(|s| s.segments.iter().copied())
+        .collect::<HashSet<u64>>()
+        .into_iter()
+        .collect();
+    ids.sort_unstable();
+    let mut segments = HashMap::new();
+    let mut damaged = None;
+    for id in ids {
+        match open_segment_any(backend, name, &manifest, &tags, id).await {
+            Ok(seg) => {
+                segments.insert(id, Rc::new(seg));
+            }
+            Err(e) if e.kind() == StoreErrorKind::Io && matches!(backend, Backend::Object(_)) => {
+                return Err(e)
+            }
+            Err(e) => {
+                tracing::error!(volume = name, segment = id, error = %e, "corrupt segment: volume marked damaged");
+                damaged.get_or_insert_with(|| format!("segment {id}: {e}"));
+            }
+        }
+    }
+    let layers = manifest
+        .snapshots
+        .iter()
+        .map(|s| Rc::new(build_layer(&s.segments, &segments)))
+        .collect();
+    Ok(Some(VolumeState {
+        manifest,
+        layers,
+        segments,
+        damaged,
+        tags,
+    }))
+}
+
+/// Commits `nm` as manifest object number `nm.sequence` of volume `name` (create-if-absent).
+/// After an ambiguous error (the put may or may not have landed), reads the number back and
+/// compares its nonce with this attempt's: ours → committed, another → lost the race.
+async fn commit_obj_manifest(
+    obj: &ObjBackend,
+    name: &str,
+    nm: &ManifestData,
+    tags: &HashMap<u64, u128>,
+) -> Result<CreateOutcome, StoreError> {
+    let mut nonce = [0u8; 16];
+    getrandom::getrandom(&mut nonce)
+        .map_err(|e| StoreError::io("manifest nonce from getrandom", io::Error::other(e)))?;
+    let bytes = backend::encode_obj_manifest(&ObjManifest {
+        nonce,
+        writer_generation: nm.generation,
+        tags: tags.clone(),
+        manifest: format::encode_manifest(nm),
+    });
+    let key = obj.key(&backend::manifest_rel(name, nm.sequence));
+    match obj.put_create(&key, bytes).await {
+        Ok(o) => Ok(o),
+        Err(put_err) => {
+            tracing::warn!(volume = name, key = %key, error = %put_err, "manifest put failed: reading it back");
+            let back = obj.get(&key).await.map_err(|e| {
+                StoreError::io(
+                    format!("commit of {key}: outcome unknown ({put_err}; read-back: {e})"),
+                    io::Error::other("ambiguous commit"),
+                )
+            })?;
+            match back {
+                None => Err(put_err),
+                Some(raw) => {
+                    let om = backend::decode_obj_manifest(&raw, key.as_ref())?;
+                    Ok(if om.nonce == nonce {
+                        CreateOutcome::Created
+                    } else {
+                        CreateOutcome::Exists
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// Opens segment `id` of volume `name` in whichever backend holds it.
+async fn open_segment_any(
+    backend: &Backend,
+    name: &str,
+    m: &ManifestData,
+    tags: &HashMap<u64, u128>,
+    id: u64,
+) -> Result<Segment, StoreError> {
+    match backend {
+        Backend::Local { volumes_dir } => {
+            open_segment(&volumes_dir.join(name), &m.volume_id, id, m.block_size)
+        }
+        Backend::Object(obj) => {
+            let tag = tags.get(&id).copied().ok_or_else(|| {
+                StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    format!("segment {id}: the manifest has no object tag for it"),
+                )
+            })?;
+            let key = obj.key(&backend::segment_rel(name, id, tag));
+            open_segment_obj(obj, key, &m.volume_id, id, m.block_size).await
+        }
+    }
+}
+
+/// Object backend: reads a segment's header, trailer and footer with ranged GETs.
+pub async fn open_segment_obj(
+    obj: &Arc<ObjBackend>,
+    key: ObjPath,
+    volume_id: &VolumeId,
+    snap_id: u64,
+    block_size: u32,
+) -> Result<Segment, StoreError> {
+    let meta = obj.head(&key).await?.ok_or_else(|| {
+        StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("segment {snap_id}: object {key} is missing"),
+        )
+    })?;
+    let len = meta.size;
+    let min = (format::SEGMENT_HEADER_BYTES + format::SEGMENT_TRAILER_BYTES) as u64;
+    if len < min {
+        return Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("segment {snap_id}: object too short ({len} bytes)"),
+        ));
+    }
+    // One GET for the tail (trailer, and the footer when it is small), one for the header.
+    let tail_len = len.min(SEGMENT_TAIL_FETCH_BYTES);
+    let tail = obj.get_range(&key, len - tail_len..len).await?;
+    let header = obj
+        .get_range(&key, 0..format::SEGMENT_HEADER_BYTES as u64)
+        .await?;
+    format::check_segment_header(&header, volume_id, snap_id, block_size)?;
+    let trailer = &tail[tail.len() - format::SEGMENT_TRAILER_BYTES..];
+    let (off, flen, fcrc) = format::decode_segment_trailer(trailer, snap_id, len)?;
+    let footer_in_tail = off >= len - tail_len;
+    let fetched;
+    let footer: &[u8] = if footer_in_tail {
+        let at = (off - (len - tail_len)) as usize;
+        &tail[at..at + flen]
+    } else {
+        fetched = obj.get_range(&key, off..off + flen as u64).await?;
+        &fetched
+    };
+    let decoded = format::decode_segment_footer(footer, fcrc, volume_id, snap_id, off)?;
+    if decoded.block_size != block_size {
+        return Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("segment {snap_id}: block size differs from the volume's"),
+        ));
+    }
+    Ok(Segment {
+        snap_id,
+        src: SegSrc::Object {
+            obj: Arc::clone(obj),
+            key,
+        },
+        extents: decoded.extents,
+    })
+}
+
+/// How much of a segment object's end is fetched at open (trailer plus, usually, the footer).
+pub const SEGMENT_TAIL_FETCH_BYTES: u64 = 256 * 1024;
+
 /// Opens a segment and verifies header, trailer and footer (not the data: reads check it).
 fn open_segment(
     dir: &Path,
@@ -987,7 +1363,7 @@ fn open_segment(
     }
     Ok(Segment {
         snap_id,
-        file: tokio_uring::fs::File::from_std(f),
+        src: SegSrc::File(tokio_uring::fs::File::from_std(f)),
         extents: decoded.extents,
     })
 }
@@ -1032,7 +1408,10 @@ pub struct Upload {
     volume_size: u64,
     block_size: u32,
     volume_id: VolumeId,
-    file: Option<tokio_uring::fs::File>,
+    sink: Option<Sink>,
+    /// Object backend: the random tag naming this upload's segment object.
+    tag: u128,
+    /// Local: the temp file; object: the segment's key (for messages).
     tmp_path: PathBuf,
     write_off: u64,
     extents: Vec<SegExtent>,
@@ -1098,7 +1477,7 @@ impl Upload {
             );
             return (Err(e), payload);
         }
-        let Some(file) = self.file.as_ref() else {
+        let Some(sink) = self.sink.as_mut() else {
             return (
                 Err(StoreError::new(
                     StoreErrorKind::NoUpload,
@@ -1123,32 +1502,20 @@ impl Upload {
         );
         hdr[..records_start].copy_from_slice(&batch);
         let hdr_len = hdr.len() as u64;
-        let (res, hdr) = file.write_all_at(hdr, self.write_off).await;
+        let (res, hdr) = sink.write(hdr, self.write_off, &self.tmp_path).await;
         self.hdr_buf = hdr;
         if let Err(e) = res {
-            return (
-                Err(StoreError::io(
-                    format!("write {}", self.tmp_path.display()),
-                    e,
-                )),
-                payload,
-            );
+            return (Err(e), payload);
         }
         let data_off = self.write_off + hdr_len;
         let payload_len = payload.len() as u64;
         let (res, payload) = if payload.is_empty() {
             (Ok(()), payload)
         } else {
-            file.write_all_at(payload, data_off).await
+            sink.write(payload, data_off, &self.tmp_path).await
         };
         if let Err(e) = res {
-            return (
-                Err(StoreError::io(
-                    format!("write {}", self.tmp_path.display()),
-                    e,
-                )),
-                payload,
-            );
+            return (Err(e), payload);
         }
         let mut off = data_off;
         for e in extents {
@@ -1190,8 +1557,8 @@ impl Upload {
                 ),
             ));
         }
-        let file = self
-            .file
+        let sink = self
+            .sink
             .take()
             .ok_or_else(|| StoreError::new(StoreErrorKind::NoUpload, "upload already finished"))?;
         // From here on no new upload may supersede this one.
@@ -1216,28 +1583,51 @@ impl Upload {
         let trailer = format::encode_segment_trailer(self.write_off, &footer);
         let mut tail = footer;
         tail.extend_from_slice(&trailer);
-        let (res, _) = file.write_all_at(tail, self.write_off).await;
-        res.map_err(io_at("write", &self.tmp_path))?;
-        file.sync_all()
-            .await
-            .map_err(io_at("fsync", &self.tmp_path))?;
-        file.close().await.map_err(io_at("close", &self.tmp_path))?;
-        let dir = self.volume.dir.clone();
-        let final_path = dir.join(segment_name(self.snap_id));
-        tokio_uring::fs::rename(&self.tmp_path, &final_path)
-            .await
-            .map_err(io_at("rename", &self.tmp_path))?;
+        let ready = match sink {
+            Sink::File(file) => {
+                let (res, _) = file.write_all_at(tail, self.write_off).await;
+                res.map_err(io_at("write", &self.tmp_path))?;
+                file.sync_all()
+                    .await
+                    .map_err(io_at("fsync", &self.tmp_path))?;
+                file.close().await.map_err(io_at("close", &self.tmp_path))?;
+                let dir = self.volume.dir.clone();
+                let final_path = dir.join(segment_name(self.snap_id));
+                tokio_uring::fs::rename(&self.tmp_path, &final_path)
+                    .await
+                    .map_err(io_at("rename", &self.tmp_path))?;
+                Ready::File { dir, final_path }
+            }
+            Sink::Object(mut sink) => {
+                sink.append(&tail).await?;
+                let key = sink.key.clone();
+                let obj = Arc::clone(&sink.obj);
+                sink.finish().await?;
+                Ready::Object { obj, key }
+            }
+        };
         self.finished = true;
-        // On error the segment stays: whether the manifest naming it reached the disk is
-        // unknown here, and the next load removes it if no manifest names it.
-        let result = self.publish(&dir, &final_path).await;
+        // On error the segment stays: whether the manifest naming it reached the store is
+        // unknown here; local: the next load removes it if no manifest names it; object: it
+        // is garbage that `deltavol-dataplane gc` removes.
+        let result = self.publish(ready).await;
         self.release();
         result
     }
 
-    async fn publish(&mut self, dir: &Path, final_path: &Path) -> Result<SnapEntry, StoreError> {
-        sync_dir(dir).await?;
-        let std_file = std::fs::File::open(final_path).map_err(io_at("open", final_path))?;
+    async fn publish(&mut self, ready: Ready) -> Result<SnapEntry, StoreError> {
+        let src = match &ready {
+            Ready::File { dir, final_path } => {
+                sync_dir(dir).await?;
+                let std_file =
+                    std::fs::File::open(final_path).map_err(io_at("open", final_path))?;
+                SegSrc::File(tokio_uring::fs::File::from_std(std_file))
+            }
+            Ready::Object { obj, key } => SegSrc::Object {
+                obj: Arc::clone(obj),
+                key: key.clone(),
+            },
+        };
         let volume = Rc::clone(&self.volume);
         let _guard = volume.meta_lock.lock().await;
         let entry = SnapEntry {
@@ -1250,12 +1640,12 @@ impl Upload {
             generation: self.generation,
             segments: vec![self.snap_id],
         };
-        let new_manifest = {
+        let (new_manifest, mut tags) = {
             let st = volume.state.borrow();
             let mut nm = st.manifest.clone();
             if self.generation < nm.generation {
                 // Fenced while committing: no manifest names this segment, remove it now.
-                let _ = std::fs::remove_file(final_path);
+                ready.remove();
                 return Err(stale_generation(
                     &volume.name,
                     nm.generation,
@@ -1275,18 +1665,22 @@ impl Upload {
             nm.snapshots.push(entry.clone());
             nm.sequence += 1;
             nm.generation = nm.generation.max(self.generation);
-            nm
+            (nm, st.tags.clone())
         };
-        write_atomic(dir, MANIFEST_NAME, format::encode_manifest(&new_manifest)).await?;
+        if let Ready::Object { .. } = ready {
+            tags.insert(self.snap_id, self.tag);
+        }
+        volume.write_manifest(&new_manifest, &tags).await?;
         let extents = std::mem::take(&mut self.extents);
         let mut layer = Layer::new();
         add_segment(&mut layer, self.snap_id, &extents);
         let seg = Segment {
             snap_id: self.snap_id,
-            file: tokio_uring::fs::File::from_std(std_file),
+            src,
             extents,
         };
         let mut st = volume.state.borrow_mut();
+        st.tags = tags;
         st.segments.insert(self.snap_id, Rc::new(seg));
         st.layers.push(Rc::new(layer));
         st.manifest = new_manifest;
@@ -1326,10 +1720,162 @@ impl Upload {
 impl Drop for Upload {
     fn drop(&mut self) {
         self.release();
-        if !self.finished {
-            // Best effort: a leftover temp file is also removed at the next load.
+        if !self.finished && matches!(self.volume.backend, Backend::Local { .. }) {
+            // Best effort: a leftover temp file is also removed at the next load. (An object
+            // upload's multipart upload is aborted by its sink's drop.)
             let _ = std::fs::remove_file(&self.tmp_path);
             tracing::info!(volume = %self.volume.name, snap_id = self.snap_id, "upload abandoned");
+        }
+    }
+}
+
+/// A committed-to-storage segment waiting for its manifest.
+enum Ready {
+    File { dir: PathBuf, final_path: PathBuf },
+    Object { obj: Arc<ObjBackend>, key: ObjPath },
+}
+
+impl Ready {
+    /// Removes a segment no manifest will name (best effort).
+    fn remove(&self) {
+        match self {
+            Ready::File { final_path, .. } => {
+                let _ = std::fs::remove_file(final_path);
+            }
+            Ready::Object { obj, key } => {
+                let store = obj.store();
+                let key = key.clone();
+                obj.spawn_detached(async move {
+                    let _ = object_store::ObjectStoreExt::delete(store.as_ref(), &key).await;
+                });
+            }
+        }
+    }
+}
+
+/// Where an upload's segment bytes go.
+#[derive(Debug)]
+enum Sink {
+    File(tokio_uring::fs::File),
+    Object(ObjSink),
+}
+
+impl Sink {
+    /// Writes `buf` at `off` (the object sink only appends: segments are written in order).
+    async fn write(
+        &mut self,
+        buf: Vec<u8>,
+        off: u64,
+        path: &Path,
+    ) -> (Result<(), StoreError>, Vec<u8>) {
+        match self {
+            Sink::File(f) => {
+                let (res, buf) = f.write_all_at(buf, off).await;
+                (res.map_err(io_at("write", path)), buf)
+            }
+            Sink::Object(o) => {
+                let res = o.append(&buf).await;
+                (res, buf)
+            }
+        }
+    }
+}
+
+/// A segment object being uploaded: bytes gather in one part buffer of
+/// [`backend::PART_BYTES`]; each full part goes out as a multipart-upload part. A segment that
+/// fits in one part is written with a single put at the end. Dropped unfinished, the multipart
+/// upload is aborted.
+struct ObjSink {
+    obj: Arc<ObjBackend>,
+    key: ObjPath,
+    part: Vec<u8>,
+    upload: Option<Box<dyn object_store::MultipartUpload>>,
+    parts: u64,
+}
+
+impl std::fmt::Debug for ObjSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjSink")
+            .field("key", &self.key)
+            .field("parts", &self.parts)
+            .finish()
+    }
+}
+
+impl ObjSink {
+    async fn append(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
+        while !bytes.is_empty() {
+            if self.part.capacity() == 0 {
+                self.part.reserve_exact(backend::PART_BYTES);
+            }
+            let n = (backend::PART_BYTES - self.part.len()).min(bytes.len());
+            self.part.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.part.len() == backend::PART_BYTES {
+                self.flush_part().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_part(&mut self) -> Result<(), StoreError> {
+        if self.upload.is_none() {
+            self.upload = Some(self.obj.start_multipart(&self.key).await?);
+        }
+        let data = std::mem::take(&mut self.part);
+        let fut = self
+            .upload
+            .as_mut()
+            .expect("multipart upload started above")
+            .put_part(object_store::PutPayload::from(data));
+        self.obj.run(fut).await?.map_err(|e| {
+            StoreError::io(
+                format!("upload part {} of {}", self.parts + 1, self.key),
+                io::Error::other(e),
+            )
+        })?;
+        self.parts += 1;
+        Ok(())
+    }
+
+    /// Completes the object: durable in the store when this returns.
+    async fn finish(mut self) -> Result<(), StoreError> {
+        if self.upload.is_none() {
+            let data = std::mem::take(&mut self.part);
+            return self.obj.put(&self.key, data).await;
+        }
+        if !self.part.is_empty() {
+            self.flush_part().await?;
+        }
+        let mut up = self.upload.take().expect("multipart upload started");
+        let res = self
+            .obj
+            .run(async move {
+                let r = up.complete().await;
+                if r.is_err() {
+                    let _ = up.abort().await;
+                }
+                r
+            })
+            .await?;
+        res.map(|_| ()).map_err(|e| {
+            StoreError::io(
+                format!("complete the upload of {}", self.key),
+                io::Error::other(e),
+            )
+        })
+    }
+}
+
+impl Drop for ObjSink {
+    fn drop(&mut self) {
+        if let Some(mut up) = self.upload.take() {
+            let key = self.key.clone();
+            self.obj.spawn_detached(async move {
+                if let Err(e) = up.abort().await {
+                    tracing::warn!(key = %key, error = %e, "aborting an abandoned multipart upload failed");
+                }
+            });
         }
     }
 }
