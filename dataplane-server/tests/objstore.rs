@@ -248,3 +248,223 @@ fn snapshot_clone_delete_verify_on_s3() {
         .expect_err("corrupt extent");
     assert_eq!(err.server_code(), Some(ErrorCode::Checksum), "{err}");
 }
+
+/// Two servers on one store, each with a client uploading snapshot `snap` on top of
+/// `parent` with different data, committing at the same moment. Returns which won (0 = A,
+/// 1 = B), the winner's changes, and the loser's error code.
+fn race_once(
+    a: std::net::SocketAddr,
+    b: std::net::SocketAddr,
+    vol: &str,
+    snap: u64,
+    parent: u64,
+    rng: &mut Rng,
+) -> (usize, Vec<Change>, Option<ErrorCode>) {
+    let changes = [
+        random_changes(rng, BLOCKS, BS, 30),
+        random_changes(rng, BLOCKS, BS, 30),
+    ];
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let results: Vec<Result<u64, Option<ErrorCode>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = [a, b]
+            .into_iter()
+            .zip(changes.iter())
+            .map(|(addr, ch)| {
+                let barrier = std::sync::Arc::clone(&barrier);
+                s.spawn(move || {
+                    let mut c = connect(addr, vol);
+                    let o = c.begin_snapshot(snap, parent, SIZE).expect("begin");
+                    assert_eq!(o, deltavol_dataplane::BeginOutcome::Started);
+                    for x in ch {
+                        match x {
+                            Change::Data { lba, data } => c
+                                .put_extent(*lba, (data.len() / BS) as u32, data)
+                                .expect("put"),
+                            Change::Zero { lba, nblocks } => {
+                                c.put_zero_extent(*lba, *nblocks).expect("put zero")
+                            }
+                        }
+                    }
+                    barrier.wait();
+                    c.commit().map(|i| i.snap_id).map_err(|e| e.server_code())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("racer")).collect()
+    });
+    let wins: Vec<usize> = (0..2).filter(|&i| results[i].is_ok()).collect();
+    assert_eq!(
+        wins.len(),
+        1,
+        "exactly one commit of snapshot {snap} must win: {results:?}"
+    );
+    let w = wins[0];
+    assert_eq!(results[w], Ok(snap));
+    let lost = results[1 - w].expect_err("loser");
+    (w, changes[w].clone(), lost)
+}
+
+#[test]
+fn two_servers_racing_to_commit_one_snapshot_exactly_one_wins() {
+    let Some(moto) = Moto::start("two_servers_racing_to_commit_one_snapshot_exactly_one_wins")
+    else {
+        return;
+    };
+    let seed = seed() ^ 0x7ace;
+    eprintln!("seed {seed} (set DELTAVOL_TEST_SEED to reproduce)");
+    let bucket = moto.bucket("race");
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path());
+    let multi = ["--multi-server"];
+    let sa = S3Server::spawn(&moto, &bucket, &dir.path().join("a"), &token, &multi);
+    let sb = S3Server::spawn(&moto, &bucket, &dir.path().join("b"), &token, &multi);
+    connect(sa.addr, "vol-r")
+        .create_volume(SIZE, BS as u32)
+        .expect("create on A");
+    // B did not know the volume: its create loads the one A made (same geometry).
+    connect(sb.addr, "vol-r")
+        .create_volume(SIZE, BS as u32)
+        .expect("create on B loads A's volume");
+    let err = connect(sb.addr, "vol-r")
+        .create_volume(SIZE * 2, BS as u32)
+        .expect_err("other geometry");
+    assert_eq!(err.server_code(), Some(ErrorCode::VolumeMismatch), "{err}");
+
+    let mut rng = Rng::new(seed);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut models = Vec::new();
+    let mut losers = Vec::new();
+    for snap in 1..=4u64 {
+        let (w, changes, code) = race_once(sa.addr, sb.addr, "vol-r", snap, snap - 1, &mut rng);
+        eprintln!(
+            "snapshot {snap}: server {} won, the other got {code:?}",
+            ["A", "B"][w]
+        );
+        assert!(
+            matches!(
+                code,
+                Some(ErrorCode::BadParent) | Some(ErrorCode::StaleGeneration)
+            ),
+            "the loser must get a clear refusal, got {code:?}"
+        );
+        losers.push(1 - w);
+        apply(&mut model, BS, &changes);
+        models.push(model.clone());
+        // Both servers now agree on the chain (the loser reloaded it).
+        for addr in [sa.addr, sb.addr] {
+            let mut c = connect(addr, "vol-r");
+            let ids: Vec<u64> = c
+                .list_snapshots()
+                .unwrap()
+                .iter()
+                .map(|s| s.snap_id)
+                .collect();
+            assert_eq!(ids, (1..=snap).collect::<Vec<_>>());
+            check_snapshot(&mut c, snap, &model, BS, &mut rng);
+        }
+    }
+    // A third server reading the store alone sees one chain, each snapshot the winner's.
+    let sc = S3Server::spawn(&moto, &bucket, &dir.path().join("c"), &token, &multi);
+    let mut c = connect(sc.addr, "vol-r");
+    assert_eq!(c.list_snapshots().unwrap().len(), 4);
+    for (i, m) in models.iter().enumerate() {
+        check_snapshot(&mut c, i as u64 + 1, m, BS, &mut rng);
+    }
+    // The losers' segments are garbage in the store (8 uploads, 4 committed).
+    let obj = moto.objects(&bucket);
+    assert_eq!(keys(&obj, "vol-r", "seg").len(), 8);
+    let (code, out, err) = run_tool(&tool_args(
+        &moto,
+        &bucket,
+        &dir.path().join("v"),
+        &["verify"],
+    ));
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+#[test]
+fn gc_interrupted_and_rerun_leaves_the_chain_whole() {
+    let Some(moto) = Moto::start("gc_interrupted_and_rerun_leaves_the_chain_whole") else {
+        return;
+    };
+    let seed = seed() ^ 0x6c;
+    eprintln!("seed {seed} (set DELTAVOL_TEST_SEED to reproduce)");
+    let bucket = moto.bucket("gc-test");
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path());
+    let multi = ["--multi-server"];
+    let sa = S3Server::spawn(&moto, &bucket, &dir.path().join("a"), &token, &multi);
+    let sb = S3Server::spawn(&moto, &bucket, &dir.path().join("b"), &token, &multi);
+    connect(sa.addr, "vol-g")
+        .create_volume(SIZE, BS as u32)
+        .unwrap();
+    connect(sb.addr, "vol-g")
+        .create_volume(SIZE, BS as u32)
+        .unwrap();
+    let mut rng = Rng::new(seed);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut models = Vec::new();
+    for snap in 1..=3u64 {
+        let (_, changes, _) = race_once(sa.addr, sb.addr, "vol-g", snap, snap - 1, &mut rng);
+        apply(&mut model, BS, &changes);
+        models.push(model.clone());
+    }
+    // Plus a volume whose creation never committed: a lone segment object, no manifest.
+    let obj = moto.objects(&bucket);
+    let orphan = obj.key(&backend::segment_rel("vol-never", 1, 0xabc));
+    obj.block_on(obj.put(&orphan, vec![7u8; 1000])).unwrap();
+    drop((sa, sb));
+    assert_eq!(keys(&obj, "vol-g", "seg").len(), 6);
+
+    let gc = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["gc", "--json"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run_tool(&tool_args(&moto, &bucket, &dir.path().join("t"), &args));
+        assert_eq!(code, 0, "gc failed:\n{out}\n{err}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("gc json {out:?}: {e}"))
+    };
+    // Within the grace period nothing goes.
+    let r = gc(&[]);
+    assert_eq!(r["removed"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["young_left"], 4, "{r}");
+    // Interrupted after one removal ...
+    let r = gc(&["--min-age-secs", "0", "--max-removals", "1"]);
+    assert_eq!(r["removed"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["stopped_early"], true, "{r}");
+    let check_chain = |tag: &str| {
+        let s = S3Server::spawn(&moto, &bucket, &dir.path().join(tag), &token, &[]);
+        let mut c = connect(s.addr, "vol-g");
+        assert_eq!(c.list_snapshots().unwrap().len(), 3);
+        let mut rng = Rng::new(seed ^ 1);
+        for (i, m) in models.iter().enumerate() {
+            check_snapshot(&mut c, i as u64 + 1, m, BS, &mut rng);
+        }
+        let (code, out, err) = run_tool(&tool_args(
+            &moto,
+            &bucket,
+            &dir.path().join("v"),
+            &["verify"],
+        ));
+        assert_eq!(code, 0, "{out}\n{err}");
+    };
+    // ... the chain is whole, and a rerun removes the rest.
+    check_chain("c1");
+    let r = gc(&["--min-age-secs", "0", "--keep-manifests", "1"]);
+    let removed: Vec<String> = r["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(removed.len(), 3, "{r}");
+    assert!(removed.iter().any(|k| k.contains("vol-never")), "{r}");
+    assert!(r["stopped_early"] == false, "{r}");
+    // Manifests 1..=2 of 4 became tombstones (the newest and one more are kept).
+    assert_eq!(r["tombstoned"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(keys(&obj, "vol-g", "seg").len(), 3);
+    check_chain("c2");
+    // Nothing left to do.
+    let r = gc(&["--min-age-secs", "0", "--keep-manifests", "1"]);
+    assert_eq!(r["removed"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["tombstoned"].as_array().unwrap().len(), 0, "{r}");
+}

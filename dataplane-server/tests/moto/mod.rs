@@ -3,7 +3,7 @@
 //! `deltavol-dataplane` binary pointed at it.
 //!
 //! When `moto_server` is missing, [`Moto::start`] returns `None` after printing a loud
-//! SKIPPED line; with `DELTAVOL_REQUIRE_MOTO=1` (CI) it panics instead.
+//! SKIPPED line; under CI (`CI=true`) or with `DELTAVOL_REQUIRE_MOTO=1` it panics instead.
 
 #![allow(dead_code)]
 
@@ -72,12 +72,17 @@ impl Moto {
     /// Starts moto, or returns `None` (after a loud message) when it is not installed.
     pub fn start(test: &str) -> Option<Moto> {
         let Some(bin) = moto_bin() else {
-            if std::env::var("DELTAVOL_REQUIRE_MOTO").is_ok_and(|v| v == "1") {
+            let required = std::env::var("DELTAVOL_REQUIRE_MOTO").is_ok_and(|v| v == "1")
+                || std::env::var("CI").is_ok_and(|v| v == "true");
+            if required {
                 panic!(
-                    "moto_server not found and DELTAVOL_REQUIRE_MOTO=1: run scripts/install-deps"
+                    "moto_server not found (CI=true or DELTAVOL_REQUIRE_MOTO=1 require it): \
+                     run scripts/install-deps"
                 );
             }
-            eprintln!(
+            // Straight to the process's stderr: the test harness does not capture this.
+            let _ = writeln!(
+                std::io::stderr(),
                 "\n*** SKIPPED {test}: moto_server (PyPI moto[s3]) is not installed: run \
                  scripts/install-deps; set DELTAVOL_REQUIRE_MOTO=1 to make this a failure ***\n"
             );
