@@ -9,14 +9,17 @@
 //! punch the frozen mirror. A flush always ends before the next cut, which reuses the mirror.
 //!
 //! A failing flush (backing-file I/O error, sink error) is retried with backoff; the data
-//! stays in the cache meanwhile, and writes wait once the cache is full.
+//! stays in the cache meanwhile, and writes wait once the cache is full. [`FlushStatus`]
+//! shows the last error, when it happened, and how many attempts failed (in a row and in all).
+//!
+//! Tests inject backing-file faults with [`Flusher::inject_faults`] (see [`crate::fault`]).
 
 use crate::cache::meta::{BLOCK_SHIFT, BLOCK_SIZE};
 use crate::cache::Cache;
 use crate::error::{Error, Result};
+use crate::fault::{FaultFile, FaultOp, FaultPlan};
 use serde::Serialize;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -91,12 +94,17 @@ struct State {
     stopped: bool,
     last: Option<FlushReport>,
     last_error: Option<String>,
+    last_error_unix_ms: Option<u64>,
+    failed_attempts: u64,
+    consecutive_failures: u64,
     flushes: u64,
 }
 
 struct Ctl {
     st: Mutex<State>,
     cv: Condvar,
+    /// Fault injection (tests); unset in production.
+    faults: std::sync::OnceLock<Arc<FaultPlan>>,
 }
 
 /// Handle to a volume's flush thread.
@@ -109,7 +117,13 @@ pub struct Flusher {
 #[derive(Debug, Clone, Serialize)]
 pub struct FlushStatus {
     pub last: Option<FlushReport>,
+    /// The error of the last failed attempt, cleared by the next successful flush.
     pub last_error: Option<String>,
+    pub last_error_unix_ms: Option<u64>,
+    /// Failed flush attempts since the volume was attached (each one is retried).
+    pub failed_attempts: u64,
+    /// Failed attempts since the last successful flush (0 when healthy).
+    pub consecutive_failures: u64,
     pub flushes: u64,
 }
 
@@ -129,6 +143,7 @@ impl Flusher {
         let ctl = Arc::new(Ctl {
             st: Mutex::new(State::default()),
             cv: Condvar::new(),
+            faults: std::sync::OnceLock::new(),
         });
         let c2 = ctl.clone();
         let t = std::thread::Builder::new()
@@ -182,8 +197,17 @@ impl Flusher {
         FlushStatus {
             last: st.last.clone(),
             last_error: st.last_error.clone(),
+            last_error_unix_ms: st.last_error_unix_ms,
+            failed_attempts: st.failed_attempts,
+            consecutive_failures: st.consecutive_failures,
             flushes: st.flushes,
         }
+    }
+
+    /// Routes the flush thread's backing-file writes, punches and syncs, and its mirror
+    /// reads, through `plan` from now on (tests). Returns false if a plan was already set.
+    pub fn inject_faults(&self, plan: Arc<FaultPlan>) -> bool {
+        self.ctl.faults.set(plan).is_ok()
     }
 
     /// Stops at once without flushing, as a crash would (host-level crash tests): a flush in
@@ -317,6 +341,10 @@ impl FlushThread {
         self.ctl.cv.notify_all();
     }
 
+    fn faults(&self) -> Option<&FaultPlan> {
+        self.ctl.faults.get().map(|p| &**p)
+    }
+
     fn aborted(&self) -> bool {
         self.ctl.st.lock().unwrap_or_else(|p| p.into_inner()).abort
     }
@@ -344,9 +372,13 @@ impl FlushThread {
             st.flushes += 1;
             st.last = Some(r);
             st.last_error = None;
+            st.consecutive_failures = 0;
         }
         if err.is_some() {
             st.last_error = err;
+            st.last_error_unix_ms = Some(now_unix_ms());
+            st.failed_attempts += 1;
+            st.consecutive_failures += 1;
         }
         self.ctl.cv.notify_all();
     }
@@ -395,9 +427,10 @@ impl FlushThread {
             return Err(e);
         }
         self.check_abort()?;
-        c.backing
-            .sync_data()
-            .map_err(|e| Error::io("fdatasync", &c.backing_path, e))?;
+        FaultPlan::gate(self.faults(), FaultFile::Backing, FaultOp::Sync, || {
+            c.backing.sync_data()
+        })
+        .map_err(|e| Error::io("fdatasync", &c.backing_path, e))?;
         drop(hyd_lock);
         // The blocks of this epoch are local: that must be durable before the epoch is
         // committed, or a restart would hydrate old data over them.
@@ -440,7 +473,9 @@ impl FlushThread {
         while lba < c.nblocks {
             self.check_abort()?;
             let n = (c.nblocks - lba).min(FLUSH_EXTENT_BLOCKS_MAX);
-            for_each_subextent(&c.backing, &c.backing_path, lba, n, buf, |l, k, data| {
+            let faults = self.ctl.faults.get().cloned();
+            let src = (&c.backing, FaultFile::Backing, faults.as_deref());
+            for_each_subextent(src, &c.backing_path, lba, n, buf, |l, k, data| {
                 self.sink.extent(l, k, data)
             })?;
             lba += n;
@@ -458,7 +493,9 @@ impl FlushThread {
     ) -> Result<()> {
         let c = self.cache.clone();
         let path = c.cache_dir.join(format!("mirror.{s}"));
-        for_each_subextent(&c.mirrors[s], &path, start, len, buf, |lba, n, data| {
+        let faults = self.ctl.faults.get().cloned();
+        let src = (&c.mirrors[s], FaultFile::Mirror(s), faults.as_deref());
+        for_each_subextent(src, &path, start, len, buf, |lba, n, data| {
             self.ship(lba, n, data, rep)
         })
     }
@@ -470,13 +507,12 @@ impl FlushThread {
         let bytes = n << BLOCK_SHIFT;
         match data {
             Some(d) => {
-                c.backing
-                    .write_all_at(d, off)
+                FaultPlan::write_all_at(self.faults(), FaultFile::Backing, &c.backing, d, off)
                     .map_err(|e| Error::io_at("write", &c.backing_path, off, e))?;
                 rep.data_bytes += bytes;
             }
             None => {
-                punch_or_zero(&c.backing, &c.backing_path, off, bytes)?;
+                punch_or_zero(self.faults(), &c.backing, &c.backing_path, off, bytes)?;
                 rep.zero_bytes += bytes;
             }
         }
@@ -489,7 +525,7 @@ impl FlushThread {
 /// data blocks (`Some(data)`) and of zero blocks (`None`), in order. A range that is all hole
 /// is not read at all (`SEEK_DATA`).
 fn for_each_subextent(
-    f: &std::fs::File,
+    (f, which, faults): (&std::fs::File, FaultFile, Option<&FaultPlan>),
     path: &std::path::Path,
     lba: u64,
     n: u64,
@@ -504,8 +540,10 @@ fn for_each_subextent(
         return f_ext(lba, n, None);
     }
     let b = &mut buf[..bytes as usize];
-    let got = crate::cache::meta::read_full_at(f, b, off)
-        .map_err(|e| Error::io_at("read", path, off, e))?;
+    let got = FaultPlan::gate(faults, which, FaultOp::Read, || {
+        crate::cache::meta::read_full_at(f, b, off)
+    })
+    .map_err(|e| Error::io_at("read", path, off, e))?;
     if got != b.len() {
         return Err(Error::corrupt(format!(
             "{} is shorter than the volume",
@@ -528,7 +566,15 @@ fn for_each_subextent(
 }
 
 /// Makes `[off, off+len)` of `f` read as zeros: punch a hole, else write zeros.
-fn punch_or_zero(f: &std::fs::File, path: &std::path::Path, off: u64, len: u64) -> Result<()> {
+fn punch_or_zero(
+    faults: Option<&FaultPlan>,
+    f: &std::fs::File,
+    path: &std::path::Path,
+    off: u64,
+    len: u64,
+) -> Result<()> {
+    FaultPlan::gate(faults, FaultFile::Backing, FaultOp::Punch, || Ok(()))
+        .map_err(|e| Error::io_at("punch hole in", path, off, e))?;
     // SAFETY: fallocate on a valid fd with integer arguments.
     let r = unsafe {
         libc::fallocate(
@@ -552,7 +598,7 @@ fn punch_or_zero(f: &std::fs::File, path: &std::path::Path, off: u64, len: u64) 
     let mut done = 0;
     while done < len {
         let k = (len - done).min(zeros.len() as u64) as usize;
-        f.write_all_at(&zeros[..k], off + done)
+        FaultPlan::write_all_at(faults, FaultFile::Backing, f, &zeros[..k], off + done)
             .map_err(|e| Error::io_at("write", path, off + done, e))?;
         done += k as u64;
     }

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod fault;
 pub mod flush;
 pub mod hydrate;
 pub mod queue;

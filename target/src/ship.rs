@@ -23,6 +23,7 @@
 
 use crate::cache::meta::{VolumeId, BLOCK_SIZE};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fault::{FaultFile, FaultOp, FaultPlan};
 use crate::flush::DeltaSink;
 use deltavol_dataplane::{BeginOutcome, Client, ClientError, ErrorCode, SnapshotInfo, Timeouts};
 use serde::Serialize;
@@ -121,6 +122,8 @@ struct Shared {
     size_bytes: u64,
     st: Mutex<State>,
     cv: Condvar,
+    /// Fault injection into outbox writes and syncs (tests); unset in production.
+    faults: std::sync::OnceLock<Arc<FaultPlan>>,
 }
 
 fn client_err(e: ClientError) -> Error {
@@ -292,6 +295,7 @@ impl DataPlaneSink {
                 stop: false,
             }),
             cv: Condvar::new(),
+            faults: std::sync::OnceLock::new(),
         });
         let s2 = shared.clone();
         let shipper = std::thread::Builder::new()
@@ -330,6 +334,12 @@ pub struct ShipHandle {
 }
 
 impl ShipHandle {
+    /// Routes outbox writes and syncs through `plan` from now on (tests). Returns false if a
+    /// plan was already set.
+    pub fn inject_faults(&self, plan: Arc<FaultPlan>) -> bool {
+        self.shared.faults.set(plan).is_ok()
+    }
+
     pub fn status(&self) -> ShipStatus {
         let st = self.shared.lock();
         ShipStatus {
@@ -500,6 +510,7 @@ impl DeltaSink for DataPlaneSink {
 
 /// Writes one outbox entry: temp file, records, trailer, fsync, rename, fsync dir.
 struct OutboxWriter {
+    faults: Option<Arc<FaultPlan>>,
     tmp: PathBuf,
     path: PathBuf,
     snap: u64,
@@ -532,9 +543,14 @@ impl OutboxWriter {
         let crc = crc32c::crc32c(&h[..60]);
         h[60..64].copy_from_slice(&crc.to_le_bytes());
         let mut w = BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&h).map_err(|e| Error::io("write", &tmp, e))?;
+        let faults = sh.faults.get().cloned();
+        FaultPlan::gate(faults.as_deref(), FaultFile::Outbox, FaultOp::Write, || {
+            w.write_all(&h)
+        })
+        .map_err(|e| Error::io("write", &tmp, e))?;
         tracing::info!(volume = %sh.volume, snapshot = snap, full, "spooling snapshot to the outbox");
         Ok(OutboxWriter {
+            faults,
             tmp,
             path,
             snap,
@@ -554,9 +570,13 @@ impl OutboxWriter {
         r[24..28].copy_from_slice(&data.map(crc32c::crc32c).unwrap_or(0).to_le_bytes());
         let crc = crc32c::crc32c(&r[..28]);
         r[28..32].copy_from_slice(&crc.to_le_bytes());
-        self.w
-            .write_all(&r)
-            .map_err(|e| Error::io("write", &self.tmp, e))?;
+        FaultPlan::gate(
+            self.faults.as_deref(),
+            FaultFile::Outbox,
+            FaultOp::Write,
+            || self.w.write_all(&r),
+        )
+        .map_err(|e| Error::io("write", &self.tmp, e))?;
         self.bytes += 32;
         if let Some(d) = data {
             self.w
@@ -583,7 +603,13 @@ impl OutboxWriter {
             .w
             .into_inner()
             .map_err(|e| Error::io("write", &self.tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| Error::io("fsync", &self.tmp, e))?;
+        FaultPlan::gate(
+            self.faults.as_deref(),
+            FaultFile::Outbox,
+            FaultOp::Sync,
+            || f.sync_all(),
+        )
+        .map_err(|e| Error::io("fsync", &self.tmp, e))?;
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io("rename", &self.tmp, e))?;
         if let Some(dir) = self.path.parent() {
             File::open(dir)

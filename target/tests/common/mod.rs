@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod dp;
+pub mod proxy;
 
 use deltavol::cache::io::{
     UBLK_IO_F_FUA, UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE,
