@@ -401,57 +401,177 @@ pub fn verify_segment_index(buf: &[u8]) -> Result<store::SegmentIndex<'_>, Inval
     flatbuffers::root_with_opts::<store::SegmentIndex>(&store_verifier_options(buf.len()), buf)
 }
 
-/// Decodes `data` as a frame and, when accepted, reads every field of the message. Used by the
-/// fuzz target and the property test: it must never panic, whatever `data` is.
+/// Decodes `data` as a stream of frames, as the server and the client read them, and reads
+/// every field of every accepted message. Returns the number of frames accepted before the
+/// first refusal (or the end of `data`). Used by the fuzz targets and the property tests: it
+/// must never panic, whatever `data` is; it asserts the decoder's own promises (an accepted
+/// frame lies inside `data`, its header and payload inside their caps).
 #[doc(hidden)]
-pub fn fuzz_decode_one(data: &[u8]) {
-    let Ok(frame) = decode_frame(data) else {
-        return;
-    };
-    let h = frame.header;
-    let _ = h.payload_len();
-    if let Some(m) = h.body_as_hello() {
-        let _ = (m.protocol_version(), m.client_name());
-    } else if let Some(m) = h.body_as_challenge() {
-        let _ = (m.nonce().map(|n| n.len()), m.protocol_version());
-    } else if let Some(m) = h.body_as_auth() {
-        let _ = (m.volume(), m.mac().map(|n| n.bytes().len()), m.generation());
-    } else if let Some(m) = h.body_as_auth_ok() {
-        fuzz_volume_info(m.info());
-    } else if let Some(m) = h.body_as_volume_info() {
-        fuzz_volume_info(Some(m));
-    } else if let Some(m) = h.body_as_put_extents() {
-        let _ = m.snap_id();
-        if let Some(ex) = m.extents() {
-            let _ = check_extents(ex.iter(), frame.payload, 512, u64::MAX);
-            let _ = check_extents(ex.iter(), frame.payload, 4096, 1 << 20);
+pub fn fuzz_decode_one(data: &[u8]) -> usize {
+    let mut rest = data;
+    let mut accepted = 0;
+    while !rest.is_empty() {
+        // The server's path: the prefix alone, then exactly the header it announces.
+        if let Some(p) = rest.get(..FRAME_LEN_PREFIX_BYTES) {
+            if let Ok(len) = header_len_from_prefix([p[0], p[1], p[2], p[3]]) {
+                assert!((FRAME_HEADER_MIN_BYTES..=FRAME_HEADER_MAX_BYTES).contains(&len));
+                if let Some(h) = rest.get(FRAME_LEN_PREFIX_BYTES..FRAME_LEN_PREFIX_BYTES + len) {
+                    if let Ok(f) = decode_header(h) {
+                        assert!(f.payload_len() as usize <= FRAME_PAYLOAD_MAX_BYTES);
+                    }
+                }
+            }
         }
-    } else if let Some(m) = h.body_as_read_data() {
-        if let Some(ex) = m.extents() {
-            let _ = check_extents(ex.iter(), frame.payload, 4096, u64::MAX);
-        }
-        let _ = m.last();
-    } else if let Some(m) = h.body_as_snapshot_list() {
-        for s in m.snapshots().iter().flat_map(|v| v.iter()) {
-            let _ = (s.snap_id(), s.parent_id(), s.bytes(), s.commit_time_ms());
-        }
-    } else if let Some(m) = h.body_as_committed() {
-        let _ = m.info().map(|i| i.snap_id());
-    } else if let Some(m) = h.body_as_already_committed() {
-        let _ = m.info().map(|i| i.snap_id());
-    } else if let Some(m) = h.body_as_error() {
-        let _ = (m.code(), m.message());
+        let Ok(frame) = decode_frame(rest) else {
+            break;
+        };
+        assert!(frame.frame_bytes <= rest.len());
+        assert_eq!(frame.payload.len(), frame.header.payload_len() as usize);
+        assert!(frame.payload.len() <= FRAME_PAYLOAD_MAX_BYTES);
+        fuzz_read_message(frame.header, frame.payload);
+        accepted += 1;
+        rest = &rest[frame.frame_bytes..];
     }
+    accepted
+}
+
+/// Reads every field of a verified frame's message (each union member of `wire::Message`).
+fn fuzz_read_message(h: wire::Frame<'_>, payload: &[u8]) {
+    use wire::Message as M;
+    let mut sink = 0u64;
+    let mut str_len = |s: Option<&str>| sink = sink.wrapping_add(s.map_or(0, str::len) as u64);
+    match h.body_type() {
+        M::Hello => {
+            let m = h.body_as_hello().expect("verified Hello");
+            str_len(m.client_name());
+            let _ = m.protocol_version();
+        }
+        M::Challenge => {
+            let m = h.body_as_challenge().expect("verified Challenge");
+            let _ = (m.nonce().map(|n| n.bytes().len()), m.protocol_version());
+        }
+        M::Auth => {
+            let m = h.body_as_auth().expect("verified Auth");
+            str_len(m.volume());
+            let _ = (m.mac().map(|n| n.bytes().len()), m.generation());
+            if let Some(v) = m.volume() {
+                let _ = valid_volume_name(v);
+            }
+        }
+        M::AuthOk => fuzz_volume_info(h.body_as_auth_ok().expect("verified AuthOk").info()),
+        M::CreateVolume => {
+            let m = h.body_as_create_volume().expect("verified CreateVolume");
+            let _ = (m.size_bytes(), m.block_size());
+        }
+        M::GetVolumeInfo => {
+            let _ = h.body_as_get_volume_info().expect("verified").reserved();
+        }
+        M::VolumeInfo => fuzz_volume_info(h.body_as_volume_info()),
+        M::BeginSnapshot => {
+            let m = h.body_as_begin_snapshot().expect("verified BeginSnapshot");
+            let _ = (m.snap_id(), m.parent_id(), m.volume_size(), m.generation());
+        }
+        M::BeginOk => {
+            let _ = h.body_as_begin_ok().expect("verified BeginOk").snap_id();
+        }
+        M::AlreadyCommitted => {
+            fuzz_snapshot_info(h.body_as_already_committed().expect("verified").info())
+        }
+        M::PutExtents => {
+            let m = h.body_as_put_extents().expect("verified PutExtents");
+            let _ = m.snap_id();
+            if let Some(ex) = m.extents() {
+                for e in ex.iter() {
+                    let _ = (e.lba(), e.nblocks(), e.crc32c(), e.kind());
+                }
+                let _ = check_extents(ex.iter(), payload, 512, u64::MAX);
+                let _ = check_extents(ex.iter(), payload, 4096, 1 << 20);
+                let _ = check_extents(ex.iter(), payload, u32::MAX, u64::MAX);
+            }
+        }
+        M::Commit => {
+            let m = h.body_as_commit().expect("verified Commit");
+            let _ = (m.snap_id(), m.extent_count(), m.total_bytes());
+        }
+        M::Committed => fuzz_snapshot_info(h.body_as_committed().expect("verified").info()),
+        M::ListSnapshots => {
+            let m = h.body_as_list_snapshots().expect("verified ListSnapshots");
+            let _ = (m.after_snap_id(), m.max_count());
+        }
+        M::SnapshotList => {
+            let m = h.body_as_snapshot_list().expect("verified SnapshotList");
+            for s in m.snapshots().iter().flat_map(|v| v.iter()) {
+                fuzz_snapshot_info(Some(s));
+            }
+            let _ = m.more();
+        }
+        M::ReadExtents => {
+            let m = h.body_as_read_extents().expect("verified ReadExtents");
+            let _ = (m.snap_id(), m.lba(), m.nblocks());
+            let _ = extent_bytes(m.nblocks(), 4096);
+        }
+        M::ReadData => {
+            let m = h.body_as_read_data().expect("verified ReadData");
+            if let Some(ex) = m.extents() {
+                let _ = check_extents(ex.iter(), payload, 4096, u64::MAX);
+            }
+            let _ = (m.snap_id(), m.last());
+        }
+        M::DeleteSnapshot => {
+            let _ = h.body_as_delete_snapshot().expect("verified").snap_id();
+        }
+        M::Deleted => {
+            let m = h.body_as_deleted().expect("verified Deleted");
+            let _ = (m.snap_id(), m.merged_into());
+        }
+        M::Error => {
+            let m = h.body_as_error().expect("verified Error");
+            str_len(m.message());
+            let _ = (m.code(), m.code().variant_name());
+        }
+        M::NewGeneration => {
+            let _ = h.body_as_new_generation().expect("verified").reserved();
+        }
+        M::CloneVolume => {
+            let m = h.body_as_clone_volume().expect("verified CloneVolume");
+            str_len(m.source_volume());
+            let _ = m.source_snap_id();
+            if let Some(v) = m.source_volume() {
+                let _ = valid_volume_name(v);
+            }
+        }
+        // `decode_header` refuses NONE and unknown members.
+        other => panic!("decode_header accepted message type {}", other.0),
+    }
+    std::hint::black_box(sink);
 }
 
 fn fuzz_volume_info(info: Option<wire::VolumeInfo<'_>>) {
     if let Some(i) = info {
         let _ = (
-            i.name(),
+            i.name().map(str::len),
             i.exists(),
             i.size_bytes(),
             i.block_size(),
-            i.clone_source_volume(),
+            i.latest_snap_id(),
+            i.generation(),
+            i.snapshot_count(),
+            i.clone_source_volume().map(str::len),
+            i.clone_source_snap_id(),
+        );
+    }
+}
+
+fn fuzz_snapshot_info(info: Option<wire::SnapshotInfo<'_>>) {
+    if let Some(s) = info {
+        let _ = (
+            s.snap_id(),
+            s.parent_id(),
+            s.commit_time_ms(),
+            s.bytes(),
+            s.extent_count(),
+            s.volume_size(),
+            s.generation(),
         );
     }
 }
