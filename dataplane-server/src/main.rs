@@ -109,6 +109,13 @@ struct StoreArgs {
     /// creates hold on it.
     #[arg(long)]
     multi_server: bool,
+    /// Multi-server: this server's name in volume leases (default: host-pid-random).
+    #[arg(long)]
+    server_id: Option<String>,
+    /// Multi-server: how long a volume lease lasts without renewal; another server takes
+    /// the volume over this long after its server died.
+    #[arg(long, default_value_t = deltavol_dataplane::store::lease::LEASE_MS_DEFAULT)]
+    lease_ms: u64,
 }
 
 impl StoreArgs {
@@ -131,6 +138,8 @@ impl StoreArgs {
                 prefix: self.s3_prefix.clone(),
                 credentials_file: self.s3_credentials_file.clone(),
                 multi_server: self.multi_server,
+                server_id: self.server_id.clone(),
+                lease_ms: self.lease_ms,
             }),
         })
     }

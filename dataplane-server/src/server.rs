@@ -647,6 +647,11 @@ async fn shard_main(
 }
 
 async fn load_volumes(shard: &Shard) -> Result<(), ServerError> {
+    if shard.volumes_dir.loads_lazily() {
+        // Several servers share the store: a volume is loaded when a connection claims its
+        // lease (`claim_volume`), not at start-up.
+        return Ok(());
+    }
     for name in shard.volumes_dir.list_volumes().await? {
         if !valid_volume_name(&name) || shard_of(&name, shard.nshards) != shard.id {
             continue;
@@ -1674,6 +1679,13 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         return;
     }
+    if let Err(msg) = claim_volume(&conn.shard, &conn.volume_name).await {
+        tracing::info!(peer = %peer, volume = %conn.volume_name, error = %msg, "volume refused");
+        conn.out.error(wire::ErrorCode::Io, &msg);
+        let _ = conn.send().await;
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        return;
+    }
     let summary = conn.volume().map(|v| v.summary());
     let name = conn.volume_name.clone();
     let info = conn.out.volume_info_body(&name, summary);
@@ -1704,6 +1716,32 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
     // Dropping the connection drops an unfinished upload: nothing of it becomes visible.
     drop(conn.upload.take());
     let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Several servers on one object store: takes (or keeps) this server's lease on `name` and,
+/// when newly taken, installs the volume as the store has it now.
+async fn claim_volume(shard: &Shard, name: &str) -> Result<(), String> {
+    let Some(fresh) = store::claim(&shard.volumes_dir, name).await? else {
+        return Ok(());
+    };
+    match fresh {
+        Some(v) => {
+            if let Some(c) = v.clone_source() {
+                shard
+                    .registry
+                    .lock()
+                    .deps
+                    .entry((c.volume, c.snap_id))
+                    .or_default()
+                    .insert(name.to_string());
+            }
+            shard.volumes.borrow_mut().insert(name.to_string(), v);
+        }
+        None => {
+            shard.volumes.borrow_mut().remove(name);
+        }
+    }
+    Ok(())
 }
 
 /// Path helper for tests and tools: the directory of `volume` under `data_dir`.

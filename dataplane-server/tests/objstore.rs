@@ -315,7 +315,8 @@ fn two_servers_racing_to_commit_one_snapshot_exactly_one_wins() {
     let bucket = moto.bucket("race");
     let dir = tempfile::tempdir().unwrap();
     let token = write_token(dir.path());
-    let multi = ["--multi-server"];
+    // No leases: two servers on one volume at once, only the numbered manifests guard.
+    let multi: [&str; 0] = [];
     let sa = S3Server::spawn(&moto, &bucket, &dir.path().join("a"), &token, &multi);
     let sb = S3Server::spawn(&moto, &bucket, &dir.path().join("b"), &token, &multi);
     connect(sa.addr, "vol-r")
@@ -392,7 +393,8 @@ fn gc_interrupted_and_rerun_leaves_the_chain_whole() {
     let bucket = moto.bucket("gc-test");
     let dir = tempfile::tempdir().unwrap();
     let token = write_token(dir.path());
-    let multi = ["--multi-server"];
+    // No leases: two servers on one volume at once, only the numbered manifests guard.
+    let multi: [&str; 0] = [];
     let sa = S3Server::spawn(&moto, &bucket, &dir.path().join("a"), &token, &multi);
     let sb = S3Server::spawn(&moto, &bucket, &dir.path().join("b"), &token, &multi);
     connect(sa.addr, "vol-g")
@@ -467,4 +469,142 @@ fn gc_interrupted_and_rerun_leaves_the_chain_whole() {
     let r = gc(&["--min-age-secs", "0", "--keep-manifests", "1"]);
     assert_eq!(r["removed"].as_array().unwrap().len(), 0, "{r}");
     assert_eq!(r["tombstoned"].as_array().unwrap().len(), 0, "{r}");
+}
+
+fn try_connect(
+    addr: std::net::SocketAddr,
+    vol: &str,
+) -> Result<deltavol_dataplane::Client, deltavol_dataplane::ClientError> {
+    deltavol_dataplane::Client::connect(addr, TOKEN, vol, timeouts())
+}
+
+#[test]
+fn lease_two_servers_one_killed_mid_upload_other_takes_over() {
+    let Some(moto) = Moto::start("lease_two_servers_one_killed_mid_upload_other_takes_over") else {
+        return;
+    };
+    let seed = seed() ^ 0x1ea5e;
+    eprintln!("seed {seed} (set DELTAVOL_TEST_SEED to reproduce)");
+    let bucket = moto.bucket("lease-test");
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path());
+    let lease_ms = 2000u64;
+    let lease = lease_ms.to_string();
+    let args = |id: &'static str| -> Vec<String> {
+        vec![
+            "--multi-server".into(),
+            "--lease-ms".into(),
+            lease.clone(),
+            "--server-id".into(),
+            id.into(),
+        ]
+    };
+    let a_args = args("srv-a");
+    let b_args = args("srv-b");
+    let a_ref: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let b_ref: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let sa = S3Server::spawn(&moto, &bucket, &dir.path().join("a"), &token, &a_ref);
+    let sb = S3Server::spawn(&moto, &bucket, &dir.path().join("b"), &token, &b_ref);
+
+    let mut rng = Rng::new(seed);
+    let mut ca = connect(sa.addr, "vol-l");
+    ca.create_volume(SIZE, BS as u32).expect("create on A");
+    let models = build_chain(&mut ca, &mut rng, 3);
+
+    // While A lives it keeps renewing: B refuses the volume, naming A, for several leases.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(lease_ms * 2);
+    while std::time::Instant::now() < until {
+        let Err(err) = try_connect(sb.addr, "vol-l") else {
+            panic!("B must refuse the volume A holds");
+        };
+        assert_eq!(err.server_code(), Some(ErrorCode::Io), "{err}");
+        assert!(err.to_string().contains("srv-a"), "{err}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    // Another volume is free for B meanwhile.
+    connect(sb.addr, "vol-other")
+        .create_volume(SIZE, BS as u32)
+        .expect("B serves a volume nobody holds");
+
+    // A dies mid-upload of snapshot 4 (12 MiB streamed, more than one multipart part).
+    ca.begin_snapshot(4, 3, SIZE).expect("begin 4");
+    let mut big = vec![0u8; 12 << 20];
+    rng.fill(&mut big);
+    for (i, chunk) in big.chunks(BS * 256).enumerate() {
+        ca.put_extent((i * 256) as u64 % (BLOCKS - 256), 256, chunk)
+            .expect("put");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let killed = std::time::Instant::now();
+    sa.kill9();
+    drop(ca);
+
+    // B takes the volume once A's lease runs out, not before.
+    let Err(err) = try_connect(sb.addr, "vol-l") else {
+        panic!("the lease is still A's");
+    };
+    assert!(err.to_string().contains("srv-a"), "{err}");
+    let mut cb = loop {
+        match try_connect(sb.addr, "vol-l") {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    killed.elapsed() < std::time::Duration::from_millis(lease_ms * 5),
+                    "B did not take the volume over: {e}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    };
+    let took = killed.elapsed();
+    eprintln!(
+        "B took the volume over {} ms after A was killed",
+        took.as_millis()
+    );
+    assert!(cb.info().exists);
+    // The chain is whole: 1..3, as A committed them; the half upload left nothing.
+    let ids: Vec<u64> = cb
+        .list_snapshots()
+        .unwrap()
+        .iter()
+        .map(|s| s.snap_id)
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+    for (i, m) in models.iter().enumerate() {
+        check_snapshot(&mut cb, i as u64 + 1, m, BS, &mut rng);
+    }
+    // And it continues on B.
+    let changes = random_changes(&mut rng, BLOCKS, BS, 30);
+    upload(&mut cb, 4, 3, SIZE, BS, &changes);
+    let mut m4 = models[2].clone();
+    apply(&mut m4, BS, &changes);
+    check_snapshot(&mut cb, 4, &m4, BS, &mut rng);
+    // The generation lives in the manifest: fencing holds across servers.
+    let g = cb.new_generation().expect("new generation");
+    drop(cb);
+    let mut stale = deltavol_dataplane::Client::connect_with_generation(
+        sb.addr,
+        TOKEN,
+        "vol-l",
+        timeouts(),
+        g - 1,
+    )
+    .expect("connect with an old generation");
+    let err = stale.begin_snapshot(5, 4, SIZE).expect_err("fenced");
+    assert_eq!(err.server_code(), Some(ErrorCode::StaleGeneration), "{err}");
+    drop(stale);
+    drop(sb);
+    let obj = moto.objects(&bucket);
+    assert_eq!(
+        keys(&obj, "vol-l", "seg").len(),
+        4,
+        "no segment of the dead upload"
+    );
+    let (code, out, err) = run_tool(&tool_args(
+        &moto,
+        &bucket,
+        &dir.path().join("v"),
+        &["verify"],
+    ));
+    assert_eq!(code, 0, "{out}\n{err}");
 }

@@ -64,6 +64,11 @@ pub struct S3Config {
     /// Several servers share the store: refuse to start unless the start-up probe shows that
     /// create-if-absent puts hold.
     pub multi_server: bool,
+    /// Multi-server: this server's name in lease objects (default: host, pid and a random
+    /// suffix).
+    pub server_id: Option<String>,
+    /// Multi-server: lease duration (0: [`super::lease::LEASE_MS_DEFAULT`]).
+    pub lease_ms: u64,
 }
 
 /// Which backend to use.
@@ -107,6 +112,7 @@ impl Backend {
                     ),
                     Err(e) => return Err(e),
                 }
+                super::lease::Leases::start_renewal(&obj);
                 Ok(Backend::Object(obj))
             }
         }
@@ -131,6 +137,12 @@ impl Backend {
         }
     }
 
+    /// Whether volumes are loaded when a connection asks for them, under a lease (several
+    /// servers share the store), rather than all at start-up.
+    pub fn loads_lazily(&self) -> bool {
+        matches!(self, Backend::Object(o) if o.leases().is_some())
+    }
+
     /// A short description for logs.
     pub fn describe(&self) -> String {
         match self {
@@ -148,6 +160,8 @@ pub struct ObjBackend {
     handle: tokio::runtime::Handle,
     /// Shut down in the background on drop (a runtime may not be dropped inside another).
     rt: Mutex<Option<tokio::runtime::Runtime>>,
+    /// Multi-server mode: the volume leases this server holds.
+    leases: Option<super::lease::Leases>,
 }
 
 impl std::fmt::Debug for ObjBackend {
@@ -234,6 +248,22 @@ pub fn parse_credentials(text: &str) -> Result<FileCredentials, String> {
     Ok(c)
 }
 
+/// `host-pid-random`: unique per server process.
+fn default_server_id() -> Result<String, StoreError> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let mut r = [0u8; 4];
+    getrandom::getrandom(&mut r).map_err(|e| StoreError::io("getrandom", io::Error::other(e)))?;
+    Ok(format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        u32::from_le_bytes(r)
+    ))
+}
+
 /// The outcome of a create-if-absent put.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateOutcome {
@@ -295,7 +325,39 @@ impl ObjBackend {
                 format!(" prefix {prefix}")
             }
         );
-        Self::with_store(Arc::new(store), prefix, describe)
+        let mut obj = Self::with_store(Arc::new(store), prefix, describe)?;
+        if cfg.multi_server {
+            let duration_ms = if cfg.lease_ms == 0 {
+                super::lease::LEASE_MS_DEFAULT
+            } else {
+                cfg.lease_ms
+            };
+            if duration_ms < super::lease::LEASE_MS_MIN {
+                return Err(invalid(format!(
+                    "lease duration {duration_ms} ms is below the minimum of {} ms",
+                    super::lease::LEASE_MS_MIN
+                )));
+            }
+            let server_id = match &cfg.server_id {
+                Some(id) if !id.is_empty() => id.clone(),
+                _ => default_server_id()?,
+            };
+            tracing::info!(
+                server_id,
+                duration_ms,
+                "multi-server mode: volumes are served under leases"
+            );
+            obj.leases = Some(super::lease::Leases::new(super::lease::LeaseSettings {
+                server_id,
+                duration_ms,
+            }));
+        }
+        Ok(obj)
+    }
+
+    /// The leases of this server (multi-server mode only).
+    pub fn leases(&self) -> Option<&super::lease::Leases> {
+        self.leases.as_ref()
     }
 
     /// Wraps any object store (tests use `InMemory`).
@@ -316,6 +378,7 @@ impl ObjBackend {
             describe,
             handle: rt.handle().clone(),
             rt: Mutex::new(Some(rt)),
+            leases: None,
         })
     }
 

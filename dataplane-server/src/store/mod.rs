@@ -20,6 +20,7 @@
 pub mod backend;
 pub mod format;
 pub mod layer;
+pub mod lease;
 pub mod tools;
 
 use std::cell::{Cell, RefCell};
@@ -669,6 +670,16 @@ impl Volume {
             Backend::Local { .. } => {
                 write_atomic(&self.dir, MANIFEST_NAME, format::encode_manifest(nm)).await
             }
+            Backend::Object(obj) if obj.leases().is_some_and(|l| !l.valid(&self.name)) => {
+                Err(StoreError::new(
+                    StoreErrorKind::StaleGeneration,
+                    format!(
+                        "this data-plane server no longer holds the lease of volume {}: \
+                         another server may serve it now; reconnect",
+                        self.name
+                    ),
+                ))
+            }
             Backend::Object(obj) => match commit_obj_manifest(obj, &self.name, nm, tags).await? {
                 CreateOutcome::Created => Ok(()),
                 CreateOutcome::Exists => {
@@ -1124,6 +1135,28 @@ fn remove_stray_files(dir: &Path, referenced: &HashSet<u64>) -> Result<(), Store
         }
     }
     Ok(())
+}
+
+/// Multi-server mode: makes sure this server holds the lease of volume `name` before a
+/// connection uses it. `Ok(None)`: nothing to do (no leases, or the lease was already held);
+/// `Ok(Some(v))`: the lease was (re)taken and `v` is the volume freshly loaded from the store
+/// (`None` if it does not exist yet): the caller replaces what it had. `Err`: refused, with
+/// the reason for the client.
+pub async fn claim(backend: &Backend, name: &str) -> Result<Option<Option<Rc<Volume>>>, String> {
+    let Backend::Object(obj) = backend else {
+        return Ok(None);
+    };
+    let Some(leases) = obj.leases() else {
+        return Ok(None);
+    };
+    match leases.ensure(obj, name).await {
+        Ok(false) => Ok(None),
+        Ok(true) => match Volume::load(backend, name).await {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => Err(format!("volume {name}: {e}")),
+        },
+        Err(e) => Err(format!("volume {name} is {e}")),
+    }
 }
 
 /// Reads a volume's manifest and opens its segments; `Ok(None)` when it has no manifest.

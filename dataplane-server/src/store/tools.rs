@@ -664,6 +664,22 @@ async fn gc_object(obj: &Arc<ObjBackend>, opts: &GcOptions) -> Result<GcReport, 
                 remove(obj, &m, opts, &mut report).await?;
             }
         }
+        // Old lease epochs: only the newest matters; two more are kept for the record.
+        let leases = obj.list(&format!("volumes/{name}/lease")).await?;
+        let newest = leases
+            .iter()
+            .filter_map(|m| m.location.filename().and_then(parse_lease_epoch))
+            .max()
+            .unwrap_or(0);
+        for m in &leases {
+            if m.location
+                .filename()
+                .and_then(parse_lease_epoch)
+                .is_some_and(|e| e + 2 < newest)
+            {
+                remove(obj, m, opts, &mut report).await?;
+            }
+        }
         // Old manifests: keep the newest `keep_manifests + 1` whole, tombstone the rest.
         if latest_seq > opts.keep_manifests + 1 {
             let floor = latest_seq - opts.keep_manifests;
@@ -705,6 +721,10 @@ async fn remove(
     report.removed_bytes += m.size;
     report.removed.push(m.location.to_string());
     Ok(())
+}
+
+fn parse_lease_epoch(name: &str) -> Option<u64> {
+    name.strip_suffix(".lease")?.parse().ok()
 }
 
 fn chrono_now_ms() -> u64 {

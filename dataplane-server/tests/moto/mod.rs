@@ -147,7 +147,9 @@ impl Moto {
             region: "us-east-1".into(),
             prefix: "dv".into(),
             credentials_file: Some(self.creds.clone()),
-            multi_server: true,
+            multi_server: false,
+            server_id: None,
+            lease_ms: 0,
         }
     }
 
