@@ -117,7 +117,29 @@ impl Default for ConnLimits {
     }
 }
 
+/// File descriptors kept free for segment files, manifests and the listeners.
+pub const FDS_RESERVED: u64 = 256;
+
 impl ConnLimits {
+    /// Warns when the open-files limit cannot hold `max_connections` sockets: past it, accept
+    /// fails (EMFILE) and new connections wait in the kernel's backlog instead of being
+    /// answered "busy".
+    fn warn_if_fds_short(&self) {
+        let Some(soft) = open_files_soft_limit() else {
+            return;
+        };
+        let need = self.max_connections as u64 + FDS_RESERVED;
+        if soft < need {
+            tracing::warn!(
+                open_files_limit = soft,
+                max_connections = self.max_connections,
+                "the open-files limit is below --max-connections + {FDS_RESERVED}: raise it \
+                 (ulimit -n {need}, or LimitNOFILE= in the service unit) or lower \
+                 --max-connections"
+            );
+        }
+    }
+
     fn check(&self) -> Result<(), ServerError> {
         let bad = |what: &str| Err(ServerError::Config(format!("{what} must be at least 1")));
         if self.max_connections == 0 {
@@ -154,6 +176,14 @@ pub enum ServerError {
 fn io_err(ctx: impl Into<String>) -> impl FnOnce(io::Error) -> ServerError {
     let ctx = ctx.into();
     move |source| ServerError::Io { ctx, source }
+}
+
+/// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits`.
+fn open_files_soft_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    // "Max open files            1024                 524288               files"
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// The shard owning `volume` among `shards`: FNV-1a of the name.
@@ -358,6 +388,7 @@ pub fn start_with_backend(
         return Err(ServerError::Config("the auth token is empty".into()));
     }
     cfg.limits.check()?;
+    cfg.limits.warn_if_fds_short();
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(io_err(format!("create {}", cfg.data_dir.display())))?;
     let volumes_dir = store::backend::Backend::open(backend, &cfg.data_dir)?;
