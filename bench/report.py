@@ -141,6 +141,22 @@ def median_of(medians, cell):
     return None
 
 
+def byte_ratios(runs):
+    """Issue 5's byte targets, over every measured busy run (each run plus its drain):
+    bytes written to the backing file and bytes sent to the data plane per dirty byte."""
+    busy = [r for r in runs if r.get("ok") and r.get("target") == "busy" and r.get("dirty_bytes")]
+    dirty = sum(r["dirty_bytes"] for r in busy)
+    if not dirty:
+        return []
+    out = []
+    for name, key, target in (("busy: bytes written to the backing file / dirty bytes", "backing_bytes", 1.0),
+                              ("busy: bytes sent to the data plane / dirty bytes", "sent_bytes", 1.05)):
+        r = sum(x.get(key, 0) for x in busy) / dirty
+        out.append({"name": name, "ratio": round(r, 4), "target": target, "max": True,
+                    "met": r <= target, "dirty_bytes": dirty, "runs": len(busy)})
+    return out
+
+
 def ratios(medians):
     out = []
     for name, num, den, target in RATIOS:
@@ -190,7 +206,8 @@ def markdown(order, medians, rats, info, meta):
         lines.append("| ratio (issue 5) | measured | target | |")
         lines.append("| --- | ---: | ---: | --- |")
         for r in rats:
-            tgt = f"≥ {r['target']:.2f}×" if r["target"] is not None else "–"
+            sign = "≤" if r.get("max") else "≥"
+            tgt = f"{sign} {r['target']:.2f}×" if r["target"] is not None else "–"
             met = {True: "met", False: "**not met**", None: ""}[r["met"]]
             lines.append(f"| {r['name']} | {r['ratio']:.2f}× | {tgt} | {met} |")
         lines.append("")
@@ -271,7 +288,7 @@ def main():
     runs, info, bad = parse_log(args.log)
     meta = dict(kv.split("=", 1) for kv in args.meta if "=" in kv)
     order, medians = summarize(runs)
-    rats = ratios(medians)
+    rats = ratios(medians) + byte_ratios(runs)
     failed = [r for r in runs if not r.get("ok")]
     problems = [f"unparsable RESULT line: {b}" for b in bad]
     problems += [f"failed run: {r['job']} qd{r['iodepth']} j{r['numjobs']} {r['target']} run {r['run']}"

@@ -176,12 +176,27 @@ fio_parse() {
     }' "$1"
 }
 
+# busy_bytes: "DATA ZERO SENT" totals of the busy volume (flush's bytes written to the backing
+# file and punched there, bytes written to the data plane), from its status.
+busy_bytes() {
+    _s=$(dv_status bbusy | tr -d '\n ')
+    for _k in data_bytes_total zero_bytes_total bytes_sent; do
+        _v=$(printf '%s' "$_s" | grep -o "\"$_k\":[0-9]*" | head -n 1 | cut -d: -f2)
+        printf '%s ' "${_v:-0}"
+    done
+}
+
 # run_one JOB IODEPTH NUMJOBS TARGET RUN
 run_one() {
     _dev=$(target_dev "$4")
     _out=$DRILL_TMP/fio.json
     _extra=''
-    [ "$4" = busy ] && _e0=$(dv_field bbusy epoch)
+    if [ "$4" = busy ]; then
+        _e0=$(dv_field bbusy epoch)
+        read -r _d0 _z0 _s0 <<EOF
+$(busy_bytes)
+EOF
+    fi
     _t0=$(now_s)
     if ! DEV=$_dev SIZE=$SIZE IODEPTH=$2 NUMJOBS=$3 RUNTIME=$RUNTIME RAMP=$RAMP \
         run_timeout $((RUNTIME + RAMP + 120)) fio --output-format=json --output="$_out" \
@@ -199,6 +214,13 @@ run_one() {
         _st=$(now_s)
         run_timeout 120 "$DV" snapshot bbusy >/dev/null 2>&1 || fail busy-drain "deltavol snapshot failed after run $5"
         _extra="$_extra,\"drain_s\":$(elapsed_s "$_st")"
+        # Bytes during the run and its drain: the dirty blocks the flushes found (written to
+        # the backing file, or punched there when discarded), the bytes written to the backing
+        # file, and the bytes written to the data plane's socket (frames and payload).
+        read -r _d1 _z1 _s1 <<EOF
+$(busy_bytes)
+EOF
+        _extra="$_extra,\"backing_bytes\":$((_d1 - _d0)),\"dirty_bytes\":$((_d1 + _z1 - _d0 - _z0)),\"sent_bytes\":$((_s1 - _s0))"
     fi
     # shellcheck disable=SC2046 # word splitting wanted
     set -- "$@" $(fio_parse "$_out")

@@ -191,6 +191,8 @@ pub struct Client {
     payload: Vec<u8>,
     upload: Option<UploadState>,
     poisoned: bool,
+    /// Where the bytes written to the socket are counted, if anywhere.
+    sent: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -261,6 +263,7 @@ impl Client {
             payload: Vec::new(),
             upload: None,
             poisoned: false,
+            sent: None,
         };
         c.handshake(token, volume)?;
         Ok(c)
@@ -355,7 +358,19 @@ impl Client {
                 self.stream.write_all(payload)
             }
         });
+        if r.is_ok() {
+            if let Some(c) = &self.sent {
+                let n = if data_is_out { self.out.len() } else { 0 } + payload.len();
+                c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         r.map_err(|e| ClientError::io("sending to the data plane", e))
+    }
+
+    /// Counts every byte this client writes to its socket from now on (frames and payload)
+    /// into `counter`, which several clients may share.
+    pub fn count_sent_bytes(&mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        self.sent = Some(counter);
     }
 
     /// Sends a frame without payload.

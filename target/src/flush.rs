@@ -98,6 +98,8 @@ struct State {
     failed_attempts: u64,
     consecutive_failures: u64,
     flushes: u64,
+    data_bytes_total: u64,
+    zero_bytes_total: u64,
 }
 
 struct Ctl {
@@ -125,6 +127,10 @@ pub struct FlushStatus {
     /// Failed attempts since the last successful flush (0 when healthy).
     pub consecutive_failures: u64,
     pub flushes: u64,
+    /// Since the daemon started: bytes of dirty blocks written to the backing file, and of
+    /// discarded/zeroed blocks punched there (no data written). Together: the dirty bytes.
+    pub data_bytes_total: u64,
+    pub zero_bytes_total: u64,
 }
 
 fn now_unix_ms() -> u64 {
@@ -201,6 +207,8 @@ impl Flusher {
             failed_attempts: st.failed_attempts,
             consecutive_failures: st.consecutive_failures,
             flushes: st.flushes,
+            data_bytes_total: st.data_bytes_total,
+            zero_bytes_total: st.zero_bytes_total,
         }
     }
 
@@ -258,6 +266,8 @@ impl FlushThread {
             }
             // A frozen epoch left by a crash or a failed flush goes first.
             if self.cache.epochs.frozen() != 0 {
+                // Background work, unless writers are (about to be) waiting for this flush.
+                crate::prio::background(self.cache.under_pressure());
                 match self.flush_frozen() {
                     Ok(r) => {
                         backoff = Duration::from_millis(100);
@@ -370,6 +380,8 @@ impl FlushThread {
         }
         if let Some(r) = report {
             st.flushes += 1;
+            st.data_bytes_total += r.data_bytes;
+            st.zero_bytes_total += r.zero_bytes;
             st.last = Some(r);
             st.last_error = None;
             st.consecutive_failures = 0;

@@ -15,6 +15,7 @@ pub mod error;
 pub mod fault;
 pub mod flush;
 pub mod hydrate;
+pub mod prio;
 pub mod queue;
 pub mod ring;
 pub mod ship;

@@ -43,6 +43,33 @@ pub trait Ring {
     /// completion.
     unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32>;
 
+    /// Submits `first` and `second` as a linked pair: `second` starts only after `first`
+    /// completed with exactly `first_len`; if `first` fails or is short, `second` does not run
+    /// and resolves to `-ECANCELED`. Resolves to both results.
+    ///
+    /// The default runs them one after the other; rings that can, link them in the kernel
+    /// (`IOSQE_IO_LINK`), which saves a round trip through the event loop per pair.
+    ///
+    /// # Safety
+    /// As [`Ring::submit`], for both SQEs.
+    unsafe fn submit_linked(
+        &self,
+        first: squeue::Entry,
+        first_len: i32,
+        second: squeue::Entry,
+    ) -> impl Future<Output = (i32, i32)> {
+        async move {
+            // SAFETY: forwarded from the caller.
+            let a = unsafe { self.submit(first) }.await;
+            if a != first_len {
+                return (a, -libc::ECANCELED);
+            }
+            // SAFETY: forwarded from the caller.
+            let b = unsafe { self.submit(second) }.await;
+            (a, b)
+        }
+    }
+
     /// Waits without blocking the thread's other tasks.
     fn sleep(&self, dur: Duration) -> impl Future<Output = ()>;
 
@@ -108,6 +135,47 @@ impl Ring for UblkRing<'_> {
         self.queue.ublk_submit_sqe(sqe)
     }
 
+    unsafe fn submit_linked(
+        &self,
+        first: squeue::Entry,
+        first_len: i32,
+        second: squeue::Entry,
+    ) -> impl Future<Output = (i32, i32)> {
+        // Both SQEs must land in one submission, or the kernel would end the chain at the
+        // batch boundary and run `second` unordered: make room for two first. (The queue's
+        // ring is sized 4 SQEs per tag, more than a tag ever has pending, so this is a guard.)
+        let _ = libublk::io::ublk_init_task_ring(|cell| {
+            if let Some(r) = cell.get() {
+                let mut r = r.borrow_mut();
+                let room = {
+                    let sq = r.submission();
+                    sq.capacity() - sq.len()
+                };
+                if room < 2 {
+                    r.submit().map_err(libublk::UblkError::IOError)?;
+                }
+            }
+            Ok(())
+        });
+        let a = self
+            .queue
+            .ublk_submit_sqe(first.flags(squeue::Flags::IO_LINK));
+        let b = self.queue.ublk_submit_sqe(second);
+        async move {
+            let ra = a.await;
+            let rb = b.await;
+            // A short `first` fails the link in the kernel; report it the way the default does.
+            (
+                ra,
+                if ra == first_len {
+                    rb
+                } else {
+                    -libc::ECANCELED
+                },
+            )
+        }
+    }
+
     async fn sleep(&self, dur: Duration) {
         let ts = types::Timespec::from(dur);
         let sqe = opcode::Timeout::new(&ts).build();
@@ -164,11 +232,62 @@ impl HostRing {
             }
         }
     }
+
+    /// Both SQEs of a linked pair in one submission; waits for both CQEs.
+    fn run_linked(
+        &self,
+        first: squeue::Entry,
+        first_len: i32,
+        second: squeue::Entry,
+    ) -> (i32, i32) {
+        const FIRST: u64 = 0x5eed_0001;
+        const SECOND: u64 = 0x5eed_0002;
+        let mut ring = self.ring.borrow_mut();
+        let pair = [
+            first.flags(squeue::Flags::IO_LINK).user_data(FIRST),
+            second.user_data(SECOND),
+        ];
+        // SAFETY: as in `run`; both CQEs are reaped below before returning.
+        if unsafe { ring.submission().push_multiple(&pair) }.is_err() {
+            return (-libc::EBUSY, -libc::ECANCELED);
+        }
+        let (mut a, mut b) = (None, None);
+        while a.is_none() || b.is_none() {
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    // The SQEs were consumed by the kernel or not at all; with nothing in flight
+                    // that we could still wait for, report the error for both.
+                    let r = -(e.raw_os_error().unwrap_or(libc::EIO));
+                    return (a.unwrap_or(r), b.unwrap_or(-libc::ECANCELED));
+                }
+            }
+            for cqe in ring.completion() {
+                match cqe.user_data() {
+                    FIRST => a = Some(cqe.result()),
+                    SECOND => b = Some(cqe.result()),
+                    _ => {}
+                }
+            }
+        }
+        let (a, b) = (a.unwrap_or(-libc::EIO), b.unwrap_or(-libc::ECANCELED));
+        (a, if a == first_len { b } else { -libc::ECANCELED })
+    }
 }
 
 impl Ring for HostRing {
     unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
         std::future::ready(self.run(sqe))
+    }
+
+    unsafe fn submit_linked(
+        &self,
+        first: squeue::Entry,
+        first_len: i32,
+        second: squeue::Entry,
+    ) -> impl Future<Output = (i32, i32)> {
+        std::future::ready(self.run_linked(first, first_len, second))
     }
 
     fn sleep(&self, dur: Duration) -> impl Future<Output = ()> {

@@ -93,6 +93,9 @@ pub struct ShipStatus {
     pub last_error: Option<String>,
     /// Recovered elsewhere: this daemon ships nothing more.
     pub fenced: bool,
+    /// Bytes written to the data plane since the daemon started (frames and payload, the
+    /// handshake included).
+    pub bytes_sent: u64,
 }
 
 struct Queued {
@@ -120,6 +123,8 @@ struct Shared {
     volume: String,
     volume_id: VolumeId,
     size_bytes: u64,
+    /// Bytes written to data-plane sockets (frames and payload), by every connection.
+    bytes_sent: Arc<std::sync::atomic::AtomicU64>,
     st: Mutex<State>,
     cv: Condvar,
     /// Fault injection into outbox writes and syncs (tests); unset in production.
@@ -155,6 +160,7 @@ impl Shared {
             self.generation,
         )
         .map_err(client_err)?;
+        c.count_sent_bytes(self.bytes_sent.clone());
         let info = c
             .create_volume(self.size_bytes, BLOCK_SIZE as u32)
             .map_err(client_err)?;
@@ -283,6 +289,7 @@ impl DataPlaneSink {
             volume: volume.to_string(),
             volume_id,
             size_bytes,
+            bytes_sent: Arc::default(),
             st: Mutex::new(State {
                 client: None,
                 retry_at: None,
@@ -300,7 +307,10 @@ impl DataPlaneSink {
         let s2 = shared.clone();
         let shipper = std::thread::Builder::new()
             .name(format!("dv-ship-{volume}"))
-            .spawn(move || run_shipper(s2))
+            .spawn(move || {
+                crate::prio::background(false);
+                run_shipper(s2)
+            })
             .map_err(|e| Error::io("start shipper for", volume, e))?;
         Ok(DataPlaneSink {
             shared,
@@ -353,6 +363,10 @@ impl ShipHandle {
             outbox_bytes: st.outbox.iter().map(|q| q.bytes).sum(),
             last_error: st.last_error.clone(),
             fenced: st.fenced,
+            bytes_sent: self
+                .shared
+                .bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

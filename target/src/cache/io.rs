@@ -298,13 +298,7 @@ impl Cache {
         self.wait_for_room(ring).await;
         let g = self.epochs.enter_write();
         let s = g.slot();
-        let r = self
-            .write_file(ring, FILE_MIRROR[s], b0 << BLOCK_SHIFT, buf)
-            .await;
-        if r < 0 {
-            return r;
-        }
-        let r = self.journal(ring, g.epoch, s, b0, n, false).await;
+        let r = self.write_journaled(ring, g.epoch, s, b0, n, buf).await;
         if r < 0 {
             return r;
         }
@@ -314,6 +308,58 @@ impl Cache {
         }
         drop(g);
         buf.len() as i32
+    }
+
+    /// Writes `buf` to slot `s`'s mirror, then its membership record to the slot's journal.
+    ///
+    /// The record must never land without the data (a replay would then claim a block the
+    /// mirror does not hold), so the two are one linked pair on the ring: the kernel starts
+    /// the journal write only once the data write completed in full, with no round trip
+    /// through the event loop in between. A short or failed data write cancels the record;
+    /// the data is then finished with plain writes and the record written after it.
+    async fn write_journaled<R: Ring>(
+        &self,
+        ring: &R,
+        epoch: u64,
+        s: usize,
+        b0: u64,
+        n: u64,
+        buf: &[u8],
+    ) -> i32 {
+        use std::os::fd::AsRawFd;
+        let off = b0 << BLOCK_SHIFT;
+        let Some(j) = self.journals.get() else {
+            return self.write_file(ring, FILE_MIRROR[s], off, buf).await;
+        };
+        let rec = super::journal::record(epoch, b0, n, false);
+        let (f, joff) = j.reserve(s, ring.queue_index());
+        let data = ring::write_sqe(FILE_MIRROR[s], buf.as_ptr(), buf.len() as u32, off);
+        let jsqe = ring::fd_write_sqe(f.as_raw_fd(), rec.as_ptr(), rec.len() as u32, joff);
+        // SAFETY: `buf` is borrowed and `rec` lives in this frame, the journal file in `self`,
+        // all until the pair's future (awaited to completion here) resolves.
+        let (rd, rj) = unsafe { ring.submit_linked(data, buf.len() as i32, jsqe) }.await;
+        if rd == buf.len() as i32 && rj == rec.len() as i32 {
+            return 0;
+        }
+        if rd != buf.len() as i32 {
+            // Failed or short: finish (or retry) the data, then the record on its own.
+            let done = rd.max(0) as usize;
+            if rd < 0 && rd != -libc::EINTR && rd != -libc::EAGAIN {
+                return rd;
+            }
+            let r = self
+                .write_file(ring, FILE_MIRROR[s], off + done as u64, &buf[done..])
+                .await;
+            if r < 0 {
+                return r;
+            }
+        } else if rj >= 0 {
+            // A short journal append: never expected on a regular file; refuse to guess.
+            return -libc::EIO;
+        } else if rj != -libc::ECANCELED && rj != -libc::EINTR && rj != -libc::EAGAIN {
+            return rj;
+        }
+        self.journal(ring, epoch, s, b0, n, false).await
     }
 
     /// Appends the membership record of a completed write to its slot's journal (page cache

@@ -515,6 +515,11 @@ impl Cache {
         self.slots[0].data_blocks.load(SeqCst) + self.slots[1].data_blocks.load(SeqCst)
     }
 
+    /// The SSD cache is at its high-water mark: writers wait (or soon will) for the flush.
+    pub fn under_pressure(&self) -> bool {
+        self.ssd_used_blocks() >= self.high_water_blocks
+    }
+
     /// Bytes the mirror files really occupy on the cache filesystem.
     pub fn ssd_allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
