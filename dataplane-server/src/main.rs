@@ -116,6 +116,10 @@ struct StoreArgs {
     /// the volume over this long after its server died.
     #[arg(long, default_value_t = deltavol_dataplane::store::lease::LEASE_MS_DEFAULT)]
     lease_ms: u64,
+    /// Skip the start-up probe of conditional creates. For test stores only: moto's server,
+    /// for one, now and then lets two racing creates of one key both succeed.
+    #[arg(long)]
+    no_create_probe: bool,
 }
 
 impl StoreArgs {
@@ -140,6 +144,7 @@ impl StoreArgs {
                 multi_server: self.multi_server,
                 server_id: self.server_id.clone(),
                 lease_ms: self.lease_ms,
+                skip_create_probe: self.no_create_probe,
             }),
         })
     }

@@ -765,6 +765,7 @@ impl From<StoreError> for ReqError {
             StoreErrorKind::DeleteHead => C::DeleteHead,
             StoreErrorKind::StaleGeneration => C::StaleGeneration,
             StoreErrorKind::TooLarge => C::TooLarge,
+            StoreErrorKind::InUse => C::InUse,
             _ => C::Malformed,
         };
         if e.kind() == StoreErrorKind::Io {

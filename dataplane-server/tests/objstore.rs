@@ -488,11 +488,12 @@ fn lease_two_servers_one_killed_mid_upload_other_takes_over() {
     let bucket = moto.bucket("lease-test");
     let dir = tempfile::tempdir().unwrap();
     let token = write_token(dir.path());
-    let lease_ms = 2000u64;
+    let lease_ms = 4000u64;
     let lease = lease_ms.to_string();
     let args = |id: &'static str| -> Vec<String> {
         vec![
             "--multi-server".into(),
+            "--no-create-probe".into(),
             "--lease-ms".into(),
             lease.clone(),
             "--server-id".into(),
@@ -607,4 +608,38 @@ fn lease_two_servers_one_killed_mid_upload_other_takes_over() {
         &["verify"],
     ));
     assert_eq!(code, 0, "{out}\n{err}");
+}
+
+#[test]
+fn multi_server_delete_refuses_a_snapshot_a_clone_on_another_server_uses() {
+    let Some(moto) =
+        Moto::start("multi_server_delete_refuses_a_snapshot_a_clone_on_another_server_uses")
+    else {
+        return;
+    };
+    let bucket = moto.bucket("clone-dep");
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_token(dir.path());
+    // moto lets two racing creates both win now and then, which the start-up probe
+    // (rightly) refuses; the read-back of every create covers it for these tests.
+    let multi = ["--multi-server", "--no-create-probe"];
+    let sa = S3Server::spawn(&moto, &bucket, &dir.path().join("a"), &token, &multi);
+    let sb = S3Server::spawn(&moto, &bucket, &dir.path().join("b"), &token, &multi);
+    let mut rng = Rng::new(0xc10e);
+    let mut c = connect(sa.addr, "src");
+    c.create_volume(SIZE, BS as u32).unwrap();
+    let models = build_chain(&mut c, &mut rng, 3);
+    // The clone lives on B (B holds its lease); A serves the source.
+    let mut cl = connect(sb.addr, "cl");
+    cl.clone_volume("src", 1).expect("clone on B");
+    check_snapshot(&mut cl, 0, &models[0], BS, &mut rng);
+    let err = c
+        .delete_snapshot(1)
+        .expect_err("clone on B depends on src@1");
+    assert_eq!(err.server_code(), Some(ErrorCode::InUse), "{err}");
+    assert!(err.to_string().contains("cl"), "{err}");
+    // Snapshot 2 is free to go (merged into 3).
+    assert_eq!(c.delete_snapshot(2).expect("delete 2"), 3);
+    check_snapshot(&mut c, 3, &models[2], BS, &mut rng);
+    check_snapshot(&mut cl, 0, &models[0], BS, &mut rng);
 }

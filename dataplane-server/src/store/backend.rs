@@ -44,6 +44,13 @@ pub const PART_BYTES: usize = 8 * 1024 * 1024;
 pub const OBJECT_RUNTIME_THREADS: usize = 2;
 /// Cap on an object manifest (envelope included).
 pub const OBJ_MANIFEST_MAX_BYTES: usize = 256 * 1024 * 1024;
+/// Bytes of extent data the object backend keeps in memory for repeated reads (segments are
+/// immutable and uniquely named, so a cached extent is never stale; crcs are checked on
+/// every read all the same).
+pub const EXTENT_CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Largest extent read that goes into the cache.
+pub const EXTENT_CACHE_ITEM_BYTES_MAX: usize = 1024 * 1024;
+
 /// Cap on the segment tags one manifest carries.
 pub const OBJ_MANIFEST_TAGS_MAX: usize = 16 * 1024 * 1024;
 
@@ -69,6 +76,8 @@ pub struct S3Config {
     pub server_id: Option<String>,
     /// Multi-server: lease duration (0: [`super::lease::LEASE_MS_DEFAULT`]).
     pub lease_ms: u64,
+    /// Skip the start-up probe of conditional creates (test stores only).
+    pub skip_create_probe: bool,
 }
 
 /// Which backend to use.
@@ -103,7 +112,15 @@ impl Backend {
             }
             BackendConfig::S3(s3) => {
                 let obj = Arc::new(ObjBackend::s3(s3)?);
-                match obj.block_on(obj.probe_conditional_put()) {
+                let probe = if s3.skip_create_probe {
+                    tracing::warn!(
+                        "start-up probe of conditional creates skipped (--no-create-probe)"
+                    );
+                    Ok(())
+                } else {
+                    obj.block_on(obj.probe_conditional_put())
+                };
+                match probe {
                     Ok(()) => tracing::info!(store = %obj.describe, "conditional create holds"),
                     Err(e) if s3.multi_server => return Err(e),
                     Err(e) if e.kind() == StoreErrorKind::Unsupported => tracing::warn!(
@@ -162,6 +179,14 @@ pub struct ObjBackend {
     rt: Mutex<Option<tokio::runtime::Runtime>>,
     /// Multi-server mode: the volume leases this server holds.
     leases: Option<super::lease::Leases>,
+    /// Hot extents: (object key, offset) → bytes, least recently used out first.
+    extent_cache: Mutex<ExtentCache>,
+}
+
+/// A byte-bounded LRU of extent reads.
+struct ExtentCache {
+    map: lru::LruCache<(String, u64), Bytes>,
+    bytes: usize,
 }
 
 impl std::fmt::Debug for ObjBackend {
@@ -379,6 +404,10 @@ impl ObjBackend {
             handle: rt.handle().clone(),
             rt: Mutex::new(Some(rt)),
             leases: None,
+            extent_cache: Mutex::new(ExtentCache {
+                map: lru::LruCache::unbounded(),
+                bytes: 0,
+            }),
         })
     }
 
@@ -420,11 +449,36 @@ impl ObjBackend {
         Arc::clone(&self.store)
     }
 
-    /// Creates `key` with `bytes` unless it exists.
+    /// Creates `key` with `bytes` unless it exists. A create the store reports done is read
+    /// back and compared: a store whose conditional put is not atomic (two racing creates
+    /// both "succeed", the later overwriting) is caught here by the writer whose bytes were
+    /// overwritten, which then reports `Exists` instead of a false win.
     pub async fn put_create(
         &self,
         key: &ObjPath,
         bytes: Vec<u8>,
+    ) -> Result<CreateOutcome, StoreError> {
+        let expect = Bytes::from(bytes);
+        match self.put_create_once(key, expect.clone()).await? {
+            CreateOutcome::Exists => Ok(CreateOutcome::Exists),
+            CreateOutcome::Created => match self.get(key).await? {
+                Some(b) if b == expect => Ok(CreateOutcome::Created),
+                Some(_) => {
+                    tracing::warn!(key = %key, "a create reported done was overwritten by a racing writer: the store's conditional put is not atomic");
+                    Ok(CreateOutcome::Exists)
+                }
+                None => Err(StoreError::new(
+                    StoreErrorKind::Io,
+                    format!("create {key}: the object is gone right after its creation"),
+                )),
+            },
+        }
+    }
+
+    async fn put_create_once(
+        &self,
+        key: &ObjPath,
+        bytes: Bytes,
     ) -> Result<CreateOutcome, StoreError> {
         let store = self.store();
         let k = key.clone();
@@ -495,6 +549,40 @@ impl ObjBackend {
                     b.len()
                 ),
             ));
+        }
+        Ok(b)
+    }
+
+    /// Like [`ObjBackend::get_range`], through the hot-extent cache.
+    pub async fn get_range_cached(
+        &self,
+        key: &ObjPath,
+        range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let id = (key.to_string(), range.start);
+        let hit = {
+            let mut c = self.extent_cache.lock().unwrap_or_else(|p| p.into_inner());
+            c.map
+                .get(&id)
+                .filter(|b| b.len() as u64 == range.end - range.start)
+                .cloned()
+        };
+        if let Some(b) = hit {
+            return Ok(b);
+        }
+        let b = self.get_range(key, range).await?;
+        if b.len() <= EXTENT_CACHE_ITEM_BYTES_MAX {
+            let mut c = self.extent_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(old) = c.map.put(id, b.clone()) {
+                c.bytes -= old.len();
+            }
+            c.bytes += b.len();
+            while c.bytes > EXTENT_CACHE_BYTES_MAX {
+                match c.map.pop_lru() {
+                    Some((_, old)) => c.bytes -= old.len(),
+                    None => break,
+                }
+            }
         }
         Ok(b)
     }

@@ -89,6 +89,8 @@ pub enum StoreErrorKind {
     Damaged,
     TooLarge,
     Invalid,
+    /// A clone depends on the snapshot.
+    InUse,
 }
 
 /// A storage error: a kind, what was being done, and the I/O error if any.
@@ -229,7 +231,7 @@ impl Segment {
                 buf
             }
             SegSrc::Object { obj, key } => {
-                match obj.get_range(key, e.offset..e.offset + len).await {
+                match obj.get_range_cached(key, e.offset..e.offset + len).await {
                     Ok(b) => {
                         buf.extend_from_slice(&b);
                         buf
@@ -1014,6 +1016,22 @@ impl Volume {
     /// takes over its parent. The chain head cannot be deleted. Returns the absorbing snapshot.
     pub async fn delete_snapshot(&self, snap_id: u64) -> Result<u64, StoreError> {
         self.check_damaged()?;
+        if self.backend.loads_lazily() {
+            // Several servers: a clone of this snapshot may be loaded by another server only,
+            // so ask the store rather than this server's clone registry.
+            let volume_id = self.state.borrow().manifest.volume_id;
+            if let Some(clone) =
+                find_clone_of(&self.backend, &self.name, &volume_id, snap_id).await?
+            {
+                return Err(StoreError::new(
+                    StoreErrorKind::InUse,
+                    format!(
+                        "snapshot {snap_id} of volume {} is the source of clone {clone}: delete the clone first",
+                        self.name
+                    ),
+                ));
+            }
+        }
         let _guard = self.meta_lock.lock().await;
         let (new_manifest, idx) = {
             let st = self.state.borrow();
@@ -1157,6 +1175,29 @@ pub async fn claim(backend: &Backend, name: &str) -> Result<Option<Option<Rc<Vol
         },
         Err(e) => Err(format!("volume {name} is {e}")),
     }
+}
+
+/// A volume of the store that is a clone of `volume@snap_id`, if any (reads every manifest).
+async fn find_clone_of(
+    backend: &Backend,
+    volume: &str,
+    volume_id: &VolumeId,
+    snap_id: u64,
+) -> Result<Option<String>, StoreError> {
+    for name in backend.list_volumes().await? {
+        if name == volume {
+            continue;
+        }
+        let Some(m) = read_manifest(backend, &name).await? else {
+            continue;
+        };
+        if m.clone_source.as_ref().is_some_and(|c| {
+            c.volume == volume && &c.volume_id == volume_id && c.snap_id == snap_id
+        }) {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
 }
 
 /// Reads a volume's manifest and opens its segments; `Ok(None)` when it has no manifest.

@@ -150,6 +150,7 @@ impl Moto {
             multi_server: false,
             server_id: None,
             lease_ms: 0,
+            skip_create_probe: false,
         }
     }
 
