@@ -942,3 +942,107 @@ fn authed_then_reset(addr: SocketAddr, vol: &str) {
         .set_linger(Some(Duration::ZERO))
         .expect("linger");
 }
+
+/// Every way a connection can end gives its slot back: a clean close, a refused token,
+/// garbage, an evicted handshake, each deadline, a refusal at the cap. Checked on the
+/// server's own counters (in-process), which also count each kind of closing.
+#[test]
+fn slots_are_given_back_on_every_path() {
+    let _serial = serial();
+    use deltavol_dataplane::{start, ConnLimits, ServerConfig};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(ServerConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.path().to_path_buf(),
+        threads: 2,
+        auth_token: TOKEN.to_vec(),
+        limits: ConnLimits {
+            max_connections: 40,
+            max_handshakes: 8,
+            handshake_timeout_ms: 500,
+            idle_timeout_ms: 1000,
+            frame_timeout_ms: 500,
+        },
+    })
+    .expect("server starts");
+    let addr = server.local_addr();
+    let st = server.stats();
+    let open = || st.open.load(Ordering::Relaxed);
+    let wait_open = |want: usize| {
+        let t = Instant::now();
+        while open() != want && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        open()
+    };
+
+    // Clean close after a request.
+    let mut c = connect(addr, "v");
+    c.volume_info().expect("info");
+    drop(c);
+    // Wrong token; garbage.
+    let _ = Client::connect(addr, b"nope", "v", timeouts()).expect_err("refused");
+    let mut g = TcpStream::connect(addr).expect("connect");
+    g.write_all(&[0xff; 32]).expect("garbage");
+    drop(g);
+    assert_eq!(
+        wait_open(0),
+        0,
+        "a slot leaked on a clean close or a refused handshake"
+    );
+
+    // 20 idle sockets: at most 8 handshakes are kept, the rest evicted at once; the kept
+    // ones hit the handshake deadline.
+    let mut idle: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(open() <= 8, "{} handshakes held (cap 8)", open());
+    let when = wait_closed(&mut idle, Instant::now(), Duration::from_secs(3));
+    assert!(when.iter().all(Option::is_some));
+    assert_eq!(
+        wait_open(0),
+        0,
+        "a slot leaked on eviction or the handshake deadline"
+    );
+    let evicted = st.handshakes_evicted.load(Ordering::Relaxed);
+    assert!(evicted >= 12, "{evicted} handshakes evicted, 12 expected");
+
+    // Idle and frame deadlines of authenticated connections.
+    let mut a = authed(addr, "v");
+    let mut b = authed(addr, "v");
+    b.write_all(&[200, 0, 0, 0, 1, 2]).expect("part of a frame");
+    let timed_before = st.timed_out.load(Ordering::Relaxed);
+    let when = wait_closed(
+        &mut [a.try_clone().expect("clone"), b.try_clone().expect("clone")],
+        Instant::now(),
+        Duration::from_secs(4),
+    );
+    assert!(when.iter().all(Option::is_some), "{when:?}");
+    assert_eq!(
+        wait_open(0),
+        0,
+        "a slot leaked on the idle or frame deadline"
+    );
+    assert!(st.timed_out.load(Ordering::Relaxed) >= timed_before + 2);
+    assert!(closed(&mut a) && closed(&mut b));
+
+    // At the cap: 40 authenticated, 10 more refused, then all closed.
+    let mut held: Vec<TcpStream> = (0..40).map(|i| authed(addr, &format!("v{i}"))).collect();
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let (_, code, msg) = read_reply(&mut s).expect("busy");
+        assert_eq!(code, Some(ErrorCode::Internal), "{msg}");
+    }
+    assert_eq!(st.refused_busy.load(Ordering::Relaxed), 10);
+    assert_eq!(open(), 40);
+    held.clear();
+    assert_eq!(
+        wait_open(0),
+        0,
+        "a slot leaked when authenticated connections closed"
+    );
+    server.shutdown();
+}
