@@ -20,6 +20,16 @@
 //! the backing file is synced, and by the flush before it commits an epoch, so after a crash a
 //! block marked local always has its data in the backing file. A block hydrated but not yet in
 //! the persisted map is merely fetched again.
+//!
+//! ## A damaged copy
+//! A copy that fails its checks is ignored and the other one used. But the damaged copy may
+//! have been the newest: blocks written here and flushed since the older copy would then look
+//! "not local", and hydration would write the snapshot's older data over them. So when the
+//! backing file started out empty (all hole — recorded as a flag in every copy), every block
+//! that has data in it is marked local too: such a block was either hydrated (it holds the
+//! snapshot's data) or written here, and never needs fetching. When that cannot be told (a
+//! block device, or a backing that held data from the start), a damaged map is refused with a
+//! clear error rather than risk old data over new.
 
 use crate::cache::bitmap::Bitmap;
 use crate::cache::meta::{read_full_at, Superblock, BLOCK_SHIFT, BLOCK_SIZE};
@@ -45,6 +55,8 @@ pub const HYDRATE_EXTENT_BLOCKS: u64 = 64;
 const MAP_MAGIC: &[u8; 8] = b"DVHYDMAP";
 const MAP_VERSION: u32 = 1;
 const MAP_HDR_BYTES: usize = 64;
+/// Map flag: the backing file was all hole when hydration started.
+const MAP_FLAG_SPARSE_START: u32 = 1;
 /// How often background hydration syncs the backing file and persists the map.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -66,16 +78,18 @@ pub struct HydrateConfig {
 pub struct MapPersist {
     dir: PathBuf,
     seq: u64,
+    flags: u32,
 }
 
 fn map_path(dir: &Path, copy: u64) -> PathBuf {
     dir.join(format!("hydrate.map.{copy}"))
 }
 
-fn encode_map(sb_id: &[u8; 16], snap: u64, seq: u64, bits: &Bitmap) -> Vec<u8> {
+fn encode_map(sb_id: &[u8; 16], snap: u64, seq: u64, flags: u32, bits: &Bitmap) -> Vec<u8> {
     let mut out = vec![0u8; MAP_HDR_BYTES + bits.nwords() * 8];
     out[0..8].copy_from_slice(MAP_MAGIC);
     out[8..12].copy_from_slice(&MAP_VERSION.to_le_bytes());
+    out[12..16].copy_from_slice(&flags.to_le_bytes());
     out[16..32].copy_from_slice(sb_id);
     out[32..40].copy_from_slice(&snap.to_le_bytes());
     out[40..48].copy_from_slice(&seq.to_le_bytes());
@@ -89,8 +103,8 @@ fn encode_map(sb_id: &[u8; 16], snap: u64, seq: u64, bits: &Bitmap) -> Vec<u8> {
     out
 }
 
-/// Decodes one copy: `(seq, words)` if valid and ours.
-fn decode_map(b: &[u8], sb: &Superblock, nblocks: u64) -> Option<(u64, Vec<u64>)> {
+/// Decodes one copy: `(seq, flags, words)` if valid and ours.
+fn decode_map(b: &[u8], sb: &Superblock, nblocks: u64) -> Option<(u64, u32, Vec<u64>)> {
     if b.len() < MAP_HDR_BYTES || &b[0..8] != MAP_MAGIC {
         return None;
     }
@@ -98,6 +112,7 @@ fn decode_map(b: &[u8], sb: &Superblock, nblocks: u64) -> Option<(u64, Vec<u64>)
     let crc = u32::from_le_bytes(b[60..64].try_into().ok()?);
     if crc != crc32c::crc32c_append(crc32c::crc32c(&b[..60]), &b[MAP_HDR_BYTES..])
         || u32::from_le_bytes(b[8..12].try_into().ok()?) != MAP_VERSION
+        || u32::from_le_bytes(b[12..16].try_into().ok()?) & !MAP_FLAG_SPARSE_START != 0
         || b[16..32] != sb.volume_id
         || le64(32) != sb.hydrate_snap
         || le64(48) != nblocks
@@ -109,27 +124,114 @@ fn decode_map(b: &[u8], sb: &Superblock, nblocks: u64) -> Option<(u64, Vec<u64>)
         .chunks(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
         .collect();
-    Some((le64(40), words))
+    Some((
+        le64(40),
+        u32::from_le_bytes(b[12..16].try_into().ok()?),
+        words,
+    ))
+}
+
+/// Whether a regular file holds no data at all (every byte a hole).
+fn all_hole(f: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    let regular = f
+        .metadata()
+        .map(|m| m.file_type().is_file())
+        .unwrap_or(false);
+    // SAFETY: lseek on a valid fd with integer arguments.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    regular && r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
+}
+
+/// Marks local every block of `f` that holds data (`SEEK_DATA` / `SEEK_HOLE`).
+fn mark_allocated(f: &File, path: &Path, local: &Bitmap) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    let size = f.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+    let nblocks = local.len_bits();
+    let mut off: i64 = 0;
+    let mut marked = 0;
+    while (off as u64) < size {
+        // SAFETY: lseek on a valid fd with integer arguments.
+        let d = unsafe { libc::lseek(f.as_raw_fd(), off, libc::SEEK_DATA) };
+        if d < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(Error::io("seek data in", path, e));
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(f.as_raw_fd(), d, libc::SEEK_HOLE) };
+        if h < 0 {
+            return Err(Error::io(
+                "seek hole in",
+                path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let b0 = (d as u64) >> BLOCK_SHIFT;
+        let b1 = ((h as u64).div_ceil(BLOCK_SIZE)).min(nblocks);
+        if b1 > b0 {
+            local.set_range(b0, b1 - b0);
+            marked += b1 - b0;
+        }
+        off = h;
+    }
+    Ok(marked)
 }
 
 /// Loads the persisted local map of a hydrating volume (empty if none was persisted yet).
-pub fn open_local_map(dir: &Path, sb: &Superblock, nblocks: u64) -> Result<Hydration> {
+/// `backing` is the volume's backing file (see the module doc on a damaged copy).
+pub fn open_local_map(
+    dir: &Path,
+    sb: &Superblock,
+    nblocks: u64,
+    backing: &File,
+    backing_path: &Path,
+) -> Result<Hydration> {
     let local = Bitmap::new(nblocks);
-    let mut best: Option<(u64, Vec<u64>)> = None;
+    let mut best: Option<(u64, u32, Vec<u64>)> = None;
+    let mut damaged = Vec::new();
     for copy in 0..2 {
-        if let Ok(b) = std::fs::read(map_path(dir, copy)) {
-            if let Some((seq, words)) = decode_map(&b, sb, nblocks) {
-                if best.as_ref().is_none_or(|(s, _)| seq > *s) {
-                    best = Some((seq, words));
+        let path = map_path(dir, copy);
+        match std::fs::read(&path) {
+            // Empty: created, never written (a crash in the middle of a persist).
+            Ok(b) if b.is_empty() => {}
+            Ok(b) => match decode_map(&b, sb, nblocks) {
+                Some((seq, flags, words)) => {
+                    if best.as_ref().is_none_or(|(s, _, _)| seq > *s) {
+                        best = Some((seq, flags, words));
+                    }
                 }
-            }
+                None => damaged.push(path),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("read", &path, e)),
         }
     }
     let seq = best.as_ref().map_or(0, |b| b.0);
-    if let Some((_, words)) = best {
+    let flags = match &best {
+        Some((_, f, _)) => *f,
+        // Nothing persisted yet: note whether the backing starts out empty.
+        None if damaged.is_empty() && all_hole(backing) => MAP_FLAG_SPARSE_START,
+        None => 0,
+    };
+    if let Some((_, _, words)) = best {
         for (i, w) in words.into_iter().enumerate() {
             local.or_word(i, w);
         }
+    }
+    if !damaged.is_empty() {
+        let names: Vec<String> = damaged.iter().map(|p| p.display().to_string()).collect();
+        if flags & MAP_FLAG_SPARSE_START == 0 {
+            return Err(Error::corrupt(format!(
+                "hydration map {} is damaged and {} did not start empty, so which blocks are already local cannot be told: recover the volume again onto a new, empty backing file",
+                names.join(" and "),
+                backing_path.display()
+            )));
+        }
+        let marked = mark_allocated(backing, backing_path, &local)?;
+        tracing::warn!(damaged = %names.join(", "), blocks_with_data = marked, "hydration map copy damaged: using the other copy, and every block with data in the backing file counts as local");
     }
     Ok(Hydration {
         local,
@@ -139,6 +241,7 @@ pub fn open_local_map(dir: &Path, sb: &Superblock, nblocks: u64) -> Result<Hydra
         persist: Mutex::new(MapPersist {
             dir: dir.to_path_buf(),
             seq,
+            flags,
         }),
     })
 }
@@ -159,7 +262,7 @@ pub fn persist_local(c: &Cache) -> Result<()> {
         .sync_data()
         .map_err(|e| Error::io("fdatasync", &c.backing_path, e))?;
     let path = map_path(&p.dir, seq % 2);
-    let bytes = encode_map(&c.volume_id, h.snap, seq, &snapshot);
+    let bytes = encode_map(&c.volume_id, h.snap, seq, p.flags, &snapshot);
     let f = File::create(&path).map_err(|e| Error::io("create", &path, e))?;
     f.write_all_at(&bytes, 0)
         .map_err(|e| Error::io("write", &path, e))?;

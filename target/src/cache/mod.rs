@@ -436,7 +436,13 @@ impl Cache {
             )));
         }
         let hydration = if sb.hydrating {
-            let h = crate::hydrate::open_local_map(&cfg.cache_dir, &sb, nblocks)?;
+            let h = crate::hydrate::open_local_map(
+                &cfg.cache_dir,
+                &sb,
+                nblocks,
+                &backing,
+                &cfg.backing,
+            )?;
             // Blocks written here (still in an epoch) are local whatever the map says.
             for s in &slots {
                 for w in 0..s.bits.nwords() {
