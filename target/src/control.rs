@@ -26,6 +26,11 @@ pub enum Request {
     },
     /// Stop the device after a final flush.
     Stop,
+    /// Scrub: cut a snapshot, then compare the backing file with it on the data plane
+    /// (see [`crate::verify`]); waits up to `timeout_ms` for the snapshot's commit.
+    Verify {
+        timeout_ms: u64,
+    },
 }
 
 /// What a running daemon records about itself in `/run/deltavol/NAME.json`.

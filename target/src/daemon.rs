@@ -295,6 +295,12 @@ impl Daemon {
                 self.stop();
                 serde_json::json!({ "stopping": true })
             }
+            Request::Verify { timeout_ms } => {
+                match crate::verify::verify(&self.volume, Duration::from_millis(timeout_ms)) {
+                    Ok(r) => serde_json::to_value(r).unwrap_or_default(),
+                    Err(e) => serde_json::json!({ "error": format!("verify failed: {e}") }),
+                }
+            }
         }
     }
 }

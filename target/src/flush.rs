@@ -107,6 +107,9 @@ struct Ctl {
     cv: Condvar,
     /// Fault injection (tests); unset in production.
     faults: std::sync::OnceLock<Arc<FaultPlan>>,
+    /// Held for the whole of each flush; [`Flusher::pause`] holds it to keep the backing
+    /// file still (scrub).
+    gate: Mutex<()>,
 }
 
 /// Handle to a volume's flush thread.
@@ -150,6 +153,7 @@ impl Flusher {
             st: Mutex::new(State::default()),
             cv: Condvar::new(),
             faults: std::sync::OnceLock::new(),
+            gate: Mutex::new(()),
         });
         let c2 = ctl.clone();
         let t = std::thread::Builder::new()
@@ -210,6 +214,13 @@ impl Flusher {
             data_bytes_total: st.data_bytes_total,
             zero_bytes_total: st.zero_bytes_total,
         }
+    }
+
+    /// Keeps the flush thread from writing the backing file until the guard is dropped (a
+    /// flush in progress is waited for): the backing file then holds exactly the volume as
+    /// of [`Cache::flushed_epoch`]. Foreground I/O goes on meanwhile (into the cache).
+    pub fn pause(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ctl.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Routes the flush thread's backing-file writes, punches and syncs, and its mirror
@@ -397,6 +408,8 @@ impl FlushThread {
 
     /// Flushes the frozen epoch (see the module doc for the steps and their order).
     fn flush_frozen(&mut self) -> Result<FlushReport> {
+        let ctl = self.ctl.clone();
+        let _gate = ctl.gate.lock().unwrap_or_else(|p| p.into_inner());
         let t0 = Instant::now();
         let c = self.cache.clone();
         let f = c.epochs.frozen();

@@ -20,4 +20,5 @@ pub mod queue;
 pub mod ring;
 pub mod ship;
 pub mod size;
+pub mod verify;
 pub mod volume;

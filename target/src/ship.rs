@@ -344,6 +344,23 @@ pub struct ShipHandle {
 }
 
 impl ShipHandle {
+    /// A new connection to the data plane for this volume (reads: scrub, tests).
+    pub fn connect(&self) -> Result<Client> {
+        let sc = &self.shared.cfg;
+        let t = Timeouts {
+            connect: sc.connect_timeout,
+            io: sc.io_timeout,
+        };
+        Client::connect_with_generation(
+            sc.addr.as_str(),
+            &sc.token,
+            &self.shared.volume,
+            t,
+            self.shared.generation,
+        )
+        .map_err(client_err)
+    }
+
     /// Routes outbox writes and syncs through `plan` from now on (tests). Returns false if a
     /// plan was already set.
     pub fn inject_faults(&self, plan: Arc<FaultPlan>) -> bool {

@@ -11,8 +11,13 @@ use std::time::Duration;
 pub const TOKEN: &[u8] = b"test-token-ship";
 
 /// The data-plane binary, built on demand (cargo only builds other packages' binaries for
-/// `cargo test --workspace`).
+/// `cargo test --workspace`), once per test process.
 pub fn dataplane_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(build_dataplane_bin).clone()
+}
+
+fn build_dataplane_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let bin = dir.join("deltavol-dataplane");
