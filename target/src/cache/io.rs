@@ -19,6 +19,9 @@ pub use libublk::sys::{
 
 /// How long a write waits between checks when the cache is full (backpressure).
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(1);
+/// How long a write that meets ENOSPC on the SSD retries (waiting for flushes) before failing.
+const ENOSPC_WAIT_MAX: Duration = Duration::from_secs(60);
+const ENOSPC_POLL: Duration = Duration::from_millis(5);
 const SECTOR_SHIFT: u32 = 9;
 static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
 
@@ -295,13 +298,35 @@ impl Cache {
         let st = &self.stats[ring.queue_index() % self.stats.len()].0;
         st.writes.fetch_add(1, Relaxed);
         st.write_bytes.fetch_add(buf.len() as u64, Relaxed);
-        self.wait_for_room(ring).await;
-        let g = self.epochs.enter_write();
-        let s = g.slot();
-        let r = self.write_journaled(ring, g.epoch, s, b0, n, buf).await;
-        if r < 0 {
-            return r;
-        }
+        let mut enospc_since: Option<std::time::Instant> = None;
+        let (g, s) = loop {
+            self.wait_for_room(ring).await;
+            let g = self.epochs.enter_write();
+            let s = g.slot();
+            let r = self.write_journaled(ring, g.epoch, s, b0, n, buf).await;
+            if r == -libc::ENOSPC {
+                // The SSD filesystem is full before the cache limit: backpressure, as at the
+                // limit. Leave the epoch (the cut must not wait for us), ask for a flush,
+                // which frees the frozen mirror, and try again; fail only after a bound.
+                drop(g);
+                if enospc_since.is_none() {
+                    tracing::warn!(volume = %self.name, block = b0, "SSD cache filesystem full (ENOSPC): the write waits for the flush");
+                }
+                let t0 = *enospc_since.get_or_insert_with(std::time::Instant::now);
+                if t0.elapsed() >= ENOSPC_WAIT_MAX {
+                    tracing::error!(volume = %self.name, block = b0, waited_ms = t0.elapsed().as_millis() as u64, "SSD cache full (ENOSPC) and flushing frees no room: write failed");
+                    return r;
+                }
+                st.backpressure_waits.fetch_add(1, Relaxed);
+                self.watermark_hit.store(true, SeqCst);
+                ring.sleep(ENOSPC_POLL).await;
+                continue;
+            }
+            if r < 0 {
+                return r;
+            }
+            break (g, s);
+        };
         self.slots[s].mark(b0, n, true);
         if let Some(h) = self.hydrating() {
             h.local.set_range(b0, n);
