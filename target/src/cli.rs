@@ -896,8 +896,23 @@ fn print_status(v: &serde_json::Value) {
             }
             _ => println!("last flush:    none yet"),
         }
+        let fg = |k: &str| f.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
         if let Some(e) = f.get("last_error").and_then(|e| e.as_str()) {
-            println!("flush error:   {e} (retrying; data is safe in the cache)");
+            let ago = f
+                .get("last_error_unix_ms")
+                .and_then(|x| x.as_u64())
+                .map(|t| format!(", {} s ago", now_ms().saturating_sub(t) / 1000))
+                .unwrap_or_default();
+            println!(
+                "flush error:   {e} ({} failed attempts in a row{ago}; retrying with backoff; data is safe in the cache)",
+                fg("consecutive_failures")
+            );
+        }
+        if fg("failed_attempts") > 0 {
+            println!(
+                "flush retries: {} failed attempts since attach",
+                fg("failed_attempts")
+            );
         }
     }
     match v.get("shipping") {
