@@ -14,6 +14,8 @@
 #   dv-hit   the same device, read: the blocks are in the SSD mirror (cache hits)
 #   dv-miss  deltavol with --read-cache 0, filled then `deltavol flush`ed: reads come from the
 #            backing file (misses)
+#   dv-rc    deltavol with --read-cache 256MiB, filled, `deltavol flush`ed, then read once: reads
+#            are served from the in-memory LRU read cache (no file I/O at all)
 #   dv-2q    deltavol, 2 queues
 #   busy     deltavol with a cut every second (--flush-interval-ms 1000), each epoch flushed and
 #            shipped to deltavol-dataplane on 127.0.0.1; after each of its runs a `deltavol
@@ -43,12 +45,12 @@ KERNEL=$(uname -r)
 case "$SET" in
     smoke)
         CELLS="randwrite 32 1 dv dv-2q loop null busy
-randread 32 1 dv-hit dv-miss loop null" ;;
+randread 32 1 dv-hit dv-miss dv-rc loop null" ;;
     default)
         CELLS="randwrite 32 1 dv loop null busy
 randwrite 1 1 dv loop
-randread 32 1 dv-hit dv-miss loop null
-randread 1 1 dv-hit dv-miss loop
+randread 32 1 dv-hit dv-miss dv-rc loop null
+randread 1 1 dv-hit dv-miss dv-rc loop
 seqwrite 32 1 dv loop null
 randrw 32 1 dv loop null
 randwrite 32 2 dv dv-2q loop" ;;
@@ -58,7 +60,7 @@ randwrite 32 2 dv dv-2q loop" ;;
             for nj in 1 2; do
                 CELLS="$CELLS
 randwrite $qd $nj dv dv-2q busy loop null
-randread $qd $nj dv-hit dv-miss dv-2q loop null
+randread $qd $nj dv-hit dv-miss dv-rc dv-2q loop null
 seqwrite $qd $nj dv dv-2q loop null
 randrw $qd $nj dv dv-2q loop null"
             done
@@ -112,6 +114,17 @@ if uses dv-miss; then
     log "dv-miss: dirty_bytes=$dirty ssd_used_bytes=$(dv_field bmiss ssd_used_bytes) after the flush"
     [ "$dirty" = 0 ] && pass dv-miss-clean || fail dv-miss-clean "dirty_bytes=$dirty after flush"
 fi
+if uses dv-rc; then
+    RC_DEV=$(dv_add brc "$VOL_SIZE" "$MED/rc-cache" "$MED/rc-backing.img" \
+        --flush-interval-ms "$QUIET_FLUSH_MS" --queues 1 --depth 64 --read-cache 256MiB) ||
+        abort setup-dv-rc "deltavol add failed"
+    check setup-dv-rc fill "$RC_DEV"
+    check setup-dv-rc-flush "$DV" flush brc
+    # One read pass puts every block of the region in the LRU read cache.
+    check setup-dv-rc-warm fio --name=warm --filename="$RC_DEV" --rw=read --bs=1M --size="$SIZE" \
+        --ioengine=io_uring --direct=1 --iodepth=8 --minimal
+    log "dv-rc: read_cache_blocks=$(dv_field brc read_cache_blocks) after the warm-up read"
+fi
 if uses dv-2q; then
     DV2_DEV=$(dv_add bdv2q "$VOL_SIZE" "$MED/dv2-cache" "$MED/dv2-backing.img" \
         --flush-interval-ms "$QUIET_FLUSH_MS" --queues 2 --depth 64) || abort setup-dv-2q "deltavol add failed"
@@ -138,12 +151,13 @@ if uses null; then
         abort setup-null "/dev/ublkb$NULL_ID did not appear"
     fi
 fi
-log "targets ready after $(elapsed_s "$t_start") s: loop=${LOOP_DEV:-} dv=${DV_DEV:-} dv-miss=${MISS_DEV:-} dv-2q=${DV2_DEV:-} busy=${BUSY_DEV:-} null=${NULL_DEV:-}"
+log "targets ready after $(elapsed_s "$t_start") s: loop=${LOOP_DEV:-} dv=${DV_DEV:-} dv-miss=${MISS_DEV:-} dv-rc=${RC_DEV:-} dv-2q=${DV2_DEV:-} busy=${BUSY_DEV:-} null=${NULL_DEV:-}"
 
 target_dev() {
     case "$1" in
         dv | dv-hit) echo "$DV_DEV" ;;
         dv-miss) echo "$MISS_DEV" ;;
+        dv-rc) echo "$RC_DEV" ;;
         dv-2q) echo "$DV2_DEV" ;;
         busy) echo "$BUSY_DEV" ;;
         loop) echo "$LOOP_DEV" ;;
@@ -263,10 +277,14 @@ if uses busy; then
 fi
 
 # --- teardown --------------------------------------------------------------------------------
-for v in bdv bmiss bdv2q bbusy; do
+if uses dv-rc; then
+    log "dv-rc: $(dv_status brc | tr -d '\n ' | grep -o '"read_cache_h[a-z_]*":[0-9.]*' | tr '\n' ' ')"
+fi
+for v in bdv bmiss brc bdv2q bbusy; do
     case "$v" in
         bdv) [ -n "${DV_DEV:-}" ] || continue ;;
         bmiss) [ -n "${MISS_DEV:-}" ] || continue ;;
+        brc) [ -n "${RC_DEV:-}" ] || continue ;;
         bdv2q) [ -n "${DV2_DEV:-}" ] || continue ;;
         bbusy) [ -n "${BUSY_DEV:-}" ] || continue ;;
     esac
