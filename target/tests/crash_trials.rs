@@ -14,6 +14,10 @@
 //! The child reports each write / FLUSH / cut on stdout *before* issuing it and again once it
 //! completed, so the parent knows exactly what may and what must be there.
 //!
+//! In half of the trials the child's disks are also faulty ([`deltavol::fault`]): backing-file
+//! writes fail with EIO (5%), its fdatasyncs with EIO (30%), outbox writes with ENOSPC (10%),
+//! so flushes fail and are retried while the kill lands; the faults injected are counted.
+//!
 //! Default tier: 20 trials. Long tier: `DELTAVOL_CRASH_TRIALS=100 cargo test -p deltavol
 //! --test crash_trials -- --nocapture`. Seeds: `DELTAVOL_SEED=N` sets the base seed (trial i
 //! uses N+i); `DELTAVOL_CRASH_SEED=S` replays the single trial with seed S.
@@ -21,6 +25,7 @@
 mod common;
 use common::dp::*;
 use common::*;
+use deltavol::fault::{FaultCounts, FaultFile, FaultKind, FaultOp, FaultPlan, Rule};
 use deltavol::volume::{Volume, VolumeConfig};
 use rand::{Rng, SeedableRng};
 use std::io::{BufRead, BufReader};
@@ -45,6 +50,18 @@ fn trial_cfg(dir: &Path, name: &str, addr: &str) -> VolumeConfig {
     cfg
 }
 
+/// Whether trial `seed` runs on faulty disks.
+fn faulty_disks(seed: u64) -> bool {
+    (seed / 3) % 2 == 1
+}
+
+fn chance(p: f64, file: FaultFile, op: FaultOp, kind: FaultKind) -> Rule {
+    Rule {
+        probability: p,
+        ..Rule::always(file, op, kind)
+    }
+}
+
 /// The child: opens the volume and runs the seeded workload until it is killed (or, as a
 /// guard, for a bounded number of operations).
 fn child_main(spec: &str) {
@@ -57,6 +74,32 @@ fn child_main(spec: &str) {
     );
     let cfg = trial_cfg(dir, name, addr);
     let vol = Volume::open(&cfg).expect("child: open volume");
+    let faulty = faulty_disks(seed);
+    let plan = FaultPlan::new(seed);
+    if faulty {
+        plan.add(chance(
+            0.05,
+            FaultFile::Backing,
+            FaultOp::Write,
+            FaultKind::Eio,
+        ));
+        plan.add(chance(
+            0.3,
+            FaultFile::Backing,
+            FaultOp::Sync,
+            FaultKind::Eio,
+        ));
+        plan.add(chance(
+            0.1,
+            FaultFile::Outbox,
+            FaultOp::Write,
+            FaultKind::Enospc,
+        ));
+        vol.flusher.inject_faults(plan.clone());
+        if let Some(s) = &vol.ship {
+            s.inject_faults(plan.clone());
+        }
+    }
     let mut d = Driver::new(&vol, 2);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut model = vec![0u64; NBLOCKS as usize];
@@ -91,8 +134,14 @@ fn child_main(spec: &str) {
             80..=82 => {
                 cuts += 1;
                 println!("@@ C {op} {cuts}");
-                let r = vol.cut_and_flush().expect("child: cut");
-                println!("@@ CD {op} {cuts} {}", r.epoch);
+                match vol.cut_and_flush() {
+                    Ok(r) => println!("@@ CD {op} {cuts} {}", r.epoch),
+                    // Faulty disks: the flush is retried in the background.
+                    Err(_) if faulty => println!("@@ CE {op} {cuts}"),
+                    Err(e) => panic!("child: cut: {e}"),
+                }
+                let c = plan.counts();
+                println!("@@ FC {} {} {} {}", c.eio, c.enospc, c.short, c.torn);
             }
             _ => {
                 let got = d.read_tags(q, b, n);
@@ -140,6 +189,8 @@ struct Oracle {
     cuts_done: Vec<u64>,
     ops: u64,
     flushes_acked: u64,
+    /// Faults the child had injected by its last report.
+    faults: FaultCounts,
 }
 
 fn parse(lines: &[String]) -> Result<Oracle, String> {
@@ -204,6 +255,15 @@ fn parse(lines: &[String]) -> Result<Oracle, String> {
                 o.at_cut.push(o.acked.clone());
             }
             "CD" => o.cuts_done.push(num(2)),
+            "CE" => {}
+            "FC" => {
+                o.faults = FaultCounts {
+                    eio: num(1),
+                    enospc: num(2),
+                    short: num(3),
+                    torn: num(4),
+                }
+            }
             _ => return Err(format!("unknown report {l}")),
         }
     }
@@ -236,6 +296,7 @@ fn snapshot_tags_of(addr: &str, vol: &str, snap: u64) -> Vec<Option<u64>> {
 }
 
 struct TrialResult {
+    faults: FaultCounts,
     ops: u64,
     cuts: usize,
     snapshots: usize,
@@ -400,6 +461,7 @@ fn run_trial(
     drop(vol);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(TrialResult {
+        faults: o.faults,
         ops: o.ops,
         cuts: o.at_cut.len() - 1,
         snapshots: listed.len(),
@@ -431,6 +493,8 @@ fn crash_trials() {
     let mut failures = Vec::new();
     let mut by_kind = [(0u64, 0u64); 2];
     let (mut ops, mut cuts, mut snaps) = (0u64, 0usize, 0usize);
+    let mut faults = FaultCounts::default();
+    let mut faulty = (0u64, 0u64);
     for s in &seeds {
         // Every third trial kills the data plane first.
         let kind = if s % 3 == 2 {
@@ -440,15 +504,19 @@ fn crash_trials() {
         };
         let k = kind as usize;
         by_kind[k].0 += 1;
+        faulty.0 += u64::from(faulty_disks(*s));
         match run_trial(*s, kind, root.path(), &mut dp, &dp_dir) {
             Ok(r) => {
                 by_kind[k].1 += 1;
+                faulty.1 += u64::from(faulty_disks(*s));
+                faults.eio += r.faults.eio;
+                faults.enospc += r.faults.enospc;
                 ops += r.ops;
                 cuts += r.cuts;
                 snaps += r.snapshots;
             }
             Err(e) => {
-                eprintln!("crash trial FAILED: seed {s} ({kind:?} kill): {e} (replay: DELTAVOL_CRASH_SEED={s})");
+                eprintln!("crash trial FAILED: seed {s} ({kind:?} kill, faulty disks: {}): {e} (replay: DELTAVOL_CRASH_SEED={s})", faulty_disks(*s));
                 failures.push(*s);
             }
         }
@@ -462,6 +530,10 @@ fn crash_trials() {
         by_kind[0].0,
         by_kind[1].1,
         by_kind[1].0
+    );
+    eprintln!(
+        "crash trials on faulty disks: {}/{} passed; disk faults injected (reported before the kills): {faults}",
+        faulty.1, faulty.0
     );
     assert!(failures.is_empty(), "failed seeds: {failures:?}");
 }
