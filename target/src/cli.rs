@@ -112,8 +112,9 @@ pub enum Cmd {
     /// plane to commit it, then holds the flush thread (applications keep writing, into the
     /// SSD cache) while it reads the backing file and that snapshot and compares the crc32c
     /// of every 4 KiB block. It reads the whole volume from both sides (the data plane has no
-    /// checksum-only read). A difference means the backing disk or the data plane holds
-    /// damaged data. Refused while the volume is still hydrating.
+    /// checksum-only read). If the SSD cache fills while the flush is held, writes wait
+    /// (backpressure) until verify ends. A difference means the backing disk or the data plane
+    /// holds damaged data. Refused while the volume is still hydrating.
     Verify {
         /// Volume name (attached, with a data plane).
         name: String,

@@ -7,7 +7,8 @@
 //! and snapshot N on the data plane (both are the volume as of that cut). So verify
 //! 1. cuts a fresh snapshot (the flush writes it to the backing file and ships it),
 //! 2. waits until the data plane has committed it,
-//! 3. pauses the flush thread (foreground I/O goes on, into the SSD cache) so the backing file
+//! 3. pauses the flush thread (foreground I/O goes on, into the SSD cache, and waits only if
+//!    the cache fills before verify ends) so the backing file
 //!    holds exactly the newest flushed epoch N (a flush that slipped in between is fine: its
 //!    snapshot is waited for too),
 //! 4. reads the backing file and snapshot N, extent by extent, compares the crc32c of each
