@@ -18,6 +18,9 @@
 //! writes fail with EIO (5%), its fdatasyncs with EIO (30%), outbox writes with ENOSPC (10%),
 //! so flushes fail and are retried while the kill lands; the faults injected are counted.
 //!
+//! The oracle checks itself: `DELTAVOL_CRASH_SABOTAGE=journal` deletes the journals before
+//! each reattach (acknowledged, un-FLUSHed writes are then lost) and the trials must fail.
+//!
 //! Default tier: 20 trials. Long tier: `DELTAVOL_CRASH_TRIALS=100 cargo test -p deltavol
 //! --test crash_trials -- --nocapture`. Seeds: `DELTAVOL_SEED=N` sets the base seed (trial i
 //! uses N+i); `DELTAVOL_CRASH_SEED=S` replays the single trial with seed S.
@@ -362,6 +365,16 @@ fn run_trial(
     let lines = lines.lock().unwrap().clone();
     let o = parse(&lines)?;
 
+    // Self-check of the oracle (never in a normal run): DELTAVOL_CRASH_SABOTAGE=journal
+    // deletes the membership journals before the reattach, losing every acknowledged write
+    // not yet FLUSHed; the trials must then fail.
+    if std::env::var("DELTAVOL_CRASH_SABOTAGE").as_deref() == Ok("journal") {
+        for e in std::fs::read_dir(dir.join("cache")).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("journal.") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+    }
     // Reattach and check every block.
     let cfg = trial_cfg(&dir, &name, &dp.addr);
     let vol = Volume::open(&cfg).map_err(|e| format!("reattach: {e}"))?;
