@@ -93,6 +93,8 @@ struct Summary {
     ratio: Option<f64>,
     engine_cpu_us_per_op_median: Option<f64>,
     raw_cpu_us_per_op_median: Option<f64>,
+    /// engine / raw CPU per request, medians: steadier than IOPS on a shared machine.
+    cpu_ratio: Option<f64>,
     /// Largest (max − min) / median of the two sides.
     spread: f64,
 }
@@ -121,6 +123,8 @@ struct Report {
     runs: Vec<RunResult>,
     verified_blocks: u64,
     memory: Option<MemoryReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_error: Option<String>,
 }
 
 fn main() {
@@ -249,10 +253,14 @@ fn run() -> anyhow::Result<()> {
         bench.vol.shutdown();
     }
 
-    let memory = if args.no_memory || fixed_ops {
-        None
+    // A failed memory measurement still leaves the throughput results written.
+    let (memory, memory_error) = if args.no_memory || fixed_ops {
+        (None, None)
     } else {
-        Some(memory_in_child(&args)?)
+        match memory_in_child(&args) {
+            Ok(m) => (Some(m), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        }
     };
 
     let summaries = summarise(&cases, &runs);
@@ -276,6 +284,7 @@ fn run() -> anyhow::Result<()> {
         runs,
         verified_blocks: verified,
         memory,
+        memory_error,
     };
     print!("{}", table(&report));
     let out = match (&args.out, args.quick || fixed_ops) {
@@ -298,6 +307,9 @@ fn run() -> anyhow::Result<()> {
             eprintln!("results: {}", p.display());
         }
         None => eprintln!("results: not written (--quick or --ops without --out)"),
+    }
+    if let Some(e) = report.memory_error {
+        bail!("{e}");
     }
     Ok(())
 }
@@ -337,9 +349,9 @@ fn git_rev() -> String {
         .args([
             "-C",
             env!("CARGO_MANIFEST_DIR"),
-            "rev-parse",
-            "--short",
-            "HEAD",
+            "describe",
+            "--always",
+            "--dirty",
         ])
         .output()
         .ok()
@@ -384,6 +396,8 @@ fn summarise(cases: &[Case], runs: &[RunResult]) -> Vec<Summary> {
             };
             let e = median(&mut ei);
             let r = median(&mut ri);
+            let ec = median(&mut pick(Side::Engine, |r| r.cpu_us_per_op));
+            let rc = median(&mut pick(Side::Raw, |r| r.cpu_us_per_op));
             Some(Summary {
                 case: c.name.clone(),
                 engine_iops_median: e,
@@ -391,8 +405,9 @@ fn summarise(cases: &[Case], runs: &[RunResult]) -> Vec<Summary> {
                 engine_mb_s_median: median(&mut pick(Side::Engine, |r| r.mb_s)),
                 raw_mb_s_median: median(&mut pick(Side::Raw, |r| r.mb_s)),
                 ratio: e.zip(r).map(|(e, r)| e / r),
-                engine_cpu_us_per_op_median: median(&mut pick(Side::Engine, |r| r.cpu_us_per_op)),
-                raw_cpu_us_per_op_median: median(&mut pick(Side::Raw, |r| r.cpu_us_per_op)),
+                engine_cpu_us_per_op_median: ec,
+                raw_cpu_us_per_op_median: rc,
+                cpu_ratio: ec.zip(rc).map(|(e, r)| e / r),
                 spread: spread(&mut ei).max(spread(&mut ri)),
             })
         })
@@ -404,11 +419,11 @@ fn table(r: &Report) -> String {
     let f = |v: Option<f64>, d: usize| v.map_or("–".into(), |x| format!("{x:.d$}"));
     let mut s = String::new();
     if !r.summaries.is_empty() {
-        s += "\n| case | engine IOPS | raw IOPS | engine / raw | engine MB/s | raw MB/s | engine CPU µs/op | raw CPU µs/op | spread |\n";
-        s += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+        s += "\n| case | engine IOPS | raw IOPS | engine / raw | engine MB/s | raw MB/s | engine CPU µs/op | raw CPU µs/op | CPU engine / raw | spread |\n";
+        s += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
         for x in &r.summaries {
             s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} % |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} % |\n",
                 x.case,
                 f(x.engine_iops_median, 0),
                 f(x.raw_iops_median, 0),
@@ -417,6 +432,7 @@ fn table(r: &Report) -> String {
                 f(x.raw_mb_s_median, 1),
                 f(x.engine_cpu_us_per_op_median, 2),
                 f(x.raw_cpu_us_per_op_median, 2),
+                x.cpu_ratio.map_or("–".into(), |v| format!("{v:.2}×")),
                 x.spread * 100.0
             );
         }

@@ -149,7 +149,9 @@ pub fn measure(
     // 1.5 times what the read cache holds, so every shard of it fills up.
     let rc_blocks = read_cache_bytes / BLOCK_BYTES as u64;
     let nreads = (rc_blocks * 3 / 2).min(nblocks);
-    let stride = (nblocks / nreads.max(1)).max(1);
+    // Odd, so the blocks spread evenly over the read cache's shards (chosen by block number).
+    let stride = (nblocks / nreads.max(1)).max(1) | 1;
+    let nreads = nreads.min(nblocks / stride);
     for i in 0..nreads {
         io(UBLK_IO_OP_READ, i * stride, &mut buf)?;
         ensure!(

@@ -219,6 +219,61 @@ impl Ring for AsyncRing {
         }
     }
 
+    unsafe fn submit_linked(
+        &self,
+        first: squeue::Entry,
+        first_len: i32,
+        second: squeue::Entry,
+    ) -> impl Future<Output = (i32, i32)> {
+        // As the ublk queue's ring does: both SQEs in one submission (else the kernel ends
+        // the chain at the batch boundary), `first` flagged IO_LINK.
+        let room_err = {
+            let mut ring = self.ring.borrow_mut();
+            let room = {
+                let sq = ring.submission();
+                sq.capacity() - sq.len()
+            };
+            if room < 2 {
+                ring.submit()
+                    .err()
+                    .map(|e| -(e.raw_os_error().unwrap_or(libc::EIO)))
+            } else {
+                None
+            }
+        };
+        let a = match room_err {
+            Some(e) => Err(e),
+            None => self.push(first.flags(squeue::Flags::IO_LINK)),
+        };
+        // Never submit `second` on its own: unlinked, it could run before `first`.
+        let b = match a {
+            Ok(_) => self.push(second),
+            Err(_) => Err(-libc::ECANCELED),
+        };
+        let fa = OpFuture {
+            ring: self,
+            key: a,
+            done: false,
+        };
+        let fb = OpFuture {
+            ring: self,
+            key: b,
+            done: false,
+        };
+        async move {
+            let ra = fa.await;
+            let rb = fb.await;
+            (
+                ra,
+                if ra == first_len {
+                    rb
+                } else {
+                    -libc::ECANCELED
+                },
+            )
+        }
+    }
+
     async fn sleep(&self, dur: Duration) {
         let ts = types::Timespec::from(dur);
         let sqe = opcode::Timeout::new(&ts).build();
