@@ -14,6 +14,14 @@
 //! `AlreadyCommitted` to a snapshot it has, so a retry never ships one twice and a gap is
 //! reported instead of being papered over.
 //!
+//! A corrupt outbox entry (its checksums fail: damage on the backing disk) is never shipped:
+//! it is detected before its snapshot is committed, and it — with every later entry, which
+//! chains onto it — is set aside as `*.delta.corrupt` (kept for inspection) with an error in
+//! `status`. The data plane's chain then has a gap, so the next flush checks the data plane's
+//! head and ships the backing file whole as a full base snapshot, after which the chain goes
+//! on. The snapshots set aside are lost on the data plane; the volume's data is not (it is in
+//! the backing file). The same happens if the data plane reports a gap (a missing parent).
+//!
 //! ## Outbox entry (`<outbox>/snap-<id>.delta`)
 //! `header (64 B): magic "DVOUTBX1" | version u32 | flags u32 (bit 0: full snapshot) |
 //!  volume_id [16] | snap u64 | parent u64 | volume_size u64 | pad | crc32c u32`, then records
@@ -115,6 +123,9 @@ struct State {
     /// The volume was recovered elsewhere (a newer generation): ship nothing, ever.
     fenced: bool,
     stop: bool,
+    /// Ask the data plane for its chain head at the next flush even if ours is current
+    /// (after a start, or after outbox entries were set aside): it may lack snapshots.
+    check_head: bool,
 }
 
 struct Shared {
@@ -300,6 +311,7 @@ impl DataPlaneSink {
                 last_error: None,
                 fenced: false,
                 stop: false,
+                check_head: true,
             }),
             cv: Condvar::new(),
             faults: std::sync::OnceLock::new(),
@@ -513,11 +525,11 @@ impl DeltaSink for DataPlaneSink {
     fn base_needed(&mut self, flushed_epoch: u64) -> Result<bool> {
         let sh = self.shared.clone();
         let mut st = sh.lock();
-        if flushed_epoch == 0 || st.head >= flushed_epoch {
+        if flushed_epoch == 0 || (st.head >= flushed_epoch && !st.check_head) {
             return Ok(false);
         }
         // The data plane may be further along than the superblock knew (a crash before the
-        // head was persisted): ask it.
+        // head was persisted), or behind it (outbox entries set aside): ask it.
         if st.outbox.is_empty() {
             if let Some(mut c) = sh.take_client(&mut st) {
                 drop(st);
@@ -526,6 +538,11 @@ impl DeltaSink for DataPlaneSink {
                 match latest {
                     Ok(l) => {
                         st.client = Some(c);
+                        if st.check_head && l < st.head && st.outbox.is_empty() {
+                            tracing::warn!(volume = %sh.volume, dataplane_head = l, head = st.head, "the data plane lacks snapshots this volume made: shipping a full base snapshot so the chain goes on");
+                            st.head = l;
+                        }
+                        st.check_head = false;
                         st.head = st.head.max(l);
                         if l >= flushed_epoch {
                             return Ok(false);
@@ -535,7 +552,7 @@ impl DeltaSink for DataPlaneSink {
                 }
             }
         }
-        Ok(true)
+        Ok(st.head < flushed_epoch)
     }
 }
 
@@ -829,12 +846,31 @@ fn run_shipper(sh: Arc<Shared>) {
                 sh.note_commit(&mut st, &info);
                 st.client = Some(c);
             }
-            Err(e) => {
-                if e.kind() == ErrorKind::Corrupt || e.kind() == ErrorKind::Mismatch {
-                    tracing::error!(volume = %sh.volume, error = %e, "cannot ship outbox entry");
+            Err(e)
+                if e.kind() == ErrorKind::Corrupt
+                    || (e.kind() == ErrorKind::Mismatch && !is_fence(&e)) =>
+            {
+                // Never shippable: set it and the entries chained onto it aside; the next
+                // flush ships a full base (see the module doc).
+                let mut moved = Vec::new();
+                for q in st.outbox.drain(..) {
+                    let to = q.path.with_extension("delta.corrupt");
+                    match std::fs::rename(&q.path, &to) {
+                        Ok(()) => moved.push(q.snap),
+                        Err(re) => {
+                            tracing::error!(path = %q.path.display(), error = %re, "could not set the outbox entry aside")
+                        }
+                    }
                 }
-                sh.note_failure(&mut st, &e);
+                st.check_head = true;
+                let msg = format!(
+                    "{e}; outbox snapshots {moved:?} were set aside as *.delta.corrupt (kept for inspection) and will not reach the data plane; the next flush ships a full base snapshot so the chain goes on"
+                );
+                tracing::error!(volume = %sh.volume, "{msg}");
+                st.last_error = Some(msg);
+                st.client = None;
             }
+            Err(e) => sh.note_failure(&mut st, &e),
         }
         sh.cv.notify_all();
     }

@@ -501,7 +501,8 @@ fn data_plane_vanishing_mid_stream_commits_nothing_partial() {
 }
 
 /// A corrupt outbox entry (a byte flipped on the backing disk): detected by its checksums
-/// before it is committed, reported clearly in `status`, and nothing wrong is shipped.
+/// before it is committed, reported clearly in `status`, and nothing wrong is shipped; the
+/// entry is set aside, and the next flush ships a full base so the chain goes on, exact.
 #[test]
 fn corrupt_outbox_entry_is_detected_and_nothing_wrong_is_shipped() {
     let dir = tempfile::tempdir().unwrap();
@@ -513,10 +514,13 @@ fn corrupt_outbox_entry_is_detected_and_nothing_wrong_is_shipped() {
     cfg.ship = Some(ship_cfg(dir.path(), &addr));
     let vol = Volume::open(&cfg).unwrap();
     let mut d = Driver::new(&vol, 1);
+    let mut model = vec![0u64; nblocks as usize];
     for b in 0..64u64 {
         assert!(d.write_tags(0, b, &[b + 1], false) > 0);
+        model[b as usize] = b + 1;
     }
-    vol.cut_and_flush().unwrap();
+    let s1 = vol.cut_and_flush().unwrap().epoch;
+    let at_s1 = model.clone();
     let entries: Vec<_> = std::fs::read_dir(dir.path().join("outbox"))
         .unwrap()
         .flatten()
@@ -554,12 +558,38 @@ fn corrupt_outbox_entry_is_detected_and_nothing_wrong_is_shipped() {
         e.contains(&entries[0].display().to_string()),
         "the error names the entry: {e}"
     );
-    assert_eq!(st.outbox_entries, 1, "the entry stays for the operator");
+    assert_eq!(st.outbox_entries, 0, "{st:?}");
+    let aside = entries[0].with_extension("delta.corrupt");
+    assert!(
+        aside.exists(),
+        "the entry is kept aside for inspection: {aside:?}"
+    );
     let listed = client(&dp.addr).list_snapshots().unwrap();
     assert!(listed.is_empty(), "nothing shipped: {listed:?}");
+    // The chain goes on: the next flush ships the backing file whole (as of s1), then its delta.
+    for b in 100..110u64 {
+        assert!(d.write_tags(0, b, &[b + 7000], false) > 0);
+        model[b as usize] = b + 7000;
+    }
+    let s2 = vol.cut_and_flush().unwrap().epoch;
+    assert!(vol
+        .ship
+        .as_ref()
+        .unwrap()
+        .wait_committed(s2, Duration::from_secs(30)));
+    let listed = client(&dp.addr).list_snapshots().unwrap();
+    let ids: Vec<u64> = listed.iter().map(|s| s.snap_id).collect();
+    assert_eq!(ids, vec![s1, s2], "a full base of s1, then s2");
+    for (snap, m) in [(s1, &at_s1), (s2, &model)] {
+        let got = snapshot_tags(&dp.addr, snap, nblocks);
+        assert!(
+            got.iter().zip(m).all(|(g, m)| *g == Some(*m)),
+            "snapshot {snap} exact"
+        );
+    }
     eprintln!("faults injected (outbox): 1 flipped byte; reported: {e}");
     drop(d);
-    vol.crash();
+    vol.shutdown();
 }
 
 /// A torn or corrupt journal record (daemon crash): skipped by its crc32c at replay; every
