@@ -77,6 +77,10 @@ struct Args {
     /// Internal: run the memory measurement in this process and print its JSON.
     #[arg(long, hide = true)]
     memory_child: bool,
+    /// Test of the bench itself: flip a byte of a block in the mirror file and one in the
+    /// backing file behind the engine's back after the fill; the run must then fail.
+    #[arg(long, hide = true)]
+    sabotage: bool,
     /// Results file (default bench/results/engine-<date>.json; --quick: none).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -218,6 +222,12 @@ fn run() -> anyhow::Result<()> {
         eprintln!("baseline: {BASELINE}");
         let bench = workload::setup(base.path(), args.size, args.read_cache, nq, args.quick)
             .context("setting up the volume")?;
+        if args.sabotage {
+            let (m, k) = bench.sabotage().context("sabotage")?;
+            eprintln!(
+                "sabotage: flipped a byte of block {m} in the mirror file and of block {k} in the backing file"
+            );
+        }
         for repeat in 0..args.repeats {
             for case in &cases {
                 // Alternate which side goes first, so neither always runs on a warmer cache.

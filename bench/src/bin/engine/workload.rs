@@ -279,6 +279,26 @@ impl Bench {
         Ok(self.nblocks)
     }
 
+    /// Flips one body byte of a block in the middle of the mirror region, in the mirror file,
+    /// and one of a block of the backing region, in the backing file (behind the engine's
+    /// back, not in the model): what a torn write or a bad disk would leave. The write cases
+    /// may rewrite the mirror block; nothing rewrites the backing one. Returns both blocks.
+    pub fn sabotage(&self) -> anyhow::Result<(u64, u64)> {
+        let flip = |f: &std::fs::File, b: u64| -> anyhow::Result<()> {
+            let off = b * BLOCK_BYTES as u64 + 100;
+            let mut x = [0u8; 1];
+            f.read_exact_at(&mut x, off).context("read")?;
+            x[0] ^= 0x5a;
+            f.write_all_at(&x, off).context("write")?;
+            Ok(())
+        };
+        let m = self.mirror_blocks / 2 + 1;
+        let k = self.mirror_blocks + (self.nblocks - self.mirror_blocks) / 2 + 1;
+        flip(&self.vol.cache.mirrors[self.slot], m).context("the mirror")?;
+        flip(&self.vol.cache.backing, k).context("the backing file")?;
+        Ok((m, k))
+    }
+
     /// The baseline writes the active mirror file directly: the epoch must not have moved.
     pub fn check_epoch(&self) -> anyhow::Result<()> {
         let (a, f) = (
