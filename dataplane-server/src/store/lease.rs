@@ -131,6 +131,8 @@ pub async fn latest(obj: &ObjBackend, volume: &str) -> Result<Option<LeaseRecord
 pub enum LeaseRefusal {
     /// Another live server holds it.
     Held(LeaseRecord),
+    /// A renewal found the lease no longer this server's.
+    Lost,
     Store(StoreError),
 }
 
@@ -145,6 +147,7 @@ impl std::fmt::Display for LeaseRefusal {
                 r.epoch,
                 r.expires_ms.saturating_sub(now_ms())
             ),
+            LeaseRefusal::Lost => write!(f, "no longer leased to this server"),
             LeaseRefusal::Store(e) => write!(f, "lease check failed: {e}"),
         }
     }
@@ -175,15 +178,29 @@ impl Leases {
         if self.valid(volume) {
             return Ok(false);
         }
-        self.take(obj, volume).await.map(|()| true)
+        self.take(obj, volume, None).await.map(|()| true)
     }
 
-    /// One attempt series at creating the next epoch with this server as holder.
-    async fn take(&self, obj: &ObjBackend, volume: &str) -> Result<(), LeaseRefusal> {
+    /// One attempt series at creating the next epoch with this server as holder. With
+    /// `renew_of`, only as the successor of that epoch of this server's (else `Lost`).
+    async fn take(
+        &self,
+        obj: &ObjBackend,
+        volume: &str,
+        renew_of: Option<u64>,
+    ) -> Result<(), LeaseRefusal> {
         let me = &self.settings.server_id;
         let duration = self.settings.duration_ms;
         for _ in 0..4 {
             let cur = latest(obj, volume).await.map_err(LeaseRefusal::Store)?;
+            if let Some(e) = renew_of {
+                if !cur
+                    .as_ref()
+                    .is_some_and(|r| r.epoch == e && &r.holder == me)
+                {
+                    return Err(LeaseRefusal::Lost);
+                }
+            }
             if let Some(r) = &cur {
                 if &r.holder != me && r.expires_ms > now_ms() {
                     return Err(LeaseRefusal::Held(r.clone()));
@@ -221,25 +238,16 @@ impl Leases {
             .map(|(k, v)| (k.clone(), v.epoch))
             .collect();
         for (volume, epoch) in names {
-            let mine = match latest(obj, &volume).await {
-                Ok(Some(r)) => r.epoch == epoch && r.holder == self.settings.server_id,
-                Ok(None) => false,
-                Err(e) => {
-                    tracing::warn!(volume, error = %e, "lease renewal: cannot read the lease");
-                    continue;
+            match self.take(obj, &volume, Some(epoch)).await {
+                Ok(()) => {}
+                Err(LeaseRefusal::Store(e)) => {
+                    // Kept until it runs out: the next round tries again.
+                    tracing::warn!(volume, error = %e, "lease renewal failed: retrying");
                 }
-            };
-            if !mine {
-                tracing::warn!(
-                    volume,
-                    "lease lost to another server: no longer serving writes"
-                );
-                self.held().remove(&volume);
-                continue;
-            }
-            if let Err(e) = self.take(obj, &volume).await {
-                tracing::warn!(volume, error = %e, "lease renewal failed");
-                self.held().remove(&volume);
+                Err(e) => {
+                    tracing::warn!(volume, error = %e, "lease lost: no longer serving writes");
+                    self.held().remove(&volume);
+                }
             }
         }
     }
