@@ -167,7 +167,7 @@ impl ConnLimits {
 pub enum ServerError {
     #[error("{ctx}: {source}")]
     Io { ctx: String, source: io::Error },
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
     Config(String),
