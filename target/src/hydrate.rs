@@ -52,6 +52,10 @@ use std::time::{Duration, Instant};
 
 /// The unit of fetching and hydrating: 64 blocks, 256 KiB.
 pub const HYDRATE_EXTENT_BLOCKS: u64 = 64;
+/// Extents the background hydrator fetches in one request (2 MiB): one round trip to the
+/// data plane per batch rather than per extent. An on-demand read arriving meanwhile waits
+/// for at most one batch.
+pub const HYDRATE_BATCH_EXTENTS: u64 = 8;
 const MAP_MAGIC: &[u8; 8] = b"DVHYDMAP";
 const MAP_VERSION: u32 = 1;
 const MAP_HDR_BYTES: usize = 64;
@@ -539,9 +543,14 @@ impl Worker {
 
     /// Fetches extent `ext` from the data plane as of the hydration snapshot.
     fn fetch(&mut self, ext: u64) -> Result<Vec<u8>> {
+        self.fetch_extents(ext, 1)
+    }
+
+    /// Fetches `count` consecutive extents from `first` on, in one request.
+    fn fetch_extents(&mut self, first: u64, count: u64) -> Result<Vec<u8>> {
         let c = self.sh.cache.clone();
-        let lba = ext * HYDRATE_EXTENT_BLOCKS;
-        let n = (c.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS);
+        let lba = first * HYDRATE_EXTENT_BLOCKS;
+        let n = (c.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS * count.max(1));
         let snap = c.hydration.as_ref().map_or(0, |h| h.snap);
         let mut buf = vec![0u8; (n * BLOCK_SIZE) as usize];
         let r = self.client()?.read_extents(snap, lba, n, &mut buf);
@@ -669,15 +678,39 @@ impl Worker {
             }
             return;
         }
+        // A batch: the extents from the cursor on that still miss a block, up to
+        // HYDRATE_BATCH_EXTENTS, and no more than the rate window has room for.
         let ext = self.cursor;
-        match self.fetch(ext) {
-            Ok(data) => match self.install(ext, &data) {
-                Ok(_) => {
-                    self.window_bytes += data.len() as u64;
+        let ext_bytes = HYDRATE_EXTENT_BLOCKS * BLOCK_SIZE;
+        let mut count = 1;
+        let room = if rate > 0 {
+            (rate.saturating_sub(self.window_bytes) / ext_bytes).max(1)
+        } else {
+            u64::MAX
+        };
+        while count < HYDRATE_BATCH_EXTENTS.min(room) && ext + count < total {
+            let lba = (ext + count) * HYDRATE_EXTENT_BLOCKS;
+            let n = (c.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS);
+            if !(lba..lba + n).any(|b| !h.local.get(b)) {
+                break;
+            }
+            count += 1;
+        }
+        match self.fetch_extents(ext, count) {
+            Ok(data) => {
+                let mut failed = None;
+                for (i, chunk) in data.chunks(ext_bytes as usize).enumerate() {
+                    if let Err(e) = self.install(ext + i as u64, chunk) {
+                        failed = Some(e);
+                        break;
+                    }
+                    self.window_bytes += chunk.len() as u64;
                     self.cursor += 1;
                 }
-                Err(e) => self.note_error(&e),
-            },
+                if let Some(e) = failed {
+                    self.note_error(&e);
+                }
+            }
             Err(e) => self.note_error(&e),
         }
         if self.last_persist.elapsed() >= PERSIST_EVERY {
