@@ -51,8 +51,13 @@ impl Bitmap {
             } else {
                 ((1u64 << n) - 1) << lo
             };
-            let old = self.words[w as usize].fetch_or(mask, Ordering::SeqCst);
-            newly += u64::from((mask & !old).count_ones());
+            let word = &self.words[w as usize];
+            // Rewrites of blocks already in the epoch (the common case under a hot working
+            // set) need no read-modify-write of a shared cache line.
+            if word.load(Ordering::SeqCst) & mask != mask {
+                let old = word.fetch_or(mask, Ordering::SeqCst);
+                newly += u64::from((mask & !old).count_ones());
+            }
             bit += n;
         }
         newly

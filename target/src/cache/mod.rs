@@ -128,7 +128,7 @@ impl Slot {
             self.mirror_dirty.store(true, SeqCst);
         }
         let newly = self.bits.set_range(start, len);
-        if data {
+        if data && newly > 0 {
             self.data_blocks.fetch_add(newly, SeqCst);
         }
         for p in start / PAGE_BITS..=(start + len - 1) / PAGE_BITS {

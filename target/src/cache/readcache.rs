@@ -1,8 +1,9 @@
 //! The in-memory LRU read cache of clean blocks, bounded in bytes.
 //!
-//! Sharded by block number so queues rarely contend; each shard is a short `Mutex` section
-//! (never held across an await). Evicted buffers are reused for new entries, so a warm cache
-//! allocates nothing per I/O.
+//! Sharded by a hash of the block number (so strided access patterns spread over every shard)
+//! and queues rarely contend; each shard is a short `Mutex` section (never held across an
+//! await). A full shard reuses the evicted entry's list node and buffer for the new entry
+//! (`LruCache::push` plus one spare buffer), so a warm cache allocates nothing per I/O.
 //!
 //! ## Staleness (DESIGN: "the LRU must not resurrect stale data")
 //! Entries are only inserted from backing-file reads, and only if no flush invalidated blocks
@@ -17,10 +18,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 const SHARDS: usize = 16;
+const _: () = assert!(
+    SHARDS.is_power_of_two(),
+    "shard() takes the hash's top bits"
+);
 type Block = Box<[u8; BLOCK_SIZE as usize]>;
 
+struct Shard {
+    lru: LruCache<u64, Block>,
+    /// The buffer of the last evicted entry, for the next insert.
+    spare: Option<Block>,
+}
+
 pub struct ReadCache {
-    shards: Vec<Mutex<LruCache<u64, Block>>>,
+    shards: Vec<Mutex<Shard>>,
     generation: AtomicU64,
     enabled: bool,
 }
@@ -33,15 +44,22 @@ impl ReadCache {
         let cap = std::num::NonZeroUsize::new(per).unwrap_or(std::num::NonZeroUsize::MIN);
         ReadCache {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(LruCache::new(cap)))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        lru: LruCache::new(cap),
+                        spare: None,
+                    })
+                })
                 .collect(),
             generation: AtomicU64::new(0),
             enabled: blocks >= SHARDS as u64,
         }
     }
 
-    fn shard(&self, block: u64) -> &Mutex<LruCache<u64, Block>> {
-        &self.shards[(block as usize) % SHARDS]
+    fn shard(&self, block: u64) -> &Mutex<Shard> {
+        // Fibonacci hashing: the top bits of block * 2^64/φ.
+        let h = block.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SHARDS.trailing_zeros());
+        &self.shards[h as usize]
     }
 
     pub fn generation(&self) -> u64 {
@@ -54,7 +72,7 @@ impl ReadCache {
             return false;
         }
         let mut s = self.shard(block).lock().unwrap_or_else(|p| p.into_inner());
-        match s.get(&block) {
+        match s.lru.get(&block) {
             Some(b) => {
                 out.copy_from_slice(&b[..]);
                 true
@@ -72,19 +90,20 @@ impl ReadCache {
         if self.generation.load(Ordering::SeqCst) != gen {
             return;
         }
-        if let Some(b) = s.get_mut(&block) {
+        if let Some(b) = s.lru.get_mut(&block) {
             b.copy_from_slice(data);
             return;
         }
-        let mut buf = if s.len() == s.cap().get() {
-            s.pop_lru()
-                .map(|(_, b)| b)
-                .unwrap_or_else(|| Box::new([0u8; BLOCK_SIZE as usize]))
-        } else {
-            Box::new([0u8; BLOCK_SIZE as usize])
-        };
+        let mut buf = s
+            .spare
+            .take()
+            .unwrap_or_else(|| Box::new([0u8; BLOCK_SIZE as usize]));
         buf.copy_from_slice(data);
-        s.put(block, buf);
+        // At capacity, `push` moves the least recently used entry's node to the new key and
+        // hands back its buffer, kept for the next insert.
+        if let Some((_, old)) = s.lru.push(block, buf) {
+            s.spare = Some(old);
+        }
     }
 
     /// Starts an invalidation: readers that began before it will not insert.
@@ -102,12 +121,13 @@ impl ReadCache {
             for sh in &self.shards {
                 let mut s = sh.lock().unwrap_or_else(|p| p.into_inner());
                 let stale: Vec<u64> = s
+                    .lru
                     .iter()
                     .map(|(k, _)| *k)
                     .filter(|k| (start..start + len).contains(k))
                     .collect();
                 for k in stale {
-                    s.pop(&k);
+                    s.lru.pop(&k);
                 }
             }
             return;
@@ -116,6 +136,7 @@ impl ReadCache {
             self.shard(b)
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
+                .lru
                 .pop(&b);
         }
     }
@@ -123,7 +144,7 @@ impl ReadCache {
     pub fn len_blocks(&self) -> u64 {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len() as u64)
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).lru.len() as u64)
             .sum()
     }
 }
@@ -151,6 +172,25 @@ mod tests {
         );
         c.remove_range(990, 10);
         assert!(!c.get(999, &mut out));
+    }
+
+    /// Any stride fills the whole capacity (a `block % shards` layout would use only the
+    /// shards the stride hits: half of them for an even stride).
+    #[test]
+    fn strided_blocks_use_every_shard() {
+        let c = ReadCache::new(256 * BLOCK_SIZE);
+        let blk = [7u8; 4096];
+        for stride in [1u64, 2, 16, 64] {
+            for i in 0..10_000 {
+                c.insert_if_current(i * stride, &blk, c.generation());
+            }
+            let held = c.len_blocks();
+            assert!(
+                held >= 240,
+                "stride {stride}: only {held} of 256 blocks held"
+            );
+            c.remove_range(0, 10_000 * stride);
+        }
     }
 
     #[test]
