@@ -354,7 +354,8 @@ sums_of() {
 # dp_start DATA_DIR TOKEN_FILE [THREADS]: start deltavol-dataplane on 127.0.0.1 (any port) in
 # the background; sets DP_PID and DP_ADDR. Returns non-zero if it does not come up in 30 s.
 dp_start() {
-    deltavol-dataplane --listen 127.0.0.1:0 --data-dir "$1" --threads "${3:-2}" --auth-token-file "$2" \
+    # DP_NICE=N runs it at that nice value (the benchmark: a stand-in for a remote machine).
+    ${DP_NICE:+nice -n "$DP_NICE"} deltavol-dataplane --listen 127.0.0.1:0 --data-dir "$1" --threads "${3:-2}" --auth-token-file "$2" \
         >"$DRILL_TMP/dp.out" 2>"$DRILL_TMP/dp.err" &
     DP_PID=$!
     _ds_i=0
