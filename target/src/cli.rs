@@ -5,6 +5,7 @@
 use crate::cache::CacheConfig;
 use crate::control::{self, Request};
 use crate::daemon::{self, AddConfig, DEPTH_MAX, QUEUES_MAX};
+use crate::ship::DataPlaneAddrs;
 use crate::size::{format_size, parse_size};
 use crate::volume::{VolumeConfig, FLUSH_INTERVAL_MS_DEFAULT};
 use anyhow::{bail, Context};
@@ -139,9 +140,11 @@ pub enum Cmd {
 /// How to reach the data plane.
 #[derive(Args, Debug, Clone)]
 pub struct DataPlaneArgs {
-    /// Data-plane server address, HOST:PORT.
-    #[arg(long)]
-    pub dataplane: String,
+    /// Data-plane server address, HOST:PORT; or several, comma-separated (servers sharing one
+    /// object store with --multi-server): the one that worked last is tried first, then the
+    /// others in order, until one serves the volume.
+    #[arg(long, value_parser = parse_dataplane)]
+    pub dataplane: DataPlaneAddrs,
     /// File holding the shared secret of the data plane.
     #[arg(long)]
     pub auth_token_file: PathBuf,
@@ -155,14 +158,31 @@ impl DataPlaneArgs {
             connect: Duration::from_secs(5),
             io: Duration::from_secs(60),
         };
-        deltavol_dataplane::Client::connect(self.dataplane.as_str(), &token, volume, t)
+        // Generation 0: these connections write nothing a fence applies to.
+        let (c, addr) = self
+            .dataplane
+            .connect(volume, |addr| {
+                deltavol_dataplane::Client::connect(addr, &token, volume, t).map_err(|e| {
+                    crate::error::Error::new(crate::error::ErrorKind::Io, e.to_string())
+                })
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| {
                 format!(
                     "connect to the data plane at {} for volume {volume:?}",
                     self.dataplane
                 )
-            })
+            })?;
+        if self.dataplane.list().len() > 1 {
+            eprintln!("data plane: volume {volume} is served by {addr}");
+        }
+        Ok(c)
     }
+}
+
+/// `--dataplane HOST:PORT[,HOST:PORT...]`.
+fn parse_dataplane(s: &str) -> Result<DataPlaneAddrs, String> {
+    DataPlaneAddrs::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args, Debug)]
@@ -173,9 +193,12 @@ pub struct AddArgs {
     /// Volume size, e.g. 10GiB, 256MiB, 4G. Required to create; checked on reattach.
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
-    /// Ship every flushed epoch as a snapshot to this data-plane server (HOST:PORT).
-    #[arg(long, requires = "auth_token_file")]
-    pub dataplane: Option<String>,
+    /// Ship every flushed epoch as a snapshot to this data-plane server (HOST:PORT); or to
+    /// the first of several, comma-separated (servers sharing one object store with
+    /// --multi-server), that serves the volume: on a refused connection, a timeout, or a
+    /// server answering that another holds the volume, the next is tried.
+    #[arg(long, requires = "auth_token_file", value_parser = parse_dataplane)]
+    pub dataplane: Option<DataPlaneAddrs>,
     /// File holding the data plane's shared secret (with --dataplane).
     #[arg(long, requires = "dataplane")]
     pub auth_token_file: Option<PathBuf>,
@@ -279,7 +302,7 @@ impl AddArgs {
                     }
                 };
                 Some(crate::ship::ShipConfig {
-                    addr: addr.clone(),
+                    addrs: addr.clone(),
                     token,
                     outbox_dir,
                     connect_timeout: Duration::from_secs(2),
@@ -830,6 +853,30 @@ fn export(spec: &str, dp: &DataPlaneArgs, output: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `data plane:` line of `status`: the server in use, whether connected, and the others
+/// listed (with several addresses).
+fn dataplane_line(sh: &serde_json::Value) -> String {
+    let cur = sh.get("dataplane").and_then(|x| x.as_str()).unwrap_or("?");
+    let all: Vec<&str> = sh
+        .get("dataplane_addrs")
+        .and_then(|x| x.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    if all.len() <= 1 {
+        return cur.to_string();
+    }
+    let connected = sh.get("connected_to").and_then(|x| x.as_str()).is_some();
+    format!(
+        "{cur} ({}; servers {})",
+        if connected {
+            "connected"
+        } else {
+            "not connected"
+        },
+        all.join(", ")
+    )
+}
+
 fn print_status(v: &serde_json::Value) {
     let u = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     let s = |k: &str| {
@@ -934,10 +981,7 @@ fn print_status(v: &serde_json::Value) {
                 g("outbox_entries").unwrap_or(0),
                 format_size(g("outbox_bytes").unwrap_or(0))
             );
-            println!(
-                "data plane:    {}",
-                sh.get("dataplane").and_then(|x| x.as_str()).unwrap_or("?")
-            );
+            println!("data plane:    {}", dataplane_line(sh));
             if sh.get("fenced").and_then(|x| x.as_bool()).unwrap_or(false) {
                 println!("FENCED:        this volume was recovered on another machine; this daemon ships nothing more");
             }

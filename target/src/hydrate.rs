@@ -524,14 +524,14 @@ impl Worker {
                 connect: sc.connect_timeout,
                 io: sc.io_timeout,
             };
-            let c = Client::connect_with_generation(
-                sc.addr.as_str(),
+            // The same failover as the shipper's: the address that worked last first, then
+            // the others (several servers on one store; one holds the volume's lease).
+            let (c, _addr) = sc.addrs.connect_client(
                 &sc.token,
                 &self.sh.cache.name,
                 t,
                 self.sh.cfg.generation,
-            )
-            .map_err(|e| Error::new(ErrorKind::Io, format!("data plane: {e}")))?;
+            )?;
             self.client = Some(c);
             self.backoff = Duration::from_millis(50);
             self.retry_at = None;

@@ -39,6 +39,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -54,10 +55,180 @@ const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub const TOKEN_BYTES_MAX: u64 = 4096;
 
+/// The data-plane servers that may serve a volume, in order of preference: one address, or
+/// several servers sharing one object store (`--multi-server`), of which the one holding the
+/// volume's lease answers and the others refuse it. Clones share the memory of which address
+/// worked last, so the shipper, the hydrator and `verify` all try it first.
+#[derive(Debug, Clone)]
+pub struct DataPlaneAddrs {
+    list: Arc<[String]>,
+    current: Arc<AtomicUsize>,
+}
+
+/// Largest number of addresses `--dataplane` takes.
+pub const DATAPLANE_ADDRS_MAX: usize = 16;
+
+impl DataPlaneAddrs {
+    /// One address, as given (resolved at connect time).
+    pub fn one(addr: impl Into<String>) -> DataPlaneAddrs {
+        DataPlaneAddrs {
+            list: vec![addr.into()].into(),
+            current: Arc::default(),
+        }
+    }
+
+    /// Parses `HOST:PORT[,HOST:PORT...]` (IPv6 hosts in brackets), checking each address's
+    /// form; names are resolved only when connecting.
+    pub fn parse(s: &str) -> Result<DataPlaneAddrs> {
+        let mut list: Vec<String> = Vec::new();
+        for (i, raw) in s.split(',').enumerate() {
+            let a = raw.trim();
+            let bad = |why: &str| {
+                Error::invalid(format!(
+                    "data-plane address #{} {a:?} in {s:?} {why}: give HOST:PORT, or several separated by commas",
+                    i + 1
+                ))
+            };
+            if a.is_empty() {
+                return Err(bad("is empty"));
+            }
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                let Some((host, port)) = a.rsplit_once(':') else {
+                    return Err(bad("has no :PORT"));
+                };
+                match port.parse::<u16>() {
+                    Ok(p) if p > 0 => {}
+                    _ => return Err(bad("has no valid port (1-65535)")),
+                }
+                let host_ok = !host.is_empty()
+                    && host.len() <= 253
+                    && host
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-' || c == b'_');
+                if !host_ok {
+                    return Err(bad("has no valid host name or IP address"));
+                }
+            } else if a.ends_with(":0") {
+                return Err(bad("has port 0"));
+            }
+            if list.iter().any(|x| x == a) {
+                return Err(bad("is listed twice"));
+            }
+            list.push(a.to_string());
+        }
+        if list.len() > DATAPLANE_ADDRS_MAX {
+            return Err(Error::invalid(format!(
+                "{} data-plane addresses given: at most {DATAPLANE_ADDRS_MAX}",
+                list.len()
+            )));
+        }
+        Ok(DataPlaneAddrs {
+            list: list.into(),
+            current: Arc::default(),
+        })
+    }
+
+    pub fn list(&self) -> &[String] {
+        &self.list
+    }
+
+    /// The address that worked last (the first before any worked).
+    pub fn current(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed);
+        &self.list[i.min(self.list.len() - 1)]
+    }
+
+    /// Connects through `attempt` to the address that worked last, then to the others in
+    /// order, until one succeeds. A refused or timed-out connection, a server that refuses
+    /// the volume (another server holds its lease), or any other failure moves on to the
+    /// next address — except fencing (this writer's generation is stale: every server of
+    /// the store says so), which is returned at once. When every address fails, the error
+    /// names each one's failure (a single address's error is returned as it is).
+    pub fn connect<T>(
+        &self,
+        volume: &str,
+        mut attempt: impl FnMut(&str) -> Result<T>,
+    ) -> Result<(T, String)> {
+        let first = self
+            .current
+            .load(Ordering::Relaxed)
+            .min(self.list.len() - 1);
+        let order = std::iter::once(first).chain((0..self.list.len()).filter(|&i| i != first));
+        let mut errs: Vec<(usize, Error)> = Vec::new();
+        for i in order {
+            let addr = &self.list[i];
+            match attempt(addr) {
+                Ok(t) => {
+                    if i != first || !errs.is_empty() {
+                        tracing::info!(volume, dataplane = %addr, "connected to data-plane server {}", addr);
+                    }
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok((t, addr.clone()));
+                }
+                Err(e) if is_fence(&e) => return Err(e),
+                Err(e) => {
+                    if self.list.len() > 1 {
+                        tracing::debug!(volume, dataplane = %addr, error = %e, "data-plane server unavailable for this volume; trying the next");
+                    }
+                    errs.push((i, e));
+                }
+            }
+        }
+        if errs.len() == 1 {
+            return Err(errs
+                .pop()
+                .map(|e| e.1)
+                .unwrap_or_else(|| Error::invalid("no data-plane address")));
+        }
+        let kind = errs.first().map(|e| e.1.kind()).unwrap_or(ErrorKind::Io);
+        let kind = if errs.iter().all(|e| e.1.kind() == kind) {
+            kind
+        } else {
+            ErrorKind::Io
+        };
+        let msg = errs
+            .iter()
+            .map(|(i, e)| format!("{}: {e}", self.list[*i]))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(Error::new(
+            kind,
+            format!("no data-plane server took volume {volume:?}: {msg}"),
+        ))
+    }
+
+    /// [`Self::connect`] with a plain [`Client`] (no set-up beyond the handshake).
+    pub fn connect_client(
+        &self,
+        token: &[u8],
+        volume: &str,
+        timeouts: Timeouts,
+        generation: u64,
+    ) -> Result<(Client, String)> {
+        self.connect(volume, |addr| {
+            Client::connect_with_generation(addr, token, volume, timeouts, generation)
+                .map_err(client_err)
+        })
+    }
+}
+
+impl std::fmt::Display for DataPlaneAddrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.list.join(","))
+    }
+}
+
+impl std::str::FromStr for DataPlaneAddrs {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<DataPlaneAddrs> {
+        DataPlaneAddrs::parse(s)
+    }
+}
+
 /// Where and how to ship.
 #[derive(Debug, Clone)]
 pub struct ShipConfig {
-    pub addr: String,
+    pub addrs: DataPlaneAddrs,
     pub token: Vec<u8>,
     pub outbox_dir: PathBuf,
     pub connect_timeout: Duration,
@@ -89,8 +260,14 @@ pub fn read_token(path: &Path) -> Result<Vec<u8>> {
 /// Shipping state for `deltavol status`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ShipStatus {
+    /// The data-plane server in use: the one connected to, else the one that worked last (the
+    /// first listed before any did).
     pub dataplane: String,
+    /// Every address given, in order (`--dataplane A,B,...`).
+    pub dataplane_addrs: Vec<String>,
     pub connected: bool,
+    /// The server the shipper is connected to (`None` while it is not).
+    pub connected_to: Option<String>,
     /// Newest snapshot made durable (committed on the data plane or queued in the outbox).
     pub head: u64,
     /// Newest snapshot committed on the data plane, and when (unix ms).
@@ -114,6 +291,8 @@ struct Queued {
 
 struct State {
     client: Option<Client>,
+    /// The address `client` (or the connection taken from it) is connected to.
+    conn_addr: Option<String>,
     retry_at: Option<Instant>,
     backoff: Duration,
     outbox: VecDeque<Queued>,
@@ -158,30 +337,34 @@ impl Shared {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn connect(&self) -> Result<Client> {
+    /// Connects to the first of the data-plane servers that serves the volume (see
+    /// [`DataPlaneAddrs::connect`]) and makes sure the volume exists there with our size.
+    fn connect(&self) -> Result<(Client, String)> {
         let t = Timeouts {
             connect: self.cfg.connect_timeout,
             io: self.cfg.io_timeout,
         };
-        let mut c = Client::connect_with_generation(
-            self.cfg.addr.as_str(),
-            &self.cfg.token,
-            &self.volume,
-            t,
-            self.generation,
-        )
-        .map_err(client_err)?;
-        c.count_sent_bytes(self.bytes_sent.clone());
-        let info = c
-            .create_volume(self.size_bytes, BLOCK_SIZE as u32)
+        self.cfg.addrs.connect(&self.volume, |addr| {
+            let mut c = Client::connect_with_generation(
+                addr,
+                &self.cfg.token,
+                &self.volume,
+                t,
+                self.generation,
+            )
             .map_err(client_err)?;
-        if info.size_bytes != self.size_bytes {
-            return Err(Error::mismatch(format!(
-                "the data plane at {} holds volume {:?} with {} bytes, this volume has {}",
-                self.cfg.addr, self.volume, info.size_bytes, self.size_bytes
-            )));
-        }
-        Ok(c)
+            c.count_sent_bytes(self.bytes_sent.clone());
+            let info = c
+                .create_volume(self.size_bytes, BLOCK_SIZE as u32)
+                .map_err(client_err)?;
+            if info.size_bytes != self.size_bytes {
+                return Err(Error::mismatch(format!(
+                    "the data plane at {addr} holds volume {:?} with {} bytes, this volume has {}",
+                    self.volume, info.size_bytes, self.size_bytes
+                )));
+            }
+            Ok(c)
+        })
     }
 
     /// Takes the connected client, connecting if allowed now; `None` while backing off.
@@ -196,9 +379,10 @@ impl Shared {
             return None;
         }
         match self.connect() {
-            Ok(c) => {
+            Ok((c, addr)) => {
                 st.backoff = RETRY_BACKOFF_MIN;
                 st.retry_at = None;
+                st.conn_addr = Some(addr);
                 Some(c)
             }
             Err(e) => {
@@ -215,10 +399,13 @@ impl Shared {
             }
             st.fenced = true;
             st.client = None;
+            st.conn_addr = None;
             st.last_error = Some(e.to_string());
             return;
         }
-        tracing::warn!(volume = %self.volume, dataplane = %self.cfg.addr, error = %e, retry_in_ms = st.backoff.as_millis() as u64, "data plane unavailable; deltas queue in the outbox");
+        st.client = None;
+        st.conn_addr = None;
+        tracing::warn!(volume = %self.volume, dataplane = %self.cfg.addrs, error = %e, retry_in_ms = st.backoff.as_millis() as u64, "data plane unavailable; deltas queue in the outbox");
         st.last_error = Some(e.to_string());
         st.retry_at = Some(Instant::now() + st.backoff);
         st.backoff = (st.backoff * 2).min(RETRY_BACKOFF_MAX);
@@ -303,6 +490,7 @@ impl DataPlaneSink {
             bytes_sent: Arc::default(),
             st: Mutex::new(State {
                 client: None,
+                conn_addr: None,
                 retry_at: None,
                 backoff: RETRY_BACKOFF_MIN,
                 outbox: outbox.into(),
@@ -363,14 +551,9 @@ impl ShipHandle {
             connect: sc.connect_timeout,
             io: sc.io_timeout,
         };
-        Client::connect_with_generation(
-            sc.addr.as_str(),
-            &sc.token,
-            &self.shared.volume,
-            t,
-            self.shared.generation,
-        )
-        .map_err(client_err)
+        sc.addrs
+            .connect_client(&sc.token, &self.shared.volume, t, self.shared.generation)
+            .map(|(c, _)| c)
     }
 
     /// Routes outbox writes and syncs through `plan` from now on (tests). Returns false if a
@@ -381,10 +564,17 @@ impl ShipHandle {
 
     pub fn status(&self) -> ShipStatus {
         let st = self.shared.lock();
+        let connected = st.client.is_some()
+            || (st.retry_at.is_none() && st.last_error.is_none() && st.committed.is_some());
+        let addrs = &self.shared.cfg.addrs;
+        let connected_to = st.conn_addr.clone().filter(|_| connected);
         ShipStatus {
-            dataplane: self.shared.cfg.addr.clone(),
-            connected: st.client.is_some()
-                || (st.retry_at.is_none() && st.last_error.is_none() && st.committed.is_some()),
+            dataplane: connected_to
+                .clone()
+                .unwrap_or_else(|| addrs.current().to_string()),
+            dataplane_addrs: addrs.list().to_vec(),
+            connected,
+            connected_to,
             head: st.head,
             last_committed: st.committed.map(|c| c.0),
             last_committed_unix_ms: st.committed.map(|c| c.1),

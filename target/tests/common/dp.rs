@@ -92,7 +92,7 @@ impl Drop for Dp {
 
 pub fn ship_cfg(dir: &Path, addr: &str) -> ShipConfig {
     ShipConfig {
-        addr: addr.to_string(),
+        addrs: deltavol::ship::DataPlaneAddrs::parse(addr).expect("data-plane address"),
         token: TOKEN.to_vec(),
         outbox_dir: dir.join("outbox"),
         connect_timeout: Duration::from_millis(500),

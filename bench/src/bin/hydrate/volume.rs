@@ -34,7 +34,7 @@ pub struct Plane {
 impl Plane {
     fn ship(&self, dir: &Path) -> ShipConfig {
         ShipConfig {
-            addr: self.addr.clone(),
+            addrs: deltavol::ship::DataPlaneAddrs::one(self.addr.clone()),
             token: self.token.clone(),
             outbox_dir: dir.join("outbox"),
             connect_timeout: Duration::from_secs(5),
