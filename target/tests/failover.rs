@@ -257,6 +257,14 @@ fn two_servers_one_store_killed_server_fails_over_to_the_other() {
         .unwrap()
         .expect("the cut completes (into the outbox)");
     cuts.push((e, model.clone()));
+    eprintln!(
+        "snapshot {e} cut as A was killed: {}",
+        if ship.status().outbox_entries > 0 {
+            "A died mid-upload; it went to the outbox"
+        } else {
+            "A committed it before dying"
+        }
+    );
 
     // Writes and cuts go on: the deltas queue while B still refuses the volume.
     let mut saw_refusal = false;
@@ -443,4 +451,81 @@ fn cli_follows_the_address_list() {
             && err.contains(&dead2),
         "{err}"
     );
+}
+
+/// Hydration (on-demand reads and the background fetcher) gets past a dead first address.
+#[test]
+fn hydration_fetches_past_a_dead_first_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let nblocks = 1024u64; // 16 hydration extents
+    let mut model = vec![0u64; nblocks as usize];
+    let snap = {
+        let mut cfg = config(&dir.path().join("src"), nblocks * BS as u64, 1);
+        cfg.flush_interval = Duration::from_secs(3600);
+        cfg.ship = Some(ship_cfg(&dir.path().join("src"), &dp.addr));
+        let vol = Volume::open(&cfg).unwrap();
+        let mut d = Driver::new(&vol, 1);
+        for b in (0..nblocks).filter(|b| b % 3 != 0) {
+            model[b as usize] = 7_000_000 + b;
+            assert!(d.write_tags(0, b, &[model[b as usize]], false) > 0);
+        }
+        let snap = vol.cut_and_flush().unwrap().epoch;
+        assert!(vol
+            .ship
+            .as_ref()
+            .unwrap()
+            .wait_committed(snap, Duration::from_secs(20)));
+        drop(d);
+        vol.shutdown();
+        snap
+    };
+    let rec = dir.path().join("rec");
+    let mut cfg = config(&rec, nblocks * BS as u64, 1);
+    cfg.flush_interval = Duration::from_secs(3600);
+    cfg.ship = Some(ship_cfg(&rec, &format!("{},{}", dead_addr(), dp.addr)));
+    cfg.hydrate_rate_bytes_per_s = 64 << 10; // slow: the reads below are served on demand
+    cfg.fetch_timeout = Duration::from_secs(5);
+    cfg.cache.create_as = Some(deltavol::cache::CreateAs {
+        flushed_epoch: snap,
+        snap_head: snap,
+        generation: 0,
+        hydrate_snap: snap,
+    });
+    let vol = Volume::open(&cfg).unwrap();
+    let mut d = Driver::new(&vol, 1);
+    for b in [1000u64, 700, 3, 512] {
+        let got = d.read_tags(0, b, 8);
+        for i in 0..8usize {
+            assert_eq!(
+                got[i],
+                Some(model[b as usize + i]),
+                "block {}",
+                b as usize + i
+            );
+        }
+    }
+    let st = vol.status().hydration.expect("hydrating");
+    assert!(st.fetched_on_demand > 0, "{st:?}");
+    drop(d);
+    vol.shutdown();
+    drop(vol);
+    cfg.hydrate_rate_bytes_per_s = 0;
+    let vol = Volume::open(&cfg).unwrap();
+    let t0 = Instant::now();
+    while vol.cache.hydrating().is_some() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "hydration not done: {:?}",
+            vol.status().hydration
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut d = Driver::new(&vol, 1);
+    let got = d.read_tags(0, 0, nblocks);
+    for b in 0..nblocks as usize {
+        assert_eq!(got[b], Some(model[b]), "block {b} after hydration");
+    }
+    drop(d);
+    vol.shutdown();
 }
