@@ -1019,3 +1019,27 @@ fn print_status(v: &serde_json::Value) {
         println!("WARNING:       a sync of the cache failed; FLUSH now fails. Detach and reattach the volume.");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::dataplane_line;
+
+    #[test]
+    fn status_names_the_data_plane_in_use() {
+        let one = serde_json::json!({"dataplane": "10.0.0.1:7070", "dataplane_addrs": ["10.0.0.1:7070"], "connected_to": null});
+        assert_eq!(dataplane_line(&one), "10.0.0.1:7070");
+        let on_b = serde_json::json!({"dataplane": "b:7070", "dataplane_addrs": ["a:7070", "b:7070"], "connected_to": "b:7070"});
+        assert_eq!(
+            dataplane_line(&on_b),
+            "b:7070 (connected; servers a:7070, b:7070)"
+        );
+        let down = serde_json::json!({"dataplane": "a:7070", "dataplane_addrs": ["a:7070", "b:7070"], "connected_to": null});
+        assert_eq!(
+            dataplane_line(&down),
+            "a:7070 (not connected; servers a:7070, b:7070)"
+        );
+        // A daemon from before address lists: just the address.
+        let old = serde_json::json!({"dataplane": "a:7070"});
+        assert_eq!(dataplane_line(&old), "a:7070");
+    }
+}
