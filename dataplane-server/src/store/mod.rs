@@ -673,8 +673,11 @@ impl Volume {
                 write_atomic(&self.dir, MANIFEST_NAME, format::encode_manifest(nm)).await
             }
             Backend::Object(obj) if obj.leases().is_some_and(|l| !l.valid(&self.name)) => {
+                // Io, not StaleGeneration: the writer is not fenced, this server just stopped
+                // serving the volume; the compute side retries and fails over to the server
+                // that holds the lease now.
                 Err(StoreError::new(
-                    StoreErrorKind::StaleGeneration,
+                    StoreErrorKind::Io,
                     format!(
                         "this data-plane server no longer holds the lease of volume {}: \
                          another server may serve it now; reconnect",
