@@ -116,10 +116,24 @@ def parse_log(path):
     return runs, info, bad
 
 
+def memory_rows(runs):
+    """The daemon's resident memory for a 64 GiB volume against its budget (vm-bench.sh)."""
+    out = []
+    for r in runs:
+        if r.get("job") == "memory" and r.get("hwm_kib") and r.get("budget_kib"):
+            out.append({"name": "daemon memory, 64 GiB volume, 64 MiB read cache: peak RSS / budget",
+                        "ratio": round(r["hwm_kib"] / r["budget_kib"], 3), "target": 1.0, "max": True,
+                        "met": r["hwm_kib"] <= r["budget_kib"], "hwm_kib": r["hwm_kib"],
+                        "budget_kib": r["budget_kib"], "rss_kib_after_writes": r.get("rss_kib_after_writes")})
+    return out
+
+
 def summarize(runs):
     cells = {}  # (job, qd, nj) -> target -> [values]
     order = []
     for r in runs:
+        if r.get("job") == "memory":
+            continue
         key = (r["job"], r["iodepth"], r["numjobs"])
         if key not in cells:
             cells[key] = {}
@@ -311,7 +325,7 @@ def main():
     runs, info, bad = parse_log(args.log)
     meta = dict(kv.split("=", 1) for kv in args.meta if "=" in kv)
     order, medians = summarize(runs)
-    rats = ratios(medians) + bound_ratios(medians) + byte_ratios(runs)
+    rats = ratios(medians) + bound_ratios(medians) + byte_ratios(runs) + memory_rows(runs)
     failed = [r for r in runs if not r.get("ok")]
     problems = [f"unparsable RESULT line: {b}" for b in bad]
     problems += [f"failed run: {r['job']} qd{r['iodepth']} j{r['numjobs']} {r['target']} run {r['run']}"

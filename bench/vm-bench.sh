@@ -274,6 +274,39 @@ while read -r job qd nj targets; do
 done <"$DRILL_TMP/cells"
 [ "$nfailed" -eq 0 ] && pass "all-runs-measured" || fail all-runs-measured "$nfailed run(s) failed"
 
+# --- memory of the real daemon (issue 5, item 4) ---------------------------------------------
+# A 64 GiB sparse volume with a 64 MiB read cache: its daemon's resident memory after the read
+# cache is filled (random 4k reads of never-written blocks: from the backing file, into the
+# cache) and after 4k writes scattered over the whole 64 GiB (dirty bitmap words everywhere),
+# against the budget: read cache + the two epochs' bitmaps (1 bit per 4 KiB block each) +
+# the per-tag I/O buffers (depth x 512 KiB, touched only as far as requests reach) + 16 MiB.
+mem_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+MEM_DEV=$(dv_add bmem 64GiB "$MED/mem-cache" "$MED/mem-backing.img" \
+    --flush-interval-ms "$QUIET_FLUSH_MS" --queues 1 --depth 64 --read-cache 64MiB) || {
+    fail setup-memory "deltavol add of the 64 GiB volume failed"
+    MEM_DEV=''
+}
+if [ -n "${MEM_DEV:-}" ]; then
+    MEM_PID=$(dv_pid bmem)
+    m0=$(mem_kib "$MEM_PID" VmRSS)
+    fio --name=fillrc --filename="$MEM_DEV" --rw=randread --bs=4k --size=64g --io_size=128m \
+        --ioengine=io_uring --direct=1 --iodepth=32 --randrepeat=0 --minimal >/dev/null 2>&1 ||
+        fail memory-reads "fio random reads failed"
+    m1=$(mem_kib "$MEM_PID" VmRSS)
+    fio --name=scatter --filename="$MEM_DEV" --rw=randwrite --bs=4k --size=64g --io_size=64m \
+        --ioengine=io_uring --direct=1 --iodepth=32 --randrepeat=0 --minimal >/dev/null 2>&1 ||
+        fail memory-writes "fio scattered writes failed"
+    m2=$(mem_kib "$MEM_PID" VmRSS)
+    hwm=$(mem_kib "$MEM_PID" VmHWM)
+    rc_blocks=$(dv_field bmem read_cache_blocks)
+    # KiB: 64 MiB read cache, 2 x 2 MiB bitmaps, 64 x 512 KiB tag buffers, 16 MiB fixed.
+    budget=$((65536 + 2 * 2048 + 64 * 512 + 16384))
+    emit RESULT "\"job\":\"memory\",\"target\":\"dv\",\"ok\":true,\"volume_bytes\":68719476736,\"read_cache_bytes\":67108864,\"read_cache_blocks\":${rc_blocks:-0},\"rss_kib_start\":${m0:-0},\"rss_kib_after_reads\":${m1:-0},\"rss_kib_after_writes\":${m2:-0},\"hwm_kib\":${hwm:-0},\"budget_kib\":$budget"
+    log "memory: 64 GiB volume, read cache ${rc_blocks:-?} blocks: RSS ${m0:-?} -> ${m1:-?} -> ${m2:-?} KiB, HWM ${hwm:-?} KiB, budget $budget KiB"
+    [ "${hwm:-0}" -gt 0 ] && [ "$hwm" -le "$budget" ] && pass memory-within-budget ||
+        fail memory-within-budget "HWM ${hwm:-?} KiB > budget $budget KiB"
+fi
+
 if uses busy; then
     log "busy: $(dv_status bbusy | tr -d '\n ' | grep -o '"shipping":{[^}]*}')"
     check busy-snapshots-listed "$DV" snapshots bbusy --dataplane "$DP_ADDR" --auth-token-file "$MED/token"
@@ -283,8 +316,9 @@ fi
 if uses dv-rc; then
     log "dv-rc: $(dv_status brc | tr -d '\n ' | grep -o '"read_cache_h[a-z_]*":[0-9.]*' | tr '\n' ' ')"
 fi
-for v in bdv bmiss brc bdv2q bbusy; do
+for v in bdv bmiss brc bdv2q bbusy bmem; do
     case "$v" in
+        bmem) [ -n "${MEM_DEV:-}" ] || continue ;;
         bdv) [ -n "${DV_DEV:-}" ] || continue ;;
         bmiss) [ -n "${MISS_DEV:-}" ] || continue ;;
         brc) [ -n "${RC_DEV:-}" ] || continue ;;

@@ -355,7 +355,10 @@ sums_of() {
 # the background; sets DP_PID and DP_ADDR. Returns non-zero if it does not come up in 30 s.
 dp_start() {
     # DP_NICE=N runs it at that nice value (the benchmark: a stand-in for a remote machine).
-    ${DP_NICE:+nice -n "$DP_NICE"} deltavol-dataplane --listen 127.0.0.1:0 --data-dir "$1" --threads "${3:-2}" --auth-token-file "$2" \
+    # busybox has renice but no nice: a shell renices itself, then execs the server, whose
+    # threads inherit it.
+    sh -c 'if [ -n "$0" ]; then renice -n "$0" -p $$ >/dev/null || exit 97; fi; exec "$@"' "${DP_NICE:-}" \
+        deltavol-dataplane --listen 127.0.0.1:0 --data-dir "$1" --threads "${3:-2}" --auth-token-file "$2" \
         >"$DRILL_TMP/dp.out" 2>"$DRILL_TMP/dp.err" &
     DP_PID=$!
     _ds_i=0
