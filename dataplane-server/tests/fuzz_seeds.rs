@@ -6,6 +6,10 @@
 //! every store decoder. When the formats change, regenerate them with
 //! `DELTAVOL_WRITE_FUZZ_SEEDS=1 cargo test -p deltavol-dataplane --test fuzz_seeds`.
 
+// The harness names the decoders `crate::store_format` (the fuzz crate compiles format.rs
+// itself); here that is the data plane's own module.
+use deltavol_dataplane::store::format as store_format;
+
 #[path = "../../fuzz/src/store.rs"]
 #[allow(dead_code)]
 mod store_harness;

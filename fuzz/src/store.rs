@@ -16,7 +16,9 @@
 //! re-encodes to bytes that decode to the same value; an accepted trailer's footer lies
 //! inside the file.
 
-use deltavol_dataplane::store::format::{
+// `crate::store_format` is the data plane's `store/format.rs`: in the fuzz crate compiled from
+// the same file (see lib.rs), in the data plane's seed test its public module.
+use crate::store_format::{
     check_segment_header, decode_manifest, decode_segment_footer, decode_segment_trailer,
     encode_manifest, encode_segment_footer, encode_segment_trailer, FooterMeta, VolumeId,
     MANIFEST_HEADER_BYTES, SEGMENT_HEADER_BYTES, SEGMENT_TRAILER_BYTES,
