@@ -59,7 +59,6 @@ pub mod store_shim {
             f.write_str(&self.ctx)
         }
     }
-
 }
 
 // format.rs reaches these as `super::{StoreError, StoreErrorKind}`: the crate root here.
