@@ -165,14 +165,7 @@ impl Ring for UblkRing<'_> {
             let ra = a.await;
             let rb = b.await;
             // A short `first` fails the link in the kernel; report it the way the default does.
-            (
-                ra,
-                if ra == first_len {
-                    rb
-                } else {
-                    -libc::ECANCELED
-                },
-            )
+            linked_results(first_len, ra, rb)
         }
     }
 
@@ -272,7 +265,7 @@ impl HostRing {
             }
         }
         let (a, b) = (a.unwrap_or(-libc::EIO), b.unwrap_or(-libc::ECANCELED));
-        (a, if a == first_len { b } else { -libc::ECANCELED })
+        linked_results(first_len, a, b)
     }
 }
 
@@ -302,6 +295,19 @@ impl Ring for HostRing {
     fn queue_index(&self) -> usize {
         self.index
     }
+}
+
+/// The results of a linked pair as [`Ring::submit_linked`] reports them: the kernel fails the
+/// link when the first SQE is short or fails, so `second` counts only after a full `first`.
+pub fn linked_results(first_len: i32, first: i32, second: i32) -> (i32, i32) {
+    (
+        first,
+        if first == first_len {
+            second
+        } else {
+            -libc::ECANCELED
+        },
+    )
 }
 
 /// `opcode::Read` of `len` bytes at `off` from a registered file into `buf`.

@@ -263,14 +263,7 @@ impl Ring for AsyncRing {
         async move {
             let ra = fa.await;
             let rb = fb.await;
-            (
-                ra,
-                if ra == first_len {
-                    rb
-                } else {
-                    -libc::ECANCELED
-                },
-            )
+            deltavol::ring::linked_results(first_len, ra, rb)
         }
     }
 
