@@ -118,6 +118,12 @@ pub struct VolumeInfo {
     pub clone_source_volume: String,
     /// For a clone: the source snapshot (0 otherwise).
     pub clone_source_snap_id: u64,
+    /// The volume's identity (`None` when it does not exist, or from an older server).
+    pub volume_id: Option<[u8; 16]>,
+    /// Commit time of the chain head (ms since the epoch), 0 when none.
+    pub latest_commit_ms: u64,
+    /// When the volume was created on the data plane (ms since the epoch).
+    pub created_ms: u64,
 }
 
 impl VolumeInfo {
@@ -132,6 +138,12 @@ impl VolumeInfo {
             snapshot_count: v.snapshot_count(),
             clone_source_volume: v.clone_source_volume().unwrap_or_default().to_string(),
             clone_source_snap_id: v.clone_source_snap_id(),
+            // A malformed id from the server is treated as absent (the server checks ids).
+            volume_id: deltavol_schemas::volume_id_field(v.volume_id())
+                .ok()
+                .flatten(),
+            latest_commit_ms: v.latest_commit_ms(),
+            created_ms: v.created_ms(),
         }
     }
 }
@@ -185,6 +197,8 @@ pub struct Client {
     stream: TcpStream,
     info: VolumeInfo,
     generation: u64,
+    /// The volume id this connection authenticated with, if any.
+    volume_id: Option<[u8; 16]>,
     fbb: FlatBufferBuilder<'static>,
     out: Vec<u8>,
     hdr: Vec<u8>,
@@ -223,6 +237,22 @@ impl Client {
         timeouts: Timeouts,
         generation: u64,
     ) -> Result<Client, ClientError> {
+        Self::connect_as(addr, token, volume, timeouts, generation, None)
+    }
+
+    /// Like [`Client::connect_with_generation`], as the volume with identity `volume_id`:
+    /// the server refuses the connection (`IdentityMismatch`, naming the volume it holds)
+    /// when a volume of that name with another id exists, and a `create_volume` or
+    /// `clone_volume` on this connection creates the volume with this id. Every writer
+    /// should connect this way; `None` reads by name only.
+    pub fn connect_as(
+        addr: impl ToSocketAddrs,
+        token: &[u8],
+        volume: &str,
+        timeouts: Timeouts,
+        generation: u64,
+        volume_id: Option<[u8; 16]>,
+    ) -> Result<Client, ClientError> {
         if !valid_volume_name(volume) {
             return Err(usage(format!("invalid volume name {volume:?}")));
         }
@@ -257,6 +287,7 @@ impl Client {
             stream,
             info: VolumeInfo::default(),
             generation,
+            volume_id,
             fbb: FlatBufferBuilder::with_capacity(1024),
             out: Vec::with_capacity(4096),
             hdr: Vec::with_capacity(4096),
@@ -295,12 +326,14 @@ impl Client {
         let mac = auth::answer(token, &nonce, volume);
         let vol = self.fbb.create_string(volume);
         let mac = self.fbb.create_vector(&mac);
+        let id = self.volume_id.map(|id| self.fbb.create_vector(&id));
         let body = wire::Auth::create(
             &mut self.fbb,
             &wire::AuthArgs {
                 volume: Some(vol),
                 mac: Some(mac),
                 generation: self.generation,
+                volume_id: id,
             },
         );
         self.send(wire::Message::Auth, body.as_union_value())?;
@@ -889,6 +922,21 @@ impl Client {
             *cursor += n;
         }
         Ok(d.last())
+    }
+
+    /// Deletes this connection's volume with every snapshot of it. `volume_id` must be the
+    /// volume's id (a confirmation; `IdentityMismatch` otherwise). Refused with `InUse` while
+    /// a clone depends on one of its snapshots.
+    pub fn delete_volume(&mut self, volume_id: [u8; 16]) -> Result<VolumeInfo, ClientError> {
+        let id = self.fbb.create_vector(&volume_id);
+        let body = wire::DeleteVolume::create(
+            &mut self.fbb,
+            &wire::DeleteVolumeArgs {
+                volume_id: Some(id),
+            },
+        );
+        self.send(wire::Message::DeleteVolume, body.as_union_value())?;
+        self.recv_volume_info()
     }
 
     /// Deletes snapshot `snap_id`; its extents merge into the next snapshot. Returns the id

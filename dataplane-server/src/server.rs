@@ -47,6 +47,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_uring::buf::BoundedBuf;
 
 use crate::auth;
+use crate::store::format::VolumeId;
 use crate::store::{
     self, BeginOutcome, PlanSrc, StoreError, StoreErrorKind, Upload, Volume, VolumeSummary,
 };
@@ -284,6 +285,8 @@ struct Handoff {
     volume: String,
     /// The generation the client authenticated with.
     generation: u64,
+    /// The client's volume id, when it sent one.
+    volume_id: Option<VolumeId>,
     peer: SocketAddr,
     _slot: ConnSlot,
 }
@@ -300,6 +303,8 @@ struct RegistryInner {
     deps: HashMap<(String, u64), std::collections::BTreeSet<String>>,
     /// Snapshots being deleted right now: a clone of them is refused until that ends.
     deleting: std::collections::HashSet<(String, u64)>,
+    /// Volumes being deleted right now: a clone of any of their snapshots is refused.
+    deleting_volumes: std::collections::HashSet<String>,
 }
 
 impl CloneRegistry {
@@ -313,7 +318,7 @@ impl CloneRegistry {
     fn add(&self, source: &str, snap: u64, clone: &str) -> Result<(), ReqError> {
         let mut r = self.lock();
         let key = (source.to_string(), snap);
-        if r.deleting.contains(&key) {
+        if r.deleting.contains(&key) || r.deleting_volumes.contains(source) {
             return Err(ReqError::new(
                 wire::ErrorCode::NoSuchSnapshot,
                 format!("snapshot {snap} of volume {source} is being deleted"),
@@ -355,6 +360,42 @@ impl CloneRegistry {
             ));
         }
         Ok(DeleteGuard { reg: self, key })
+    }
+}
+
+impl CloneRegistry {
+    /// Marks `volume` as being deleted, unless a clone depends on one of its snapshots
+    /// (`Err` names it and the snapshot). While marked, no clone of it can start.
+    fn begin_delete_volume<'a>(
+        &'a self,
+        volume: &str,
+    ) -> Result<VolumeDeleteGuard<'a>, (String, u64)> {
+        let mut r = self.lock();
+        let dep = r
+            .deps
+            .iter()
+            .find(|((src, _), clones)| src == volume && !clones.is_empty())
+            .and_then(|((_, snap), clones)| clones.iter().next().map(|c| (c.clone(), *snap)));
+        if let Some(d) = dep {
+            return Err(d);
+        }
+        r.deleting_volumes.insert(volume.to_string());
+        Ok(VolumeDeleteGuard {
+            reg: self,
+            volume: volume.to_string(),
+        })
+    }
+}
+
+/// Ends a volume deletion's mark in the [`CloneRegistry`] when dropped.
+struct VolumeDeleteGuard<'a> {
+    reg: &'a CloneRegistry,
+    volume: String,
+}
+
+impl Drop for VolumeDeleteGuard<'_> {
+    fn drop(&mut self) {
+        self.reg.lock().deleting_volumes.remove(&self.volume);
     }
 }
 
@@ -683,6 +724,9 @@ async fn load_volumes(shard: &Shard) -> Result<(), ServerError> {
         // lease (`claim_volume`), not at start-up.
         return Ok(());
     }
+    if let (store::backend::Backend::Local { volumes_dir }, 0) = (&shard.volumes_dir, shard.id) {
+        store::remove_deleted_leftovers(volumes_dir);
+    }
     for name in shard.volumes_dir.list_volumes().await? {
         if !valid_volume_name(&name) || shard_of(&name, shard.nshards) != shard.id {
             continue;
@@ -766,6 +810,7 @@ impl From<StoreError> for ReqError {
             StoreErrorKind::StaleGeneration => C::StaleGeneration,
             StoreErrorKind::TooLarge => C::TooLarge,
             StoreErrorKind::InUse => C::InUse,
+            StoreErrorKind::IdentityMismatch => C::IdentityMismatch,
             _ => C::Malformed,
         };
         if e.kind() == StoreErrorKind::Io {
@@ -866,6 +911,7 @@ impl Out {
         let clone_volume = v
             .and_then(|v| v.clone_source.as_ref())
             .map(|c| self.fbb.create_string(&c.0));
+        let volume_id = v.map(|v| self.fbb.create_vector(&v.volume_id));
         wire::VolumeInfo::create(
             &mut self.fbb,
             &wire::VolumeInfoArgs {
@@ -878,6 +924,9 @@ impl Out {
                 snapshot_count: v.map_or(0, |v| v.snapshot_count),
                 clone_source_volume: clone_volume,
                 clone_source_snap_id: v.and_then(|v| v.clone_source.as_ref()).map_or(0, |c| c.1),
+                volume_id,
+                latest_commit_ms: v.map_or(0, |v| v.latest_commit_ms),
+                created_ms: v.map_or(0, |v| v.created_ms),
             },
         )
     }
@@ -937,12 +986,15 @@ async fn read_frame_tokio(
     Ok(())
 }
 
-/// Hello → Challenge → Auth. Returns the authenticated volume name and generation.
+/// What a handshake established: the volume name, the client's generation and volume id.
+type Authenticated = (String, u64, Option<VolumeId>);
+
+/// Hello → Challenge → Auth. Returns the authenticated volume name, generation and id.
 async fn run_handshake(
     shard: &Shard,
     stream: &mut tokio::net::TcpStream,
     out: &mut Out,
-) -> Result<(String, u64), ReqError> {
+) -> Result<Authenticated, ReqError> {
     let mut hdr = Vec::new();
     read_frame_tokio(stream, &mut hdr).await?;
     let f = decode_header(&hdr).map_err(frame_error)?;
@@ -999,7 +1051,13 @@ async fn run_handshake(
             "authentication failed: wrong token",
         ));
     }
-    Ok((volume.to_string(), a.generation()))
+    let volume_id = deltavol_schemas::volume_id_field(a.volume_id()).map_err(|len| {
+        ReqError::fatal(
+            wire::ErrorCode::Malformed,
+            format!("volume id of {len} bytes (16 expected)"),
+        )
+    })?;
+    Ok((volume.to_string(), a.generation(), volume_id))
 }
 
 async fn handshake(
@@ -1028,7 +1086,7 @@ async fn handshake(
         });
     // No longer an unfinished handshake: it cannot be evicted from here on.
     drop(entry);
-    let (volume, generation) = match res {
+    let (volume, generation, volume_id) = match res {
         Ok(v) => v,
         Err(e) => {
             tracing::info!(peer = %peer, code = ?e.code, error = %e.msg, "handshake refused");
@@ -1064,6 +1122,7 @@ async fn handshake(
         stream: std_stream,
         volume,
         generation,
+        volume_id,
         peer,
         _slot: slot,
     };
@@ -1083,6 +1142,9 @@ struct Conn {
     volume_name: String,
     /// The generation this connection writes as (its Auth's, or its own NewGeneration's).
     generation: u64,
+    /// The volume id the client authenticated with (`None`: a client that reads by name).
+    /// Every request that changes the volume checks it against the volume's id.
+    volume_id: Option<VolumeId>,
     stream: tokio_uring::net::TcpStream,
     hdr: Vec<u8>,
     payload: Vec<u8>,
@@ -1132,6 +1194,22 @@ enum Next {
 impl Conn {
     fn volume(&self) -> Option<Rc<Volume>> {
         self.shard.volumes.borrow().get(&self.volume_name).cloned()
+    }
+
+    /// Refuses a connection whose volume id is not the volume's (a reused name). A client
+    /// without an id (reads by name) passes; so does a volume that does not exist (yet).
+    fn check_identity(&self) -> Result<(), ReqError> {
+        if let (Some(id), Some(v)) = (&self.volume_id, self.volume()) {
+            v.summary().check_identity(&self.volume_name, id)?;
+        }
+        Ok(())
+    }
+
+    /// The volume, for a request that changes it: it must exist and be this client's.
+    fn require_own_volume(&self) -> Result<Rc<Volume>, ReqError> {
+        let v = self.require_volume()?;
+        self.check_identity()?;
+        Ok(v)
     }
 
     fn require_volume(&self) -> Result<Rc<Volume>, ReqError> {
@@ -1306,8 +1384,23 @@ impl Conn {
             let source = m.source_volume().unwrap_or_default().to_string();
             return self.clone_volume(&source, m.source_snap_id()).await;
         }
+        if let Some(m) = f.body_as_delete_volume() {
+            let id = deltavol_schemas::volume_id_field(m.volume_id()).map_err(|len| {
+                ReqError::new(
+                    wire::ErrorCode::Malformed,
+                    format!("volume id of {len} bytes (16 expected)"),
+                )
+            })?;
+            let id = id.ok_or_else(|| {
+                ReqError::new(
+                    wire::ErrorCode::Malformed,
+                    "DeleteVolume needs the volume's id (as a confirmation)",
+                )
+            })?;
+            return self.delete_volume(id).await;
+        }
         if let Some(m) = f.body_as_delete_snapshot() {
-            let v = self.require_volume()?;
+            let v = self.require_own_volume()?;
             v.check_generation(self.generation)?;
             let shard = Rc::clone(&self.shard);
             let _deleting = shard
@@ -1350,15 +1443,56 @@ impl Conn {
             .finish(wire::Message::VolumeInfo, body.as_union_value(), &[]);
     }
 
+    /// Deletes the authenticated volume (whose id must be `id`), refused while a clone
+    /// depends on any of its snapshots.
+    async fn delete_volume(&mut self, id: VolumeId) -> Result<(), ReqError> {
+        use wire::ErrorCode as C;
+        let shard = Rc::clone(&self.shard);
+        let _guard = shard.create_lock.lock().await;
+        let v = self.require_volume()?;
+        v.summary()
+            .check_identity(&self.volume_name, &id)
+            .map_err(|e| ReqError::new(C::IdentityMismatch, e.to_string()))?;
+        let in_use = |(c, snap): (String, u64)| {
+            ReqError::new(
+                C::InUse,
+                format!(
+                    "volume {} cannot be deleted: clone {c} depends on its snapshot {snap} (delete the clone first)",
+                    self.volume_name
+                ),
+            )
+        };
+        let _deleting = shard
+            .registry
+            .begin_delete_volume(&self.volume_name)
+            .map_err(in_use)?;
+        // Clones loaded by no server yet (or by another server of a shared store).
+        let clone = store::find_any_clone_of(&shard.volumes_dir, &self.volume_name, &id).await?;
+        if let Some(c) = clone {
+            return Err(in_use(c));
+        }
+        v.delete_volume(&id).await?;
+        shard.volumes.borrow_mut().remove(&self.volume_name);
+        if let Some((src, snap)) = v.summary().clone_source {
+            shard.registry.remove(&src, snap, &self.volume_name);
+        }
+        self.reply_volume_info();
+        self.send_reply().await
+    }
+
     async fn create_volume(&mut self, size_bytes: u64, block_size: u32) -> Result<(), ReqError> {
         if let Some(v) = self.volume() {
+            self.check_identity()?;
             store::check_same_geometry(&v.summary(), size_bytes, block_size)?;
         } else {
             let shard = Rc::clone(&self.shard);
             let _guard = shard.create_lock.lock().await;
             let existing = self.volume();
             match existing {
-                Some(v) => store::check_same_geometry(&v.summary(), size_bytes, block_size)?,
+                Some(v) => {
+                    self.check_identity()?;
+                    store::check_same_geometry(&v.summary(), size_bytes, block_size)?
+                }
                 None => {
                     let v = Volume::create(
                         &shard.volumes_dir,
@@ -1366,6 +1500,7 @@ impl Conn {
                         size_bytes,
                         block_size,
                         None,
+                        self.volume_id,
                     )
                     .await?;
                     shard
@@ -1380,7 +1515,7 @@ impl Conn {
     }
 
     async fn new_generation(&mut self) -> Result<(), ReqError> {
-        let v = self.require_volume()?;
+        let v = self.require_own_volume()?;
         self.generation = v.new_generation(self.generation).await?;
         self.reply_volume_info();
         self.send_reply().await
@@ -1453,6 +1588,7 @@ impl Conn {
                 volume_id: m.volume_id,
                 snap_id: source_snap_id,
             }),
+            self.volume_id,
         )
         .await?;
         self.shard
@@ -1478,7 +1614,7 @@ impl Conn {
                 ),
             ));
         }
-        let v = self.require_volume()?;
+        let v = self.require_own_volume()?;
         // A writer is as old as the older of its Auth and its BeginSnapshot.
         let generation = generation.min(self.generation);
         match v.begin(snap_id, parent_id, volume_size, generation).await? {
@@ -1693,6 +1829,7 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
         shard,
         volume_name: h.volume,
         generation: h.generation,
+        volume_id: h.volume_id,
         stream,
         hdr: Vec::new(),
         payload: Vec::new(),
@@ -1714,6 +1851,13 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
     if let Err(msg) = claim_volume(&conn.shard, &conn.volume_name).await {
         tracing::info!(peer = %peer, volume = %conn.volume_name, error = %msg, "volume refused");
         conn.out.error(wire::ErrorCode::Io, &msg);
+        let _ = conn.send().await;
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        return;
+    }
+    if let Err(e) = conn.check_identity() {
+        tracing::info!(peer = %peer, volume = %conn.volume_name, error = %e.msg, "volume refused: another volume's id");
+        conn.out.error(e.code, &e.msg);
         let _ = conn.send().await;
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         return;

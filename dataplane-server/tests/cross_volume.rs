@@ -304,6 +304,7 @@ fn send_auth(s: &mut std::net::TcpStream, volume: &str, mac: &[u8]) {
             volume: Some(v),
             mac: Some(m),
             generation: 0,
+            volume_id: None,
         },
     );
     s.write_all(&frame(

@@ -891,6 +891,7 @@ fn raw_auth_on(s: &mut TcpStream, volume: &str) {
             volume: Some(v),
             mac: Some(m),
             generation: 0,
+            volume_id: None,
         },
     );
     s.write_all(&frame(

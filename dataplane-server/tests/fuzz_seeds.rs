@@ -77,12 +77,14 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
 
     let v = fbb.create_string("vol-1");
     let mac = fbb.create_vector(&[0x22u8; 32]);
+    let id = fbb.create_vector(&[0x33u8; 16]);
     let b = wire::Auth::create(
         &mut fbb,
         &wire::AuthArgs {
             volume: Some(v),
             mac: Some(mac),
             generation: 3,
+            volume_id: Some(id),
         },
     );
     push("auth", frame(&mut fbb, M::Auth, b.as_union_value(), &[]));
@@ -287,6 +289,18 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
         frame(&mut fbb, M::CloneVolume, b.as_union_value(), &[]),
     );
 
+    let id = fbb.create_vector(&[0x33u8; 16]);
+    let b = wire::DeleteVolume::create(
+        &mut fbb,
+        &wire::DeleteVolumeArgs {
+            volume_id: Some(id),
+        },
+    );
+    push(
+        "delete_volume",
+        frame(&mut fbb, M::DeleteVolume, b.as_union_value(), &[]),
+    );
+
     // A connection's worth: hello, auth, begin, put, commit, read, in one stream.
     let stream: Vec<u8> = [
         "hello",
@@ -306,6 +320,7 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
 fn volume_info(fbb: &mut FlatBufferBuilder<'static>) -> WIPOffset<wire::VolumeInfo<'static>> {
     let name = fbb.create_string("vol-1");
     let src = fbb.create_string("vol-src");
+    let id = fbb.create_vector(&[0x33u8; 16]);
     wire::VolumeInfo::create(
         fbb,
         &wire::VolumeInfoArgs {
@@ -318,6 +333,9 @@ fn volume_info(fbb: &mut FlatBufferBuilder<'static>) -> WIPOffset<wire::VolumeIn
             snapshot_count: 2,
             clone_source_volume: Some(src),
             clone_source_snap_id: 4,
+            volume_id: Some(id),
+            latest_commit_ms: 1_700_000_000_000,
+            created_ms: 1_600_000_000_000,
         },
     )
 }

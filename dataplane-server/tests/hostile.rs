@@ -53,6 +53,7 @@ fn another_volume_cannot_be_named_after_auth() {
             volume: Some(v),
             mac: Some(m),
             generation: 0,
+            volume_id: None,
         },
     );
     let f = frame(&mut fbb, wire::Message::Auth, body.as_union_value(), &[]);

@@ -371,6 +371,39 @@ pub fn check_extents<'a>(
     Ok(offset)
 }
 
+/// Bytes of a volume id (random at a volume's creation, never reused).
+pub const VOLUME_ID_BYTES: usize = 16;
+
+/// A volume id field of a message: `Ok(None)` when absent or empty, `Err` with the length
+/// when it is not [`VOLUME_ID_BYTES`] long (network input: refused, never truncated).
+pub fn volume_id_field(
+    v: Option<flatbuffers::Vector<'_, u8>>,
+) -> Result<Option<[u8; VOLUME_ID_BYTES]>, usize> {
+    match v.map(|v| v.bytes()) {
+        None => Ok(None),
+        Some([]) => Ok(None),
+        Some(b) => b.try_into().map(Some).map_err(|_| b.len()),
+    }
+}
+
+/// Lower-case hex of a volume id, as the CLI and errors print it.
+pub fn volume_id_hex(id: &[u8; VOLUME_ID_BYTES]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses [`volume_id_hex`]'s form (32 hex digits).
+pub fn parse_volume_id_hex(s: &str) -> Option<[u8; VOLUME_ID_BYTES]> {
+    let s = s.trim();
+    if s.len() != 2 * VOLUME_ID_BYTES || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut id = [0u8; VOLUME_ID_BYTES];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(id)
+}
+
 /// Checks a volume name: 1..=64 bytes of `[A-Za-z0-9._-]`, not starting with `.`.
 pub fn valid_volume_name(name: &str) -> bool {
     !name.is_empty()
@@ -454,6 +487,7 @@ fn fuzz_read_message(h: wire::Frame<'_>, payload: &[u8]) {
             let m = h.body_as_auth().expect("verified Auth");
             str_len(m.volume());
             let _ = (m.mac().map(|n| n.bytes().len()), m.generation());
+            let _ = volume_id_field(m.volume_id());
             if let Some(v) = m.volume() {
                 let _ = valid_volume_name(v);
             }
@@ -540,6 +574,10 @@ fn fuzz_read_message(h: wire::Frame<'_>, payload: &[u8]) {
                 let _ = valid_volume_name(v);
             }
         }
+        M::DeleteVolume => {
+            let m = h.body_as_delete_volume().expect("verified DeleteVolume");
+            let _ = volume_id_field(m.volume_id());
+        }
         // `decode_header` refuses NONE and unknown members.
         other => panic!("decode_header accepted message type {}", other.0),
     }
@@ -558,6 +596,9 @@ fn fuzz_volume_info(info: Option<wire::VolumeInfo<'_>>) {
             i.snapshot_count(),
             i.clone_source_volume().map(str::len),
             i.clone_source_snap_id(),
+            volume_id_field(i.volume_id()),
+            i.latest_commit_ms(),
+            i.created_ms(),
         );
     }
 }
@@ -655,6 +696,14 @@ mod tests {
         let mut garbage = vec![16u8, 0, 0, 0];
         garbage.extend_from_slice(&[0xff; 16]);
         assert!(decode_frame(&garbage).is_err());
+    }
+
+    #[test]
+    fn volume_ids() {
+        let id = [0xabu8; VOLUME_ID_BYTES];
+        assert_eq!(parse_volume_id_hex(&volume_id_hex(&id)), Some(id));
+        assert_eq!(parse_volume_id_hex("abc"), None);
+        assert_eq!(parse_volume_id_hex(&"zz".repeat(16)), None);
     }
 
     #[test]

@@ -42,6 +42,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
                 volume: Some(vol),
                 mac: Some(mac),
                 generation: 9,
+                volume_id: None,
             },
         );
         let h = finish_header(&mut fbb, wire::Message::Auth, body.as_union_value(), 0).unwrap();

@@ -125,6 +125,12 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A volume as the data plane keeps it: `volume info` shows its id, size and chain;
+    /// `volume delete` removes it with every snapshot.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
     /// Write a volume as of one snapshot into an image file (sparse), from the data plane alone.
     Export {
         /// NAME@SNAPSHOT_ID
@@ -134,6 +140,35 @@ pub enum Cmd {
         /// The image file to write (created or truncated).
         #[arg(long)]
         output: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Show a volume on the data plane: id, size, chain head, snapshot count, last commit,
+    /// clone source.
+    Info {
+        /// Volume name on the data plane.
+        name: String,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume and every snapshot of it from the data plane (not from this node's
+    /// disks), e.g. to free its name for a new volume. Irreversible. Refused while a clone
+    /// depends on one of its snapshots, and while the volume is attached on this node.
+    Delete {
+        /// Volume name on the data plane.
+        name: String,
+        /// The volume's id (32 hex digits, as `volume info` or the refusal that named it
+        /// shows): a confirmation, so that another volume of that name is never deleted.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -151,7 +186,17 @@ pub struct DataPlaneArgs {
 }
 
 impl DataPlaneArgs {
+    /// A connection that reads `volume` by name (no identity: any volume of that name).
     fn connect(&self, volume: &str) -> anyhow::Result<deltavol_dataplane::Client> {
+        self.connect_as(volume, None)
+    }
+
+    /// A connection as the volume with identity `volume_id` (`None`: by name only).
+    fn connect_as(
+        &self,
+        volume: &str,
+        volume_id: Option<[u8; 16]>,
+    ) -> anyhow::Result<deltavol_dataplane::Client> {
         let token =
             crate::ship::read_token(&self.auth_token_file).map_err(|e| anyhow::anyhow!("{e}"))?;
         let t = deltavol_dataplane::Timeouts {
@@ -162,9 +207,10 @@ impl DataPlaneArgs {
         let (c, addr) = self
             .dataplane
             .connect(volume, |addr| {
-                deltavol_dataplane::Client::connect(addr, &token, volume, t).map_err(|e| {
-                    crate::error::Error::new(crate::error::ErrorKind::Io, e.to_string())
-                })
+                deltavol_dataplane::Client::connect_as(addr, &token, volume, t, 0, volume_id)
+                    .map_err(|e| {
+                        crate::error::Error::new(crate::error::ErrorKind::Io, e.to_string())
+                    })
             })
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| {
@@ -488,6 +534,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => clone(&spec, &name, &dp, dev, wait),
         Cmd::Snapshots { name, dp, json } => list_snapshots(&name, &dp, json),
         Cmd::Export { spec, dp, output } => export(&spec, &dp, &output),
+        Cmd::Volume {
+            cmd: VolumeCmd::Info { name, dp, json },
+        } => volume_info(&name, &dp, json),
+        Cmd::Volume {
+            cmd: VolumeCmd::Delete { name, id, dp, json },
+        } => volume_delete(&name, &id, &dp, json),
         Cmd::Verify {
             name,
             timeout_ms,
@@ -645,11 +697,23 @@ fn recover(name: &str, dp: &DataPlaneArgs, dev: DeviceArgs, wait: bool) -> anyho
             .new_generation()
             .context("start a new generation (fence the old machine)")?;
         let head = c.info().latest_snap_id.max(info.latest_snap_id);
+        // The recovered volume is the same volume: it keeps its id on the data plane (a
+        // server too old to tell one gets a new random id bound to nothing).
+        let volume_id = match (info.volume_id, c.info().volume_id) {
+            (Some(a), Some(b)) if a != b => bail!(
+                "volume {name:?} on the data plane was replaced by another volume (id {} then {}) while recovering: nothing recovered; run recover again",
+                deltavol_schemas::volume_id_hex(&a),
+                deltavol_schemas::volume_id_hex(&b)
+            ),
+            (Some(a), _) => a,
+            (None, _) => rand::random(),
+        };
         let ca = crate::cache::CreateAs {
             flushed_epoch: head,
             snap_head: head,
             generation,
             hydrate_snap: head,
+            volume_id,
         };
         eprintln!(
             "recovering {name} from snapshot {head} ({}), generation {generation}",
@@ -688,7 +752,9 @@ fn clone(
         );
         from_dataplane(new, dp, dev, None, None)?
     } else {
-        let mut c = dp.connect(new)?;
+        // A clone is a new volume: a new id, which the data plane records for it.
+        let volume_id: [u8; 16] = rand::random();
+        let mut c = dp.connect_as(new, Some(volume_id))?;
         let info = c
             .clone_volume(src, snap)
             .with_context(|| format!("clone {src}@{snap} as {new}"))?;
@@ -697,6 +763,7 @@ fn clone(
             snap_head: 0,
             generation: info.generation,
             hydrate_snap: 0,
+            volume_id,
         };
         eprintln!(
             "cloned {src}@{snap} as {new} ({}) on the data plane (metadata only)",
@@ -805,6 +872,102 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
             ts,
             format_size(s.bytes),
             s.extent_count
+        );
+    }
+    Ok(())
+}
+
+fn volume_json(i: &deltavol_dataplane::VolumeInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": i.name,
+        "exists": i.exists,
+        "volume_id": i.volume_id.as_ref().map(deltavol_schemas::volume_id_hex),
+        "size_bytes": i.size_bytes,
+        "block_size": i.block_size,
+        "latest_snap_id": i.latest_snap_id,
+        "latest_commit_unix_ms": i.latest_commit_ms,
+        "snapshot_count": i.snapshot_count,
+        "generation": i.generation,
+        "created_unix_ms": i.created_ms,
+        "clone_source": (!i.clone_source_volume.is_empty())
+            .then(|| format!("{}@{}", i.clone_source_volume, i.clone_source_snap_id)),
+    })
+}
+
+fn volume_info(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<()> {
+    crate::cache::validate_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut c = dp.connect(name)?;
+    let i = c.volume_info().context("volume info")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&volume_json(&i))?);
+        return Ok(());
+    }
+    if !i.exists {
+        bail!("the data plane at {} has no volume {name:?}", dp.dataplane);
+    }
+    let id = i
+        .volume_id
+        .as_ref()
+        .map_or_else(|| "unknown".into(), deltavol_schemas::volume_id_hex);
+    println!("volume:        {name} ({id})");
+    println!(
+        "size:          {} ({} bytes)",
+        format_size(i.size_bytes),
+        i.size_bytes
+    );
+    let age = if i.latest_commit_ms == 0 {
+        "none".to_string()
+    } else {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        format!(
+            "{:.1} s ago",
+            now.saturating_sub(i.latest_commit_ms) as f64 / 1000.0
+        )
+    };
+    println!(
+        "snapshots:     {} (head {}, last commit {age})",
+        i.snapshot_count, i.latest_snap_id
+    );
+    println!("generation:    {}", i.generation);
+    if !i.clone_source_volume.is_empty() {
+        println!(
+            "clone of:      {}@{}",
+            i.clone_source_volume, i.clone_source_snap_id
+        );
+    }
+    Ok(())
+}
+
+fn volume_delete(name: &str, id: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<()> {
+    crate::cache::validate_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(id) = deltavol_schemas::parse_volume_id_hex(id) else {
+        bail!("--id {id:?} is not a volume id (32 hex digits, as `deltavol volume info {name}` shows)");
+    };
+    if let Ok(Some(i)) = control::read_info(&control::info_path(name)) {
+        if control::pid_alive(i.pid) {
+            bail!("volume {name:?} is attached on this node (pid {}): `deltavol del {name}` first; deleting it on the data plane under a live daemon would break its snapshot chain", i.pid);
+        }
+    }
+    let mut c = dp.connect(name)?;
+    let before = c.volume_info().context("volume info")?;
+    if !before.exists {
+        bail!(
+            "the data plane at {} has no volume {name:?}: nothing to delete",
+            dp.dataplane
+        );
+    }
+    c.delete_volume(id)
+        .with_context(|| format!("delete volume {name} on the data plane"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&volume_json(&before))?);
+    } else {
+        println!(
+            "deleted volume {name} ({}) and its {} snapshots from the data plane",
+            deltavol_schemas::volume_id_hex(&id),
+            before.snapshot_count
         );
     }
     Ok(())

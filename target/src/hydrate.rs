@@ -531,6 +531,7 @@ impl Worker {
                 &self.sh.cache.name,
                 t,
                 self.sh.cfg.generation,
+                Some(self.sh.cache.volume_id),
             )?;
             self.client = Some(c);
             self.backoff = Duration::from_millis(50);

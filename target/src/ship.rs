@@ -165,7 +165,8 @@ impl DataPlaneAddrs {
                     self.current.store(i, Ordering::Relaxed);
                     return Ok((t, addr.clone()));
                 }
-                Err(e) if is_fence(&e) => return Err(e),
+                // Every server of a store says the same: no point asking the others.
+                Err(e) if is_fence(&e) || is_identity_refusal(&e) => return Err(e),
                 Err(e) => {
                     if self.list.len() > 1 {
                         tracing::debug!(volume, dataplane = %addr, error = %e, "data-plane server unavailable for this volume; trying the next");
@@ -197,16 +198,18 @@ impl DataPlaneAddrs {
         ))
     }
 
-    /// [`Self::connect`] with a plain [`Client`] (no set-up beyond the handshake).
+    /// [`Self::connect`] with a plain [`Client`] (no set-up beyond the handshake), as the
+    /// volume with identity `volume_id` (the data plane refuses another volume's name).
     pub fn connect_client(
         &self,
         token: &[u8],
         volume: &str,
         timeouts: Timeouts,
         generation: u64,
+        volume_id: Option<VolumeId>,
     ) -> Result<(Client, String)> {
         self.connect(volume, |addr| {
-            Client::connect_with_generation(addr, token, volume, timeouts, generation)
+            Client::connect_as(addr, token, volume, timeouts, generation, volume_id)
                 .map_err(client_err)
         })
     }
@@ -325,11 +328,23 @@ fn client_err(e: ClientError) -> Error {
     if e.server_code() == Some(ErrorCode::StaleGeneration) {
         return Error::new(ErrorKind::Mismatch, format!("fenced: {e}"));
     }
+    if e.server_code() == Some(ErrorCode::IdentityMismatch) {
+        return Error::new(ErrorKind::Mismatch, format!("{IDENTITY_REFUSED}{e}"));
+    }
     Error::new(ErrorKind::Io, format!("data plane: {e}"))
 }
 
 fn is_fence(e: &Error) -> bool {
     e.kind() == ErrorKind::Mismatch && e.to_string().starts_with("fenced: ")
+}
+
+/// How an error refusing this volume's identity begins (the data plane holds another volume
+/// under this name): nothing is shipped, and every server of a store says the same.
+pub const IDENTITY_REFUSED: &str = "refused by the data plane: ";
+
+/// Whether the data plane refused this volume's identity (a reused name).
+pub fn is_identity_refusal(e: &Error) -> bool {
+    e.kind() == ErrorKind::Mismatch && e.to_string().starts_with(IDENTITY_REFUSED)
 }
 
 impl Shared {
@@ -345,12 +360,13 @@ impl Shared {
             io: self.cfg.io_timeout,
         };
         self.cfg.addrs.connect(&self.volume, |addr| {
-            let mut c = Client::connect_with_generation(
+            let mut c = Client::connect_as(
                 addr,
                 &self.cfg.token,
                 &self.volume,
                 t,
                 self.generation,
+                Some(self.volume_id),
             )
             .map_err(client_err)?;
             c.count_sent_bytes(self.bytes_sent.clone());
@@ -405,7 +421,13 @@ impl Shared {
         }
         st.client = None;
         st.conn_addr = None;
-        tracing::warn!(volume = %self.volume, dataplane = %self.cfg.addrs, error = %e, retry_in_ms = st.backoff.as_millis() as u64, "data plane unavailable; deltas queue in the outbox");
+        if is_identity_refusal(e) {
+            if st.last_error.as_deref() != Some(&e.to_string()) {
+                tracing::error!(volume = %self.volume, dataplane = %self.cfg.addrs, error = %e, "the data plane holds another volume under this name: nothing is shipped; deltas stay in the outbox until the name is freed");
+            }
+        } else {
+            tracing::warn!(volume = %self.volume, dataplane = %self.cfg.addrs, error = %e, retry_in_ms = st.backoff.as_millis() as u64, "data plane unavailable; deltas queue in the outbox");
+        }
         st.last_error = Some(e.to_string());
         st.retry_at = Some(Instant::now() + st.backoff);
         st.backoff = (st.backoff * 2).min(RETRY_BACKOFF_MAX);
@@ -552,7 +574,13 @@ impl ShipHandle {
             io: sc.io_timeout,
         };
         sc.addrs
-            .connect_client(&sc.token, &self.shared.volume, t, self.shared.generation)
+            .connect_client(
+                &sc.token,
+                &self.shared.volume,
+                t,
+                self.shared.generation,
+                Some(self.shared.volume_id),
+            )
             .map(|(c, _)| c)
     }
 
@@ -1038,7 +1066,9 @@ fn run_shipper(sh: Arc<Shared>) {
             }
             Err(e)
                 if e.kind() == ErrorKind::Corrupt
-                    || (e.kind() == ErrorKind::Mismatch && !is_fence(&e)) =>
+                    || (e.kind() == ErrorKind::Mismatch
+                        && !is_fence(&e)
+                        && !is_identity_refusal(&e)) =>
             {
                 // Never shippable: set it and the entries chained onto it aside; the next
                 // flush ships a full base (see the module doc).

@@ -149,16 +149,23 @@ fn fencing_on_the_first_address_does_not_fail_over() {
     let a = Dp::start(&dir.path().join("a"), "127.0.0.1:0");
     let b = Dp::start(&dir.path().join("b"), "127.0.0.1:0");
     let nblocks = 64u64;
-    // Another machine recovered the volume on A: its generation is now 1.
-    {
-        let mut c = client(&a.addr);
-        c.create_volume(nblocks * BS as u64, BS as u32).unwrap();
-        assert_eq!(c.new_generation().unwrap(), 1);
-    }
     let mut cfg = config(dir.path(), nblocks * BS as u64, 1);
     cfg.flush_interval = Duration::from_secs(3600);
     cfg.ship = Some(ship_cfg(dir.path(), &format!("{},{}", a.addr, b.addr)));
     let vol = Volume::open(&cfg).unwrap();
+    // Another machine recovered the volume (the same volume: its id) on A: its generation is
+    // now 1.
+    {
+        let t = deltavol_dataplane::Timeouts {
+            connect: Duration::from_secs(2),
+            io: Duration::from_secs(10),
+        };
+        let id = Some(vol.cache.volume_id);
+        let mut c =
+            deltavol_dataplane::Client::connect_as(&a.addr, TOKEN, "testvol", t, 0, id).unwrap();
+        c.create_volume(nblocks * BS as u64, BS as u32).unwrap();
+        assert_eq!(c.new_generation().unwrap(), 1);
+    }
     let mut d = Driver::new(&vol, 1);
     for round in 0..3u64 {
         assert!(d.write_tags(0, round, &[round + 1], false) > 0);
@@ -491,6 +498,7 @@ fn hydration_fetches_past_a_dead_first_address() {
         snap_head: snap,
         generation: 0,
         hydrate_snap: snap,
+        volume_id: dataplane_volume_id(&dp.addr),
     });
     let vol = Volume::open(&cfg).unwrap();
     let mut d = Driver::new(&vol, 1);

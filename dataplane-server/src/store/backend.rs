@@ -144,7 +144,8 @@ impl Backend {
                 let mut out = Vec::new();
                 for ent in rd {
                     let ent = ent.map_err(|e| StoreError::io("list volumes", e))?;
-                    if let Some(n) = ent.file_name().to_str() {
+                    // Hidden entries are not volumes (a deleted volume on its way out).
+                    if let Some(n) = ent.file_name().to_str().filter(|n| !n.starts_with('.')) {
                         out.push(n.to_string());
                     }
                 }

@@ -91,6 +91,8 @@ pub enum StoreErrorKind {
     Invalid,
     /// A clone depends on the snapshot.
     InUse,
+    /// The volume under this name has another id than the client's (a reused name).
+    IdentityMismatch,
 }
 
 /// A storage error: a kind, what was being done, and the I/O error if any.
@@ -286,6 +288,47 @@ pub struct VolumeSummary {
     pub snapshot_count: u64,
     /// For a clone: the source volume and snapshot.
     pub clone_source: Option<(String, u64)>,
+    /// The volume's identity (random at its creation; the compute side's own id when it
+    /// created the volume).
+    pub volume_id: VolumeId,
+    /// Commit time of the chain head, 0 when the chain is empty.
+    pub latest_commit_ms: u64,
+    pub created_ms: u64,
+}
+
+impl VolumeSummary {
+    /// Refuses a client whose volume id is not this volume's: another volume that reused the
+    /// name. The error names this volume (id, size, head, last commit) and says what to do.
+    pub fn check_identity(&self, name: &str, client: &VolumeId) -> Result<(), StoreError> {
+        if &self.volume_id == client {
+            return Ok(());
+        }
+        let last = if self.latest_commit_ms == 0 {
+            "never".to_string()
+        } else {
+            format!(
+                "{} s ago",
+                now_ms().saturating_sub(self.latest_commit_ms) / 1000
+            )
+        };
+        Err(StoreError::new(
+            StoreErrorKind::IdentityMismatch,
+            format!(
+                "the data plane already holds another volume named {name}: id {}, {} bytes,                  {} snapshots, chain head {}, last commit {last}; this volume's id is {}.                  Give this volume another name, or delete the old one on the data plane first                  (deltavol volume delete {name} --id {} --dataplane ... --auth-token-file ...)",
+                volume_id_hex(&self.volume_id),
+                self.size_bytes,
+                self.snapshot_count,
+                self.latest_snap_id,
+                volume_id_hex(client),
+                volume_id_hex(&self.volume_id),
+            ),
+        ))
+    }
+}
+
+/// Lower-case hex of a volume id.
+pub fn volume_id_hex(id: &VolumeId) -> String {
+    deltavol_schemas::volume_id_hex(id)
 }
 
 /// A read-only view of a clone's source as of the source snapshot, opened by the clone's
@@ -529,20 +572,29 @@ impl Volume {
     }
 
     /// Creates a new volume with an empty chain; with `clone_source`, a metadata-only clone of
-    /// that snapshot (the caller checked that it exists and pinned it). On a shared object
+    /// that snapshot (the caller checked that it exists and pinned it). `id` is the volume's
+    /// identity as the compute side chose it (random here when `None`). On a shared object
     /// store, a volume another server created first under the same name is loaded instead
-    /// when it has the same geometry and source (`VolumeMismatch` otherwise).
+    /// when it has the same id, geometry and source (`IdentityMismatch` / `VolumeMismatch`
+    /// otherwise).
     pub async fn create(
         backend: &Backend,
         name: &str,
         size_bytes: u64,
         block_size: u32,
         clone_source: Option<CloneSourceData>,
+        id: Option<VolumeId>,
     ) -> Result<Rc<Volume>, StoreError> {
         check_geometry(size_bytes, block_size)?;
-        let mut volume_id: VolumeId = [0; 16];
-        getrandom::getrandom(&mut volume_id)
-            .map_err(|e| StoreError::io("volume id from getrandom", io::Error::other(e)))?;
+        let volume_id: VolumeId = match id {
+            Some(id) => id,
+            None => {
+                let mut v: VolumeId = [0; 16];
+                getrandom::getrandom(&mut v)
+                    .map_err(|e| StoreError::io("volume id from getrandom", io::Error::other(e)))?;
+                v
+            }
+        };
         let manifest = ManifestData {
             volume_name: name.to_string(),
             volume_id,
@@ -574,6 +626,9 @@ impl Volume {
                                     format!("volume {name}: manifest 1 exists but cannot be read"),
                                 )
                             })?;
+                        if let Some(id) = id {
+                            v.summary().check_identity(name, &id)?;
+                        }
                         check_same_geometry(&v.summary(), size_bytes, block_size)?;
                         let theirs = v.clone_source().map(|c| (c.volume, c.snap_id));
                         let ours = manifest
@@ -731,6 +786,9 @@ impl Volume {
                 .clone_source
                 .as_ref()
                 .map(|c| (c.volume.clone(), c.snap_id)),
+            volume_id: m.volume_id,
+            latest_commit_ms: m.snapshots.last().map_or(0, |s| s.commit_time_ms),
+            created_ms: m.created_ms,
         }
     }
 
@@ -1079,6 +1137,118 @@ impl Volume {
         tracing::info!(volume = %self.name, snap_id, merged_into, "snapshot deleted");
         Ok(merged_into)
     }
+}
+
+impl Volume {
+    /// Deletes the whole volume from the store, after checking that `confirm_id` is its id
+    /// (so that a volume created meanwhile under the same name is never deleted). The caller
+    /// checked that no clone depends on it. An upload in progress is abandoned.
+    ///
+    /// Crash-safe: local, the directory is renamed to a hidden tombstone (`.deleted-…`,
+    /// never a valid volume name) and the parent synced before it is removed, so the volume
+    /// is either whole or gone; a tombstone left by a crash is removed at the next start.
+    /// Object store: every manifest but the newest is deleted first, then the newest (from
+    /// then on the volume does not exist), then the segments; a crash leaves either the
+    /// volume at its newest state or unreferenced segments that a repeated delete or `gc`
+    /// removes.
+    pub async fn delete_volume(&self, confirm_id: &VolumeId) -> Result<(), StoreError> {
+        let _guard = self.meta_lock.lock().await;
+        let summary = self.summary();
+        if &summary.volume_id != confirm_id {
+            return Err(StoreError::new(
+                StoreErrorKind::IdentityMismatch,
+                format!(
+                    "volume {} has id {}, not {}: nothing deleted",
+                    self.name,
+                    volume_id_hex(&summary.volume_id),
+                    volume_id_hex(confirm_id)
+                ),
+            ));
+        }
+        self.upload.set(None);
+        match &self.backend {
+            Backend::Local { volumes_dir } => {
+                let mut nonce = [0u8; 8];
+                getrandom::getrandom(&mut nonce)
+                    .map_err(|e| StoreError::io("getrandom", io::Error::other(e)))?;
+                let tomb = volumes_dir.join(format!(
+                    "{DELETED_PREFIX}{}-{:016x}",
+                    self.name,
+                    u64::from_le_bytes(nonce)
+                ));
+                std::fs::rename(&self.dir, &tomb).map_err(io_at("rename", &self.dir))?;
+                sync_dir(volumes_dir).await?;
+                if let Err(e) = std::fs::remove_dir_all(&tomb) {
+                    tracing::warn!(path = %tomb.display(), error = %e, "could not remove a deleted volume's files; removed at the next start");
+                }
+            }
+            Backend::Object(obj) => {
+                let mut manifests: Vec<(u64, object_store::path::Path)> = obj
+                    .list(&format!("volumes/{}/manifest", self.name))
+                    .await?
+                    .into_iter()
+                    .filter_map(|m| {
+                        let seq = m
+                            .location
+                            .filename()
+                            .and_then(backend::parse_manifest_name)?;
+                        Some((seq, m.location))
+                    })
+                    .collect();
+                manifests.sort_by_key(|m| m.0);
+                for (_, key) in &manifests {
+                    obj.delete(key).await?;
+                }
+                for m in obj.list(&format!("volumes/{}/seg", self.name)).await? {
+                    obj.delete(&m.location).await?;
+                }
+            }
+        }
+        self.state.borrow_mut().damaged = Some("deleted".into());
+        tracing::info!(volume = %self.name, id = %volume_id_hex(confirm_id), snapshots = summary.snapshot_count, "volume deleted");
+        Ok(())
+    }
+}
+
+/// Local store: directory names of deleted volumes on their way out.
+pub const DELETED_PREFIX: &str = ".deleted-";
+
+/// Local store: removes what deletions interrupted by a crash left behind.
+pub fn remove_deleted_leftovers(volumes_dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(volumes_dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(DELETED_PREFIX) {
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                tracing::warn!(path = %e.path().display(), error = %err, "could not remove a deleted volume's files");
+            }
+        }
+    }
+}
+
+/// A volume of the store that is a clone of any snapshot of `volume` (id `volume_id`).
+pub async fn find_any_clone_of(
+    backend: &Backend,
+    volume: &str,
+    volume_id: &VolumeId,
+) -> Result<Option<(String, u64)>, StoreError> {
+    for name in backend.list_volumes().await? {
+        if name == volume || !deltavol_schemas::valid_volume_name(&name) {
+            continue;
+        }
+        let Some(m) = read_manifest(backend, &name).await? else {
+            continue;
+        };
+        if let Some(c) = m
+            .clone_source
+            .as_ref()
+            .filter(|c| c.volume == volume && &c.volume_id == volume_id)
+        {
+            return Ok(Some((name, c.snap_id)));
+        }
+    }
+    Ok(None)
 }
 
 fn stale_generation(volume: &str, current: u64, writer: u64) -> StoreError {
@@ -1707,6 +1877,11 @@ impl Upload {
         };
         let volume = Rc::clone(&self.volume);
         let _guard = volume.meta_lock.lock().await;
+        if let Err(e) = volume.check_damaged() {
+            // Deleted (or found damaged) while this upload was finishing: publish nothing.
+            ready.remove();
+            return Err(e);
+        }
         let entry = SnapEntry {
             snap_id: self.snap_id,
             parent_id: self.parent_id,

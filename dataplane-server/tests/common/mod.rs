@@ -294,6 +294,7 @@ pub fn raw_auth(
             volume: Some(v),
             mac: Some(m),
             generation: 0,
+            volume_id: None,
         },
     );
     let f = frame(&mut fbb, wire::Message::Auth, body.as_union_value(), &[]);

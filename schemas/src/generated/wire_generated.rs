@@ -98,10 +98,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ExtentKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 21;
+pub const ENUM_MAX_ERROR_CODE: u16 = 22;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 22] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 23] = [
   ErrorCode::Internal,
   ErrorCode::Malformed,
   ErrorCode::Unauthorized,
@@ -124,6 +124,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 22] = [
   ErrorCode::BadSnapshotId,
   ErrorCode::InUse,
   ErrorCode::VolumeExists,
+  ErrorCode::IdentityMismatch,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -155,9 +156,12 @@ impl ErrorCode {
   pub const InUse: Self = Self(20);
   /// CloneVolume onto a name that already exists.
   pub const VolumeExists: Self = Self(21);
+  /// The volume under this name has another identity (volume id) than the client's: a
+  /// different volume that reused the name. Nothing is written; the message says what to do.
+  pub const IdentityMismatch: Self = Self(22);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 21;
+  pub const ENUM_MAX: u16 = 22;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Internal,
     Self::Malformed,
@@ -181,6 +185,7 @@ impl ErrorCode {
     Self::BadSnapshotId,
     Self::InUse,
     Self::VolumeExists,
+    Self::IdentityMismatch,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -207,6 +212,7 @@ impl ErrorCode {
       Self::BadSnapshotId => Some("BadSnapshotId"),
       Self::InUse => Some("InUse"),
       Self::VolumeExists => Some("VolumeExists"),
+      Self::IdentityMismatch => Some("IdentityMismatch"),
       _ => None,
     }
   }
@@ -264,10 +270,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_MESSAGE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE: u8 = 22;
+pub const ENUM_MAX_MESSAGE: u8 = 23;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE: [Message; 23] = [
+pub const ENUM_VALUES_MESSAGE: [Message; 24] = [
   Message::NONE,
   Message::Hello,
   Message::Challenge,
@@ -291,6 +297,7 @@ pub const ENUM_VALUES_MESSAGE: [Message; 23] = [
   Message::Error,
   Message::NewGeneration,
   Message::CloneVolume,
+  Message::DeleteVolume,
 ];
 
 /// Append-only: new members go at the end.
@@ -322,9 +329,10 @@ impl Message {
   pub const Error: Self = Self(20);
   pub const NewGeneration: Self = Self(21);
   pub const CloneVolume: Self = Self(22);
+  pub const DeleteVolume: Self = Self(23);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 22;
+  pub const ENUM_MAX: u8 = 23;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -349,6 +357,7 @@ impl Message {
     Self::Error,
     Self::NewGeneration,
     Self::CloneVolume,
+    Self::DeleteVolume,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -376,6 +385,7 @@ impl Message {
       Self::Error => Some("Error"),
       Self::NewGeneration => Some("NewGeneration"),
       Self::CloneVolume => Some("CloneVolume"),
+      Self::DeleteVolume => Some("DeleteVolume"),
       _ => None,
     }
   }
@@ -873,6 +883,7 @@ impl<'a> Auth<'a> {
   pub const VT_VOLUME: ::flatbuffers::VOffsetT = 4;
   pub const VT_MAC: ::flatbuffers::VOffsetT = 6;
   pub const VT_GENERATION: ::flatbuffers::VOffsetT = 8;
+  pub const VT_VOLUME_ID: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -885,6 +896,7 @@ impl<'a> Auth<'a> {
   ) -> ::flatbuffers::WIPOffset<Auth<'bldr>> {
     let mut builder = AuthBuilder::new(_fbb);
     builder.add_generation(args.generation);
+    if let Some(x) = args.volume_id { builder.add_volume_id(x); }
     if let Some(x) = args.mac { builder.add_mac(x); }
     if let Some(x) = args.volume { builder.add_volume(x); }
     builder.finish()
@@ -916,6 +928,17 @@ impl<'a> Auth<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Auth::VT_GENERATION, Some(0)).unwrap()}
   }
+  /// The client's volume id (16 bytes, random at the volume's creation), or absent for a
+  /// client that only reads by name. When the volume exists with another id, the connection
+  /// is refused with `IdentityMismatch`; when it does not exist, a CreateVolume or
+  /// CloneVolume on this connection creates it with this id.
+  #[inline]
+  pub fn volume_id(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Auth::VT_VOLUME_ID, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Auth<'_> {
@@ -927,6 +950,7 @@ impl ::flatbuffers::Verifiable for Auth<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("volume", Self::VT_VOLUME, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("mac", Self::VT_MAC, false)?
      .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("volume_id", Self::VT_VOLUME_ID, false)?
      .finish();
     Ok(())
   }
@@ -935,6 +959,7 @@ pub struct AuthArgs<'a> {
     pub volume: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub mac: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub generation: u64,
+    pub volume_id: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
 }
 impl<'a> Default for AuthArgs<'a> {
   #[inline]
@@ -943,6 +968,7 @@ impl<'a> Default for AuthArgs<'a> {
       volume: None,
       mac: None,
       generation: 0,
+      volume_id: None,
     }
   }
 }
@@ -965,6 +991,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AuthBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u64>(Auth::VT_GENERATION, generation, 0);
   }
   #[inline]
+  pub fn add_volume_id(&mut self, volume_id: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Auth::VT_VOLUME_ID, volume_id);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AuthBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     AuthBuilder {
@@ -985,6 +1015,7 @@ impl ::core::fmt::Debug for Auth<'_> {
       ds.field("volume", &self.volume());
       ds.field("mac", &self.mac());
       ds.field("generation", &self.generation());
+      ds.field("volume_id", &self.volume_id());
       ds.finish()
   }
 }
@@ -1014,6 +1045,9 @@ impl<'a> VolumeInfo<'a> {
   pub const VT_SNAPSHOT_COUNT: ::flatbuffers::VOffsetT = 16;
   pub const VT_CLONE_SOURCE_VOLUME: ::flatbuffers::VOffsetT = 18;
   pub const VT_CLONE_SOURCE_SNAP_ID: ::flatbuffers::VOffsetT = 20;
+  pub const VT_VOLUME_ID: ::flatbuffers::VOffsetT = 22;
+  pub const VT_LATEST_COMMIT_MS: ::flatbuffers::VOffsetT = 24;
+  pub const VT_CREATED_MS: ::flatbuffers::VOffsetT = 26;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1025,11 +1059,14 @@ impl<'a> VolumeInfo<'a> {
     args: &'args VolumeInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<VolumeInfo<'bldr>> {
     let mut builder = VolumeInfoBuilder::new(_fbb);
+    builder.add_created_ms(args.created_ms);
+    builder.add_latest_commit_ms(args.latest_commit_ms);
     builder.add_clone_source_snap_id(args.clone_source_snap_id);
     builder.add_snapshot_count(args.snapshot_count);
     builder.add_generation(args.generation);
     builder.add_latest_snap_id(args.latest_snap_id);
     builder.add_size_bytes(args.size_bytes);
+    if let Some(x) = args.volume_id { builder.add_volume_id(x); }
     if let Some(x) = args.clone_source_volume { builder.add_clone_source_volume(x); }
     builder.add_block_size(args.block_size);
     if let Some(x) = args.name { builder.add_name(x); }
@@ -1103,6 +1140,30 @@ impl<'a> VolumeInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(VolumeInfo::VT_CLONE_SOURCE_SNAP_ID, Some(0)).unwrap()}
   }
+  /// The volume's id (16 bytes), absent when it does not exist.
+  #[inline]
+  pub fn volume_id(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(VolumeInfo::VT_VOLUME_ID, None)}
+  }
+  /// Commit time of the chain head (ms since the epoch), 0 when none.
+  #[inline]
+  pub fn latest_commit_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(VolumeInfo::VT_LATEST_COMMIT_MS, Some(0)).unwrap()}
+  }
+  /// Creation time of the volume on the data plane (ms since the epoch).
+  #[inline]
+  pub fn created_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(VolumeInfo::VT_CREATED_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for VolumeInfo<'_> {
@@ -1120,6 +1181,9 @@ impl ::flatbuffers::Verifiable for VolumeInfo<'_> {
      .visit_field::<u64>("snapshot_count", Self::VT_SNAPSHOT_COUNT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("clone_source_volume", Self::VT_CLONE_SOURCE_VOLUME, false)?
      .visit_field::<u64>("clone_source_snap_id", Self::VT_CLONE_SOURCE_SNAP_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("volume_id", Self::VT_VOLUME_ID, false)?
+     .visit_field::<u64>("latest_commit_ms", Self::VT_LATEST_COMMIT_MS, false)?
+     .visit_field::<u64>("created_ms", Self::VT_CREATED_MS, false)?
      .finish();
     Ok(())
   }
@@ -1134,6 +1198,9 @@ pub struct VolumeInfoArgs<'a> {
     pub snapshot_count: u64,
     pub clone_source_volume: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub clone_source_snap_id: u64,
+    pub volume_id: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub latest_commit_ms: u64,
+    pub created_ms: u64,
 }
 impl<'a> Default for VolumeInfoArgs<'a> {
   #[inline]
@@ -1148,6 +1215,9 @@ impl<'a> Default for VolumeInfoArgs<'a> {
       snapshot_count: 0,
       clone_source_volume: None,
       clone_source_snap_id: 0,
+      volume_id: None,
+      latest_commit_ms: 0,
+      created_ms: 0,
     }
   }
 }
@@ -1194,6 +1264,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> VolumeInfoBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u64>(VolumeInfo::VT_CLONE_SOURCE_SNAP_ID, clone_source_snap_id, 0);
   }
   #[inline]
+  pub fn add_volume_id(&mut self, volume_id: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(VolumeInfo::VT_VOLUME_ID, volume_id);
+  }
+  #[inline]
+  pub fn add_latest_commit_ms(&mut self, latest_commit_ms: u64) {
+    self.fbb_.push_slot::<u64>(VolumeInfo::VT_LATEST_COMMIT_MS, latest_commit_ms, 0);
+  }
+  #[inline]
+  pub fn add_created_ms(&mut self, created_ms: u64) {
+    self.fbb_.push_slot::<u64>(VolumeInfo::VT_CREATED_MS, created_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> VolumeInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     VolumeInfoBuilder {
@@ -1220,6 +1302,9 @@ impl ::core::fmt::Debug for VolumeInfo<'_> {
       ds.field("snapshot_count", &self.snapshot_count());
       ds.field("clone_source_volume", &self.clone_source_volume());
       ds.field("clone_source_snap_id", &self.clone_source_snap_id());
+      ds.field("volume_id", &self.volume_id());
+      ds.field("latest_commit_ms", &self.latest_commit_ms());
+      ds.field("created_ms", &self.created_ms());
       ds.finish()
   }
 }
@@ -3336,6 +3421,106 @@ impl ::core::fmt::Debug for CloneVolume<'_> {
       ds.finish()
   }
 }
+pub enum DeleteVolumeOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request: delete the authenticated volume and every snapshot of it. `volume_id` must be
+/// the volume's id (a confirmation: the id that an `IdentityMismatch` names), so that a
+/// volume created meanwhile under the same name is never deleted. Refused with `InUse` while
+/// a clone depends on one of its snapshots. Answered by `VolumeInfo` (`exists` false).
+pub struct DeleteVolume<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DeleteVolume<'a> {
+  type Inner = DeleteVolume<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DeleteVolume<'a> {
+  pub const VT_VOLUME_ID: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DeleteVolume { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DeleteVolumeArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DeleteVolume<'bldr>> {
+    let mut builder = DeleteVolumeBuilder::new(_fbb);
+    if let Some(x) = args.volume_id { builder.add_volume_id(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn volume_id(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(DeleteVolume::VT_VOLUME_ID, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DeleteVolume<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("volume_id", Self::VT_VOLUME_ID, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeleteVolumeArgs<'a> {
+    pub volume_id: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for DeleteVolumeArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DeleteVolumeArgs {
+      volume_id: None,
+    }
+  }
+}
+
+pub struct DeleteVolumeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeleteVolumeBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_volume_id(&mut self, volume_id: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeleteVolume::VT_VOLUME_ID, volume_id);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeleteVolumeBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeleteVolumeBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DeleteVolume<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DeleteVolume<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DeleteVolume");
+      ds.field("volume_id", &self.volume_id());
+      ds.finish()
+  }
+}
 pub enum ErrorOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -3838,6 +4023,21 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_delete_volume(&self) -> Option<DeleteVolume<'a>> {
+    if self.body_type() == Message::DeleteVolume {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { DeleteVolume::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -3870,6 +4070,7 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Message::Error => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Error>>("Message::Error", pos),
           Message::NewGeneration => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<NewGeneration>>("Message::NewGeneration", pos),
           Message::CloneVolume => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CloneVolume>>("Message::CloneVolume", pos),
+          Message::DeleteVolume => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteVolume>>("Message::DeleteVolume", pos),
           _ => Ok(()),
         }
      })?
@@ -4080,6 +4281,13 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Message::CloneVolume => {
           if let Some(x) = self.body_as_clone_volume() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::DeleteVolume => {
+          if let Some(x) = self.body_as_delete_volume() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -75,6 +75,9 @@ pub struct CreateAs {
     pub generation: u64,
     /// The data-plane snapshot whose contents the volume hydrates from (0: a clone's base).
     pub hydrate_snap: u64,
+    /// The volume's identity on the data plane: a recovered volume keeps the id it has
+    /// there; a clone gets the new id it was created with.
+    pub volume_id: VolumeId,
 }
 
 /// While a volume hydrates from the data plane: which blocks are local (hydrated, or written
@@ -306,7 +309,7 @@ impl Cache {
             };
             let ca = cfg.create_as;
             let sb = Superblock {
-                volume_id: rand::random(),
+                volume_id: ca.map_or_else(rand::random, |c| c.volume_id),
                 name: cfg.name.clone(),
                 size_bytes,
                 flushed_epoch: ca.map_or(0, |c| c.flushed_epoch),

@@ -108,6 +108,14 @@ pub fn client(addr: &str) -> deltavol_dataplane::Client {
     deltavol_dataplane::Client::connect(addr, TOKEN, "testvol", t).expect("connect")
 }
 
+/// The id the data plane holds for volume "testvol" (a recovered copy keeps it).
+pub fn dataplane_volume_id(addr: &str) -> [u8; 16] {
+    client(addr)
+        .info()
+        .volume_id
+        .expect("the data plane names the volume's id")
+}
+
 /// Reads a whole snapshot back from the data plane as block tags.
 pub fn snapshot_tags(addr: &str, snap: u64, nblocks: u64) -> Vec<Option<u64>> {
     let mut c = client(addr);

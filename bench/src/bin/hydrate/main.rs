@@ -386,7 +386,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 /// Opens a volume recovered from the source snapshot in `dir`; returns it and the open's
 /// wall time.
 fn open_recovered(b: &Bench, dir: &Path, rate: u64) -> anyhow::Result<(Volume, Duration)> {
-    let cfg = volume::recovered_config(dir, b.size, &b.plane, b.snap, rate);
+    let cfg = volume::recovered_config(dir, b.size, &b.plane, b.snap, rate)?;
     let t0 = Instant::now();
     let vol = Volume::open(&cfg).context("opening a recovered volume")?;
     let open = t0.elapsed();

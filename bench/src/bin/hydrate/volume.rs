@@ -41,6 +41,19 @@ impl Plane {
             io_timeout: Duration::from_secs(60),
         }
     }
+
+    /// The id of the bench volume on the data plane (a recovered copy keeps it).
+    fn volume_id(&self) -> anyhow::Result<[u8; 16]> {
+        let t = deltavol_dataplane::Timeouts {
+            connect: Duration::from_secs(5),
+            io: Duration::from_secs(60),
+        };
+        let c = deltavol_dataplane::Client::connect(&self.addr, &self.token, VOLUME_NAME, t)
+            .context("connect to the data plane")?;
+        c.info()
+            .volume_id
+            .context("the data plane names no id for the bench volume")
+    }
 }
 
 fn config(dir: &Path, size_bytes: u64, plane: &Plane) -> VolumeConfig {
@@ -72,7 +85,7 @@ pub fn recovered_config(
     plane: &Plane,
     snap: u64,
     rate: u64,
-) -> VolumeConfig {
+) -> anyhow::Result<VolumeConfig> {
     let mut cfg = config(dir, size_bytes, plane);
     cfg.hydrate_rate_bytes_per_s = rate;
     cfg.cache.create_as = Some(CreateAs {
@@ -80,8 +93,9 @@ pub fn recovered_config(
         snap_head: snap,
         generation: 0,
         hydrate_snap: snap,
+        volume_id: plane.volume_id()?,
     });
-    cfg
+    Ok(cfg)
 }
 
 /// One block request through the volume's handler; fails unless it did all of `buf`.
