@@ -924,6 +924,54 @@ impl Client {
         Ok(d.last())
     }
 
+    /// The crc32c of every block of the volume as of `snap_id` in `[lba, lba + nblocks)`,
+    /// without the data (requests of at most `CHECKSUM_BLOCKS_MAX` blocks, as many as
+    /// needed). Same snapshot semantics as [`Client::read_extents`].
+    pub fn read_checksums(
+        &mut self,
+        snap_id: u64,
+        lba: u64,
+        nblocks: u64,
+    ) -> Result<Vec<u32>, ClientError> {
+        let mut out = Vec::with_capacity(usize::try_from(nblocks).unwrap_or(0).min(1 << 24));
+        let mut cur = lba;
+        let end = lba
+            .checked_add(nblocks)
+            .ok_or_else(|| usage("lba + nblocks overflows"))?;
+        while cur < end {
+            let n = (end - cur).min(deltavol_schemas::CHECKSUM_BLOCKS_MAX);
+            let body = wire::ReadChecksums::create(
+                &mut self.fbb,
+                &wire::ReadChecksumsArgs {
+                    snap_id,
+                    lba: cur,
+                    nblocks: n,
+                },
+            );
+            self.send(wire::Message::ReadChecksums, body.as_union_value())?;
+            self.recv()?;
+            let got = {
+                let f = self.frame()?;
+                match f.body_as_checksums() {
+                    Some(c) if c.snap_id() == snap_id && c.lba() == cur => {
+                        c.crcs().map(|v| v.iter().collect::<Vec<u32>>())
+                    }
+                    _ => None,
+                }
+            };
+            match got {
+                Some(v) if v.len() as u64 == n => out.extend_from_slice(&v),
+                _ => {
+                    return self.poison(Err(protocol(format!(
+                        "expected Checksums of {n} blocks at {cur}"
+                    ))))
+                }
+            }
+            cur += n;
+        }
+        Ok(out)
+    }
+
     /// Deletes this connection's volume with every snapshot of it. `volume_id` must be the
     /// volume's id (a confirmation; `IdentityMismatch` otherwise). Refused with `InUse` while
     /// a clone depends on one of its snapshots.

@@ -40,8 +40,8 @@ use std::time::Duration;
 use deltavol_schemas::flatbuffers::FlatBufferBuilder;
 use deltavol_schemas::{
     append_frame, decode_header, finish_header, header_len_from_prefix, valid_volume_name, wire,
-    FrameError, ERROR_MESSAGE_MAX_BYTES, FRAME_EXTENTS_MAX, FRAME_LEN_PREFIX_BYTES,
-    FRAME_PAYLOAD_MAX_BYTES, LIST_PAGE_SNAPSHOTS_MAX, PROTOCOL_VERSION,
+    FrameError, CHECKSUM_BLOCKS_MAX, ERROR_MESSAGE_MAX_BYTES, FRAME_EXTENTS_MAX,
+    FRAME_LEN_PREFIX_BYTES, FRAME_PAYLOAD_MAX_BYTES, LIST_PAGE_SNAPSHOTS_MAX, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_uring::buf::BoundedBuf;
@@ -1377,6 +1377,9 @@ impl Conn {
         if let Some(m) = f.body_as_read_extents() {
             return self.read(m.snap_id(), m.lba(), m.nblocks()).await;
         }
+        if let Some(m) = f.body_as_read_checksums() {
+            return self.read_checksums(m.snap_id(), m.lba(), m.nblocks()).await;
+        }
         if f.body_as_new_generation().is_some() {
             return self.new_generation().await;
         }
@@ -1749,6 +1752,72 @@ impl Conn {
         self.read_payload = payload;
         self.read_payload.clear();
         self.read_extents.clear();
+        self.send_reply().await
+    }
+
+    /// The crc32c of each block as of `snap_id` (see the wire's `ReadChecksums`): the data
+    /// is read here, only the checksums cross the network.
+    async fn read_checksums(
+        &mut self,
+        snap_id: u64,
+        lba: u64,
+        nblocks: u64,
+    ) -> Result<(), ReqError> {
+        if nblocks == 0 || nblocks > CHECKSUM_BLOCKS_MAX {
+            return Err(ReqError::new(
+                wire::ErrorCode::TooLarge,
+                format!("ReadChecksums of {nblocks} blocks: 1..={CHECKSUM_BLOCKS_MAX} per request"),
+            ));
+        }
+        let v = self.require_volume()?;
+        let plan = v.plan_read(snap_id, lba, nblocks).await?;
+        let bs = u64::from(plan.block_size);
+        let zero_crc = crc32c::crc32c(&vec![0u8; bs as usize]);
+        let mut crcs: Vec<u32> = Vec::with_capacity(nblocks as usize);
+        let mut cached: Option<(*const store::Segment, u32)> = None;
+        for (start, end, src) in &plan.pieces {
+            match src {
+                PlanSrc::Zero => {
+                    crcs.extend(std::iter::repeat_n(zero_crc, (*end - *start) as usize))
+                }
+                PlanSrc::Data { seg, rec, rec_lba } => {
+                    if cached != Some((Rc::as_ptr(seg), *rec)) {
+                        let buf = std::mem::take(&mut self.rec_buf);
+                        let (res, buf) = seg.read_record(*rec, plan.block_size, buf).await;
+                        self.rec_buf = buf;
+                        res?;
+                        cached = Some((Rc::as_ptr(seg), *rec));
+                    }
+                    for b in *start..*end {
+                        let from = ((b - rec_lba) * bs) as usize;
+                        let Some(data) = self.rec_buf.get(from..from + bs as usize) else {
+                            return Err(ReqError::new(
+                                wire::ErrorCode::Damaged,
+                                "index points outside its extent",
+                            ));
+                        };
+                        crcs.push(crc32c::crc32c(data));
+                    }
+                }
+            }
+        }
+        if crcs.len() as u64 != nblocks {
+            return Err(ReqError::new(
+                wire::ErrorCode::Internal,
+                format!("read plan covered {} of {nblocks} blocks", crcs.len()),
+            ));
+        }
+        let v = self.out.fbb.create_vector(&crcs);
+        let body = wire::Checksums::create(
+            &mut self.out.fbb,
+            &wire::ChecksumsArgs {
+                snap_id,
+                lba,
+                crcs: Some(v),
+            },
+        );
+        self.out
+            .finish(wire::Message::Checksums, body.as_union_value(), &[]);
         self.send_reply().await
     }
 

@@ -301,6 +301,33 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
         frame(&mut fbb, M::DeleteVolume, b.as_union_value(), &[]),
     );
 
+    let b = wire::ReadChecksums::create(
+        &mut fbb,
+        &wire::ReadChecksumsArgs {
+            snap_id: 2,
+            lba: 16,
+            nblocks: 64,
+        },
+    );
+    push(
+        "read_checksums",
+        frame(&mut fbb, M::ReadChecksums, b.as_union_value(), &[]),
+    );
+
+    let crcs = fbb.create_vector(&[0xdead_beefu32, 0, 7, 0x1234_5678]);
+    let b = wire::Checksums::create(
+        &mut fbb,
+        &wire::ChecksumsArgs {
+            snap_id: 2,
+            lba: 16,
+            crcs: Some(crcs),
+        },
+    );
+    push(
+        "checksums",
+        frame(&mut fbb, M::Checksums, b.as_union_value(), &[]),
+    );
+
     // A connection's worth: hello, auth, begin, put, commit, read, in one stream.
     let stream: Vec<u8> = [
         "hello",

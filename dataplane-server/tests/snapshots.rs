@@ -465,3 +465,40 @@ fn a_new_upload_supersedes_a_stalled_one() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     server.shutdown();
 }
+
+/// `ReadChecksums`: the crc32c of every block as of each snapshot equals the model's, without
+/// the data; a clone's checksums fall through to its source; requests past the end are
+/// refused.
+#[test]
+fn checksum_read_matches_the_model_at_every_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = in_process(dir.path(), 2);
+    let mut c = connect(server.local_addr(), "vol-crc");
+    c.create_volume(SIZE, BS as u32).expect("create");
+    let mut rng = Rng::new(0xc3c);
+    let models = build_chain(&mut c, &mut rng, 4);
+    let crcs_of = |m: &[u8]| -> Vec<u32> { m.chunks(BS).map(crc32c::crc32c).collect() };
+    for (i, m) in models.iter().enumerate() {
+        let got = c
+            .read_checksums(i as u64 + 1, 0, BLOCKS)
+            .expect("checksums");
+        assert_eq!(got, crcs_of(m), "snapshot {}", i + 1);
+        // An unaligned window, crossing request chunks of the client as well.
+        let got = c.read_checksums(i as u64 + 1, 5, 300).expect("checksums");
+        assert_eq!(got, crcs_of(&m[5 * BS..305 * BS]));
+    }
+    let err = c
+        .read_checksums(4, BLOCKS - 1, 2)
+        .expect_err("past the end");
+    assert_eq!(err.server_code(), Some(ErrorCode::OutOfRange), "{err}");
+    let mut c = connect(server.local_addr(), "vol-crc");
+    let err = c.read_checksums(99, 0, 1).expect_err("no such snapshot");
+    assert_eq!(err.server_code(), Some(ErrorCode::NoSuchSnapshot), "{err}");
+
+    let mut cl = connect(server.local_addr(), "vol-crc-clone");
+    cl.clone_volume("vol-crc", 2).expect("clone");
+    assert_eq!(
+        cl.read_checksums(0, 0, BLOCKS).expect("base"),
+        crcs_of(&models[1])
+    );
+}

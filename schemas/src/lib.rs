@@ -371,6 +371,10 @@ pub fn check_extents<'a>(
     Ok(offset)
 }
 
+/// Most blocks one `ReadChecksums` may ask for (its answer, 4 bytes a block, fits a frame
+/// header).
+pub const CHECKSUM_BLOCKS_MAX: u64 = 8192;
+
 /// Bytes of a volume id (random at a volume's creation, never reused).
 pub const VOLUME_ID_BYTES: usize = 16;
 
@@ -573,6 +577,14 @@ fn fuzz_read_message(h: wire::Frame<'_>, payload: &[u8]) {
             if let Some(v) = m.source_volume() {
                 let _ = valid_volume_name(v);
             }
+        }
+        M::ReadChecksums => {
+            let m = h.body_as_read_checksums().expect("verified ReadChecksums");
+            let _ = (m.snap_id(), m.lba(), m.nblocks());
+        }
+        M::Checksums => {
+            let m = h.body_as_checksums().expect("verified Checksums");
+            let _ = (m.snap_id(), m.lba(), m.crcs().map(|c| c.len()));
         }
         M::DeleteVolume => {
             let m = h.body_as_delete_volume().expect("verified DeleteVolume");

@@ -713,6 +713,7 @@ fn recover(name: &str, dp: &DataPlaneArgs, dev: DeviceArgs, wait: bool) -> anyho
             snap_head: head,
             generation,
             hydrate_snap: head,
+            hydrate: true,
             volume_id,
         };
         eprintln!(
@@ -763,6 +764,7 @@ fn clone(
             snap_head: 0,
             generation: info.generation,
             hydrate_snap: 0,
+            hydrate: true,
             volume_id,
         };
         eprintln!(

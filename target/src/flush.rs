@@ -18,6 +18,7 @@ use crate::cache::meta::{BLOCK_SHIFT, BLOCK_SIZE};
 use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::fault::{FaultFile, FaultOp, FaultPlan};
+use crate::label::BackingState;
 use serde::Serialize;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::SeqCst;
@@ -54,6 +55,13 @@ pub trait DeltaSink: Send {
     /// full snapshot numbered `flushed_epoch` (every block, data or zero).
     fn base_needed(&mut self, _flushed_epoch: u64) -> Result<bool> {
         Ok(false)
+    }
+    /// What the backing file holds from now on, made durable where it survives the loss of
+    /// the SSD cache (the backing label, [`crate::label`]): `Writing(e)` before the first
+    /// block of epoch `e` is written, `Clean(e)` / `Partial(e)` once `e` is flushed and
+    /// committed. An error before the writes stops this flush attempt.
+    fn backing_state(&mut self, _state: BackingState) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -427,6 +435,9 @@ impl FlushThread {
             self.ship_base(f - 1)?;
         }
         self.sink.begin(f, false, c.size_bytes)?;
+        // From here on the backing holds a mix of f - 1 and f: say so where it survives a
+        // lost SSD before the first block is written.
+        self.sink.backing_state(BackingState::Writing(f))?;
         let mut buf = std::mem::take(&mut self.buf);
         let mut err = None;
         // While hydrating, hydration must not write a block of this epoch after we do.
@@ -465,6 +476,16 @@ impl FlushThread {
         self.check_abort()?;
         c.commit_flushed(f, self.sink.head())?;
         self.check_abort()?;
+        let done = if c.hydrating().is_some() {
+            BackingState::Partial(f)
+        } else {
+            BackingState::Clean(f)
+        };
+        if let Err(e) = self.sink.backing_state(done) {
+            // The label still says Writing(f): after a lost SSD the volume resynchronises
+            // from the data plane rather than trusting the backing. Nothing is wrong now.
+            tracing::warn!(volume = %c.name, epoch = f, error = %e, "could not record the flushed epoch in the backing label");
+        }
         c.rcache.bump_generation();
         c.slots[s].bits.for_each_run(u64::MAX, |start, len| {
             c.rcache.remove_range(start, len);

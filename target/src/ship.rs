@@ -33,6 +33,7 @@ use crate::cache::meta::{VolumeId, BLOCK_SIZE};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fault::{FaultFile, FaultOp, FaultPlan};
 use crate::flush::DeltaSink;
+use crate::label::{BackingState, LabelWriter};
 use deltavol_dataplane::{BeginOutcome, Client, ClientError, ErrorCode, SnapshotInfo, Timeouts};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -456,11 +457,14 @@ pub struct DataPlaneSink {
     shared: Arc<Shared>,
     mode: Mode,
     shipper: Option<JoinHandle<()>>,
+    /// The backing label in the outbox dir ([`crate::label`]).
+    label: LabelWriter,
 }
 
 impl DataPlaneSink {
     /// Opens the outbox (queuing what a previous run left in it) and starts the shipper.
-    /// `snap_head` is the chain head recorded in the superblock.
+    /// `snap_head` is the chain head recorded in the superblock; `backing` is what the
+    /// backing file holds now (recorded in the backing label before anything is shipped).
     pub fn start(
         cfg: ShipConfig,
         volume: &str,
@@ -468,9 +472,11 @@ impl DataPlaneSink {
         size_bytes: u64,
         snap_head: u64,
         generation: u64,
+        backing: BackingState,
     ) -> Result<DataPlaneSink> {
         std::fs::create_dir_all(&cfg.outbox_dir)
             .map_err(|e| Error::io("create outbox", &cfg.outbox_dir, e))?;
+        let mut label = LabelWriter::open(&cfg.outbox_dir, volume_id, volume, size_bytes)?;
         let mut outbox: Vec<Queued> = Vec::new();
         let rd = std::fs::read_dir(&cfg.outbox_dir)
             .map_err(|e| Error::io("read outbox", &cfg.outbox_dir, e))?;
@@ -496,6 +502,7 @@ impl DataPlaneSink {
         }
         outbox.sort_by_key(|q| q.snap);
         let head = outbox.last().map(|q| q.snap).unwrap_or(0).max(snap_head);
+        label.write(backing, head, generation)?;
         if !outbox.is_empty() {
             tracing::info!(
                 volume,
@@ -538,6 +545,7 @@ impl DataPlaneSink {
             shared,
             mode: Mode::Idle,
             shipper: Some(shipper),
+            label,
         })
     }
 
@@ -738,6 +746,11 @@ impl DeltaSink for DataPlaneSink {
 
     fn head(&self) -> u64 {
         self.shared.lock().head
+    }
+
+    fn backing_state(&mut self, state: BackingState) -> Result<()> {
+        let head = self.shared.lock().head;
+        self.label.write(state, head, self.shared.generation)
     }
 
     fn base_needed(&mut self, flushed_epoch: u64) -> Result<bool> {

@@ -36,6 +36,8 @@ pub struct Volume {
     pub flusher: Flusher,
     pub ship: Option<ShipHandle>,
     pub hydrator: Option<Hydrator>,
+    /// How the volume was resumed after its SSD cache was lost ([`crate::resume`]), if it was.
+    pub resumed: Option<String>,
 }
 
 /// A point-in-time view of a volume for `deltavol status`.
@@ -65,6 +67,9 @@ pub struct VolumeStatus {
     pub flush: FlushStatus,
     pub shipping: Option<ShipStatus>,
     pub hydration: Option<HydrateStatus>,
+    /// Set when this run resumed the volume after its SSD cache was lost: how (continued
+    /// from the backing file, or resynchronised from the data plane).
+    pub resumed: Option<String>,
 }
 
 impl Volume {
@@ -83,7 +88,33 @@ impl Volume {
         if cfg.flush_interval.is_zero() {
             return Err(Error::invalid("flush interval must be at least 1 ms"));
         }
+        // A lost SSD cache over a kept backing: resume the volume under its own identity.
+        let resumed = crate::resume::plan(cfg)?;
+        let owned;
+        let cfg = match &resumed {
+            None => cfg,
+            Some(r) => {
+                if r.zero_backing {
+                    crate::resume::zero_backing(&cfg.cache.backing, r.size_bytes)?;
+                }
+                let mut c = cfg.clone();
+                c.cache.create_as = Some(r.create_as);
+                c.cache.size_bytes = Some(r.size_bytes);
+                owned = c;
+                &owned
+            }
+        };
         let cache = Arc::new(Cache::open(&cfg.cache)?);
+        let mut resumed = resumed.map(|r| r.note);
+        if let (Some(note), Some(sc)) = (&mut resumed, &cfg.ship) {
+            if cache.hydrating().is_some() {
+                let kept = crate::resume::seed_from_checksums(&cache, sc)?;
+                note.push_str(&format!(
+                    "; {kept} of {} blocks of the backing equal the snapshot by checksum and are kept",
+                    cache.nblocks
+                ));
+            }
+        }
         let mut ship = None;
         let sink: Box<dyn DeltaSink> = match (sink, &cfg.ship) {
             (Some(s), _) => s,
@@ -95,6 +126,7 @@ impl Volume {
                     cache.size_bytes,
                     cache.snap_head(),
                     cache.generation(),
+                    cache.backing_state(),
                 )?;
                 ship = Some(s.handle());
                 Box::new(s)
@@ -131,6 +163,7 @@ impl Volume {
             flusher,
             ship,
             hydrator,
+            resumed,
         })
     }
 
@@ -220,6 +253,7 @@ impl Volume {
             flush: self.flusher.status(),
             shipping: self.ship.as_ref().map(|s| s.status()),
             hydration: self.hydrator.as_ref().map(|h| h.status()),
+            resumed: self.resumed.clone(),
         }
     }
 }

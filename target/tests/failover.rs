@@ -498,6 +498,7 @@ fn hydration_fetches_past_a_dead_first_address() {
         snap_head: snap,
         generation: 0,
         hydrate_snap: snap,
+        hydrate: true,
         volume_id: dataplane_volume_id(&dp.addr),
     });
     let vol = Volume::open(&cfg).unwrap();

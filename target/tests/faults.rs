@@ -338,6 +338,7 @@ fn recovered_cfg(dir: &Path, sub: &str, addr: &str, nblocks: u64, snap: u64) -> 
         snap_head: snap,
         generation: 0,
         hydrate_snap: snap,
+        hydrate: true,
         volume_id: dataplane_volume_id(addr),
     });
     cfg
@@ -522,10 +523,12 @@ fn corrupt_outbox_entry_is_detected_and_nothing_wrong_is_shipped() {
     }
     let s1 = vol.cut_and_flush().unwrap().epoch;
     let at_s1 = model.clone();
+    // The deltas (the backing label lives beside them).
     let entries: Vec<_> = std::fs::read_dir(dir.path().join("outbox"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".delta"))
         .collect();
     assert_eq!(entries.len(), 1, "{entries:?}");
     // Flip one byte of the first record's data.

@@ -42,6 +42,7 @@ fn recovered_cfg(dir: &Path, addr: &str, nblocks: u64, snap: u64, rate: u64) -> 
         snap_head: snap,
         generation: 0,
         hydrate_snap: snap,
+        hydrate: true,
         volume_id: dataplane_volume_id(addr),
     });
     cfg

@@ -120,3 +120,180 @@ fn a_reused_name_never_joins_the_old_volumes_chain() {
     assert_eq!(snapshot_tags(&dp.addr, head, NBLOCKS), model_tags(&newer));
     vol.shutdown();
 }
+
+fn read_all(vol: &Volume) -> Vec<Option<u64>> {
+    let mut d = Driver::new(vol, 1);
+    d.read_tags(0, 0, NBLOCKS)
+}
+
+fn shipping_cfg(dir: &std::path::Path, addr: &str) -> deltavol::volume::VolumeConfig {
+    let mut cfg = config(dir, NBLOCKS * BS as u64, 1);
+    cfg.flush_interval = Duration::from_secs(3600);
+    cfg.ship = Some(ship_cfg(dir, addr));
+    cfg
+}
+
+/// Sequence 2 of issue 11, the common case: the daemon dies and its SSD cache dir is lost;
+/// the backing file (and the outbox beside it) are kept, and the backing holds exactly the
+/// data plane's head. `add` with the same name and backing and a new cache dir continues the
+/// volume at once under its own id: no restore, every block as it was, the chain goes on.
+#[test]
+fn lost_ssd_with_a_clean_backing_continues_the_chain_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let cfg = shipping_cfg(dir.path(), &dp.addr);
+    let model: Vec<u64> = (0..NBLOCKS).map(|b| 100 + b).collect();
+    let id = {
+        let vol = Volume::open(&cfg).unwrap();
+        write_all(
+            &vol,
+            &model.iter().map(|t| t + 1_000_000).collect::<Vec<_>>(),
+        );
+        vol.cut_and_flush().unwrap();
+        write_all(&vol, &model);
+        vol.cut_and_flush().unwrap();
+        assert_eq!(vol.ship.as_ref().unwrap().status().last_committed, Some(2));
+        vol.crash(); // kill -9: no final flush
+        vol.cache.volume_id
+    };
+    std::fs::remove_dir_all(&cfg.cache.cache_dir).unwrap();
+
+    let vol = Volume::open(&cfg).unwrap();
+    let note = vol.resumed.clone().expect("resumed");
+    assert!(note.contains("continued from epoch 2"), "{note}");
+    assert_eq!(vol.status().resumed.as_deref(), Some(note.as_str()));
+    assert_eq!(vol.cache.volume_id, id, "the same volume, not a stranger");
+    assert!(vol.cache.hydrating().is_none(), "no restore");
+    assert_eq!(read_all(&vol), model_tags(&model));
+    let newer: Vec<u64> = model
+        .iter()
+        .map(|t| if t % 2 == 0 { t + 50_000 } else { *t })
+        .collect();
+    write_all(&vol, &newer);
+    vol.cut_and_flush().unwrap();
+    let st = vol.ship.as_ref().unwrap().status();
+    assert_eq!(st.last_committed, Some(3), "{st:?}");
+    let snaps = client(&dp.addr).list_snapshots().unwrap();
+    let chain: Vec<(u64, u64)> = snaps.iter().map(|s| (s.snap_id, s.parent_id)).collect();
+    assert_eq!(chain, vec![(1, 0), (2, 1), (3, 2)]);
+    assert_eq!(snapshot_tags(&dp.addr, 3, NBLOCKS), model_tags(&newer));
+    assert_eq!(snapshot_tags(&dp.addr, 2, NBLOCKS), model_tags(&model));
+    vol.shutdown();
+}
+
+/// Sequence 2, the hard case: the SSD is lost while a flush was writing epoch 2 into the
+/// backing (its fdatasync kept failing, so snapshot 2 never committed). The backing is then a
+/// mix of epochs 1 and 2 — no point in time. The resumed volume is resynchronised from the
+/// data plane's head (snapshot 1): every block reads as of snapshot 1, and the next snapshot
+/// chains onto 1 and equals the device.
+#[test]
+fn lost_ssd_mid_flush_resynchronises_from_the_data_plane() {
+    use deltavol::fault::{FaultFile, FaultKind, FaultOp, FaultPlan, Rule};
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let cfg = shipping_cfg(dir.path(), &dp.addr);
+    let snap1: Vec<u64> = (0..NBLOCKS).map(|b| 100 + b).collect();
+    let torn: Vec<u64> = (0..NBLOCKS)
+        .map(|b| if b < 128 { 900 + b } else { 100 + b })
+        .collect();
+    {
+        let vol = Volume::open(&cfg).unwrap();
+        write_all(&vol, &snap1);
+        vol.cut_and_flush().unwrap();
+        let plan = FaultPlan::new(5);
+        assert!(vol.flusher.inject_faults(plan.clone()));
+        plan.add(Rule::always(
+            FaultFile::Backing,
+            FaultOp::Sync,
+            FaultKind::Eio,
+        ));
+        write_all(&vol, &torn);
+        assert!(
+            vol.cut_and_flush().is_err(),
+            "the backing's fdatasync fails"
+        );
+        vol.crash();
+    }
+    let backing_now = {
+        let vol_cfg = cfg.cache.backing.clone();
+        let raw = std::fs::read(vol_cfg).unwrap();
+        (0..NBLOCKS as usize)
+            .map(|b| tag_of(&raw[b * BS..(b + 1) * BS]))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        backing_now,
+        model_tags(&torn),
+        "the backing holds epoch 2's writes, uncommitted"
+    );
+    std::fs::remove_dir_all(&cfg.cache.cache_dir).unwrap();
+
+    let vol = Volume::open(&cfg).unwrap();
+    let note = vol.resumed.clone().expect("resumed");
+    assert!(note.contains("resynchronising from snapshot 1"), "{note}");
+    // Blocks 128.. were not rewritten in epoch 2: equal by checksum, kept, never fetched.
+    assert!(note.contains("128 of 256 blocks"), "{note}");
+    // Reads are as of snapshot 1 at once (fetched on the fly where not yet restored).
+    assert_eq!(read_all(&vol), model_tags(&snap1));
+    wait_until("hydration", Duration::from_secs(30), || {
+        vol.cache.hydrating().is_none()
+    });
+    assert_eq!(read_all(&vol), model_tags(&snap1));
+    let next: Vec<u64> = snap1.iter().map(|t| t + 3).collect();
+    write_all(&vol, &next[..64]);
+    vol.cut_and_flush().unwrap();
+    let mut model = snap1.clone();
+    model[..64].copy_from_slice(&next[..64]);
+    let st = vol.ship.as_ref().unwrap().status();
+    let head = st.last_committed.expect("committed");
+    let snaps = client(&dp.addr).list_snapshots().unwrap();
+    let last = snaps.last().unwrap();
+    assert_eq!((last.snap_id, last.parent_id), (head, 1), "{snaps:?}");
+    assert_eq!(snapshot_tags(&dp.addr, head, NBLOCKS), model_tags(&model));
+    assert_eq!(read_all(&vol), model_tags(&model));
+    vol.shutdown();
+}
+
+/// A lost SSD on a node that was fenced meanwhile (the volume recovered elsewhere): refused,
+/// the backing left as it is. A backing of another volume name: refused.
+#[test]
+fn lost_ssd_resume_refuses_a_fenced_node_and_another_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let cfg = shipping_cfg(dir.path(), &dp.addr);
+    let model: Vec<u64> = (0..NBLOCKS).map(|b| 7 + b).collect();
+    let id = {
+        let vol = Volume::open(&cfg).unwrap();
+        write_all(&vol, &model);
+        vol.cut_and_flush().unwrap();
+        vol.crash();
+        vol.cache.volume_id
+    };
+    std::fs::remove_dir_all(&cfg.cache.cache_dir).unwrap();
+    let before = std::fs::read(&cfg.cache.backing).unwrap();
+
+    let mut other = cfg.clone();
+    other.cache.name = "another".into();
+    let e = Volume::open(&other).err().expect("another name refused");
+    assert!(
+        e.to_string().contains("belongs to volume \"testvol\""),
+        "{e}"
+    );
+
+    // Recovered elsewhere: the data plane moved to generation 1.
+    let t = deltavol_dataplane::Timeouts {
+        connect: Duration::from_secs(2),
+        io: Duration::from_secs(10),
+    };
+    deltavol_dataplane::Client::connect_as(&dp.addr, TOKEN, "testvol", t, 0, Some(id))
+        .unwrap()
+        .new_generation()
+        .unwrap();
+    let e = Volume::open(&cfg).err().expect("fenced node refused");
+    assert!(e.to_string().contains("this node is fenced"), "{e}");
+    assert_eq!(
+        std::fs::read(&cfg.cache.backing).unwrap(),
+        before,
+        "backing untouched"
+    );
+}

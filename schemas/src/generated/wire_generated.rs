@@ -270,10 +270,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_MESSAGE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE: u8 = 23;
+pub const ENUM_MAX_MESSAGE: u8 = 25;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE: [Message; 24] = [
+pub const ENUM_VALUES_MESSAGE: [Message; 26] = [
   Message::NONE,
   Message::Hello,
   Message::Challenge,
@@ -298,6 +298,8 @@ pub const ENUM_VALUES_MESSAGE: [Message; 24] = [
   Message::NewGeneration,
   Message::CloneVolume,
   Message::DeleteVolume,
+  Message::ReadChecksums,
+  Message::Checksums,
 ];
 
 /// Append-only: new members go at the end.
@@ -330,9 +332,11 @@ impl Message {
   pub const NewGeneration: Self = Self(21);
   pub const CloneVolume: Self = Self(22);
   pub const DeleteVolume: Self = Self(23);
+  pub const ReadChecksums: Self = Self(24);
+  pub const Checksums: Self = Self(25);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 23;
+  pub const ENUM_MAX: u8 = 25;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -358,6 +362,8 @@ impl Message {
     Self::NewGeneration,
     Self::CloneVolume,
     Self::DeleteVolume,
+    Self::ReadChecksums,
+    Self::Checksums,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -386,6 +392,8 @@ impl Message {
       Self::NewGeneration => Some("NewGeneration"),
       Self::CloneVolume => Some("CloneVolume"),
       Self::DeleteVolume => Some("DeleteVolume"),
+      Self::ReadChecksums => Some("ReadChecksums"),
+      Self::Checksums => Some("Checksums"),
       _ => None,
     }
   }
@@ -3521,6 +3529,272 @@ impl ::core::fmt::Debug for DeleteVolume<'_> {
       ds.finish()
   }
 }
+pub enum ReadChecksumsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request: the crc32c of every block of the volume as of `snap_id` in [lba, lba + nblocks)
+/// (the same snapshot semantics as `ReadExtents`), without the data: a scrub or a resync
+/// compares its own copy against it. At most `CHECKSUM_BLOCKS_MAX` blocks per request.
+/// Answered by `Checksums`.
+pub struct ReadChecksums<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReadChecksums<'a> {
+  type Inner = ReadChecksums<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReadChecksums<'a> {
+  pub const VT_SNAP_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_LBA: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NBLOCKS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReadChecksums { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReadChecksumsArgs
+  ) -> ::flatbuffers::WIPOffset<ReadChecksums<'bldr>> {
+    let mut builder = ReadChecksumsBuilder::new(_fbb);
+    builder.add_nblocks(args.nblocks);
+    builder.add_lba(args.lba);
+    builder.add_snap_id(args.snap_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn snap_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReadChecksums::VT_SNAP_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn lba(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReadChecksums::VT_LBA, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn nblocks(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReadChecksums::VT_NBLOCKS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReadChecksums<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("snap_id", Self::VT_SNAP_ID, false)?
+     .visit_field::<u64>("lba", Self::VT_LBA, false)?
+     .visit_field::<u64>("nblocks", Self::VT_NBLOCKS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReadChecksumsArgs {
+    pub snap_id: u64,
+    pub lba: u64,
+    pub nblocks: u64,
+}
+impl<'a> Default for ReadChecksumsArgs {
+  #[inline]
+  fn default() -> Self {
+    ReadChecksumsArgs {
+      snap_id: 0,
+      lba: 0,
+      nblocks: 0,
+    }
+  }
+}
+
+pub struct ReadChecksumsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReadChecksumsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_snap_id(&mut self, snap_id: u64) {
+    self.fbb_.push_slot::<u64>(ReadChecksums::VT_SNAP_ID, snap_id, 0);
+  }
+  #[inline]
+  pub fn add_lba(&mut self, lba: u64) {
+    self.fbb_.push_slot::<u64>(ReadChecksums::VT_LBA, lba, 0);
+  }
+  #[inline]
+  pub fn add_nblocks(&mut self, nblocks: u64) {
+    self.fbb_.push_slot::<u64>(ReadChecksums::VT_NBLOCKS, nblocks, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReadChecksumsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReadChecksumsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReadChecksums<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReadChecksums<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReadChecksums");
+      ds.field("snap_id", &self.snap_id());
+      ds.field("lba", &self.lba());
+      ds.field("nblocks", &self.nblocks());
+      ds.finish()
+  }
+}
+pub enum ChecksumsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Answer to ReadChecksums: `crcs[i]` is the crc32c of block `lba + i` (a block never
+/// written reads as zeros, whose crc32c it is).
+pub struct Checksums<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Checksums<'a> {
+  type Inner = Checksums<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Checksums<'a> {
+  pub const VT_SNAP_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_LBA: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CRCS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Checksums { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ChecksumsArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Checksums<'bldr>> {
+    let mut builder = ChecksumsBuilder::new(_fbb);
+    builder.add_lba(args.lba);
+    builder.add_snap_id(args.snap_id);
+    if let Some(x) = args.crcs { builder.add_crcs(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn snap_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Checksums::VT_SNAP_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn lba(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Checksums::VT_LBA, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn crcs(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(Checksums::VT_CRCS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Checksums<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("snap_id", Self::VT_SNAP_ID, false)?
+     .visit_field::<u64>("lba", Self::VT_LBA, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("crcs", Self::VT_CRCS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ChecksumsArgs<'a> {
+    pub snap_id: u64,
+    pub lba: u64,
+    pub crcs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+}
+impl<'a> Default for ChecksumsArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ChecksumsArgs {
+      snap_id: 0,
+      lba: 0,
+      crcs: None,
+    }
+  }
+}
+
+pub struct ChecksumsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ChecksumsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_snap_id(&mut self, snap_id: u64) {
+    self.fbb_.push_slot::<u64>(Checksums::VT_SNAP_ID, snap_id, 0);
+  }
+  #[inline]
+  pub fn add_lba(&mut self, lba: u64) {
+    self.fbb_.push_slot::<u64>(Checksums::VT_LBA, lba, 0);
+  }
+  #[inline]
+  pub fn add_crcs(&mut self, crcs: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Checksums::VT_CRCS, crcs);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ChecksumsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ChecksumsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Checksums<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Checksums<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Checksums");
+      ds.field("snap_id", &self.snap_id());
+      ds.field("lba", &self.lba());
+      ds.field("crcs", &self.crcs());
+      ds.finish()
+  }
+}
 pub enum ErrorOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -4038,6 +4312,36 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_read_checksums(&self) -> Option<ReadChecksums<'a>> {
+    if self.body_type() == Message::ReadChecksums {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ReadChecksums::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_checksums(&self) -> Option<Checksums<'a>> {
+    if self.body_type() == Message::Checksums {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Checksums::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -4071,6 +4375,8 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Message::NewGeneration => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<NewGeneration>>("Message::NewGeneration", pos),
           Message::CloneVolume => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CloneVolume>>("Message::CloneVolume", pos),
           Message::DeleteVolume => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteVolume>>("Message::DeleteVolume", pos),
+          Message::ReadChecksums => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReadChecksums>>("Message::ReadChecksums", pos),
+          Message::Checksums => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Checksums>>("Message::Checksums", pos),
           _ => Ok(()),
         }
      })?
@@ -4288,6 +4594,20 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Message::DeleteVolume => {
           if let Some(x) = self.body_as_delete_volume() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::ReadChecksums => {
+          if let Some(x) = self.body_as_read_checksums() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::Checksums => {
+          if let Some(x) = self.body_as_checksums() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -75,6 +75,9 @@ pub struct CreateAs {
     pub generation: u64,
     /// The data-plane snapshot whose contents the volume hydrates from (0: a clone's base).
     pub hydrate_snap: u64,
+    /// Whether the volume starts hydrating from `hydrate_snap` (recover, clone, resync); not
+    /// when it continues on a backing file that already holds `flushed_epoch` (a lost SSD).
+    pub hydrate: bool,
     /// The volume's identity on the data plane: a recovered volume keeps the id it has
     /// there; a clone gets the new id it was created with.
     pub volume_id: VolumeId,
@@ -317,8 +320,8 @@ impl Cache {
                 created_unix_ms: now_unix_ms(),
                 snap_head: ca.map_or(0, |c| c.snap_head),
                 generation: ca.map_or(0, |c| c.generation),
-                hydrating: ca.is_some(),
-                hydrate_snap: ca.map_or(0, |c| c.hydrate_snap),
+                hydrating: ca.is_some_and(|c| c.hydrate),
+                hydrate_snap: ca.filter(|c| c.hydrate).map_or(0, |c| c.hydrate_snap),
             };
             (sb, true)
         };
@@ -657,6 +660,21 @@ impl Cache {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// What the backing file holds as this cache knows it: `Partial` while hydrating (blocks
+    /// only the data plane has), `Writing(F + 1)` while a frozen epoch may be half-written
+    /// into it, else exactly the flushed epoch F.
+    pub fn backing_state(&self) -> crate::label::BackingState {
+        use crate::label::BackingState;
+        let f = self.flushed_epoch();
+        if self.hydrating().is_some() {
+            BackingState::Partial(f)
+        } else if self.epochs.frozen() != 0 {
+            BackingState::Writing(f + 1)
+        } else {
+            BackingState::Clean(f)
+        }
     }
 
     /// The writer generation on the data plane.

@@ -93,6 +93,7 @@ pub fn recovered_config(
         snap_head: snap,
         generation: 0,
         hydrate_snap: snap,
+        hydrate: true,
         volume_id: plane.volume_id()?,
     });
     Ok(cfg)
