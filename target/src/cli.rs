@@ -111,9 +111,9 @@ pub enum Cmd {
     /// The live volume moves on after each snapshot, so verify compares what must be equal:
     /// it cuts a fresh snapshot (flushed to the backing file and shipped), waits for the data
     /// plane to commit it, then holds the flush thread (applications keep writing, into the
-    /// SSD cache) while it reads the backing file and that snapshot and compares the crc32c
-    /// of every 4 KiB block. It reads the whole volume from both sides (the data plane has no
-    /// checksum-only read). If the SSD cache fills while the flush is held, writes wait
+    /// SSD cache) while it reads the backing file and compares the crc32c of every 4 KiB
+    /// block with the one the data plane computes for that snapshot (only checksums cross the
+    /// network). If the SSD cache fills while the flush is held, writes wait
     /// (backpressure) until verify ends. A difference means the backing disk or the data plane
     /// holds damaged data. Refused while the volume is still hydrating.
     Verify {
