@@ -21,8 +21,9 @@
 //!
 //! Refused, with what to do: a backing of another volume, another size, a volume the data
 //! plane holds under another id, a volume recovered elsewhere since (a newer generation: this
-//! node was fenced), a mixed backing while the data plane is unreachable or while the outbox
-//! holds snapshots the data plane lacks (they must ship first).
+//! node was fenced), a mixed backing while the data plane is unreachable. Before a resync the
+//! outbox is shipped (a temporary shipper, up to two minutes), so the data plane's head is
+//! the newest snapshot the volume made; refused if it does not take them.
 
 use crate::cache::meta;
 use crate::cache::CreateAs;
@@ -139,8 +140,8 @@ pub fn plan(cfg: &VolumeConfig) -> Result<Option<Resume>> {
     }
     let id = meta::volume_id_hex(&l.volume_id);
     tracing::warn!(volume = %l.name, id = %id, backing = %c.backing.display(), state = ?l.state, "the cache dir holds no volume but the backing file does: its SSD cache was lost; resuming the volume under its own identity");
-    let outbox = outbox_head(&sc.outbox_dir);
-    let remote = match remote(sc, &l) {
+    let mut outbox = outbox_head(&sc.outbox_dir);
+    let mut remote = match remote(sc, &l) {
         Ok(r) => Some(r),
         Err(e) if is_identity_refusal(&e) => return Err(e),
         Err(e) => {
@@ -148,6 +149,16 @@ pub fn plan(cfg: &VolumeConfig) -> Result<Option<Resume>> {
             None
         }
     };
+    let mixed = !matches!(l.state, BackingState::Clean(_));
+    if let (true, Some(r)) = (mixed, &remote) {
+        if outbox > r.head && r.generation <= l.generation {
+            // A resync goes back to the data plane's head: first make it the newest snapshot
+            // this volume made, by shipping what waits in the outbox.
+            drain_outbox(sc, &l, outbox)?;
+            outbox = outbox_head(&sc.outbox_dir);
+            remote = Some(self::remote(sc, &l)?);
+        }
+    }
     if let Some(r) = &remote {
         if r.generation > l.generation {
             return Err(Error::mismatch(format!(
@@ -205,7 +216,7 @@ pub fn plan(cfg: &VolumeConfig) -> Result<Option<Resume>> {
             }
             if outbox > r.head {
                 return Err(Error::mismatch(format!(
-                    "volume {:?}: the backing file is no point in time ({state:?}) and the outbox holds snapshots up to {outbox} that the data plane (head {}) lacks: resynchronising now would lose them. Ship them first (attach the old cache dir if you still have it), or move the outbox entries aside to give them up",
+                    "volume {:?}: the backing file is no point in time ({state:?}) and the outbox holds snapshots up to {outbox} that the data plane (head {}) did not take: resynchronising now would lose them",
                     l.name, r.head
                 )));
             }
@@ -237,6 +248,46 @@ pub fn plan(cfg: &VolumeConfig) -> Result<Option<Resume>> {
     };
     tracing::warn!(volume = %l.name, id = %id, "{}", resume.note);
     Ok(Some(resume))
+}
+
+/// How long a resume waits for the outbox to reach the data plane.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Ships the outbox (snapshots up to `outbox`) with a shipper of the label's volume, and
+/// waits until it is empty.
+fn drain_outbox(sc: &ShipConfig, l: &Label, outbox: u64) -> Result<()> {
+    tracing::info!(volume = %l.name, up_to = outbox, "resume: shipping the outbox to the data plane before resynchronising");
+    let sink = crate::ship::DataPlaneSink::start(
+        sc.clone(),
+        &l.name,
+        l.volume_id,
+        l.size_bytes,
+        l.snap_head,
+        l.generation,
+        // Unchanged: the backing is what the label said.
+        l.state,
+    )?;
+    let h = sink.handle();
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = h.status();
+        if st.outbox_entries == 0 {
+            return Ok(());
+        }
+        if st.fenced || t0.elapsed() > DRAIN_TIMEOUT {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "volume {:?}: the backing file is no point in time and the outbox still holds {} snapshots the data plane lacks after {} s (last error: {}): resynchronising now would lose them; retry once the data plane takes them",
+                    l.name,
+                    st.outbox_entries,
+                    t0.elapsed().as_secs(),
+                    st.last_error.unwrap_or_else(|| "none".into())
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 fn is_block_device(p: &Path) -> bool {

@@ -18,8 +18,15 @@
 //! writes fail with EIO (5%), its fdatasyncs with EIO (30%), outbox writes with ENOSPC (10%),
 //! so flushes fail and are retried while the kill lands; the faults injected are counted.
 //!
+//! Every fourth trial loses the SSD cache dir with the kill (the backing file and the outbox
+//! beside it are kept): the volume must resume at a point in time — exactly the model at the
+//! cut of the epoch it resumed at (continued from the backing, resynchronised from the data
+//! plane, or back to the empty volume) — and the chain go on with every snapshot exact.
+//!
 //! The oracle checks itself: `DELTAVOL_CRASH_SABOTAGE=journal` deletes the journals before
-//! each reattach (acknowledged, un-FLUSHed writes are then lost) and the trials must fail.
+//! each reattach (acknowledged, un-FLUSHed writes are then lost) and the trials must fail;
+//! `DELTAVOL_CRASH_SABOTAGE=label` deletes the backing label in lost-cache trials, and those
+//! must fail.
 //!
 //! Default tier: 20 trials. Long tier: `DELTAVOL_CRASH_TRIALS=100 cargo test -p deltavol
 //! --test crash_trials -- --nocapture`. Seeds: `DELTAVOL_SEED=N` sets the base seed (trial i
@@ -171,6 +178,8 @@ fn child_main(spec: &str) {
 enum Kill {
     Compute,
     DataPlane,
+    /// The compute node is killed and its SSD cache dir lost; the backing and outbox kept.
+    CacheLost,
 }
 
 /// What the parent learned from the child's reports.
@@ -299,6 +308,8 @@ fn snapshot_tags_of(addr: &str, vol: &str, snap: u64) -> Vec<Option<u64>> {
 }
 
 struct TrialResult {
+    /// How a lost-cache trial resumed (the volume's `resumed` note).
+    resumed: Option<String>,
     faults: FaultCounts,
     ops: u64,
     cuts: usize,
@@ -348,7 +359,7 @@ fn run_trial(
         std::thread::sleep(Duration::from_millis(5));
     }
     match kind {
-        Kill::Compute => {
+        Kill::Compute | Kill::CacheLost => {
             std::thread::sleep(Duration::from_millis(rng.gen_range(30..700)));
         }
         Kill::DataPlane => {
@@ -375,12 +386,39 @@ fn run_trial(
             }
         }
     }
+    if kind == Kill::CacheLost {
+        std::fs::remove_dir_all(dir.join("cache")).map_err(|e| format!("lose the cache: {e}"))?;
+        // Self-check: without the backing label the volume would start as a stranger over
+        // the kept backing; DELTAVOL_CRASH_SABOTAGE=label makes the lost-cache trials fail.
+        if std::env::var("DELTAVOL_CRASH_SABOTAGE").as_deref() == Ok("label") {
+            let _ = std::fs::remove_file(dir.join("outbox").join("backing.label"));
+        }
+    }
     // Reattach and check every block.
     let cfg = trial_cfg(&dir, &name, &dp.addr);
     let vol = Volume::open(&cfg).map_err(|e| format!("reattach: {e}"))?;
     let mut d = Driver::new(&vol, 1);
     let got = d.read_tags(0, 0, NBLOCKS);
+    if kind == Kill::CacheLost {
+        // The acknowledged writes only the SSD held are gone with it: the volume resumes at a
+        // point in time, the epoch its backing holds or the data plane's head, exactly.
+        let e = vol.status().flushed_epoch as usize;
+        let want: Vec<Option<u64>> = match o.at_cut.get(e) {
+            Some(m) if e > 0 => m.iter().map(|t| Some(*t)).collect(),
+            Some(_) => vec![Some(0); NBLOCKS as usize],
+            None => return Err(format!("resumed at epoch {e}, which was never cut")),
+        };
+        if let Some(b) = (0..NBLOCKS as usize).find(|b| got[*b] != want[*b]) {
+            return Err(format!(
+                "lost cache: resumed at epoch {e} ({:?}) but block {b} is {:?}, the model at that cut has {:?}",
+                vol.resumed, got[b], want[b]
+            ));
+        }
+    }
     for (b, g) in got.iter().enumerate() {
+        if kind == Kill::CacheLost {
+            break;
+        }
         let in_flight = o.in_flight.and_then(|(fb, n, t)| {
             (fb..fb + n)
                 .contains(&(b as u64))
@@ -470,10 +508,12 @@ fn run_trial(
         }
     }
     drop(d);
+    let resumed = vol.resumed.clone();
     vol.shutdown();
     drop(vol);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(TrialResult {
+        resumed,
         faults: o.faults,
         ops: o.ops,
         cuts: o.at_cut.len() - 1,
@@ -504,13 +544,17 @@ fn crash_trials() {
     };
     let t0 = Instant::now();
     let mut failures = Vec::new();
-    let mut by_kind = [(0u64, 0u64); 2];
+    let mut by_kind = [(0u64, 0u64); 3];
     let (mut ops, mut cuts, mut snaps) = (0u64, 0usize, 0usize);
     let mut faults = FaultCounts::default();
     let mut faulty = (0u64, 0u64);
+    // Lost-cache trials by how they resumed: continued, resynchronised, back to empty, new.
+    let mut resumes = [0u64; 4];
     for s in &seeds {
-        // Every third trial kills the data plane first.
-        let kind = if s % 3 == 2 {
+        // Every third trial kills the data plane first; every fourth loses the SSD cache.
+        let kind = if s % 4 == 3 {
+            Kill::CacheLost
+        } else if s % 3 == 2 {
             Kill::DataPlane
         } else {
             Kill::Compute
@@ -527,6 +571,15 @@ fn crash_trials() {
                 ops += r.ops;
                 cuts += r.cuts;
                 snaps += r.snapshots;
+                if kind == Kill::CacheLost {
+                    let i = match r.resumed.as_deref() {
+                        Some(n) if n.contains("continued") => 0,
+                        Some(n) if n.contains("resynchronising") => 1,
+                        Some(_) => 2,
+                        None => 3,
+                    };
+                    resumes[i] += 1;
+                }
             }
             Err(e) => {
                 eprintln!("crash trial FAILED: seed {s} ({kind:?} kill, faulty disks: {}): {e} (replay: DELTAVOL_CRASH_SEED={s})", faulty_disks(*s));
@@ -537,12 +590,18 @@ fn crash_trials() {
     let run = seeds.len();
     let passed = run - failures.len();
     eprintln!(
-        "crash trials: {run} run, {passed} passed in {:.1} s (compute kills {}/{} passed, data-plane kills + compute kills {}/{} passed); {ops} operations acknowledged, {cuts} cuts, {snaps} snapshots checked byte-exact",
+        "crash trials: {run} run, {passed} passed in {:.1} s (compute kills {}/{} passed, data-plane kills + compute kills {}/{} passed, compute kills with the SSD cache lost {}/{} passed); {ops} operations acknowledged, {cuts} cuts, {snaps} snapshots checked byte-exact",
         t0.elapsed().as_secs_f64(),
         by_kind[0].1,
         by_kind[0].0,
         by_kind[1].1,
-        by_kind[1].0
+        by_kind[1].0,
+        by_kind[2].1,
+        by_kind[2].0
+    );
+    eprintln!(
+        "lost-cache trials: {} continued from the backing, {} resynchronised from the data plane, {} back to the empty volume, {} lost before the volume was first labelled",
+        resumes[0], resumes[1], resumes[2], resumes[3]
     );
     eprintln!(
         "crash trials on faulty disks: {}/{} passed; disk faults injected (reported before the kills): {faults}",
