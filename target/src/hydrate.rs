@@ -4,10 +4,32 @@
 //! While hydrating, the cache keeps a *local* bitmap: blocks whose data is in the backing file
 //! (hydrated) or that were written here. A read of a block that is neither in an epoch nor
 //! local is served from the data plane: the queue hands the block's extent
-//! ([`HYDRATE_EXTENT_BLOCKS`] blocks) to the fetcher thread and awaits it; concurrent reads of
-//! one extent share one fetch; the fetcher writes the extent's non-local blocks to the backing
-//! file, marks them local, and hands the data to the waiting reads. Between requests the same
-//! thread hydrates the rest in LBA order, at most `rate_bytes_per_s`.
+//! ([`HYDRATE_EXTENT_BLOCKS`] blocks) to the fetcher thread and awaits it (a queue thread never
+//! blocks: it sends a request and parks the read on a completion); the fetcher writes the
+//! extent's non-local blocks to the backing file, marks them local, and hands the data to the
+//! waiting reads. Between requests the same thread hydrates the rest in LBA order, at most
+//! `rate_bytes_per_s`.
+//!
+//! ## Each missing extent is fetched once
+//! One thread does every fetch, so one fetch at a time is in flight, and a request arriving
+//! meanwhile waits in the channel for it. A request is only looked at when the fetcher takes
+//! its turn, and the extent is checked again then, because the read looked at the local bitmap
+//! before it asked, and since then the extent may have been installed (by a background batch
+//! that was in flight, or by another read's fetch):
+//! - an extent already asked for joins that request (one fetch answers every waiting read);
+//! - an extent all local now is answered from what was installed, never fetched again: from
+//!   the backing file (read under `backing_lock`) when its install wrote every block of it —
+//!   the backing then holds the snapshot's data or a newer write flushed since, either right
+//!   for a read that looked before the extent became local — else (a write came first, its
+//!   block may not be in the backing file yet) from the installed data itself, kept for the
+//!   last [`HYDRATE_RECENT_EXTENTS`] such installs; past those, it is fetched again (counted
+//!   in `extents_refetched`);
+//! - the background picks its batch from the local bitmap just before fetching it, so it never
+//!   fetches an extent a read's fetch has installed.
+//!
+//! `status` counts `extents_fetched` (from the data plane), `extents_refetched` (extents this
+//! run fetched before: 0 unless a backing write failed or a read trailed far behind) and
+//! `fetches_shared` (reads answered by a fetch made for another read or the background).
 //!
 //! ## Never overwrite a write
 //! A write marks its blocks local once its mirror write completed (before its epoch can be
@@ -40,7 +62,7 @@ use crate::ring::Kicker;
 use crate::ship::ShipConfig;
 use deltavol_dataplane::{Client, Timeouts};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -56,6 +78,10 @@ pub const HYDRATE_EXTENT_BLOCKS: u64 = 64;
 /// data plane per batch rather than per extent. An on-demand read arriving meanwhile waits
 /// for at most one batch.
 pub const HYDRATE_BATCH_EXTENTS: u64 = 8;
+/// Installs whose data the fetcher keeps for a read that asked before the install but is
+/// taken after it, when the backing file cannot answer for the extent (a write to one of its
+/// blocks came first): at most 4 MiB, and only while such installs happen.
+pub const HYDRATE_RECENT_EXTENTS: usize = 16;
 const MAP_MAGIC: &[u8; 8] = b"DVHYDMAP";
 const MAP_VERSION: u32 = 1;
 const MAP_HDR_BYTES: usize = 64;
@@ -317,7 +343,16 @@ pub struct HydrateStatus {
     pub percent: f64,
     pub rate_bytes_per_s: u64,
     pub eta_s: Option<u64>,
+    /// Extents fetched for reads of blocks not yet local.
     pub fetched_on_demand: u64,
+    /// Extents read from the data plane (for reads and in the background).
+    pub extents_fetched: u64,
+    /// Of those, extents this run had fetched already (0 unless a backing write failed or a
+    /// read was taken long after its extent was installed; see the module doc).
+    pub extents_refetched: u64,
+    /// Reads of a missing extent answered by a fetch made for another read or by the
+    /// background (in flight when they asked, or installed since), without one of their own.
+    pub fetches_shared: u64,
     pub last_error: Option<String>,
 }
 
@@ -326,6 +361,9 @@ struct Shared {
     cfg: HydrateConfig,
     stop: AtomicU64,
     on_demand: AtomicU64,
+    extents_fetched: AtomicU64,
+    extents_refetched: AtomicU64,
+    shared: AtomicU64,
     rate: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
@@ -351,6 +389,9 @@ impl Hydrator {
             cfg,
             stop: AtomicU64::new(0),
             on_demand: AtomicU64::new(0),
+            extents_fetched: AtomicU64::new(0),
+            extents_refetched: AtomicU64::new(0),
+            shared: AtomicU64::new(0),
             rate: AtomicU64::new(0),
             last_error: Mutex::new(None),
         });
@@ -413,6 +454,9 @@ fn status_of(sh: &Shared) -> HydrateStatus {
         rate_bytes_per_s: rate,
         eta_s: (rate > 0 && !done).then(|| (total - local) / rate),
         fetched_on_demand: sh.on_demand.load(SeqCst),
+        extents_fetched: sh.extents_fetched.load(SeqCst),
+        extents_refetched: sh.extents_refetched.load(SeqCst),
+        fetches_shared: sh.shared.load(SeqCst),
         last_error: sh
             .last_error
             .lock()
@@ -433,6 +477,12 @@ struct Worker {
     retry_at: Option<Instant>,
     backoff: Duration,
     pending: BTreeMap<u64, Pending>,
+    /// Extents fetched in this run (for `extents_refetched`).
+    fetched: Bitmap,
+    /// Extents whose install wrote every block: the backing file answers for them.
+    clean: Bitmap,
+    /// The data of the last installs that were not clean (see the module doc).
+    recent: VecDeque<(u64, Arc<Vec<u8>>)>,
     cursor: u64,
     window_start: Instant,
     window_bytes: u64,
@@ -441,7 +491,11 @@ struct Worker {
 
 impl Worker {
     fn new(sh: Arc<Shared>, rx: Receiver<FetchReq>) -> Worker {
+        let nextents = sh.cache.nblocks.div_ceil(HYDRATE_EXTENT_BLOCKS);
         Worker {
+            fetched: Bitmap::new(nextents),
+            clean: Bitmap::new(nextents),
+            recent: VecDeque::new(),
             sh,
             rx,
             client: None,
@@ -459,15 +513,75 @@ impl Worker {
         self.sh.cache.nblocks.div_ceil(HYDRATE_EXTENT_BLOCKS)
     }
 
+    /// Takes a read's request: it joins a fetch of its extent already asked for, or is
+    /// answered from what is installed if the extent became local since the read looked, or
+    /// waits for a fetch of its own.
     fn take(&mut self, r: FetchReq) {
-        self.pending
-            .entry(r.extent)
-            .or_insert_with(|| Pending {
-                waiters: Vec::new(),
+        if r.extent >= self.nextents() {
+            r.done.complete(Err(-libc::EIO));
+            return;
+        }
+        if let Some(p) = self.pending.get_mut(&r.extent) {
+            p.waiters.push(r.done);
+            return;
+        }
+        if self.extent_local(r.extent) {
+            if let Some(res) = self.installed(r.extent) {
+                self.sh.shared.fetch_add(1, SeqCst);
+                r.done.complete(res);
+                return;
+            }
+        }
+        self.pending.insert(
+            r.extent,
+            Pending {
+                waiters: vec![r.done],
                 since: Instant::now(),
-            })
-            .waiters
-            .push(r.done);
+            },
+        );
+    }
+
+    /// Blocks `[lba, lba + n)` of extent `ext`.
+    fn extent_blocks(&self, ext: u64) -> (u64, u64) {
+        let lba = ext * HYDRATE_EXTENT_BLOCKS;
+        (
+            lba,
+            (self.sh.cache.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS),
+        )
+    }
+
+    /// Whether every block of extent `ext` is local (hydrated or written here).
+    fn extent_local(&self, ext: u64) -> bool {
+        let Some(h) = &self.sh.cache.hydration else {
+            return true;
+        };
+        let (lba, n) = self.extent_blocks(ext);
+        (lba..lba + n).all(|b| h.local.get(b))
+    }
+
+    /// The data of extent `ext`, all local, as installed: `None` if it cannot be told without
+    /// fetching it again (see the module doc).
+    fn installed(&self, ext: u64) -> Option<FetchResult> {
+        if let Some((_, d)) = self.recent.iter().find(|(e, _)| *e == ext) {
+            return Some(Ok(d.clone()));
+        }
+        if !self.clean.get(ext) {
+            return None;
+        }
+        let c = &self.sh.cache;
+        let (lba, n) = self.extent_blocks(ext);
+        let mut buf = vec![0u8; (n * BLOCK_SIZE) as usize];
+        let r = {
+            let _g = c.backing_lock.lock().unwrap_or_else(|p| p.into_inner());
+            read_backing(c, lba, &mut buf)
+        };
+        Some(match r {
+            Ok(()) => Ok(Arc::new(buf)),
+            Err(e) => {
+                tracing::error!(volume = %c.name, error = %e, "hydration: cannot read the backing file");
+                Err(e.errno())
+            }
+        })
     }
 
     fn run(mut self) {
@@ -561,11 +675,39 @@ impl Worker {
                 format!("data plane read of blocks {lba}+{n} as of snapshot {snap}: {e}"),
             )
         })?;
+        let exts = n.div_ceil(HYDRATE_EXTENT_BLOCKS);
+        self.sh.extents_fetched.fetch_add(exts, SeqCst);
+        for e in first..first + exts {
+            if self.fetched.set_range(e, 1) == 0 {
+                self.sh.extents_refetched.fetch_add(1, SeqCst);
+            }
+        }
         Ok(buf)
     }
 
+    /// Installs a fetched extent (see [`Worker::write_missing`]), then notes how a read taken
+    /// later is answered (see [`Worker::installed`]): from the backing file if every block was
+    /// written, else from the fetched data, which `keep` hands over.
+    fn install(
+        &mut self,
+        ext: u64,
+        data: &[u8],
+        keep: impl FnOnce() -> Arc<Vec<u8>>,
+    ) -> Result<u64> {
+        let written = self.write_missing(ext, data)?;
+        if written == (data.len() as u64) >> BLOCK_SHIFT {
+            self.clean.set_range(ext, 1);
+        } else {
+            if self.recent.len() >= HYDRATE_RECENT_EXTENTS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back((ext, keep()));
+        }
+        Ok(written)
+    }
+
     /// Writes the blocks of a fetched extent that are still not local, and marks them local.
-    fn install(&self, ext: u64, data: &[u8]) -> Result<u64> {
+    fn write_missing(&self, ext: u64, data: &[u8]) -> Result<u64> {
         let c = &self.sh.cache;
         let Some(h) = &c.hydration else { return Ok(0) };
         let lba = ext * HYDRATE_EXTENT_BLOCKS;
@@ -596,23 +738,38 @@ impl Worker {
         Ok(written)
     }
 
+    /// Completes every read waiting for extent `ext`; `own`: whether one of them had the
+    /// fetch made for it (the others shared it).
+    fn answer(&mut self, ext: u64, res: &FetchResult, own: bool) {
+        if let Some(p) = self.pending.remove(&ext) {
+            let shared = p.waiters.len() as u64 - u64::from(own);
+            self.sh.shared.fetch_add(shared, SeqCst);
+            for w in p.waiters {
+                w.complete(res.clone());
+            }
+        }
+    }
+
     fn serve_on_demand(&mut self, ext: u64) {
+        // Installed since the request was taken (a write can complete an extent too).
+        if self.extent_local(ext) {
+            if let Some(res) = self.installed(ext) {
+                self.answer(ext, &res, false);
+                return;
+            }
+        }
         match self.fetch(ext) {
             Ok(data) => {
-                let r = self.install(ext, &data);
-                let res: FetchResult = match r {
-                    Ok(_) => Ok(Arc::new(data)),
+                let data = Arc::new(data);
+                let res: FetchResult = match self.install(ext, &data, || data.clone()) {
+                    Ok(_) => Ok(data),
                     Err(e) => {
                         tracing::error!(volume = %self.sh.cache.name, error = %e, "hydration: cannot write the backing file");
                         Err(e.errno())
                     }
                 };
                 self.sh.on_demand.fetch_add(1, SeqCst);
-                if let Some(p) = self.pending.remove(&ext) {
-                    for w in p.waiters {
-                        w.complete(res.clone());
-                    }
-                }
+                self.answer(ext, &res, true);
             }
             Err(e) => {
                 self.note_error(&e);
@@ -680,7 +837,8 @@ impl Worker {
             return;
         }
         // A batch: the extents from the cursor on that still miss a block, up to
-        // HYDRATE_BATCH_EXTENTS, and no more than the rate window has room for.
+        // HYDRATE_BATCH_EXTENTS, and no more than the rate window has room for. Chosen from the
+        // local bitmap now, just before the fetch: an extent a read's fetch installed is skipped.
         let ext = self.cursor;
         let ext_bytes = HYDRATE_EXTENT_BLOCKS * BLOCK_SIZE;
         let mut count = 1;
@@ -701,7 +859,8 @@ impl Worker {
             Ok(data) => {
                 let mut failed = None;
                 for (i, chunk) in data.chunks(ext_bytes as usize).enumerate() {
-                    if let Err(e) = self.install(ext + i as u64, chunk) {
+                    if let Err(e) = self.install(ext + i as u64, chunk, || Arc::new(chunk.to_vec()))
+                    {
                         failed = Some(e);
                         break;
                     }
