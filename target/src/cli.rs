@@ -1148,13 +1148,20 @@ fn print_status(v: &serde_json::Value) {
             );
             println!("data plane:    {}", dataplane_line(sh));
             if sh.get("fenced").and_then(|x| x.as_bool()).unwrap_or(false) {
-                println!("FENCED:        this volume was recovered on another machine; this daemon ships nothing more");
+                println!("FENCED:        this volume was recovered on another machine: the device is read-only (writes fail with EIO) and ships nothing more to the volume");
+                match sh.get("fenced_branch").and_then(|x| x.as_str()) {
+                    Some(b) => println!("               the snapshots it made after the fence are kept as branch volume {b} on the data plane (export or clone it)"),
+                    None => println!("               its unshipped snapshots go to a branch volume on the data plane once it is reachable"),
+                }
             }
             if let Some(e) = sh.get("last_error").and_then(|e| e.as_str()) {
                 println!("ship error:    {e}");
             }
         }
         _ => println!("snapshots:     not shipped (no --dataplane)"),
+    }
+    if let Some(r) = v.get("resumed").and_then(|r| r.as_str()) {
+        println!("resumed:       {r}");
     }
     if let Some(h) = v.get("hydration").filter(|h| !h.is_null()) {
         let g = |k: &str| h.get(k).and_then(|x| x.as_u64()).unwrap_or(0);

@@ -567,7 +567,20 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Publishes the run state and starts the control and signal threads.
+// BLKROSET: _IO(0x12, 93), its argument a pointer to an int (1 = read-only).
+nix::ioctl_write_ptr_bad!(blk_ro_set, 0x125d, libc::c_int);
+
+/// Marks block device `dev` read-only in the kernel.
+fn set_read_only(dev: &str) -> std::io::Result<()> {
+    let f = std::fs::File::open(dev)?;
+    let one: libc::c_int = 1;
+    // SAFETY: BLKROSET reads one c_int through the pointer, which points at `one`, alive for
+    // the whole call; `f` is an open block-device fd.
+    unsafe { blk_ro_set(f.as_raw_fd(), &one) }.map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+/// Publishes the run state and starts the control, fence and signal threads.
 fn publish(
     cfg: &AddConfig,
     dev_id: u32,
@@ -605,6 +618,27 @@ fn publish(
     std::thread::Builder::new()
         .name("dv-control".into())
         .spawn(move || serve_control(listener, dc))?;
+    // Fenced (recovered elsewhere): the cache already fails writes with EIO; also mark the
+    // block device read-only, so the kernel refuses writes before they reach us and
+    // `blockdev --getro` shows it.
+    let (df, dev) = (d.clone(), info.device.clone());
+    std::thread::Builder::new()
+        .name("dv-fence".into())
+        .spawn(move || loop {
+            if df.stopping.load(SeqCst) {
+                return;
+            }
+            if df.volume.cache.fenced.load(SeqCst) {
+                match set_read_only(&dev) {
+                    Ok(()) => tracing::warn!(device = %dev, "fenced: the device is read-only"),
+                    Err(e) => {
+                        tracing::warn!(device = %dev, error = %e, "fenced: could not mark the device read-only (writes fail with EIO all the same)")
+                    }
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        })?;
     let ds = d.clone();
     std::thread::Builder::new()
         .name("dv-signals".into())

@@ -280,8 +280,11 @@ pub struct ShipStatus {
     pub outbox_entries: u64,
     pub outbox_bytes: u64,
     pub last_error: Option<String>,
-    /// Recovered elsewhere: this daemon ships nothing more.
+    /// Recovered elsewhere: this daemon ships nothing more to the volume.
     pub fenced: bool,
+    /// Fenced: the branch volume on the data plane that holds the snapshots this node made
+    /// but could not ship (export or clone it like any volume).
+    pub fenced_branch: Option<String>,
     /// Bytes written to the data plane since the daemon started (frames and payload, the
     /// handshake included).
     pub bytes_sent: u64,
@@ -303,8 +306,12 @@ struct State {
     head: u64,
     committed: Option<(u64, u64)>,
     last_error: Option<String>,
-    /// The volume was recovered elsewhere (a newer generation): ship nothing, ever.
+    /// The volume was recovered elsewhere (a newer generation): ship nothing, ever, to the
+    /// volume; the outbox goes to the fenced branch instead.
     fenced: bool,
+    /// The branch volume on the data plane that keeps this fenced writer's unshipped
+    /// snapshots (named once it was created).
+    branch: Option<String>,
     stop: bool,
     /// Ask the data plane for its chain head at the next flush even if ours is current
     /// (after a start, or after outbox entries were set aside): it may lack snapshots.
@@ -323,7 +330,13 @@ struct Shared {
     cv: Condvar,
     /// Fault injection into outbox writes and syncs (tests); unset in production.
     faults: std::sync::OnceLock<Arc<FaultPlan>>,
+    /// Called once when this writer learns it is fenced (the volume makes its device
+    /// read-only); argument: a generation newer than this writer's.
+    on_fenced: std::sync::OnceLock<FenceHook>,
 }
+
+/// What the layer above does when the volume is fenced.
+pub type FenceHook = Box<dyn Fn(u64) + Send + Sync>;
 
 fn client_err(e: ClientError) -> Error {
     if e.server_code() == Some(ErrorCode::StaleGeneration) {
@@ -412,7 +425,10 @@ impl Shared {
     fn note_failure(&self, st: &mut State, e: &Error) {
         if is_fence(e) {
             if !st.fenced {
-                tracing::error!(volume = %self.volume, error = %e, "this volume was recovered on another machine: this daemon is fenced and ships nothing more; its unshipped snapshots stay in the outbox");
+                tracing::error!(volume = %self.volume, error = %e, "this volume was recovered on another machine: this daemon is fenced: its device is read-only from now on, it ships nothing more to the volume, and its unshipped snapshots go to a branch volume ({})", branch_name(&self.volume, self.generation));
+                if let Some(h) = self.on_fenced.get() {
+                    h(self.generation + 1);
+                }
             }
             st.fenced = true;
             st.client = None;
@@ -527,11 +543,13 @@ impl DataPlaneSink {
                 committed: None,
                 last_error: None,
                 fenced: false,
+                branch: None,
                 stop: false,
                 check_head: true,
             }),
             cv: Condvar::new(),
             faults: std::sync::OnceLock::new(),
+            on_fenced: std::sync::OnceLock::new(),
         });
         let s2 = shared.clone();
         let shipper = std::thread::Builder::new()
@@ -592,6 +610,22 @@ impl ShipHandle {
             .map(|(c, _)| c)
     }
 
+    /// Sets what happens when this writer learns it is fenced; with `already` (the volume was
+    /// fenced before this run) the shipper starts fenced.
+    pub fn set_fence_hook(&self, hook: FenceHook, already: bool) {
+        let _ = self.shared.on_fenced.set(hook);
+        if already {
+            let mut st = self.shared.lock();
+            st.fenced = true;
+            st.last_error = Some(format!(
+                "fenced: volume {} was recovered on another machine; this writer ships its snapshots to branch {}",
+                self.shared.volume,
+                branch_name(&self.shared.volume, self.shared.generation)
+            ));
+            self.shared.cv.notify_all();
+        }
+    }
+
     /// Routes outbox writes and syncs through `plan` from now on (tests). Returns false if a
     /// plan was already set.
     pub fn inject_faults(&self, plan: Arc<FaultPlan>) -> bool {
@@ -618,6 +652,7 @@ impl ShipHandle {
             outbox_bytes: st.outbox.iter().map(|q| q.bytes).sum(),
             last_error: st.last_error.clone(),
             fenced: st.fenced,
+            fenced_branch: st.branch.clone(),
             bytes_sent: self
                 .shared
                 .bytes_sent
@@ -1001,10 +1036,74 @@ impl OutboxReader {
     }
 }
 
+/// The branch volume that keeps the unshipped snapshots of the writer of generation
+/// `generation` of `volume` once it is fenced.
+pub fn branch_name(volume: &str, generation: u64) -> String {
+    let suffix = format!(".fenced-g{generation}");
+    let keep = crate::cache::meta::NAME_LEN_MAX.saturating_sub(suffix.len());
+    let mut base = volume.to_string();
+    while base.len() > keep {
+        base.pop();
+    }
+    format!("{base}{suffix}")
+}
+
+/// The branch's id: derived from the volume's and the generation, so a restarted fenced
+/// writer reconnects to its own branch and nobody else's.
+fn branch_id(volume_id: &VolumeId, generation: u64) -> VolumeId {
+    let mut id = *volume_id;
+    for (i, b) in generation.to_le_bytes().iter().enumerate() {
+        id[i] ^= b ^ 0x5a;
+    }
+    id[15] ^= 0xb7;
+    id
+}
+
+/// Fenced: ships one outbox entry to the branch volume, creating it at the first entry as a
+/// clone of the entry's parent on the volume (a plain new volume when the parent is 0). The
+/// branch's chain is the fenced writer's snapshots in order; each keeps its id. Returns the
+/// branch's name.
+fn ship_to_branch(sh: &Shared, path: &Path) -> Result<String> {
+    let name = branch_name(&sh.volume, sh.generation);
+    let t = Timeouts {
+        connect: sh.cfg.connect_timeout,
+        io: sh.cfg.io_timeout,
+    };
+    let id = branch_id(&sh.volume_id, sh.generation);
+    let (mut c, _) = sh
+        .cfg
+        .addrs
+        .connect_client(&sh.cfg.token, &name, t, 0, Some(id))?;
+    if !c.info().exists {
+        let rd = OutboxReader::open(path, &sh.volume_id)?;
+        if rd.parent == 0 || rd.full {
+            c.create_volume(sh.size_bytes, BLOCK_SIZE as u32)
+                .map_err(client_err)?;
+        } else {
+            c.clone_volume(&sh.volume, rd.parent).map_err(client_err)?;
+        }
+        tracing::warn!(volume = %sh.volume, branch = %name, "fenced: the snapshots this node could not ship go to branch volume {name} (export or clone it)");
+    }
+    let head = c.info().latest_snap_id;
+    let info = ship_entry_as(sh, &mut c, path, Some(head))?;
+    tracing::info!(volume = %sh.volume, branch = %name, snapshot = info.snap_id, "fenced: outbox snapshot committed on the branch volume");
+    Ok(name)
+}
+
 /// Ships one outbox entry; returns the committed snapshot.
 fn ship_entry(sh: &Shared, c: &mut Client, path: &Path) -> Result<SnapshotInfo> {
+    ship_entry_as(sh, c, path, None)
+}
+
+/// [`ship_entry`], chained onto `parent` instead of the entry's own parent when given.
+fn ship_entry_as(
+    sh: &Shared,
+    c: &mut Client,
+    path: &Path,
+    parent: Option<u64>,
+) -> Result<SnapshotInfo> {
     let mut rd = OutboxReader::open(path, &sh.volume_id)?;
-    let mut parent = rd.parent;
+    let mut parent = parent.unwrap_or(rd.parent);
     let info = c.volume_info().map_err(client_err)?;
     if rd.full && info.latest_snap_id != parent && info.latest_snap_id < rd.snap {
         // A full snapshot is self-contained: chain it onto the data plane's head.
@@ -1044,7 +1143,7 @@ fn run_shipper(sh: Arc<Shared>) {
                 return;
             }
             let due = st.retry_at.is_none_or(|t| Instant::now() >= t);
-            if !st.outbox.is_empty() && due && !st.fenced {
+            if !st.outbox.is_empty() && due {
                 break;
             }
             let wait = st
@@ -1061,6 +1160,27 @@ fn run_shipper(sh: Arc<Shared>) {
         let Some(front) = st.outbox.front().map(|q| q.path.clone()) else {
             continue;
         };
+        if st.fenced {
+            drop(st);
+            let r = ship_to_branch(&sh, &front);
+            let mut st = sh.lock();
+            match r {
+                Ok(branch) => {
+                    if let Err(e) = std::fs::remove_file(&front) {
+                        tracing::warn!(path = %front.display(), error = %e, "could not remove shipped outbox entry");
+                    }
+                    st.outbox.pop_front();
+                    st.branch = Some(branch);
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %sh.volume, error = %e, "fenced: could not ship to the branch volume yet; retrying");
+                    st.retry_at = Some(Instant::now() + st.backoff);
+                    st.backoff = (st.backoff * 2).min(RETRY_BACKOFF_MAX);
+                }
+            }
+            sh.cv.notify_all();
+            continue;
+        }
         let Some(mut c) = sh.take_client(&mut st) else {
             continue;
         };

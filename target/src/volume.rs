@@ -128,7 +128,19 @@ impl Volume {
                     cache.generation(),
                     cache.backing_state(),
                 )?;
-                ship = Some(s.handle());
+                let h = s.handle();
+                let weak = Arc::downgrade(&cache);
+                h.set_fence_hook(
+                    Box::new(move |newer| {
+                        if let Some(c) = weak.upgrade() {
+                            if let Err(e) = c.fence(newer) {
+                                tracing::error!(volume = %c.name, error = %e, "could not persist the fence (the device is read-only until the daemon stops)");
+                            }
+                        }
+                    }),
+                    cache.fenced.load(SeqCst),
+                );
+                ship = Some(h);
                 Box::new(s)
             }
             (None, None) => Box::new(NullSink),

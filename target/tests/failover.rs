@@ -167,8 +167,11 @@ fn fencing_on_the_first_address_does_not_fail_over() {
         assert_eq!(c.new_generation().unwrap(), 1);
     }
     let mut d = Driver::new(&vol, 1);
-    for round in 0..3u64 {
-        assert!(d.write_tags(0, round, &[round + 1], false) > 0);
+    assert!(d.write_tags(0, 0, &[1], false) > 0);
+    let _ = vol.cut_and_flush();
+    // Fenced: the device takes no more writes.
+    for round in 1..3u64 {
+        assert_eq!(d.write_tags(0, round, &[round + 1], false), -libc::EIO);
         let _ = vol.cut_and_flush();
     }
     let st = ship_status(&vol);

@@ -297,3 +297,91 @@ fn lost_ssd_resume_refuses_a_fenced_node_and_another_name() {
         "backing untouched"
     );
 }
+
+/// Issue 11, item 3: a node fenced by a recovery elsewhere stops taking writes (EIO: the
+/// device is read-only, reads go on), says FENCED, and keeps the snapshots it made but could
+/// not ship as a branch volume on the data plane — never merged into the new chain, exportable
+/// and cloneable. The fence is persisted: a restart stays read-only.
+#[test]
+fn a_fenced_node_turns_read_only_and_keeps_its_snapshots_as_a_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let cfg = shipping_cfg(dir.path(), &dp.addr);
+    let a: Vec<u64> = (0..NBLOCKS).map(|b| 10 + b).collect();
+    let b: Vec<u64> = (0..NBLOCKS)
+        .map(|x| if x % 4 == 0 { 70_000 + x } else { 10 + x })
+        .collect();
+    let vol = Volume::open(&cfg).unwrap();
+    write_all(&vol, &a);
+    vol.cut_and_flush().unwrap();
+    // Another machine recovers the volume: a new generation on the data plane.
+    let t = deltavol_dataplane::Timeouts {
+        connect: Duration::from_secs(2),
+        io: Duration::from_secs(10),
+    };
+    let id = Some(vol.cache.volume_id);
+    let mut other =
+        deltavol_dataplane::Client::connect_as(&dp.addr, TOKEN, "testvol", t, 0, id).unwrap();
+    assert_eq!(other.new_generation().unwrap(), 1);
+    // This node does not know yet: its writes are acknowledged until its next flush.
+    write_all(&vol, &b);
+    let _ = vol.cut_and_flush();
+    wait_until("the branch", Duration::from_secs(30), || {
+        let st = vol.ship.as_ref().unwrap().status();
+        st.fenced && st.outbox_entries == 0 && st.fenced_branch.is_some()
+    });
+    let st = vol.ship.as_ref().unwrap().status();
+    let branch = st.fenced_branch.clone().unwrap();
+    assert_eq!(branch, "testvol.fenced-g0");
+    // Read-only: writes fail, reads see what was acknowledged.
+    let mut d = Driver::new(&vol, 1);
+    assert_eq!(d.write_tags(0, 3, &[5], false), -libc::EIO);
+    assert_eq!(d.discard(0, 3, 1), -libc::EIO);
+    drop(d);
+    assert_eq!(read_all(&vol), model_tags(&b));
+    // The volume's chain has nothing of this node after the fence.
+    let main: Vec<u64> = client(&dp.addr)
+        .list_snapshots()
+        .unwrap()
+        .iter()
+        .map(|s| s.snap_id)
+        .collect();
+    assert_eq!(main, vec![1]);
+    // The branch holds snapshot 2 as this node cut it, cloned from snapshot 1.
+    let mut bc = deltavol_dataplane::Client::connect(&dp.addr, TOKEN, &branch, t).unwrap();
+    let info = bc.info().clone();
+    assert_eq!(
+        (info.clone_source_volume.as_str(), info.clone_source_snap_id),
+        ("testvol", 1)
+    );
+    let snaps = bc.list_snapshots().unwrap();
+    assert_eq!(
+        snaps
+            .iter()
+            .map(|s| (s.snap_id, s.parent_id))
+            .collect::<Vec<_>>(),
+        vec![(2, 0)]
+    );
+    let mut buf = vec![0u8; NBLOCKS as usize * BS];
+    bc.read_extents(2, 0, NBLOCKS, &mut buf).unwrap();
+    let got: Vec<Option<u64>> = (0..NBLOCKS as usize)
+        .map(|i| tag_of(&buf[i * BS..(i + 1) * BS]))
+        .collect();
+    assert_eq!(got, model_tags(&b));
+    // ... and can be cloned like any volume.
+    let mut cl =
+        deltavol_dataplane::Client::connect_as(&dp.addr, TOKEN, "from-branch", t, 0, Some([3; 16]))
+            .unwrap();
+    cl.clone_volume(&branch, 2).unwrap();
+    vol.shutdown();
+    drop(vol);
+
+    // A restart stays read-only at once, before any contact with the data plane.
+    let vol = Volume::open(&cfg).unwrap();
+    assert!(vol.cache.fenced.load(std::sync::atomic::Ordering::SeqCst));
+    let mut d = Driver::new(&vol, 1);
+    assert_eq!(d.write_tags(0, 3, &[5], false), -libc::EIO);
+    assert!(vol.ship.as_ref().unwrap().status().fenced);
+    drop(d);
+    vol.shutdown();
+}

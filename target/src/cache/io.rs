@@ -65,6 +65,10 @@ impl Cache {
         }
         let b0 = off >> BLOCK_SHIFT;
         let n = bytes >> BLOCK_SHIFT;
+        if op != UBLK_IO_OP_READ && self.fenced.load(Relaxed) {
+            // Recovered elsewhere: nothing written here could reach the volume's chain.
+            return -libc::EIO;
+        }
         match op {
             UBLK_IO_OP_READ | UBLK_IO_OP_WRITE if bytes as usize > buf.len() => -libc::EINVAL,
             UBLK_IO_OP_READ => self.read(ring, b0, n, &mut buf[..bytes as usize]).await,

@@ -9,7 +9,9 @@
 //! `magic[8] "DVOLSUPR" | version u32 | hdr_len u32 | features u64 | volume_id [16] |
 //!  size_bytes u64 | block_size u32 | name_len u16 | pad u16 | name [64] | flushed_epoch u64 |
 //!  seq u64 | created_unix_ms u64 | snap_head u64 | generation u64 | hydrating u64 |
-//!  hydrate_snap u64 | ... | crc32c u32 (last 4 bytes, over the rest)`.
+//!  hydrate_snap u64 | fenced_generation u64 | ... | crc32c u32 (last 4 bytes, over the rest)`.
+//! `fenced_generation` is non-zero once the data plane refused this writer because the volume
+//! moved to that newer generation (recovered elsewhere): the device stays read-only.
 //! `generation` is the volume's writer generation on the data plane (fencing); `hydrating` is 1
 //! while the volume is still being filled from snapshot `hydrate_snap` of the data plane.
 //! `snap_head` is the newest snapshot of this volume made durable by the delta sink (committed on
@@ -61,6 +63,8 @@ pub struct Superblock {
     pub generation: u64,
     pub hydrating: bool,
     pub hydrate_snap: u64,
+    /// The newer generation that fenced this writer, 0 if none.
+    pub fenced_generation: u64,
 }
 
 pub fn volume_id_hex(id: &VolumeId) -> String {
@@ -87,6 +91,7 @@ impl Superblock {
         b[152..160].copy_from_slice(&self.generation.to_le_bytes());
         b[160..168].copy_from_slice(&u64::from(self.hydrating).to_le_bytes());
         b[168..176].copy_from_slice(&self.hydrate_snap.to_le_bytes());
+        b[176..184].copy_from_slice(&self.fenced_generation.to_le_bytes());
         let crc = crc32c::crc32c(&b[..SUPER_COPY_BYTES - 4]);
         b[SUPER_COPY_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -154,6 +159,7 @@ impl Superblock {
             generation: le64(152),
             hydrating: le64(160) != 0,
             hydrate_snap: le64(168),
+            fenced_generation: le64(176),
         }))
     }
 
@@ -307,6 +313,7 @@ mod tests {
             generation: 0,
             hydrating: false,
             hydrate_snap: 0,
+            fenced_generation: 0,
         }
     }
 

@@ -181,6 +181,10 @@ pub struct Cache {
     pub watermark_hit: AtomicBool,
     /// A sync failed: durability can no longer be promised, every later FLUSH fails.
     pub sync_failed: AtomicBool,
+    /// Fenced: the data plane moved to a newer writer generation (the volume was recovered
+    /// elsewhere). Writes, discards and write-zeroes fail with EIO from then on, reads go on:
+    /// this node must not take writes that can never reach the volume's chain. Persisted.
+    pub fenced: AtomicBool,
     /// The syncer thread serving FLUSH; set once it is started (see [`SyncHandle::start`]).
     pub syncer: std::sync::OnceLock<SyncHandle>,
     /// Present while the volume hydrates from the data plane.
@@ -322,6 +326,7 @@ impl Cache {
                 generation: ca.map_or(0, |c| c.generation),
                 hydrating: ca.is_some_and(|c| c.hydrate),
                 hydrate_snap: ca.filter(|c| c.hydrate).map_or(0, |c| c.hydrate_snap),
+                fenced_generation: 0,
             };
             (sb, true)
         };
@@ -461,6 +466,7 @@ impl Cache {
         };
         let mirrors: [File; 2] = mirrors.try_into().map_err(|_| Error::invalid("mirrors"))?;
         let maps: [File; 2] = maps.try_into().map_err(|_| Error::invalid("maps"))?;
+        let fenced = sb.fenced_generation != 0;
         let c = Cache {
             name: sb.name.clone(),
             volume_id: sb.volume_id,
@@ -482,6 +488,7 @@ impl Cache {
             high_water_blocks: limit * HIGH_WATERMARK_PERCENT / 100,
             watermark_hit: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
+            fenced: AtomicBool::new(fenced),
             syncer: std::sync::OnceLock::new(),
             hydration,
             backing_lock: Mutex::new(()),
@@ -675,6 +682,24 @@ impl Cache {
         } else {
             BackingState::Clean(f)
         }
+    }
+
+    /// Makes the volume read-only for good: the data plane said a newer writer (generation
+    /// `newer`) owns it. Persisted before it returns, so a restart stays read-only.
+    pub fn fence(&self, newer: u64) -> Result<()> {
+        self.fenced.store(true, SeqCst);
+        let mut g = self.sb.lock().unwrap_or_else(|p| p.into_inner());
+        let (sb, file) = &mut *g;
+        if sb.fenced_generation != 0 {
+            return Ok(());
+        }
+        sb.fenced_generation = newer.max(1);
+        let path = self.cache_dir.join("superblock");
+        if let Err(e) = sb.write_next(file, &path) {
+            sb.fenced_generation = 0;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The writer generation on the data plane.
