@@ -1755,6 +1755,25 @@ impl Conn {
         self.send_reply().await
     }
 
+    /// Reads record `rec` of `seg` into `rec_buf`, unless `cached` says it is there already
+    /// (by segment identity: a clone's segment and its source's may carry the same id).
+    async fn load_record(
+        &mut self,
+        seg: &Rc<store::Segment>,
+        rec: u32,
+        block_size: u32,
+        cached: &mut Option<(*const store::Segment, u32)>,
+    ) -> Result<(), ReqError> {
+        if *cached != Some((Rc::as_ptr(seg), rec)) {
+            let buf = std::mem::take(&mut self.rec_buf);
+            let (res, buf) = seg.read_record(rec, block_size, buf).await;
+            self.rec_buf = buf;
+            res?;
+            *cached = Some((Rc::as_ptr(seg), rec));
+        }
+        Ok(())
+    }
+
     /// The crc32c of each block as of `snap_id` (see the wire's `ReadChecksums`): the data
     /// is read here, only the checksums cross the network.
     async fn read_checksums(
@@ -1781,13 +1800,8 @@ impl Conn {
                     crcs.extend(std::iter::repeat_n(zero_crc, (*end - *start) as usize))
                 }
                 PlanSrc::Data { seg, rec, rec_lba } => {
-                    if cached != Some((Rc::as_ptr(seg), *rec)) {
-                        let buf = std::mem::take(&mut self.rec_buf);
-                        let (res, buf) = seg.read_record(*rec, plan.block_size, buf).await;
-                        self.rec_buf = buf;
-                        res?;
-                        cached = Some((Rc::as_ptr(seg), *rec));
-                    }
+                    self.load_record(seg, *rec, plan.block_size, &mut cached)
+                        .await?;
                     for b in *start..*end {
                         let from = ((b - rec_lba) * bs) as usize;
                         let Some(data) = self.rec_buf.get(from..from + bs as usize) else {
@@ -1850,13 +1864,8 @@ impl Conn {
                     }
                 }
                 PlanSrc::Data { seg, rec, rec_lba } => {
-                    if cached != Some((Rc::as_ptr(seg), *rec)) {
-                        let buf = std::mem::take(&mut self.rec_buf);
-                        let (res, buf) = seg.read_record(*rec, plan.block_size, buf).await;
-                        self.rec_buf = buf;
-                        res?;
-                        cached = Some((Rc::as_ptr(seg), *rec));
-                    }
+                    self.load_record(seg, *rec, plan.block_size, &mut cached)
+                        .await?;
                     while cur < *end {
                         let used_blocks = self.read_payload.len() as u64 / bs;
                         let room = frame_blocks_max - used_blocks;

@@ -591,7 +591,11 @@ fn snapshot(name: &str, timeout_ms: u64, json: bool) -> anyhow::Result<()> {
             .get("last_error")
             .and_then(|e| e.as_str())
             .unwrap_or("no answer yet");
-        eprintln!("deltavol: snapshot {id} is durable in the outbox but not yet committed on the data plane ({err}); it ships when the data plane is reachable");
+        if err.starts_with("fenced: ") {
+            eprintln!("deltavol: snapshot {id} is durable in the outbox but is never committed to volume {name} ({err}); it goes to this node's branch volume on the data plane (`deltavol status {name}` names it)");
+        } else {
+            eprintln!("deltavol: snapshot {id} is durable in the outbox but not yet committed on the data plane ({err}); it ships when the data plane is reachable");
+        }
         std::process::exit(2);
     }
     Ok(())
@@ -948,9 +952,21 @@ fn volume_delete(name: &str, id: &str, dp: &DataPlaneArgs, json: bool) -> anyhow
     let Some(id) = deltavol_schemas::parse_volume_id_hex(id) else {
         bail!("--id {id:?} is not a volume id (32 hex digits, as `deltavol volume info {name}` shows)");
     };
+    // The volume attached here under this name may be another one (a reused name, waiting
+    // for the old one to be deleted): refuse only when it is this very volume.
     if let Ok(Some(i)) = control::read_info(&control::info_path(name)) {
         if control::pid_alive(i.pid) {
-            bail!("volume {name:?} is attached on this node (pid {}): `deltavol del {name}` first; deleting it on the data plane under a live daemon would break its snapshot chain", i.pid);
+            let attached_id = control::request(&i.socket, &Request::Status, None)
+                .ok()
+                .and_then(|v| {
+                    v.get("volume_id")
+                        .and_then(|x| x.as_str())
+                        .map(str::to_string)
+                });
+            match attached_id {
+                Some(a) if a != deltavol_schemas::volume_id_hex(&id) => {}
+                _ => bail!("volume {name:?} (id {}) is attached on this node (pid {}): `deltavol del {name}` first; deleting it on the data plane under a live daemon would break its snapshot chain", deltavol_schemas::volume_id_hex(&id), i.pid),
+            }
         }
     }
     let mut c = dp.connect(name)?;
@@ -1181,6 +1197,12 @@ fn print_status(v: &serde_json::Value) {
                 format_size(g("total_bytes")),
                 format_size(g("rate_bytes_per_s")),
                 g("fetched_on_demand")
+            );
+            println!(
+                "               {} extents fetched, {} refetched, {} reads answered by a fetch already under way",
+                g("extents_fetched"),
+                g("extents_refetched"),
+                g("fetches_shared")
             );
         }
     }

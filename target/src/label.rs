@@ -83,13 +83,6 @@ pub fn path(outbox_dir: &Path) -> PathBuf {
     outbox_dir.join(LABEL_FILE)
 }
 
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Label {
     fn encode(&self) -> [u8; COPY_BYTES] {
         let mut b = [0u8; COPY_BYTES];
@@ -260,7 +253,7 @@ impl LabelWriter {
         next.snap_head = snap_head;
         next.generation = generation;
         next.seq += 1;
-        next.written_unix_ms = now_unix_ms();
+        next.written_unix_ms = crate::cache::now_unix_ms();
         let off = (next.seq % 2) * COPY_BYTES as u64;
         self.file
             .write_all_at(&next.encode(), off)

@@ -385,3 +385,93 @@ fn a_fenced_node_turns_read_only_and_keeps_its_snapshots_as_a_branch() {
     drop(d);
     vol.shutdown();
 }
+
+/// Nothing of one volume is ever applied to another: an outbox entry of another volume (id) in
+/// this volume's outbox is set aside, never shipped under this volume's name; another volume's
+/// membership journal in this volume's cache dir is ignored at reattach.
+#[test]
+fn another_volumes_outbox_entry_or_journal_is_never_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    // Volume A: its data plane is away, so its snapshot waits in its outbox; its last writes
+    // are in its journals only (no FLUSH, then a crash).
+    let a_dir = dir.path().join("a");
+    let mut a_cfg = config(&a_dir, NBLOCKS * BS as u64, 1);
+    a_cfg.flush_interval = Duration::from_secs(3600);
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    a_cfg.ship = Some(ship_cfg(&a_dir, &dead));
+    let a_tags: Vec<u64> = (0..NBLOCKS).map(|b| 900_000 + b).collect();
+    {
+        let vol = Volume::open(&a_cfg).unwrap();
+        write_all(&vol, &a_tags);
+        vol.cut_and_flush().unwrap();
+        write_all(&vol, &a_tags.iter().map(|t| t + 1).collect::<Vec<_>>());
+        vol.crash();
+    }
+    // Volume B (the same name "testvol", another id), shipping to the real data plane.
+    let b_dir = dir.path().join("b");
+    let b_cfg = shipping_cfg(&b_dir, &dp.addr);
+    let b_tags: Vec<u64> = (0..NBLOCKS).map(|b| 10 + b).collect();
+    {
+        let vol = Volume::open(&b_cfg).unwrap();
+        write_all(&vol, &b_tags);
+        vol.cut_and_flush().unwrap();
+        vol.shutdown();
+    }
+    // A's outbox entry and journals land in B's dirs (an operator's copy, a shared disk).
+    for e in std::fs::read_dir(a_dir.join("outbox")).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.ends_with(".delta") {
+            std::fs::copy(e.path(), b_dir.join("outbox").join(&n)).unwrap();
+        }
+    }
+    let mut journals = 0;
+    for e in std::fs::read_dir(a_dir.join("cache")).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with("journal.") {
+            std::fs::copy(e.path(), b_dir.join("cache").join(&n)).unwrap();
+            journals += 1;
+        }
+    }
+    assert!(journals > 0);
+    let vol = Volume::open(&b_cfg).unwrap();
+    assert_eq!(
+        read_all(&vol),
+        model_tags(&b_tags),
+        "A's journal applied to B"
+    );
+    wait_until("A's entry set aside", Duration::from_secs(30), || {
+        std::fs::read_dir(b_dir.join("outbox"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".delta.corrupt"))
+    });
+    let st = vol.ship.as_ref().unwrap().status();
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("belongs to another volume")),
+        "{st:?}"
+    );
+    let newer: Vec<u64> = b_tags.iter().map(|t| t + 5).collect();
+    write_all(&vol, &newer);
+    vol.cut_and_flush().unwrap();
+    wait_until("B's outbox to drain", Duration::from_secs(30), || {
+        vol.ship.as_ref().unwrap().status().outbox_entries == 0
+    });
+    // Every snapshot on the data plane is B's: none holds a block of A.
+    for s in client(&dp.addr).list_snapshots().unwrap() {
+        let got = snapshot_tags(&dp.addr, s.snap_id, NBLOCKS);
+        assert!(
+            got.iter().all(|t| t.is_some_and(|t| t < 900_000)),
+            "snapshot {} holds A's data",
+            s.snap_id
+        );
+    }
+    let head = vol.ship.as_ref().unwrap().status().last_committed.unwrap();
+    assert_eq!(snapshot_tags(&dp.addr, head, NBLOCKS), model_tags(&newer));
+    vol.shutdown();
+}

@@ -4,7 +4,9 @@
 # deleted; `deltavol recover` on new dirs brings the volume back at once: the filesystem is
 # mounted and read while hydration is still running, every file of the last snapshot verifies,
 # SQLite's integrity_check is ok, e2fsck is clean. Then fencing: a second recovery elsewhere
-# turns the first into a stale machine, which is refused by the data plane and ships nothing.
+# turns the first into a stale machine, which is refused by the data plane and ships nothing
+# to the volume: its device turns read-only and its unshipped snapshot is kept as a branch
+# volume (exportable).
 # Three "machines" are separated by their run dirs (DELTAVOL_RUN_DIR).
 . "${DRILL_LIB:-/drills/lib.sh}"
 
@@ -111,6 +113,36 @@ if [ -n "$STALE" ] && grep -q "\"id\": *$STALE," "$DRILL_TMP/list.json"; then
 else
     pass stale-shipped-nothing
 fi
+
+# The fenced machine's device is read-only (writes fail; the kernel marks it read-only), and
+# the snapshot it could not ship is kept as a branch volume on the data plane.
+DEV2=$(dv_device "$NAME")
+if dd if=/dev/zero of="$DEV2" bs=4096 count=1 seek=100 conv=fsync 2>/dev/null; then
+    fail fenced-write-refused "a write to the fenced device $DEV2 succeeded"
+else
+    pass fenced-write-refused
+fi
+sleep 1
+ro=$(blockdev --getro "$DEV2" 2>&1)
+[ "$ro" = 1 ] && pass fenced-kernel-read-only || fail fenced-kernel-read-only "blockdev --getro $DEV2: $ro"
+BRANCH=
+i=0
+while [ -z "$BRANCH" ] && [ "$i" -lt 150 ]; do
+    BRANCH=$(dv_status "$NAME" | tr -d '\n ' | grep -o '"fenced_branch":"[^"]*"' | cut -d'"' -f4)
+    [ -n "$BRANCH" ] || sleep 0.2
+    i=$((i + 1))
+done
+log "branch of the fenced machine: $BRANCH"
+# shellcheck disable=SC2086
+"$DV" snapshots "$BRANCH" $DPARGS --json >"$DRILL_TMP/branch.json" 2>&1
+if [ -n "$BRANCH" ] && [ -n "$STALE" ] && grep -q "\"id\": *$STALE," "$DRILL_TMP/branch.json"; then
+    pass stale-kept-as-branch
+else
+    fail stale-kept-as-branch "branch '$BRANCH' does not list snapshot '$STALE': $(tr '\n' ' ' <"$DRILL_TMP/branch.json" | cut -c1-200)"
+fi
+# shellcheck disable=SC2086
+check branch-exportable run_timeout 300 "$DV" export "$BRANCH@$STALE" $DPARGS --output "$MED/branch.img"
+rm -f "$MED/branch.img"
 
 check del-m2 dv_del "$NAME"
 export DELTAVOL_RUN_DIR=/run/dv-m3

@@ -245,7 +245,8 @@ fn file_size(f: &File, path: &Path) -> Result<u64> {
     }
 }
 
-fn now_unix_ms() -> u64 {
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
