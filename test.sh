@@ -77,7 +77,8 @@ check_step "benchmark smoke: hydration vs a plain copy (--quick)" build/release/
 check_step "benchmark smoke: engine vs raw io_uring (--quick)" build/release/deltavol-bench-engine --quick
 
 drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/crash.sh tests/drills/snapshots.sh
-        tests/drills/recovery.sh tests/drills/clone.sh tests/drills/restart.sh tests/drills/verify.sh)
+        tests/drills/recovery.sh tests/drills/clone.sh tests/drills/restart.sh tests/drills/verify.sh
+        tests/drills/identity.sh)
 declare -A result
 vm_passed=0 vm_failed=0
 for k in 7 6.12; do
