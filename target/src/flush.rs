@@ -63,6 +63,16 @@ pub trait DeltaSink: Send {
     fn backing_state(&mut self, _state: BackingState) -> Result<()> {
         Ok(())
     }
+    /// When [`DeltaSink::base_needed`] said yes: the snapshot the sink's chain ends at, if
+    /// the base may be a delta against it (then only the blocks whose checksum differs from
+    /// it are shipped, chained onto it); `None` ships every block as a full snapshot.
+    fn base_parent(&mut self) -> Option<u64> {
+        None
+    }
+    /// The crc32c of blocks `[lba, lba + n)` as of the sink's snapshot `snap`.
+    fn parent_checksums(&mut self, _snap: u64, _lba: u64, _n: u64) -> Result<Vec<u32>> {
+        Err(Error::invalid("this sink has no checksums"))
+    }
 }
 
 /// A sink that keeps nothing (no data plane configured).
@@ -502,27 +512,70 @@ impl FlushThread {
         Ok(rep)
     }
 
-    /// Ships the whole backing file (the volume as of epoch `snap`) as a full snapshot.
+    /// Ships the backing file (the volume as of epoch `snap`) as a base snapshot: a full one,
+    /// or, when the sink's chain ends at a snapshot it can compare against, only the blocks
+    /// whose crc32c differs from that snapshot's (a resync by checksums), chained onto it.
     fn ship_base(&mut self, snap: u64) -> Result<()> {
         let c = self.cache.clone();
-        tracing::info!(volume = %c.name, snapshot = snap, "shipping a full base snapshot of the backing file");
-        self.sink.begin(snap, true, c.size_bytes)?;
+        let parent = self.sink.base_parent();
+        match parent {
+            Some(p) => {
+                tracing::info!(volume = %c.name, snapshot = snap, parent = p, "the sink's chain lacks epochs the backing file holds: shipping the blocks that differ from its newest snapshot")
+            }
+            None => {
+                tracing::info!(volume = %c.name, snapshot = snap, "shipping a full base snapshot of the backing file")
+            }
+        }
+        self.sink.begin(snap, parent.is_none(), c.size_bytes)?;
         let mut buf = std::mem::take(&mut self.buf);
-        let r = self.ship_base_extents(&c, &mut buf);
+        let r = self.ship_base_extents(&c, &mut buf, parent);
         self.buf = buf;
         r?;
         self.sink.commit(snap)
     }
 
-    fn ship_base_extents(&mut self, c: &Cache, buf: &mut [u8]) -> Result<()> {
+    fn ship_base_extents(&mut self, c: &Cache, buf: &mut [u8], parent: Option<u64>) -> Result<()> {
+        let zero_crc = crc32c::crc32c(&ZERO_BLOCK);
         let mut lba = 0u64;
         while lba < c.nblocks {
             self.check_abort()?;
             let n = (c.nblocks - lba).min(FLUSH_EXTENT_BLOCKS_MAX);
+            let theirs = match parent {
+                Some(p) => Some(self.sink.parent_checksums(p, lba, n)?),
+                None => None,
+            };
             let faults = self.ctl.faults.get().cloned();
             let src = (&c.backing, FaultFile::Backing, faults.as_deref());
+            let sink = &mut self.sink;
             for_each_subextent(src, &c.backing_path, lba, n, buf, |l, k, data| {
-                self.sink.extent(l, k, data)
+                let Some(theirs) = &theirs else {
+                    return sink.extent(l, k, data);
+                };
+                // Runs of blocks that differ from the parent snapshot.
+                let same = |i: u64| {
+                    let ours = data.map_or(zero_crc, |d| {
+                        crc32c::crc32c(
+                            &d[(i << BLOCK_SHIFT) as usize..((i + 1) << BLOCK_SHIFT) as usize],
+                        )
+                    });
+                    theirs.get((l - lba + i) as usize) == Some(&ours)
+                };
+                let mut i = 0u64;
+                while i < k {
+                    if same(i) {
+                        i += 1;
+                        continue;
+                    }
+                    let mut j = i + 1;
+                    while j < k && !same(j) {
+                        j += 1;
+                    }
+                    let part =
+                        data.map(|d| &d[(i << BLOCK_SHIFT) as usize..(j << BLOCK_SHIFT) as usize]);
+                    sink.extent(l + i, j - i, part)?;
+                    i = j;
+                }
+                Ok(())
             })?;
             lba += n;
         }

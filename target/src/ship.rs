@@ -18,8 +18,9 @@
 //! it is detected before its snapshot is committed, and it — with every later entry, which
 //! chains onto it — is set aside as `*.delta.corrupt` (kept for inspection) with an error in
 //! `status`. The data plane's chain then has a gap, so the next flush checks the data plane's
-//! head and ships the backing file whole as a full base snapshot, after which the chain goes
-//! on. The snapshots set aside are lost on the data plane; the volume's data is not (it is in
+//! head and ships the backing file as a base snapshot chained onto that head — only the blocks
+//! whose crc32c differs from it (`ReadChecksums`), or every block when the data plane has no
+//! snapshot of the volume — after which the chain goes on. The snapshots set aside are lost on the data plane; the volume's data is not (it is in
 //! the backing file). The same happens if the data plane reports a gap (a missing parent).
 //!
 //! ## Outbox entry (`<outbox>/snap-<id>.delta`)
@@ -316,6 +317,9 @@ struct State {
     /// Ask the data plane for its chain head at the next flush even if ours is current
     /// (after a start, or after outbox entries were set aside): it may lack snapshots.
     check_head: bool,
+    /// Set by `base_needed` when it learned the data plane's head just now (and the outbox is
+    /// empty): a base may be shipped as the blocks that differ from that snapshot.
+    base_parent: Option<u64>,
 }
 
 struct Shared {
@@ -546,6 +550,7 @@ impl DataPlaneSink {
                 branch: None,
                 stop: false,
                 check_head: true,
+                base_parent: None,
             }),
             cv: Condvar::new(),
             faults: std::sync::OnceLock::new(),
@@ -788,9 +793,42 @@ impl DeltaSink for DataPlaneSink {
         self.label.write(state, head, self.shared.generation)
     }
 
+    fn base_parent(&mut self) -> Option<u64> {
+        let mut st = self.shared.lock();
+        st.base_parent
+            .take()
+            .filter(|p| *p > 0 && *p == st.head && st.outbox.is_empty())
+    }
+
+    fn parent_checksums(&mut self, snap: u64, lba: u64, n: u64) -> Result<Vec<u32>> {
+        let sh = self.shared.clone();
+        let mut st = sh.lock();
+        let Some(mut c) = sh.take_client(&mut st) else {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("data plane unavailable for the checksums of snapshot {snap}"),
+            ));
+        };
+        drop(st);
+        let r = c.read_checksums(snap, lba, n);
+        let mut st = sh.lock();
+        match r {
+            Ok(v) => {
+                st.client = Some(c);
+                Ok(v)
+            }
+            Err(e) => {
+                let e = client_err(e);
+                sh.note_failure(&mut st, &e);
+                Err(e)
+            }
+        }
+    }
+
     fn base_needed(&mut self, flushed_epoch: u64) -> Result<bool> {
         let sh = self.shared.clone();
         let mut st = sh.lock();
+        st.base_parent = None;
         if flushed_epoch == 0 || (st.head >= flushed_epoch && !st.check_head) {
             return Ok(false);
         }
@@ -805,11 +843,14 @@ impl DeltaSink for DataPlaneSink {
                     Ok(l) => {
                         st.client = Some(c);
                         if st.check_head && l < st.head && st.outbox.is_empty() {
-                            tracing::warn!(volume = %sh.volume, dataplane_head = l, head = st.head, "the data plane lacks snapshots this volume made: shipping a full base snapshot so the chain goes on");
+                            tracing::warn!(volume = %sh.volume, dataplane_head = l, head = st.head, "the data plane lacks snapshots this volume made: shipping a base snapshot (the blocks that differ from its head) so the chain goes on");
                             st.head = l;
                         }
                         st.check_head = false;
                         st.head = st.head.max(l);
+                        if st.head == l {
+                            st.base_parent = Some(l);
+                        }
                         if l >= flushed_epoch {
                             return Ok(false);
                         }
@@ -1217,7 +1258,7 @@ fn run_shipper(sh: Arc<Shared>) {
                 }
                 st.check_head = true;
                 let msg = format!(
-                    "{e}; outbox snapshots {moved:?} were set aside as *.delta.corrupt (kept for inspection) and will not reach the data plane; the next flush ships a full base snapshot so the chain goes on"
+                    "{e}; outbox snapshots {moved:?} were set aside as *.delta.corrupt (kept for inspection) and will not reach the data plane; the next flush ships a base snapshot (the blocks that differ from the data plane's head) so the chain goes on"
                 );
                 tracing::error!(volume = %sh.volume, "{msg}");
                 st.last_error = Some(msg);
