@@ -5,13 +5,20 @@
 # real ublk driver on both supported kernels, then the fio benchmark's smoke set in the VM.
 # Exits non-zero on any failure; the last line is "test.sh: N passed, M failed".
 #
-#   sudo ./test.sh                 # everything (what CI runs)
-#   sudo ./test.sh --host-only     # skip the release build, benchmarks and the VM
+#   ./test.sh                 # everything (what CI runs)
+#   ./test.sh --host-only     # skip the release build, benchmarks and the VM
+#
+# Needs root: run it as root, or as a user with sudo (it re-runs itself through sudo, keeping
+# the user's ~/.cargo/bin on PATH).
 #
 # The long tier (not in CI): scripts/crash-trials (100 crash trials),
 # FUZZ_SECONDS=3600 scripts/fuzz-smoke, bench/run (the full fio suite; bench/README.md).
 set -euo pipefail
+# shellcheck source=scripts/as-root.sh
+. "$(dirname "${BASH_SOURCE[0]}")/scripts/as-root.sh"
+become_root test.sh "$0" "$@"
 cd "$(dirname "${BASH_SOURCE[0]}")"
+find_cargo || true  # install-deps says how to install Rust when it is missing
 host_only=0
 [[ ${1:-} == --host-only ]] && host_only=1
 t0=$SECONDS
