@@ -124,6 +124,9 @@ pub struct VolumeInfo {
     pub latest_commit_ms: u64,
     /// When the volume was created on the data plane (ms since the epoch).
     pub created_ms: u64,
+    /// Cut time of the chain head on the compute node (ms since the epoch), 0 when none or
+    /// unknown (see [`SnapshotInfo::point_in_time_ms`]).
+    pub latest_cut_ms: u64,
 }
 
 impl VolumeInfo {
@@ -144,6 +147,7 @@ impl VolumeInfo {
                 .flatten(),
             latest_commit_ms: v.latest_commit_ms(),
             created_ms: v.created_ms(),
+            latest_cut_ms: v.latest_cut_ms(),
         }
     }
 }
@@ -158,9 +162,23 @@ pub struct SnapshotInfo {
     pub extent_count: u64,
     pub volume_size: u64,
     pub generation: u64,
+    /// Wall-clock time of the cut on the compute node (ms since the Unix epoch), 0 when
+    /// unknown (committed before cut times were recorded).
+    pub cut_time_ms: u64,
 }
 
 impl SnapshotInfo {
+    /// The moment whose state the snapshot holds, as well as it is known: the cut time, or
+    /// the commit time (later than the real cut) when the cut time is unknown. The bool is
+    /// true when it is the cut time.
+    pub fn point_in_time_ms(&self) -> (u64, bool) {
+        if self.cut_time_ms != 0 {
+            (self.cut_time_ms, true)
+        } else {
+            (self.commit_time_ms, false)
+        }
+    }
+
     fn from_wire(s: wire::SnapshotInfo<'_>) -> Self {
         Self {
             snap_id: s.snap_id(),
@@ -170,6 +188,7 @@ impl SnapshotInfo {
             extent_count: s.extent_count(),
             volume_size: s.volume_size(),
             generation: s.generation(),
+            cut_time_ms: s.cut_time_ms(),
         }
     }
 }
@@ -564,6 +583,19 @@ impl Client {
         parent_id: u64,
         volume_size: u64,
     ) -> Result<BeginOutcome, ClientError> {
+        self.begin_snapshot_cut_at(snap_id, parent_id, volume_size, 0)
+    }
+
+    /// [`Client::begin_snapshot`] of a snapshot whose cut (on the compute node) happened at
+    /// `cut_time_ms` (ms since the Unix epoch; 0 = unknown): the data plane stores it with the
+    /// snapshot, whenever it is shipped.
+    pub fn begin_snapshot_cut_at(
+        &mut self,
+        snap_id: u64,
+        parent_id: u64,
+        volume_size: u64,
+        cut_time_ms: u64,
+    ) -> Result<BeginOutcome, ClientError> {
         if self.upload.is_some() {
             return Err(usage(
                 "a snapshot is already being uploaded on this connection",
@@ -576,6 +608,7 @@ impl Client {
                 parent_id,
                 volume_size,
                 generation: self.generation,
+                cut_time_ms,
             },
         );
         self.send(wire::Message::BeginSnapshot, body.as_union_value())?;

@@ -927,6 +927,7 @@ impl Out {
                 volume_id,
                 latest_commit_ms: v.map_or(0, |v| v.latest_commit_ms),
                 created_ms: v.map_or(0, |v| v.created_ms),
+                latest_cut_ms: v.map_or(0, |v| v.latest_cut_ms),
             },
         )
     }
@@ -945,6 +946,7 @@ impl Out {
                 extent_count: s.extent_count,
                 volume_size: s.volume_size,
                 generation: s.generation,
+                cut_time_ms: s.cut_time_ms,
             },
         )
     }
@@ -1363,7 +1365,13 @@ impl Conn {
         }
         if let Some(m) = f.body_as_begin_snapshot() {
             return self
-                .begin(m.snap_id(), m.parent_id(), m.volume_size(), m.generation())
+                .begin(
+                    m.snap_id(),
+                    m.parent_id(),
+                    m.volume_size(),
+                    m.generation(),
+                    m.cut_time_ms(),
+                )
                 .await;
         }
         if let Some(m) = f.body_as_commit() {
@@ -1607,6 +1615,7 @@ impl Conn {
         parent_id: u64,
         volume_size: u64,
         generation: u64,
+        cut_time_ms: u64,
     ) -> Result<(), ReqError> {
         if let Some(u) = &self.upload {
             return Err(ReqError::new(
@@ -1620,7 +1629,10 @@ impl Conn {
         let v = self.require_own_volume()?;
         // A writer is as old as the older of its Auth and its BeginSnapshot.
         let generation = generation.min(self.generation);
-        match v.begin(snap_id, parent_id, volume_size, generation).await? {
+        match v
+            .begin(snap_id, parent_id, volume_size, generation, cut_time_ms)
+            .await?
+        {
             BeginOutcome::Started(u) => {
                 self.upload = Some(u);
                 let body = wire::BeginOk::create(&mut self.out.fbb, &wire::BeginOkArgs { snap_id });

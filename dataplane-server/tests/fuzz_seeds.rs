@@ -127,6 +127,7 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
             parent_id: 1,
             volume_size: 1 << 30,
             generation: 3,
+            cut_time_ms: 1_699_999_990_000,
         },
     );
     push(
@@ -363,6 +364,7 @@ fn volume_info(fbb: &mut FlatBufferBuilder<'static>) -> WIPOffset<wire::VolumeIn
             volume_id: Some(id),
             latest_commit_ms: 1_700_000_000_000,
             created_ms: 1_600_000_000_000,
+            latest_cut_ms: 1_699_999_990_000,
         },
     )
 }
@@ -381,6 +383,7 @@ fn snapshot_info(
             extent_count: 3,
             volume_size: 1 << 30,
             generation: 3,
+            cut_time_ms: 1_699_999_990_000,
         },
     )
 }
@@ -398,6 +401,7 @@ fn store_seeds() -> Vec<(String, Vec<u8>)> {
             volume_size: 1 << 20,
             generation: 1,
             segments: vec![1],
+            cut_time_ms: 1_699_999_990_000,
         },
         SnapEntry {
             snap_id: 2,
@@ -408,6 +412,7 @@ fn store_seeds() -> Vec<(String, Vec<u8>)> {
             volume_size: 1 << 20,
             generation: 1,
             segments: vec![2, 3],
+            cut_time_ms: 0,
         },
     ];
     let plain = ManifestData {

@@ -193,6 +193,7 @@ fn bad_frames_get_errors_while_a_good_client_is_served() {
                 parent_id: 0,
                 volume_size: SIZE,
                 generation: 0,
+                cut_time_ms: 0,
             },
         );
         let f = frame(

@@ -502,3 +502,47 @@ fn checksum_read_matches_the_model_at_every_snapshot() {
         crcs_of(&models[1])
     );
 }
+
+/// The cut time a client gives with BeginSnapshot is stored with the snapshot, answered by
+/// Commit, AlreadyCommitted, ListSnapshots and VolumeInfo, and kept across a restart; a
+/// client that gives none (an older one) gets 0 (unknown) and the commit time stands in.
+#[test]
+fn cut_times_are_stored_listed_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cut1 = 1_600_000_000_000u64; // long before the commit: a snapshot that waited
+    {
+        let server = in_process(dir.path(), 1);
+        let mut c = connect(server.local_addr(), "vol-t");
+        c.create_volume(SIZE, BS as u32).expect("create");
+        assert_eq!(
+            c.begin_snapshot_cut_at(1, 0, SIZE, cut1).expect("begin"),
+            BeginOutcome::Started
+        );
+        c.put_zero_extent(0, 1).expect("put");
+        let info = c.commit().expect("commit");
+        assert_eq!(info.cut_time_ms, cut1);
+        assert!(info.commit_time_ms > cut1 + 1000);
+        assert_eq!(info.point_in_time_ms(), (cut1, true));
+        // A retry of the same snapshot is answered with the stored cut time.
+        match c
+            .begin_snapshot_cut_at(1, 0, SIZE, cut1 + 5)
+            .expect("again")
+        {
+            BeginOutcome::AlreadyCommitted(i) => assert_eq!(i.cut_time_ms, cut1),
+            o => panic!("{o:?}"),
+        }
+        // An older client gives no cut time.
+        upload(&mut c, 2, 1, SIZE, BS, &[]);
+        assert_eq!(c.volume_info().expect("info").latest_cut_ms, 0);
+        server.shutdown();
+    }
+    let server = in_process(dir.path(), 1);
+    let mut c = connect(server.local_addr(), "vol-t");
+    let list = c.list_snapshots().expect("list");
+    assert_eq!(
+        list.iter().map(|s| s.cut_time_ms).collect::<Vec<_>>(),
+        [cut1, 0]
+    );
+    let (t2, is_cut) = list[1].point_in_time_ms();
+    assert!(!is_cut && t2 == list[1].commit_time_ms);
+}

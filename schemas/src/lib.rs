@@ -507,7 +507,13 @@ fn fuzz_read_message(h: wire::Frame<'_>, payload: &[u8]) {
         M::VolumeInfo => fuzz_volume_info(h.body_as_volume_info()),
         M::BeginSnapshot => {
             let m = h.body_as_begin_snapshot().expect("verified BeginSnapshot");
-            let _ = (m.snap_id(), m.parent_id(), m.volume_size(), m.generation());
+            let _ = (
+                m.snap_id(),
+                m.parent_id(),
+                m.volume_size(),
+                m.generation(),
+                m.cut_time_ms(),
+            );
         }
         M::BeginOk => {
             let _ = h.body_as_begin_ok().expect("verified BeginOk").snap_id();
@@ -611,6 +617,7 @@ fn fuzz_volume_info(info: Option<wire::VolumeInfo<'_>>) {
             volume_id_field(i.volume_id()),
             i.latest_commit_ms(),
             i.created_ms(),
+            i.latest_cut_ms(),
         );
     }
 }
@@ -625,6 +632,7 @@ fn fuzz_snapshot_info(info: Option<wire::SnapshotInfo<'_>>) {
             s.extent_count(),
             s.volume_size(),
             s.generation(),
+            s.cut_time_ms(),
         );
     }
 }

@@ -293,6 +293,8 @@ pub struct VolumeSummary {
     pub volume_id: VolumeId,
     /// Commit time of the chain head, 0 when the chain is empty.
     pub latest_commit_ms: u64,
+    /// Cut time of the chain head on the compute node, 0 when none or unknown.
+    pub latest_cut_ms: u64,
     pub created_ms: u64,
 }
 
@@ -788,6 +790,7 @@ impl Volume {
                 .map(|c| (c.volume.clone(), c.snap_id)),
             volume_id: m.volume_id,
             latest_commit_ms: m.snapshots.last().map_or(0, |s| s.commit_time_ms),
+            latest_cut_ms: m.snapshots.last().map_or(0, |s| s.cut_time_ms),
             created_ms: m.created_ms,
         }
     }
@@ -873,6 +876,7 @@ impl Volume {
         parent_id: u64,
         volume_size: u64,
         generation: u64,
+        cut_time_ms: u64,
     ) -> Result<BeginOutcome, StoreError> {
         self.check_damaged()?;
         let (volume_id, block_size) = {
@@ -952,6 +956,7 @@ impl Volume {
             snap_id,
             parent_id,
             generation,
+            cut_time_ms,
             volume_size,
             block_size,
             volume_id,
@@ -1652,6 +1657,8 @@ pub struct Upload {
     snap_id: u64,
     parent_id: u64,
     generation: u64,
+    /// The compute node's cut time of this snapshot (0 = unknown).
+    cut_time_ms: u64,
     volume_size: u64,
     block_size: u32,
     volume_id: VolumeId,
@@ -1891,6 +1898,7 @@ impl Upload {
             volume_size: self.volume_size,
             generation: self.generation,
             segments: vec![self.snap_id],
+            cut_time_ms: self.cut_time_ms,
         };
         let (new_manifest, mut tags) = {
             let st = volume.state.borrow();

@@ -606,6 +606,7 @@ impl<'a> SnapshotEntry<'a> {
   pub const VT_VOLUME_SIZE: ::flatbuffers::VOffsetT = 14;
   pub const VT_GENERATION: ::flatbuffers::VOffsetT = 16;
   pub const VT_SEGMENTS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_CUT_TIME_MS: ::flatbuffers::VOffsetT = 20;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -617,6 +618,7 @@ impl<'a> SnapshotEntry<'a> {
     args: &'args SnapshotEntryArgs<'args>
   ) -> ::flatbuffers::WIPOffset<SnapshotEntry<'bldr>> {
     let mut builder = SnapshotEntryBuilder::new(_fbb);
+    builder.add_cut_time_ms(args.cut_time_ms);
     builder.add_generation(args.generation);
     builder.add_volume_size(args.volume_size);
     builder.add_extent_count(args.extent_count);
@@ -687,6 +689,15 @@ impl<'a> SnapshotEntry<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(SnapshotEntry::VT_SEGMENTS, None)}
   }
+  /// Wall-clock time of the snapshot's cut on the compute node (ms since the Unix epoch);
+  /// 0 = unknown (written before cut times were recorded: `commit_time_ms` stands in).
+  #[inline]
+  pub fn cut_time_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SnapshotEntry::VT_CUT_TIME_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for SnapshotEntry<'_> {
@@ -703,6 +714,7 @@ impl ::flatbuffers::Verifiable for SnapshotEntry<'_> {
      .visit_field::<u64>("volume_size", Self::VT_VOLUME_SIZE, false)?
      .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("segments", Self::VT_SEGMENTS, false)?
+     .visit_field::<u64>("cut_time_ms", Self::VT_CUT_TIME_MS, false)?
      .finish();
     Ok(())
   }
@@ -716,6 +728,7 @@ pub struct SnapshotEntryArgs<'a> {
     pub volume_size: u64,
     pub generation: u64,
     pub segments: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub cut_time_ms: u64,
 }
 impl<'a> Default for SnapshotEntryArgs<'a> {
   #[inline]
@@ -729,6 +742,7 @@ impl<'a> Default for SnapshotEntryArgs<'a> {
       volume_size: 0,
       generation: 0,
       segments: None,
+      cut_time_ms: 0,
     }
   }
 }
@@ -771,6 +785,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SnapshotEntryBuilder<'a, 'b, 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SnapshotEntry::VT_SEGMENTS, segments);
   }
   #[inline]
+  pub fn add_cut_time_ms(&mut self, cut_time_ms: u64) {
+    self.fbb_.push_slot::<u64>(SnapshotEntry::VT_CUT_TIME_MS, cut_time_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SnapshotEntryBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SnapshotEntryBuilder {
@@ -796,6 +814,7 @@ impl ::core::fmt::Debug for SnapshotEntry<'_> {
       ds.field("volume_size", &self.volume_size());
       ds.field("generation", &self.generation());
       ds.field("segments", &self.segments());
+      ds.field("cut_time_ms", &self.cut_time_ms());
       ds.finish()
   }
 }

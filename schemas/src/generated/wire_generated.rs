@@ -1056,6 +1056,7 @@ impl<'a> VolumeInfo<'a> {
   pub const VT_VOLUME_ID: ::flatbuffers::VOffsetT = 22;
   pub const VT_LATEST_COMMIT_MS: ::flatbuffers::VOffsetT = 24;
   pub const VT_CREATED_MS: ::flatbuffers::VOffsetT = 26;
+  pub const VT_LATEST_CUT_MS: ::flatbuffers::VOffsetT = 28;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1067,6 +1068,7 @@ impl<'a> VolumeInfo<'a> {
     args: &'args VolumeInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<VolumeInfo<'bldr>> {
     let mut builder = VolumeInfoBuilder::new(_fbb);
+    builder.add_latest_cut_ms(args.latest_cut_ms);
     builder.add_created_ms(args.created_ms);
     builder.add_latest_commit_ms(args.latest_commit_ms);
     builder.add_clone_source_snap_id(args.clone_source_snap_id);
@@ -1172,6 +1174,15 @@ impl<'a> VolumeInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(VolumeInfo::VT_CREATED_MS, Some(0)).unwrap()}
   }
+  /// Cut time of the chain head on the compute node (ms since the epoch), 0 when none or
+  /// unknown: the recovery point.
+  #[inline]
+  pub fn latest_cut_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(VolumeInfo::VT_LATEST_CUT_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for VolumeInfo<'_> {
@@ -1192,6 +1203,7 @@ impl ::flatbuffers::Verifiable for VolumeInfo<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("volume_id", Self::VT_VOLUME_ID, false)?
      .visit_field::<u64>("latest_commit_ms", Self::VT_LATEST_COMMIT_MS, false)?
      .visit_field::<u64>("created_ms", Self::VT_CREATED_MS, false)?
+     .visit_field::<u64>("latest_cut_ms", Self::VT_LATEST_CUT_MS, false)?
      .finish();
     Ok(())
   }
@@ -1209,6 +1221,7 @@ pub struct VolumeInfoArgs<'a> {
     pub volume_id: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub latest_commit_ms: u64,
     pub created_ms: u64,
+    pub latest_cut_ms: u64,
 }
 impl<'a> Default for VolumeInfoArgs<'a> {
   #[inline]
@@ -1226,6 +1239,7 @@ impl<'a> Default for VolumeInfoArgs<'a> {
       volume_id: None,
       latest_commit_ms: 0,
       created_ms: 0,
+      latest_cut_ms: 0,
     }
   }
 }
@@ -1284,6 +1298,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> VolumeInfoBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u64>(VolumeInfo::VT_CREATED_MS, created_ms, 0);
   }
   #[inline]
+  pub fn add_latest_cut_ms(&mut self, latest_cut_ms: u64) {
+    self.fbb_.push_slot::<u64>(VolumeInfo::VT_LATEST_CUT_MS, latest_cut_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> VolumeInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     VolumeInfoBuilder {
@@ -1313,6 +1331,7 @@ impl ::core::fmt::Debug for VolumeInfo<'_> {
       ds.field("volume_id", &self.volume_id());
       ds.field("latest_commit_ms", &self.latest_commit_ms());
       ds.field("created_ms", &self.created_ms());
+      ds.field("latest_cut_ms", &self.latest_cut_ms());
       ds.finish()
   }
 }
@@ -1643,6 +1662,7 @@ impl<'a> BeginSnapshot<'a> {
   pub const VT_PARENT_ID: ::flatbuffers::VOffsetT = 6;
   pub const VT_VOLUME_SIZE: ::flatbuffers::VOffsetT = 8;
   pub const VT_GENERATION: ::flatbuffers::VOffsetT = 10;
+  pub const VT_CUT_TIME_MS: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1654,6 +1674,7 @@ impl<'a> BeginSnapshot<'a> {
     args: &'args BeginSnapshotArgs
   ) -> ::flatbuffers::WIPOffset<BeginSnapshot<'bldr>> {
     let mut builder = BeginSnapshotBuilder::new(_fbb);
+    builder.add_cut_time_ms(args.cut_time_ms);
     builder.add_generation(args.generation);
     builder.add_volume_size(args.volume_size);
     builder.add_parent_id(args.parent_id);
@@ -1691,6 +1712,16 @@ impl<'a> BeginSnapshot<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(BeginSnapshot::VT_GENERATION, Some(0)).unwrap()}
   }
+  /// Wall-clock time of the snapshot's cut on the compute node (the epoch switch whose state
+  /// it holds), ms since the Unix epoch; 0 = unknown (an older client, or a cut whose time
+  /// was lost in a crash). Stored with the snapshot; a spooled snapshot keeps it.
+  #[inline]
+  pub fn cut_time_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(BeginSnapshot::VT_CUT_TIME_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for BeginSnapshot<'_> {
@@ -1703,6 +1734,7 @@ impl ::flatbuffers::Verifiable for BeginSnapshot<'_> {
      .visit_field::<u64>("parent_id", Self::VT_PARENT_ID, false)?
      .visit_field::<u64>("volume_size", Self::VT_VOLUME_SIZE, false)?
      .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
+     .visit_field::<u64>("cut_time_ms", Self::VT_CUT_TIME_MS, false)?
      .finish();
     Ok(())
   }
@@ -1712,6 +1744,7 @@ pub struct BeginSnapshotArgs {
     pub parent_id: u64,
     pub volume_size: u64,
     pub generation: u64,
+    pub cut_time_ms: u64,
 }
 impl<'a> Default for BeginSnapshotArgs {
   #[inline]
@@ -1721,6 +1754,7 @@ impl<'a> Default for BeginSnapshotArgs {
       parent_id: 0,
       volume_size: 0,
       generation: 0,
+      cut_time_ms: 0,
     }
   }
 }
@@ -1747,6 +1781,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BeginSnapshotBuilder<'a, 'b, 
     self.fbb_.push_slot::<u64>(BeginSnapshot::VT_GENERATION, generation, 0);
   }
   #[inline]
+  pub fn add_cut_time_ms(&mut self, cut_time_ms: u64) {
+    self.fbb_.push_slot::<u64>(BeginSnapshot::VT_CUT_TIME_MS, cut_time_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BeginSnapshotBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     BeginSnapshotBuilder {
@@ -1768,6 +1806,7 @@ impl ::core::fmt::Debug for BeginSnapshot<'_> {
       ds.field("parent_id", &self.parent_id());
       ds.field("volume_size", &self.volume_size());
       ds.field("generation", &self.generation());
+      ds.field("cut_time_ms", &self.cut_time_ms());
       ds.finish()
   }
 }
@@ -2232,6 +2271,7 @@ impl<'a> SnapshotInfo<'a> {
   pub const VT_EXTENT_COUNT: ::flatbuffers::VOffsetT = 12;
   pub const VT_VOLUME_SIZE: ::flatbuffers::VOffsetT = 14;
   pub const VT_GENERATION: ::flatbuffers::VOffsetT = 16;
+  pub const VT_CUT_TIME_MS: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2243,6 +2283,7 @@ impl<'a> SnapshotInfo<'a> {
     args: &'args SnapshotInfoArgs
   ) -> ::flatbuffers::WIPOffset<SnapshotInfo<'bldr>> {
     let mut builder = SnapshotInfoBuilder::new(_fbb);
+    builder.add_cut_time_ms(args.cut_time_ms);
     builder.add_generation(args.generation);
     builder.add_volume_size(args.volume_size);
     builder.add_extent_count(args.extent_count);
@@ -2304,6 +2345,16 @@ impl<'a> SnapshotInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(SnapshotInfo::VT_GENERATION, Some(0)).unwrap()}
   }
+  /// Wall-clock time of the cut on the compute node (ms since the Unix epoch), 0 when
+  /// unknown (a snapshot committed before cut times were recorded: use `commit_time_ms`).
+  /// The snapshot id is the epoch's sequence: order by it, not by this time.
+  #[inline]
+  pub fn cut_time_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SnapshotInfo::VT_CUT_TIME_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for SnapshotInfo<'_> {
@@ -2319,6 +2370,7 @@ impl ::flatbuffers::Verifiable for SnapshotInfo<'_> {
      .visit_field::<u64>("extent_count", Self::VT_EXTENT_COUNT, false)?
      .visit_field::<u64>("volume_size", Self::VT_VOLUME_SIZE, false)?
      .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
+     .visit_field::<u64>("cut_time_ms", Self::VT_CUT_TIME_MS, false)?
      .finish();
     Ok(())
   }
@@ -2331,6 +2383,7 @@ pub struct SnapshotInfoArgs {
     pub extent_count: u64,
     pub volume_size: u64,
     pub generation: u64,
+    pub cut_time_ms: u64,
 }
 impl<'a> Default for SnapshotInfoArgs {
   #[inline]
@@ -2343,6 +2396,7 @@ impl<'a> Default for SnapshotInfoArgs {
       extent_count: 0,
       volume_size: 0,
       generation: 0,
+      cut_time_ms: 0,
     }
   }
 }
@@ -2381,6 +2435,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SnapshotInfoBuilder<'a, 'b, A
     self.fbb_.push_slot::<u64>(SnapshotInfo::VT_GENERATION, generation, 0);
   }
   #[inline]
+  pub fn add_cut_time_ms(&mut self, cut_time_ms: u64) {
+    self.fbb_.push_slot::<u64>(SnapshotInfo::VT_CUT_TIME_MS, cut_time_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SnapshotInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SnapshotInfoBuilder {
@@ -2405,6 +2463,7 @@ impl ::core::fmt::Debug for SnapshotInfo<'_> {
       ds.field("extent_count", &self.extent_count());
       ds.field("volume_size", &self.volume_size());
       ds.field("generation", &self.generation());
+      ds.field("cut_time_ms", &self.cut_time_ms());
       ds.finish()
   }
 }
