@@ -46,7 +46,7 @@ pub struct Resume {
     pub note: String,
 }
 
-fn holds_volume(cache_dir: &Path) -> bool {
+pub fn holds_volume(cache_dir: &Path) -> bool {
     cache_dir
         .join("superblock")
         .metadata()

@@ -90,6 +90,12 @@ impl Volume {
         }
         // A lost SSD cache over a kept backing: resume the volume under its own identity.
         let resumed = crate::resume::plan(cfg)?;
+        // A recover or clone onto a backing that already holds data (the same volume's, kept):
+        // blocks equal to the snapshot by checksum need not be fetched.
+        let seed_kept_backing = resumed.is_none()
+            && cfg.cache.create_as.is_some_and(|c| c.hydrate)
+            && !crate::resume::holds_volume(&cfg.cache.cache_dir)
+            && std::fs::metadata(&cfg.cache.backing).is_ok_and(|m| m.len() > 0);
         let owned;
         let cfg = match &resumed {
             None => cfg,
@@ -106,6 +112,10 @@ impl Volume {
         };
         let cache = Arc::new(Cache::open(&cfg.cache)?);
         let mut resumed = resumed.map(|r| r.note);
+        if let (true, Some(sc)) = (seed_kept_backing, &cfg.ship) {
+            let kept = crate::resume::seed_from_checksums(&cache, sc)?;
+            tracing::info!(volume = %cache.name, blocks_kept = kept, blocks = cache.nblocks, "the backing already held data: blocks equal to the snapshot by checksum are kept, not fetched");
+        }
         if let (Some(note), Some(sc)) = (&mut resumed, &cfg.ship) {
             if cache.hydrating().is_some() {
                 let kept = crate::resume::seed_from_checksums(&cache, sc)?;
