@@ -92,7 +92,8 @@ pub enum Cmd {
     /// Create a new volume from a snapshot (metadata-only on the data plane) and serve it;
     /// it hydrates like `recover`, and has its own snapshot chain.
     Clone {
-        /// NAME@SNAPSHOT_ID to clone.
+        /// NAME@SNAPSHOT_ID, or NAME@TIME: the newest snapshot cut at or before TIME (RFC 3339,
+        /// "YYYY-MM-DD HH:MM[:SS]" in UTC unless a zone follows, or an age like -15m).
         spec: String,
         /// Name of the new volume.
         #[arg(long)]
@@ -133,7 +134,8 @@ pub enum Cmd {
     },
     /// Write a volume as of one snapshot into an image file (sparse), from the data plane alone.
     Export {
-        /// NAME@SNAPSHOT_ID
+        /// NAME@SNAPSHOT_ID, or NAME@TIME: the newest snapshot cut at or before TIME (RFC 3339,
+        /// "YYYY-MM-DD HH:MM[:SS]" in UTC unless a zone follows, or an age like -15m).
         spec: String,
         #[command(flatten)]
         dp: DataPlaneArgs,
@@ -638,14 +640,59 @@ fn verify(name: &str, timeout_ms: u64, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_spec(spec: &str) -> anyhow::Result<(&str, u64)> {
-    spec.rsplit_once('@')
-        .and_then(|(n, s)| s.parse::<u64>().ok().map(|s| (n, s)))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "{spec:?} is not NAME@SNAPSHOT_ID (e.g. db1@42; `deltavol snapshots` lists ids)"
-            )
-        })
+/// `NAME@SNAPSHOT_ID` or `NAME@TIME` (see [`crate::when::parse_time`]).
+enum SnapSpec<'a> {
+    Id(&'a str, u64),
+    At(&'a str, u64),
+}
+
+fn parse_spec(spec: &str) -> anyhow::Result<SnapSpec<'_>> {
+    let Some((name, rest)) = spec
+        .split_once('@')
+        .filter(|(n, r)| !n.is_empty() && !r.is_empty())
+    else {
+        bail!("{spec:?} is not NAME@SNAPSHOT_ID or NAME@TIME (e.g. db1@42, \"db1@2025-03-01 22:39\", db1@-15m; `deltavol snapshots` lists ids and cut times)");
+    };
+    if let Ok(id) = rest.parse::<u64>() {
+        return Ok(SnapSpec::Id(name, id));
+    }
+    let at =
+        crate::when::parse_time(rest, now_ms()).map_err(|e| anyhow::anyhow!("{spec:?}: {e}"))?;
+    Ok(SnapSpec::At(name, at))
+}
+
+/// The snapshot of `name` as of `at_ms` on the data plane `c` is connected to (for `name`),
+/// said on stderr: which snapshot, its exact cut time, and how far it is from the time asked.
+fn resolve_at(c: &mut deltavol_dataplane::Client, name: &str, at_ms: u64) -> anyhow::Result<u64> {
+    use crate::when::{format_gap_ms, format_time_ms};
+    let snaps = c.list_snapshots().context("list snapshots")?;
+    let t = crate::when::resolve(&snaps, name, at_ms).map_err(|e| anyhow::anyhow!(e))?;
+    eprintln!(
+        "{name} as of {}: snapshot {}, {} at {} ({} before the time asked){}",
+        format_time_ms(at_ms),
+        t.snap_id,
+        if t.is_cut { "cut" } else { "committed" },
+        format_time_ms(t.time_ms),
+        format_gap_ms(at_ms.saturating_sub(t.time_ms)),
+        if t.is_cut {
+            ""
+        } else {
+            "; its cut time is unknown (committed before cut times were recorded): the cut was at or before that"
+        }
+    );
+    Ok(t.snap_id)
+}
+
+/// The volume name and snapshot id a spec names, resolving a time on the data plane.
+fn spec_snapshot(spec: &str, dp: &DataPlaneArgs) -> anyhow::Result<(String, u64)> {
+    match parse_spec(spec)? {
+        SnapSpec::Id(n, id) => Ok((n.to_string(), id)),
+        SnapSpec::At(n, at) => {
+            let mut c = dp.connect(n)?;
+            let id = resolve_at(&mut c, n, at)?;
+            Ok((n.to_string(), id))
+        }
+    }
 }
 
 /// Builds the `add` configuration of a volume created from the data plane.
@@ -747,7 +794,7 @@ fn clone(
     dev: DeviceArgs,
     wait: bool,
 ) -> anyhow::Result<()> {
-    let (src, snap) = parse_spec(spec)?;
+    parse_spec(spec)?;
     crate::cache::validate_name(new).map_err(|e| anyhow::anyhow!("{e}"))?;
     daemon::check_driver()?;
     let cfg = if holds_volume(&absolute(&dev.cache_dir)?) {
@@ -757,6 +804,8 @@ fn clone(
         );
         from_dataplane(new, dp, dev, None, None)?
     } else {
+        let (src, snap) = spec_snapshot(spec, dp)?;
+        let src = src.as_str();
         // A clone is a new volume: a new id, which the data plane records for it.
         let volume_id: [u8; 16] = rand::random();
         let mut c = dp.connect_as(new, Some(volume_id))?;
@@ -837,48 +886,79 @@ fn wait_hydrated(name: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Cut and commit times further apart than this are both shown by `snapshots`.
+const COMMIT_SHOWN_AFTER_MS: u64 = 5_000;
+
 fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<()> {
+    use crate::when::format_time_ms;
     let mut c = dp.connect(name)?;
     let snaps = c.list_snapshots().context("list snapshots")?;
+    let tl = crate::when::timeline(&snaps);
     if json {
         let v: Vec<_> = snaps
             .iter()
-            .map(|s| serde_json::json!({"id": s.snap_id, "parent": s.parent_id, "time_unix_ms": s.commit_time_ms, "bytes": s.bytes, "extents": s.extent_count, "volume_size": s.volume_size, "generation": s.generation}))
+            .zip(&tl)
+            .map(|(s, t)| {
+                serde_json::json!({
+                    "id": s.snap_id,
+                    "parent": s.parent_id,
+                    "cut_time_unix_ms": (s.cut_time_ms != 0).then_some(s.cut_time_ms),
+                    "commit_time_unix_ms": s.commit_time_ms,
+                    // The moment whose state it holds, as well as it is known (the commit time
+                    // when the cut time is unknown), and whether it is the cut time.
+                    "point_in_time_unix_ms": t.time_ms,
+                    "cut_time_known": t.is_cut,
+                    "clock_stepped_back": t.stepped_back,
+                    "time_unix_ms": s.commit_time_ms,
+                    "bytes": s.bytes,
+                    "extents": s.extent_count,
+                    "volume_size": s.volume_size,
+                    "generation": s.generation,
+                })
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
-        "{:>10} {:>10} {:>24} {:>10} {:>8}",
-        "ID", "PARENT", "TIME (UTC)", "BYTES", "EXTENTS"
+        "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}",
+        "ID", "PARENT", "CUT TIME", "COMMITTED", "BYTES", "EXTENTS"
     );
-    for s in &snaps {
-        let t = s.commit_time_ms / 1000;
-        let (d, secs) = (t / 86400, t % 86400);
-        // civil date from days since 1970 (Howard Hinnant's algorithm)
-        let z = d as i64 + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        let ts = format!(
-            "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-            secs / 3600,
-            secs % 3600 / 60,
-            secs % 60
-        );
+    let (mut unknown, mut stepped) = (false, false);
+    for (s, t) in snaps.iter().zip(&tl) {
+        let mark = match (t.is_cut, t.stepped_back) {
+            (false, _) => {
+                unknown = true;
+                "*"
+            }
+            (true, true) => {
+                stepped = true;
+                "!"
+            }
+            (true, false) => "",
+        };
+        let cut = format!("{}{mark}", format_time_ms(t.time_ms));
+        let committed = if t.is_cut && s.commit_time_ms.abs_diff(t.time_ms) > COMMIT_SHOWN_AFTER_MS
+        {
+            format_time_ms(s.commit_time_ms)
+        } else {
+            "-".to_string()
+        };
         println!(
-            "{:>10} {:>10} {:>24} {:>10} {:>8}",
+            "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}",
             s.snap_id,
             s.parent_id,
-            ts,
+            cut,
+            committed,
             format_size(s.bytes),
             s.extent_count
         );
+    }
+    if unknown {
+        println!("* cut time unknown (committed before cut times were recorded): the commit time is shown; the cut was at or before it");
+    }
+    if stepped {
+        println!("! cut earlier than an earlier snapshot's: the node's clock stepped back; kept as recorded, ordered by id, and a time resolves by id order");
     }
     Ok(())
 }
@@ -992,7 +1072,8 @@ fn volume_delete(name: &str, id: &str, dp: &DataPlaneArgs, json: bool) -> anyhow
 }
 
 fn export(spec: &str, dp: &DataPlaneArgs, output: &Path) -> anyhow::Result<()> {
-    let (name, snap) = parse_spec(spec)?;
+    let (name, snap) = spec_snapshot(spec, dp)?;
+    let name = name.as_str();
     let mut c = dp.connect(name)?;
     let size = c.volume_info().context("volume info")?.size_bytes;
     let f = std::fs::OpenOptions::new()
@@ -1147,10 +1228,21 @@ fn print_status(v: &serde_json::Value) {
     match v.get("shipping") {
         Some(sh) if !sh.is_null() => {
             let g = |k: &str| sh.get(k).and_then(|x| x.as_u64());
-            match (g("last_committed"), g("last_committed_unix_ms")) {
-                (Some(id), Some(t)) => println!(
-                    "last snapshot: {id} committed {:.1} s ago (recovery point)",
-                    now_ms().saturating_sub(t) as f64 / 1000.0
+            let ago = |t: u64| format!("{:.1} s ago", now_ms().saturating_sub(t) as f64 / 1000.0);
+            match (
+                g("last_committed"),
+                g("last_committed_unix_ms"),
+                g("last_committed_cut_unix_ms"),
+            ) {
+                (Some(id), Some(t), Some(cut)) => println!(
+                    "last snapshot: {id} cut {} ({}; the recovery point), committed {}",
+                    ago(cut),
+                    crate::when::format_time_ms(cut),
+                    ago(t)
+                ),
+                (Some(id), Some(t), None) => println!(
+                    "last snapshot: {id} committed {} (cut time unknown: the recovery point is at most that)",
+                    ago(t)
                 ),
                 _ => println!(
                     "last snapshot: none committed since attach (chain head {})",

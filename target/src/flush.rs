@@ -39,8 +39,9 @@ static ZERO_BLOCK: [u8; BLOCK_SIZE as usize] = [0u8; BLOCK_SIZE as usize];
 pub trait DeltaSink: Send {
     /// Starts snapshot `snap` (the flushed epoch number). The sink chains it onto the newest
     /// snapshot it holds. `full`: the snapshot carries every block of the volume (a base),
-    /// not only the epoch's changes.
-    fn begin(&mut self, snap: u64, full: bool, volume_size: u64) -> Result<()>;
+    /// not only the epoch's changes. `cut_unix_ms`: the wall-clock time of the epoch's cut
+    /// (0 when unknown), which the snapshot keeps wherever and whenever it is stored.
+    fn begin(&mut self, snap: u64, full: bool, volume_size: u64, cut_unix_ms: u64) -> Result<()>;
     /// One extent of `nblocks` blocks at block `lba`; `None` means zeros.
     fn extent(&mut self, lba: u64, nblocks: u64, data: Option<&[u8]>) -> Result<()>;
     /// Makes snapshot `snap` durable wherever the sink keeps it.
@@ -79,7 +80,7 @@ pub trait DeltaSink: Send {
 pub struct NullSink;
 
 impl DeltaSink for NullSink {
-    fn begin(&mut self, _: u64, _: bool, _: u64) -> Result<()> {
+    fn begin(&mut self, _: u64, _: bool, _: u64, _: u64) -> Result<()> {
         Ok(())
     }
     fn extent(&mut self, _: u64, _: u64, _: Option<&[u8]>) -> Result<()> {
@@ -354,7 +355,11 @@ impl FlushThread {
             let dirty = self.cache.dirty_blocks() > 0;
             if dirty || ticket > self.done() {
                 self.cache.watermark_hit.store(false, SeqCst);
+                // The snapshot's point in time: the switch, before the drain of the writes
+                // still in flight in the old epoch (they were issued before it).
+                let cut_ms = crate::cache::now_unix_ms();
                 let e = self.cache.epochs.cut();
+                self.cache.record_cut(e, cut_ms);
                 last_cut = Instant::now();
                 tracing::debug!(volume = %self.cache.name, epoch = e, "epoch cut");
                 match self.flush_frozen() {
@@ -444,7 +449,7 @@ impl FlushThread {
         if self.sink.base_needed(f - 1)? {
             self.ship_base(f - 1)?;
         }
-        self.sink.begin(f, false, c.size_bytes)?;
+        self.sink.begin(f, false, c.size_bytes, c.cut_time(f))?;
         // From here on the backing holds a mix of f - 1 and f: say so where it survives a
         // lost SSD before the first block is written.
         self.sink.backing_state(BackingState::Writing(f))?;
@@ -526,7 +531,8 @@ impl FlushThread {
                 tracing::info!(volume = %c.name, snapshot = snap, "shipping a full base snapshot of the backing file")
             }
         }
-        self.sink.begin(snap, parent.is_none(), c.size_bytes)?;
+        self.sink
+            .begin(snap, parent.is_none(), c.size_bytes, c.cut_time(snap))?;
         let mut buf = std::mem::take(&mut self.buf);
         let r = self.ship_base_extents(&c, &mut buf, parent);
         self.buf = buf;

@@ -24,3 +24,4 @@ pub mod ship;
 pub mod size;
 pub mod verify;
 pub mod volume;
+pub mod when;

@@ -25,7 +25,10 @@
 //!
 //! ## Outbox entry (`<outbox>/snap-<id>.delta`)
 //! `header (64 B): magic "DVOUTBX1" | version u32 | flags u32 (bit 0: full snapshot) |
-//!  volume_id [16] | snap u64 | parent u64 | volume_size u64 | pad | crc32c u32`, then records
+//!  volume_id [16] | snap u64 | parent u64 | volume_size u64 | pad | crc32c u32`; from version
+//! 2 on, then `cut (32 B): cut_unix_ms u64 | reserved [20] | crc32c u32` — the wall-clock time
+//! of the epoch's cut (0 = unknown), so that a snapshot shipped late keeps the moment whose
+//! state it holds (version 1 entries, written before, are still read: cut time unknown); then records
 //! `magic u32 | kind u32 (0 data, 1 zero) | lba u64 | nblocks u64 | data_crc u32 | hdr_crc u32`
 //! each followed by its data, then `trailer (32 B): magic "DVOUTEND" | records u64 |
 //! data_bytes u64 | pad u32 | crc32c u32`. Every part is checked before anything is sent.
@@ -48,7 +51,10 @@ use std::time::{Duration, Instant};
 
 const OUTBOX_MAGIC: &[u8; 8] = b"DVOUTBX1";
 const OUTBOX_END: &[u8; 8] = b"DVOUTEND";
-const OUTBOX_VERSION: u32 = 1;
+/// Written: 2 (with the cut block). Read: 1 and 2.
+const OUTBOX_VERSION: u32 = 2;
+const OUTBOX_HEADER_BYTES: u64 = 64;
+const OUTBOX_CUT_BYTES: u64 = 32;
 const REC_MAGIC: u32 = 0x5245_5644; // "DVER"
 const FLAG_FULL: u32 = 1;
 /// Largest extent a record may claim (the flush ships at most 1 MiB at once).
@@ -278,6 +284,9 @@ pub struct ShipStatus {
     /// Newest snapshot committed on the data plane, and when (unix ms).
     pub last_committed: Option<u64>,
     pub last_committed_unix_ms: Option<u64>,
+    /// The wall-clock time of that snapshot's cut (unix ms), when known: the recovery point
+    /// (the state a recovery from the data plane gets back is the volume as of this moment).
+    pub last_committed_cut_unix_ms: Option<u64>,
     pub outbox_entries: u64,
     pub outbox_bytes: u64,
     pub last_error: Option<String>,
@@ -305,7 +314,8 @@ struct State {
     backoff: Duration,
     outbox: VecDeque<Queued>,
     head: u64,
-    committed: Option<(u64, u64)>,
+    /// Newest committed snapshot: (id, commit time, cut time or 0), unix ms.
+    committed: Option<(u64, u64, u64)>,
     last_error: Option<String>,
     /// The volume was recovered elsewhere (a newer generation): ship nothing, ever, to the
     /// volume; the outbox goes to the fenced branch instead.
@@ -455,7 +465,7 @@ impl Shared {
     }
 
     fn note_commit(&self, st: &mut State, info: &SnapshotInfo) {
-        st.committed = Some((info.snap_id, info.commit_time_ms));
+        st.committed = Some((info.snap_id, info.commit_time_ms, info.cut_time_ms));
         st.last_error = None;
     }
 }
@@ -653,6 +663,7 @@ impl ShipHandle {
             head: st.head,
             last_committed: st.committed.map(|c| c.0),
             last_committed_unix_ms: st.committed.map(|c| c.1),
+            last_committed_cut_unix_ms: st.committed.map(|c| c.2).filter(|&t| t != 0),
             outbox_entries: st.outbox.len() as u64,
             outbox_bytes: st.outbox.iter().map(|q| q.bytes).sum(),
             last_error: st.last_error.clone(),
@@ -697,7 +708,7 @@ impl DataPlaneSink {
 }
 
 impl DeltaSink for DataPlaneSink {
-    fn begin(&mut self, snap: u64, full: bool, volume_size: u64) -> Result<()> {
+    fn begin(&mut self, snap: u64, full: bool, volume_size: u64, cut_unix_ms: u64) -> Result<()> {
         let sh = self.shared.clone();
         let mut st = sh.lock();
         if snap <= st.head {
@@ -710,7 +721,7 @@ impl DeltaSink for DataPlaneSink {
         if st.outbox.is_empty() {
             if let Some(mut c) = sh.take_client(&mut st) {
                 drop(st);
-                match c.begin_snapshot(snap, parent, volume_size) {
+                match c.begin_snapshot_cut_at(snap, parent, volume_size, cut_unix_ms) {
                     Ok(BeginOutcome::Started) => {
                         self.mode = Mode::Direct {
                             client: Box::new(c),
@@ -735,7 +746,7 @@ impl DeltaSink for DataPlaneSink {
             drop(st);
         }
         self.mode = Mode::Spool {
-            w: OutboxWriter::create(&sh, snap, parent, volume_size, full)?,
+            w: OutboxWriter::create(&sh, snap, parent, volume_size, full, cut_unix_ms)?,
         };
         Ok(())
     }
@@ -882,6 +893,7 @@ impl OutboxWriter {
         parent: u64,
         volume_size: u64,
         full: bool,
+        cut_unix_ms: u64,
     ) -> Result<OutboxWriter> {
         let dir = &sh.cfg.outbox_dir;
         let path = dir.join(format!("snap-{snap:020}.delta"));
@@ -897,10 +909,15 @@ impl OutboxWriter {
         h[48..56].copy_from_slice(&volume_size.to_le_bytes());
         let crc = crc32c::crc32c(&h[..60]);
         h[60..64].copy_from_slice(&crc.to_le_bytes());
+        let mut cut = [0u8; OUTBOX_CUT_BYTES as usize];
+        cut[0..8].copy_from_slice(&cut_unix_ms.to_le_bytes());
+        let crc = crc32c::crc32c(&cut[..28]);
+        cut[28..32].copy_from_slice(&crc.to_le_bytes());
         let mut w = BufWriter::with_capacity(1 << 20, f);
         let faults = sh.faults.get().cloned();
         FaultPlan::gate(faults.as_deref(), FaultFile::Outbox, FaultOp::Write, || {
-            w.write_all(&h)
+            w.write_all(&h)?;
+            w.write_all(&cut)
         })
         .map_err(|e| Error::io("write", &tmp, e))?;
         tracing::info!(volume = %sh.volume, snapshot = snap, full, "spooling snapshot to the outbox");
@@ -912,7 +929,7 @@ impl OutboxWriter {
             w,
             records: 0,
             data_bytes: 0,
-            bytes: 64,
+            bytes: OUTBOX_HEADER_BYTES + OUTBOX_CUT_BYTES,
         })
     }
 
@@ -987,6 +1004,8 @@ struct OutboxReader {
     parent: u64,
     full: bool,
     volume_size: u64,
+    /// The epoch's cut time (0 = unknown: a version 1 entry).
+    cut_unix_ms: u64,
 }
 
 impl OutboxReader {
@@ -1006,14 +1025,29 @@ impl OutboxReader {
         }
         let le32 = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap_or_default());
         let le64 = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
-        if le32(8) != OUTBOX_VERSION {
-            return Err(bad(&format!("version {} unsupported", le32(8))));
+        let version = le32(8);
+        if version != 1 && version != OUTBOX_VERSION {
+            return Err(bad(&format!(
+                "version {version} unsupported (this deltavol reads versions 1 and {OUTBOX_VERSION}): written by a newer deltavol; ship it with that release"
+            )));
         }
         if le32(12) & !FLAG_FULL != 0 {
             return Err(bad("unknown flags"));
         }
         if &h[16..32] != volume_id {
             return Err(bad("belongs to another volume"));
+        }
+        let mut cut_unix_ms = 0;
+        if version >= 2 {
+            let mut cut = [0u8; OUTBOX_CUT_BYTES as usize];
+            r.read_exact(&mut cut)
+                .map_err(|e| Error::io("read", path, e))?;
+            if u32::from_le_bytes(cut[28..32].try_into().unwrap_or_default())
+                != crc32c::crc32c(&cut[..28])
+            {
+                return Err(bad("cut-time block checksum mismatch"));
+            }
+            cut_unix_ms = u64::from_le_bytes(cut[0..8].try_into().unwrap_or_default());
         }
         Ok(OutboxReader {
             r,
@@ -1022,6 +1056,7 @@ impl OutboxReader {
             parent: le64(40),
             full: le32(12) & FLAG_FULL != 0,
             volume_size: le64(48),
+            cut_unix_ms,
         })
     }
 
@@ -1150,7 +1185,7 @@ fn ship_entry_as(
         // A full snapshot is self-contained: chain it onto the data plane's head.
         parent = info.latest_snap_id;
     }
-    match c.begin_snapshot(rd.snap, parent, rd.volume_size) {
+    match c.begin_snapshot_cut_at(rd.snap, parent, rd.volume_size, rd.cut_unix_ms) {
         Ok(BeginOutcome::AlreadyCommitted(i)) => return Ok(i),
         Ok(BeginOutcome::Started) => {}
         Err(e) if e.server_code() == Some(ErrorCode::BadParent) => {

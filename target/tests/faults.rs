@@ -538,9 +538,10 @@ fn corrupt_outbox_entry_is_detected_and_nothing_wrong_is_shipped() {
         .open(&entries[0])
         .unwrap();
     let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 64 + 32 + 1000).unwrap();
+    // header 64 B, cut block 32 B, first record header 32 B, then its data.
+    f.read_exact_at(&mut b, 64 + 32 + 32 + 1000).unwrap();
     b[0] ^= 0x01;
-    f.write_all_at(&b, 64 + 32 + 1000).unwrap();
+    f.write_all_at(&b, 64 + 32 + 32 + 1000).unwrap();
     drop(f);
     let dp = Dp::start(&dir.path().join("dp"), &addr);
     wait_until(

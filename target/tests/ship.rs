@@ -314,3 +314,98 @@ fn flush_and_ship_send_each_dirty_block_once() {
     drop(d);
     vol.shutdown();
 }
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Rewrites a version 2 outbox entry as the release before cut times wrote it (version 1,
+/// no cut block): such entries left in an outbox by an upgrade must still ship.
+fn downgrade_outbox_entry_to_v1(path: &std::path::Path) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[0..8], b"DVOUTBX1");
+    assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 2);
+    let mut h = b[..64].to_vec();
+    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32c::crc32c(&h[..60]);
+    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    h.extend_from_slice(&b[96..]);
+    std::fs::write(path, h).unwrap();
+}
+
+/// The data plane is away while four cuts are taken about 1.2 s apart; it comes back seconds
+/// later and the outbox ships. Each snapshot carries the moment of its own cut (within the
+/// `cut_and_flush` call that made it, so their spacing is preserved), not the moment it was
+/// committed, which is later; an entry in the old outbox format ships with its cut time
+/// unknown (0) and its commit time stands in.
+#[test]
+fn spooled_snapshots_keep_their_cut_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let nblocks = 256u64;
+    let mut cfg = config(dir.path(), nblocks * BS as u64, 1);
+    cfg.flush_interval = Duration::from_secs(3600);
+    cfg.ship = Some(ship_cfg(dir.path(), &addr));
+    let vol = Volume::open(&cfg).unwrap();
+    let mut d = Driver::new(&vol, 1);
+    let mut cuts = Vec::new();
+    for round in 0..5u64 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(1200));
+        }
+        assert!(d.write_tags(0, round, &[round + 1], false) > 0);
+        let before = unix_ms();
+        let r = vol.cut_and_flush().unwrap();
+        let after = unix_ms();
+        cuts.push((r.epoch, before, after));
+    }
+    assert_eq!(vol.ship.as_ref().unwrap().status().outbox_entries, 5);
+    // The first entry as an older release left it.
+    let first = dir
+        .path()
+        .join("outbox")
+        .join(format!("snap-{:020}.delta", cuts[0].0));
+    downgrade_outbox_entry_to_v1(&first);
+    std::thread::sleep(Duration::from_secs(2));
+    let back = unix_ms();
+    let dp = Dp::start(&dir.path().join("dp"), &addr);
+    wait_outbox_empty(&vol, Duration::from_secs(60));
+    let listed = client(&dp.addr).list_snapshots().unwrap();
+    assert_eq!(
+        listed.iter().map(|s| s.snap_id).collect::<Vec<_>>(),
+        cuts.iter().map(|c| c.0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        listed[0].cut_time_ms, 0,
+        "old-format entry: cut time unknown"
+    );
+    assert_eq!(
+        listed[0].point_in_time_ms(),
+        (listed[0].commit_time_ms, false)
+    );
+    for (s, (snap, before, after)) in listed.iter().zip(&cuts).skip(1) {
+        assert!(
+            (*before..=*after).contains(&s.cut_time_ms),
+            "snapshot {snap}: cut time {} outside its cut [{before}, {after}]",
+            s.cut_time_ms
+        );
+        assert!(
+            s.commit_time_ms >= back && s.commit_time_ms > s.cut_time_ms + 2000,
+            "snapshot {snap}: committed at {} after the data plane came back at {back}, cut at {}",
+            s.commit_time_ms,
+            s.cut_time_ms
+        );
+    }
+    // The spacing of the cuts is preserved (about 1.2 s each), whatever the commits' was.
+    for w in listed[1..].windows(2) {
+        let gap = w[1].cut_time_ms - w[0].cut_time_ms;
+        assert!((1150..3000).contains(&gap), "cut spacing {gap} ms");
+    }
+    let info = client(&dp.addr).volume_info().unwrap();
+    assert_eq!(info.latest_cut_ms, listed[4].cut_time_ms);
+    drop(d);
+    vol.shutdown();
+}

@@ -9,7 +9,13 @@
 //! `magic[8] "DVOLSUPR" | version u32 | hdr_len u32 | features u64 | volume_id [16] |
 //!  size_bytes u64 | block_size u32 | name_len u16 | pad u16 | name [64] | flushed_epoch u64 |
 //!  seq u64 | created_unix_ms u64 | snap_head u64 | generation u64 | hydrating u64 |
-//!  hydrate_snap u64 | fenced_generation u64 | ... | crc32c u32 (last 4 bytes, over the rest)`.
+//!  hydrate_snap u64 | fenced_generation u64 | cut[2] { epoch u64, unix_ms u64 } | ... |
+//!  crc32c u32 (last 4 bytes, over the rest)`.
+//! `cut[e % 2]` is the wall-clock time of the cut of epoch `e` (the epoch switch whose state
+//! snapshot `e` holds), recorded at the cut so that a flush after a restart still ships the
+//! cut's own time; an epoch that does not match (a superblock written before cut times, or a
+//! crash between the cut and its record) has an unknown cut time (0). Older builds ignore
+//! these bytes (they were zero), so no version bump.
 //! `fenced_generation` is non-zero once the data plane refused this writer because the volume
 //! moved to that newer generation (recovered elsewhere): the device stays read-only.
 //! `generation` is the volume's writer generation on the data plane (fencing); `hydrating` is 1
@@ -65,6 +71,8 @@ pub struct Superblock {
     pub hydrate_snap: u64,
     /// The newer generation that fenced this writer, 0 if none.
     pub fenced_generation: u64,
+    /// `cuts[e % 2] = (e, unix_ms)`: when epoch `e` was cut (see the module doc).
+    pub cuts: [(u64, u64); 2],
 }
 
 pub fn volume_id_hex(id: &VolumeId) -> String {
@@ -92,6 +100,10 @@ impl Superblock {
         b[160..168].copy_from_slice(&u64::from(self.hydrating).to_le_bytes());
         b[168..176].copy_from_slice(&self.hydrate_snap.to_le_bytes());
         b[176..184].copy_from_slice(&self.fenced_generation.to_le_bytes());
+        for (i, (e, ms)) in self.cuts.iter().enumerate() {
+            b[184 + 16 * i..192 + 16 * i].copy_from_slice(&e.to_le_bytes());
+            b[192 + 16 * i..200 + 16 * i].copy_from_slice(&ms.to_le_bytes());
+        }
         let crc = crc32c::crc32c(&b[..SUPER_COPY_BYTES - 4]);
         b[SUPER_COPY_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -160,6 +172,7 @@ impl Superblock {
             hydrating: le64(160) != 0,
             hydrate_snap: le64(168),
             fenced_generation: le64(176),
+            cuts: [(le64(184), le64(192)), (le64(200), le64(208))],
         }))
     }
 
@@ -314,6 +327,7 @@ mod tests {
             hydrating: false,
             hydrate_snap: 0,
             fenced_generation: 0,
+            cuts: [(3, 1_700_000_000_000), (0, 0)],
         }
     }
 

@@ -328,6 +328,7 @@ impl Cache {
                 hydrating: ca.is_some_and(|c| c.hydrate),
                 hydrate_snap: ca.filter(|c| c.hydrate).map_or(0, |c| c.hydrate_snap),
                 fenced_generation: 0,
+                cuts: [(0, 0); 2],
             };
             (sb, true)
         };
@@ -668,6 +669,29 @@ impl Cache {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Records that epoch `epoch` was cut at `unix_ms` (wall clock), durably, so that its
+    /// snapshot carries the moment of its cut even when it is flushed after a restart. A
+    /// failure to persist is logged and the time kept in memory (a crash before the flush
+    /// then ships the cut time as unknown).
+    pub fn record_cut(&self, epoch: u64, unix_ms: u64) {
+        let mut g = self.sb.lock().unwrap_or_else(|p| p.into_inner());
+        let (sb, file) = &mut *g;
+        sb.cuts[(epoch % 2) as usize] = (epoch, unix_ms);
+        let path = self.cache_dir.join("superblock");
+        if let Err(e) = sb.write_next(file, &path) {
+            tracing::warn!(volume = %self.name, epoch, error = %e, "could not persist the cut time of the epoch; a crash before its flush ships it as unknown");
+        }
+    }
+
+    /// The wall-clock cut time of epoch `epoch` (ms since the Unix epoch), 0 when unknown.
+    pub fn cut_time(&self, epoch: u64) -> u64 {
+        let g = self.sb.lock().unwrap_or_else(|p| p.into_inner());
+        match g.0.cuts[(epoch % 2) as usize] {
+            (e, ms) if e == epoch && epoch != 0 => ms,
+            _ => 0,
+        }
     }
 
     /// What the backing file holds as this cache knows it: `Partial` while hydrating (blocks
