@@ -1461,9 +1461,18 @@ impl Conn {
         let shard = Rc::clone(&self.shard);
         let _guard = shard.create_lock.lock().await;
         let v = self.require_volume()?;
-        v.summary()
-            .check_identity(&self.volume_name, &id)
-            .map_err(|e| ReqError::new(C::IdentityMismatch, e.to_string()))?;
+        let held = v.summary().volume_id;
+        if held != id {
+            return Err(ReqError::new(
+                C::IdentityMismatch,
+                format!(
+                    "volume {} has id {}, not {}: nothing deleted",
+                    self.volume_name,
+                    store::volume_id_hex(&held),
+                    store::volume_id_hex(&id)
+                ),
+            ));
+        }
         let in_use = |(c, snap): (String, u64)| {
             ReqError::new(
                 C::InUse,

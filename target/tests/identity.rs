@@ -588,3 +588,68 @@ fn recover_onto_a_kept_backing_fetches_only_what_differs() {
     assert_eq!(read_all(&vol), model_tags(&m2));
     vol.shutdown();
 }
+
+fn deltavol_cli(args: &[&str]) -> (i32, String, String) {
+    let run_dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_deltavol"))
+        .args(args)
+        .env("DELTAVOL_RUN_DIR", run_dir.path())
+        .output()
+        .expect("run deltavol");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// `deltavol volume info` and `volume delete` from the command line: the id shown, a bad or
+/// wrong `--id` refused with a clear message and nothing deleted, the right one deletes.
+#[test]
+fn volume_info_and_delete_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let dp_dir = dir.path().join("dp");
+    let dp = Dp::start(&dp_dir, "127.0.0.1:0");
+    let tok = dp_dir.with_extension("token");
+    let t = deltavol_dataplane::Timeouts {
+        connect: Duration::from_secs(2),
+        io: Duration::from_secs(10),
+    };
+    let id = [0x5au8; 16];
+    let mut c =
+        deltavol_dataplane::Client::connect_as(&dp.addr, TOKEN, "testvol", t, 0, Some(id)).unwrap();
+    c.create_volume(NBLOCKS * BS as u64, BS as u32).unwrap();
+    drop(c);
+    let hex = deltavol::cache::meta::volume_id_hex(&id);
+    let dpa = [
+        "--dataplane",
+        dp.addr.as_str(),
+        "--auth-token-file",
+        tok.to_str().unwrap(),
+    ];
+    let with =
+        |a: &[&str]| -> Vec<String> { a.iter().chain(dpa.iter()).map(|s| s.to_string()).collect() };
+    let run = |a: Vec<String>| deltavol_cli(&a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let (code, out, err) = run(with(&["volume", "info", "testvol", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&hex), "{out}");
+    let (code, _, err) = run(with(&["volume", "delete", "testvol", "--id", "xyz"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("is not a volume id"), "{err}");
+    let wrong = "11".repeat(16);
+    let (code, _, err) = run(with(&["volume", "delete", "testvol", "--id", &wrong]));
+    assert_ne!(code, 0);
+    assert!(err.contains(&format!("has id {hex}")), "{err}");
+    assert!(
+        client(&dp.addr).info().exists,
+        "nothing deleted by a wrong id"
+    );
+    let (code, out, err) = run(with(&["volume", "delete", "testvol", "--id", &hex]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deleted volume testvol"), "{out}");
+    assert!(!client(&dp.addr).info().exists);
+    let (code, _, err) = run(with(&["volume", "info", "testvol"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("has no volume \"testvol\""), "{err}");
+}

@@ -316,7 +316,10 @@ impl VolumeSummary {
         Err(StoreError::new(
             StoreErrorKind::IdentityMismatch,
             format!(
-                "the data plane already holds another volume named {name}: id {}, {} bytes,                  {} snapshots, chain head {}, last commit {last}; this volume's id is {}.                  Give this volume another name, or delete the old one on the data plane first                  (deltavol volume delete {name} --id {} --dataplane ... --auth-token-file ...)",
+                "the data plane already holds another volume named {name}: id {}, {} bytes, \
+                 {} snapshots, chain head {}, last commit {last}; this volume's id is {}. \
+                 Give this volume another name, or delete the old one on the data plane first \
+                 (deltavol volume delete {name} --id {} --dataplane ... --auth-token-file ...)",
                 volume_id_hex(&self.volume_id),
                 self.size_bytes,
                 self.snapshot_count,
