@@ -66,7 +66,8 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// List a volume's snapshots on the data plane (id, parent, time, bytes, extents).
+    /// List a volume's snapshots on the data plane: id, parent, cut time (the moment whose
+    /// state it holds), commit time where it differs by more than 5 s, bytes, extents.
     Snapshots {
         /// Volume name.
         name: String,
