@@ -85,7 +85,7 @@ check_step "benchmark smoke: engine vs raw io_uring (--quick)" build/release/del
 
 drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/crash.sh tests/drills/snapshots.sh
         tests/drills/recovery.sh tests/drills/clone.sh tests/drills/restart.sh tests/drills/verify.sh
-        tests/drills/identity.sh)
+        tests/drills/identity.sh tests/drills/recover-at.sh)
 declare -A result
 vm_passed=0 vm_failed=0
 for k in 7 6.12; do

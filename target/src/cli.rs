@@ -89,6 +89,12 @@ pub enum Cmd {
         /// Wait until hydration is complete, showing progress.
         #[arg(long)]
         wait: bool,
+        /// Recover the volume as it was at TIME: the newest snapshot cut at or before it
+        /// (RFC 3339, 'YYYY-MM-DD HH:MM[:SS]' UTC unless a zone follows, or an age like -15m).
+        /// The blocks that differ from the chain head are written back first (fetched by
+        /// checksum), and shipped as the chain's next snapshot, before the device is live.
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
     },
     /// Create a new volume from a snapshot (metadata-only on the data plane) and serve it;
     /// it hydrates like `recover`, and has its own snapshot chain.
@@ -527,7 +533,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             dp,
             dev,
             wait,
-        } => recover(&name, &dp, dev, wait),
+            at,
+        } => recover(&name, &dp, dev, wait, at.as_deref()),
         Cmd::Clone {
             spec,
             name,
@@ -724,12 +731,29 @@ fn holds_volume(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn recover(name: &str, dp: &DataPlaneArgs, dev: DeviceArgs, wait: bool) -> anyhow::Result<()> {
+fn recover(
+    name: &str,
+    dp: &DataPlaneArgs,
+    dev: DeviceArgs,
+    wait: bool,
+    at: Option<&str>,
+) -> anyhow::Result<()> {
     let t0 = Instant::now();
     // Before fencing the old machine: this one must be able to take over.
     daemon::check_driver()?;
     crate::cache::validate_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let at_ms = at
+        .map(|a| {
+            crate::when::parse_time(a, now_ms()).map_err(|e| anyhow::anyhow!("--at {a:?}: {e}"))
+        })
+        .transpose()?;
     let cfg = if holds_volume(&absolute(&dev.cache_dir)?) {
+        if at.is_some() {
+            bail!(
+                "{} already holds volume {name}: --at recovers onto a new, empty --cache-dir (without --at this reattaches it)",
+                dev.cache_dir.display()
+            );
+        }
         eprintln!(
             "{} already holds volume {name}: reattaching (hydration resumes)",
             dev.cache_dir.display()
@@ -744,6 +768,11 @@ fn recover(name: &str, dp: &DataPlaneArgs, dev: DeviceArgs, wait: bool) -> anyho
                 dp.dataplane
             );
         }
+        // As of a time: resolved before the old machine is fenced, so a bad time fences nothing.
+        let target = match at_ms {
+            Some(ms) => Some(resolve_at(&mut c, name, ms)?),
+            None => None,
+        };
         // Fence the old machine first: from now on it can ship nothing.
         let generation = c
             .new_generation()
@@ -760,19 +789,26 @@ fn recover(name: &str, dp: &DataPlaneArgs, dev: DeviceArgs, wait: bool) -> anyho
             (Some(a), _) => a,
             (None, _) => rand::random(),
         };
+        let from = target.unwrap_or(head);
         let ca = crate::cache::CreateAs {
             flushed_epoch: head,
             snap_head: head,
             generation,
-            hydrate_snap: head,
+            hydrate_snap: from,
             hydrate: true,
             volume_id,
         };
         eprintln!(
-            "recovering {name} from snapshot {head} ({}), generation {generation}",
+            "recovering {name} from snapshot {from} ({}), generation {generation}",
             format_size(info.size_bytes)
         );
-        from_dataplane(name, dp, dev, Some(ca), Some(info.size_bytes))?
+        let mut cfg = from_dataplane(name, dp, dev, Some(ca), Some(info.size_bytes))?;
+        if from != head {
+            roll_back(&cfg, from, head)?;
+            // The daemon reattaches the volume made here (hydration resumes).
+            cfg.volume.cache.create_as = None;
+        }
+        cfg
     };
     let json = cfg.json;
     daemon::add(cfg)?;
@@ -786,6 +822,41 @@ fn recover(name: &str, dp: &DataPlaneArgs, dev: DeviceArgs, wait: bool) -> anyho
         wait_hydrated(name)?;
     }
     Ok(())
+}
+
+/// `recover --at` an older snapshot than the head: creates the volume here (hydrating from
+/// `from`), writes back the blocks that differ from the head, and ships that as the chain's
+/// next snapshot (on the head), waiting for its commit, before the device goes live: the data
+/// plane's head then equals the device.
+fn roll_back(cfg: &AddConfig, from: u64, head: u64) -> anyhow::Result<()> {
+    let vol = crate::volume::Volume::open(&cfg.volume).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let res = (|| -> anyhow::Result<()> {
+        let sc = cfg
+            .volume
+            .ship
+            .as_ref()
+            .context("recover needs the data plane")?;
+        let n = crate::resume::write_rollback(&vol, sc, from, head)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let snap = vol
+            .cut_and_flush()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .epoch;
+        let ship = vol.ship.as_ref().context("no shipper")?;
+        if n > 0 && !ship.wait_committed(snap, Duration::from_secs(600)) {
+            bail!(
+                "the way back to snapshot {from} (snapshot {snap}, {n} blocks) is not committed on the data plane after 600 s: {}; the volume is in {} (add it to go on)",
+                ship.status().last_error.unwrap_or_default(),
+                cfg.volume.cache.cache_dir.display()
+            );
+        }
+        eprintln!(
+            "rolled back to snapshot {from}: {n} blocks differ from the head {head}; committed as snapshot {snap} on top of it"
+        );
+        Ok(())
+    })();
+    vol.shutdown();
+    res
 }
 
 fn clone(

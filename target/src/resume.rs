@@ -376,3 +376,89 @@ pub fn seed_from_checksums(cache: &crate::cache::Cache, sc: &ShipConfig) -> Resu
     tracing::info!(volume = %cache.name, snapshot = h.snap, blocks_kept = kept, blocks_to_fetch = cache.nblocks - kept, elapsed_ms = t0.elapsed().as_millis() as u64, "resync: blocks equal to the snapshot are kept; the others are fetched");
     Ok(kept)
 }
+
+/// Recovering a volume as of an older snapshot than its chain head (`recover --at`): the
+/// volume hydrates from `target`, but its snapshots go on from `head`, so the first one must
+/// carry the way back — every block whose content differs between `target` and `head`,
+/// with `target`'s content — or the data plane's copy would silently differ from the device.
+/// This writes those blocks into the volume (a fresh one, hydrating from `target`, not yet
+/// live) through the same handler the queues use, then FLUSHes: they are in its first epoch,
+/// and hydration never overwrites a written block. Compares checksums (`ReadChecksums`) and
+/// fetches only the blocks that differ. Returns how many.
+pub fn write_rollback(
+    vol: &crate::volume::Volume,
+    sc: &ShipConfig,
+    target: u64,
+    head: u64,
+) -> Result<u64> {
+    use crate::cache::io::{UBLK_IO_OP_FLUSH, UBLK_IO_OP_WRITE};
+    const RUN_BLOCKS_MAX: u64 = 256;
+    let c = &vol.cache;
+    let t = Timeouts {
+        connect: sc.connect_timeout,
+        io: sc.io_timeout,
+    };
+    let (mut client, _) =
+        sc.addrs
+            .connect_client(&sc.token, &c.name, t, c.generation(), Some(c.volume_id))?;
+    let dp =
+        |e: deltavol_dataplane::ClientError| Error::new(ErrorKind::Io, format!("data plane: {e}"));
+    let ring = vol
+        .host_ring(0)
+        .map_err(|e| Error::io("create a ring for", &c.cache_dir, e))?;
+    let bs = meta::BLOCK_SIZE;
+    let sectors = bs / 512;
+    let mut buf = vec![0u8; (RUN_BLOCKS_MAX * bs) as usize];
+    let chunk = deltavol_schemas::CHECKSUM_BLOCKS_MAX;
+    let (mut lba, mut written) = (0u64, 0u64);
+    let t0 = std::time::Instant::now();
+    while lba < c.nblocks {
+        let n = (c.nblocks - lba).min(chunk);
+        let a = client.read_checksums(target, lba, n).map_err(dp)?;
+        let b = client.read_checksums(head, lba, n).map_err(dp)?;
+        let mut i = 0u64;
+        while i < n {
+            if a[i as usize] == b[i as usize] {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n && j - i < RUN_BLOCKS_MAX && a[j as usize] != b[j as usize] {
+                j += 1;
+            }
+            let k = j - i;
+            let part = &mut buf[..(k * bs) as usize];
+            client.read_extents(target, lba + i, k, part).map_err(dp)?;
+            let r = smol::block_on(vol.handle(
+                &ring,
+                UBLK_IO_OP_WRITE,
+                0,
+                (lba + i) * sectors,
+                (k * sectors) as u32,
+                part,
+            ));
+            if r < 0 {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "writing the way back to snapshot {target} at block {}: errno {}",
+                        lba + i,
+                        -r
+                    ),
+                ));
+            }
+            written += k;
+            i = j;
+        }
+        lba += n;
+    }
+    let r = smol::block_on(vol.handle(&ring, UBLK_IO_OP_FLUSH, 0, 0, 0, &mut []));
+    if r < 0 {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("FLUSH after the way back: errno {}", -r),
+        ));
+    }
+    tracing::info!(volume = %c.name, target, head, blocks = written, elapsed_ms = t0.elapsed().as_millis() as u64, "the blocks that differ between the snapshot recovered and the chain head are written back: the next snapshot, on the head, equals the device");
+    Ok(written)
+}
