@@ -1,21 +1,8 @@
 //! The CLI's error paths on a host without a ublk driver: every bad input gets a clear message
 //! and a non-zero exit, and nothing is created.
 
-use std::process::Command;
-
-fn deltavol(args: &[&str]) -> (i32, String, String) {
-    let run_dir = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_deltavol"))
-        .args(args)
-        .env("DELTAVOL_RUN_DIR", run_dir.path())
-        .output()
-        .expect("run deltavol");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
+mod common;
+use common::deltavol;
 
 #[test]
 fn add_rejects_bad_arguments_before_touching_anything() {

@@ -345,20 +345,6 @@ fn two_servers_one_store_killed_server_fails_over_to_the_other() {
     vol.shutdown();
 }
 
-fn deltavol(args: &[&str]) -> (i32, String, String) {
-    let run_dir = tempfile::tempdir().unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_deltavol"))
-        .args(args)
-        .env("DELTAVOL_RUN_DIR", run_dir.path())
-        .output()
-        .expect("run deltavol");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
-
 /// The CLI: `--dataplane` takes a list (its help says so), refuses a bad entry by name, and
 /// `snapshots` / `export` get past a dead first address; with every address dead the error
 /// names each one.

@@ -589,20 +589,6 @@ fn recover_onto_a_kept_backing_fetches_only_what_differs() {
     vol.shutdown();
 }
 
-fn deltavol_cli(args: &[&str]) -> (i32, String, String) {
-    let run_dir = tempfile::tempdir().unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_deltavol"))
-        .args(args)
-        .env("DELTAVOL_RUN_DIR", run_dir.path())
-        .output()
-        .expect("run deltavol");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
-
 /// `deltavol volume info` and `volume delete` from the command line: the id shown, a bad or
 /// wrong `--id` refused with a clear message and nothing deleted, the right one deletes.
 #[test]
@@ -629,7 +615,7 @@ fn volume_info_and_delete_from_the_cli() {
     ];
     let with =
         |a: &[&str]| -> Vec<String> { a.iter().chain(dpa.iter()).map(|s| s.to_string()).collect() };
-    let run = |a: Vec<String>| deltavol_cli(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = |a: Vec<String>| deltavol(&a.iter().map(String::as_str).collect::<Vec<_>>());
 
     let (code, out, err) = run(with(&["volume", "info", "testvol", "--json"]));
     assert_eq!(code, 0, "{err}");

@@ -11,20 +11,6 @@ use common::dp::*;
 use common::*;
 use std::time::Duration;
 
-fn deltavol(args: &[&str]) -> (i32, String, String) {
-    let run_dir = tempfile::tempdir().unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_deltavol"))
-        .args(args)
-        .env("DELTAVOL_RUN_DIR", run_dir.path())
-        .output()
-        .expect("run deltavol");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
-
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -158,3 +158,19 @@ pub fn seed(test: &str) -> u64 {
     eprintln!("{test}: seed {s} (replay with DELTAVOL_SEED={s})");
     s
 }
+
+/// Runs the `deltavol` binary with `args` (its run state in a private temp dir); returns the
+/// exit code, stdout and stderr.
+pub fn deltavol(args: &[&str]) -> (i32, String, String) {
+    let run_dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_deltavol"))
+        .args(args)
+        .env("DELTAVOL_RUN_DIR", run_dir.path())
+        .output()
+        .expect("run deltavol");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
