@@ -8,6 +8,7 @@
 //!   index answering "block b as of snapshot s"; [`mod@store::format`] holds the on-disk formats.
 //!   [`mod@store::backend`] puts them on the local filesystem (default) or an S3-compatible
 //!   object store (numbered manifests committed with create-if-absent puts).
+//! * [`metrics`]: the Prometheus `/metrics` endpoint (`--metrics-listen`), read at scrape time.
 //! * [`client`]: the blocking client the compute daemon's flush thread uses.
 //!
 //! The wire format and schemas live in the `deltavol-schemas` crate.
@@ -43,6 +44,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod metrics;
 pub mod server;
 pub mod store;
 

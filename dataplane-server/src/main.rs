@@ -33,6 +33,10 @@ struct Args {
     auth_token_file: Option<PathBuf>,
     #[command(flatten)]
     limits: deltavol_dataplane::ConnLimits,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, on a thread of its own),
+    /// e.g. 127.0.0.1:9101. Prints "metrics on ADDR" after the "listening on" line.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,6 +228,11 @@ fn serve(args: Args) -> anyhow::Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let backend = args.store.backend_config()?;
+    // Bound first: a bad --metrics-listen fails before the store is opened.
+    let metrics_listener = args
+        .metrics_listen
+        .map(deltavol_dataplane::metrics::MetricsListener::bind)
+        .transpose()?;
     let handle = deltavol_dataplane::start_with_backend(
         deltavol_dataplane::ServerConfig {
             listen,
@@ -240,8 +249,19 @@ fn serve(args: Args) -> anyhow::Result<()> {
             data_dir.display()
         )
     })?;
+    let metrics = match metrics_listener {
+        Some(l) => Some(
+            l.serve(deltavol_dataplane::metrics::registry(handle.stats_shared()))
+                .context("starting the metrics endpoint")?,
+        ),
+        None => None,
+    };
     // Scripts and tests wait for this line (the real port when --listen asked for port 0).
     println!("listening on {}", handle.local_addr());
+    if let Some(m) = &metrics {
+        println!("metrics on {}", m.local_addr());
+    }
     handle.wait();
+    drop(metrics);
     Ok(())
 }

@@ -207,7 +207,8 @@ pub struct ServerHandle {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
-/// Counters of the whole server (updated once per connection, never per request).
+/// Counters of the whole server (updated once per connection, once per `PutExtents` frame and
+/// once per commit, relaxed; read by the metrics endpoint at scrape time).
 #[derive(Debug, Default)]
 pub struct ServerStats {
     /// Connections that completed the handshake.
@@ -222,6 +223,10 @@ pub struct ServerStats {
     pub handshakes_evicted: std::sync::atomic::AtomicU64,
     /// Connections closed by a deadline (handshake, idle, frame or write).
     pub timed_out: std::sync::atomic::AtomicU64,
+    /// Extent data bytes received in `PutExtents` payloads (of uploads committed or not).
+    pub ingest_bytes: std::sync::atomic::AtomicU64,
+    /// Snapshots committed (durable).
+    pub snapshots_committed: std::sync::atomic::AtomicU64,
 }
 
 /// One of the `max_connections` slots, given back when the connection ends.
@@ -260,6 +265,11 @@ impl ServerHandle {
 
     pub fn stats(&self) -> &ServerStats {
         &self.stats
+    }
+
+    /// The counters, shared (the metrics endpoint reads them at scrape time).
+    pub fn stats_shared(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Stops accepting, drops every connection and waits for the threads.
@@ -1686,6 +1696,10 @@ impl Conn {
             ));
         };
         let payload = std::mem::take(&mut self.payload);
+        self.shard
+            .stats
+            .ingest_bytes
+            .fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let (res, payload) = upload.put(extents.iter(), payload).await;
         self.payload = payload;
         match res {
@@ -1724,6 +1738,10 @@ impl Conn {
             }
         };
         let entry = upload.commit(extent_count, total_bytes).await?;
+        self.shard
+            .stats
+            .snapshots_committed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let info = self.out.snapshot_info(&entry);
         let body =
             wire::Committed::create(&mut self.out.fbb, &wire::CommittedArgs { info: Some(info) });
