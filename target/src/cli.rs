@@ -298,6 +298,10 @@ pub struct DeviceArgs {
     /// Without a successor that I/O waits forever; `del` then fails it.
     #[arg(long)]
     pub user_recovery: bool,
+    /// Serve Prometheus metrics of the volume at http://ADDR/metrics (plain HTTP, a thread of
+    /// its own), e.g. 127.0.0.1:9100; one address per attached volume.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Stay in the foreground (logs to stderr) instead of daemonizing.
     #[arg(long)]
     pub foreground: bool,
@@ -388,6 +392,7 @@ impl AddArgs {
             depth: self.dev.depth,
             foreground: self.dev.foreground,
             json: self.dev.json,
+            metrics_listen: self.dev.metrics_listen,
         })
     }
 }

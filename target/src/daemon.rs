@@ -43,6 +43,8 @@ pub struct AddConfig {
     pub depth: u16,
     pub foreground: bool,
     pub json: bool,
+    /// Serve Prometheus metrics of the volume here ([`crate::metrics`]).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The line a started daemon reports (and `add --json` prints).
@@ -416,7 +418,19 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
     }
     let user_recovery = cfg.user_recovery && supported;
 
+    // Bound before the volume opens: a taken --metrics-listen fails start-up at once.
+    let metrics_listener = cfg
+        .metrics_listen
+        .map(deltavol_dataplane::metrics::MetricsListener::bind)
+        .transpose()?;
     let volume = Arc::new(Volume::open(&cfg.volume).map_err(|e| anyhow!("{e}"))?);
+    let _metrics = match metrics_listener {
+        Some(l) => Some(
+            l.serve(crate::metrics::registry(vec![volume.clone()]))
+                .context("starting the metrics endpoint")?,
+        ),
+        None => None,
+    };
     let cache = volume.cache.clone();
     // A taken-over device keeps its own geometry.
     let nr_queues = takeover.map_or(cfg.queues, |t| t.1);

@@ -5,7 +5,7 @@
 //! [`queue`] (ublk queue threads and their handlers) → [`cache`] (mirror pair, epochs,
 //! bitmaps, read cache) → [`flush`] (cut, write back, ship deltas). [`ring`] is the one place
 //! that pushes io_uring SQEs. [`volume`] ties a volume's parts together; [`daemon`] and
-//! [`cli`] are the edge.
+//! [`cli`] are the edge, [`metrics`] exports [`volume::Volume::status`] to Prometheus.
 
 pub mod cache;
 pub mod cli;
@@ -16,6 +16,7 @@ pub mod fault;
 pub mod flush;
 pub mod hydrate;
 pub mod label;
+pub mod metrics;
 pub mod prio;
 pub mod queue;
 pub mod resume;

@@ -24,6 +24,10 @@ fn add_rejects_bad_arguments_before_touching_anything() {
         ),
         (&["--size", "1G", "--flush-interval-ms", "0"], "at least 1"),
         (&["--size", "1G", "--cache-limit", "lots"], "invalid value"),
+        (
+            &["--size", "1G", "--metrics-listen", "localhost"],
+            "invalid value 'localhost' for '--metrics-listen <ADDR>'",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec!["add", "--name", "v1", "--cache-dir", c, "--backing", p];

@@ -36,8 +36,32 @@ enum Src {
 impl Cache {
     /// Serves one block request. `start_sector`/`nr_sectors` are in 512-byte sectors, as ublk
     /// gives them; `buf` is the request's data buffer (READ/WRITE). Returns the bytes done or a
-    /// negative errno, as the ublk driver expects.
+    /// negative errno, as the ublk driver expects. READ, WRITE and FLUSH are timed into the
+    /// queue's [`super::LatencyStats`].
     pub async fn handle<R: Ring>(
+        &self,
+        ring: &R,
+        op: u32,
+        flags: u32,
+        start_sector: u64,
+        nr_sectors: u32,
+        buf: &mut [u8],
+    ) -> i32 {
+        let t0 = std::time::Instant::now();
+        let r = self
+            .handle_op(ring, op, flags, start_sector, nr_sectors, buf)
+            .await;
+        let timed = match op {
+            UBLK_IO_OP_READ => super::LATENCY_READ,
+            UBLK_IO_OP_WRITE => super::LATENCY_WRITE,
+            UBLK_IO_OP_FLUSH => super::LATENCY_FLUSH,
+            _ => return r,
+        };
+        self.stats[ring.queue_index() % self.stats.len()].0.latency[timed].record(t0.elapsed());
+        r
+    }
+
+    async fn handle_op<R: Ring>(
         &self,
         ring: &R,
         op: u32,

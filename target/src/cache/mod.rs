@@ -146,9 +146,44 @@ impl Slot {
     }
 }
 
+/// Upper bounds of the request latency buckets, in microseconds (a last bucket holds the rest).
+pub const LATENCY_BUCKET_BOUNDS_US: [u64; 10] = [
+    16, 64, 256, 1_000, 4_000, 16_000, 64_000, 256_000, 1_000_000, 4_000_000,
+];
+/// Buckets of [`LatencyStats`]: one per bound, and one above the last.
+pub const LATENCY_BUCKETS: usize = LATENCY_BUCKET_BOUNDS_US.len() + 1;
+/// Index of the ops in [`QueueStats::latency`] (DISCARD and WRITE_ZEROES are not timed).
+pub const LATENCY_READ: usize = 0;
+pub const LATENCY_WRITE: usize = 1;
+pub const LATENCY_FLUSH: usize = 2;
+
+/// Latency of one op's requests on one queue, from the handler's start to its result (waits
+/// for backpressure, fetches and durability included): requests per bucket, and the sum.
+#[derive(Default)]
+pub struct LatencyStats {
+    pub buckets: [AtomicU64; LATENCY_BUCKETS],
+    pub sum_ns: AtomicU64,
+}
+
+impl LatencyStats {
+    /// Two relaxed adds on the queue's own counters.
+    pub fn record(&self, elapsed: std::time::Duration) {
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let i = LATENCY_BUCKET_BOUNDS_US
+            .iter()
+            .position(|&b| ns <= b * 1_000)
+            .unwrap_or(LATENCY_BUCKETS - 1);
+        self.buckets[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Per-queue counters (each queue writes only its own).
 #[derive(Default)]
 pub struct QueueStats {
+    /// Request latency by op ([`LATENCY_READ`], [`LATENCY_WRITE`], [`LATENCY_FLUSH`]).
+    pub latency: [LatencyStats; 3],
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub read_bytes: AtomicU64,
@@ -793,6 +828,21 @@ impl Cache {
 
     pub fn stats_sum(&self, f: impl Fn(&QueueStats) -> &AtomicU64) -> u64 {
         self.stats.iter().map(|s| f(&s.0).load(SeqCst)).sum()
+    }
+
+    /// The latency of op `op` ([`LATENCY_READ`], ...) over all queues: requests per bucket
+    /// and the sum in ns.
+    pub fn latency_sum(&self, op: usize) -> ([u64; LATENCY_BUCKETS], u64) {
+        let mut buckets = [0u64; LATENCY_BUCKETS];
+        let mut sum_ns = 0u64;
+        for s in self.stats.iter() {
+            let l = &s.0.latency[op];
+            for (b, a) in buckets.iter_mut().zip(&l.buckets) {
+                *b += a.load(SeqCst);
+            }
+            sum_ns = sum_ns.saturating_add(l.sum_ns.load(SeqCst));
+        }
+        (buckets, sum_ns)
     }
 }
 
