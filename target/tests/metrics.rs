@@ -155,3 +155,67 @@ fn scrape_counts_io_flushes_and_the_recovery_point() {
     drop(metrics);
     vol.shutdown();
 }
+
+/// A volume recovered from a snapshot, hydrating slowly: the hydration gauges show progress
+/// and a read of a block not yet local counts as an on-demand fetch.
+#[test]
+fn scrape_shows_hydration_progress_and_on_demand_fetches() {
+    use deltavol::cache::CreateAs;
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let nblocks = 4096u64;
+    let snap = {
+        let mut cfg = config(&dir.path().join("src"), nblocks * BS as u64, 1);
+        cfg.flush_interval = Duration::from_secs(3600);
+        cfg.ship = Some(ship_cfg(&dir.path().join("src"), &dp.addr));
+        let vol = Volume::open(&cfg).unwrap();
+        let mut d = Driver::new(&vol, 1);
+        for b in (0..nblocks).step_by(8) {
+            assert!(d.write_tags(0, b, &[b + 1; 8], false) > 0);
+        }
+        let snap = vol.cut_and_flush().unwrap().epoch;
+        drop(d);
+        vol.shutdown();
+        snap
+    };
+    let mut cfg = config(&dir.path().join("rec"), nblocks * BS as u64, 1);
+    cfg.flush_interval = Duration::from_secs(3600);
+    cfg.ship = Some(ship_cfg(&dir.path().join("rec"), &dp.addr));
+    // 64 KiB/s: the background is far from the end of the volume while the test runs.
+    cfg.hydrate_rate_bytes_per_s = 64 << 10;
+    cfg.cache.create_as = Some(CreateAs {
+        flushed_epoch: snap,
+        snap_head: snap,
+        generation: 0,
+        hydrate_snap: snap,
+        hydrate: true,
+        volume_id: dataplane_volume_id(&dp.addr),
+    });
+    let vol = Arc::new(Volume::open(&cfg).unwrap());
+    let metrics = MetricsListener::bind("127.0.0.1:0".parse().unwrap())
+        .unwrap()
+        .serve(deltavol::metrics::registry(vec![vol.clone()]))
+        .unwrap();
+    let mut d = Driver::new(&vol, 1);
+    let last = nblocks - 8;
+    assert_eq!(d.read_tags(0, last, 1)[0], Some(last + 1));
+    let text = scrape(metrics.local_addr());
+    let g = |m: &str| sample(&text, &format!(r#"{m}{{volume="testvol"}}"#));
+    assert_eq!(g("deltavol_hydration_done"), 0.0);
+    assert_eq!(
+        g("deltavol_hydration_total_bytes"),
+        (nblocks * BS as u64) as f64
+    );
+    assert!(g("deltavol_hydration_local_bytes") < g("deltavol_hydration_total_bytes"));
+    assert!(
+        g("deltavol_hydration_fetched_on_demand_total") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        g("deltavol_hydration_extents_fetched_total") >= 1.0,
+        "{text}"
+    );
+    drop(d);
+    drop(metrics);
+    vol.shutdown();
+}
