@@ -1,6 +1,7 @@
 # shellcheck shell=sh
 # Drill: a volume's whole life. add → mkfs.ext4 → mount → write a tree of files with known
-# sha256 (and a small sqlite database) → sync → umount → del → add again on the same cache dir
+# sha256 (and a small sqlite database) → sync → the daemon's /metrics counted the writes →
+# umount → del → add again on the same cache dir
 # and backing file → every file verifies → e2fsck -fn clean → del.
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "${DRILL_LIB:-/drills/lib.sh}"
@@ -31,7 +32,9 @@ mkdir -p "$MNT"
 
 # --- first life ---
 t0=$(now_s)
-DEV=$(dv_add "$NAME" "$SIZE" "$CACHE_DIR" "$BACKING" --flush-interval-ms 1000) ||
+METRICS=127.0.0.1:9100
+DEV=$(dv_add "$NAME" "$SIZE" "$CACHE_DIR" "$BACKING" --flush-interval-ms 1000 \
+    --metrics-listen "$METRICS") ||
     abort add "deltavol add failed"
 pass add
 log "$DEV is live after $(elapsed_s "$t0")s"
@@ -69,6 +72,19 @@ log "$(wc -l <"$SUMS") files, $(du -sk "$SRC" | cut -f1) KiB"
 check copy-tree cp -a "$SRC/." "$MNT/"
 check verify-before-umount sh -c "cd '$MNT' && sha256sum -c -s '$SUMS'"
 check sync sync
+
+# The daemon's Prometheus endpoint saw the writes and the FLUSHes of the sync.
+metrics=$(wget -qO- "http://$METRICS/metrics" 2>&1)
+sample() { echo "$metrics" | grep -F "$1{volume=\"$NAME\"$2} " | awk '{print $2}'; }
+writes=$(sample deltavol_io_requests_total ',op="write"')
+flushes=$(sample deltavol_io_latency_seconds_count ',op="flush"')
+if [ "${writes:-0}" -gt 0 ] 2>/dev/null && [ "${flushes:-0}" -gt 0 ] 2>/dev/null; then
+    pass metrics
+    log "metrics: $writes writes, $flushes flushes timed"
+else
+    fail metrics "GET http://$METRICS/metrics: writes=${writes:-none} flushes=${flushes:-none}: $(echo "$metrics" | head -c 400)"
+fi
+
 check umount umount "$MNT"
 
 t0=$(now_s)
