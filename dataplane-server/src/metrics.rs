@@ -24,7 +24,6 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::server::ServerStats;
@@ -214,49 +213,48 @@ fn respond(
 /// One sample: its labels and value.
 pub type Sample<'a, V> = (&'a [(&'a str, &'a str)], V);
 
-/// Encodes counter `name` (the text format adds `_total`) with its samples, one per label set;
-/// nothing when there are none. A sample without labels must be the only one.
+/// Encodes metric family `name` of the type `make` builds, with its samples, one per label
+/// set; nothing when there are none. A sample without labels must be the only one.
+fn family<V: Copy, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[Sample<'_, V>],
+    make: impl Fn(V) -> M,
+) -> std::fmt::Result {
+    let Some((_, first)) = samples.first() else {
+        return Ok(());
+    };
+    let mut m = enc.encode_descriptor(name, help, None, make(*first).metric_type())?;
+    if let [(labels, v)] = samples {
+        if labels.is_empty() {
+            return make(*v).encode(m);
+        }
+    }
+    for (labels, v) in samples {
+        make(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// Encodes counter `name` (the text format adds `_total`), as [`family`] does.
 pub fn counters<V: EncodeCounterValue + Copy>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     samples: &[Sample<'_, V>],
 ) -> std::fmt::Result {
-    if samples.is_empty() {
-        return Ok(());
-    }
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    if let [(labels, v)] = samples {
-        if labels.is_empty() {
-            return ConstCounter::new(*v).encode(m);
-        }
-    }
-    for (labels, v) in samples {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(enc, name, help, samples, ConstCounter::new)
 }
 
-/// Encodes gauge `name` with its samples, as [`counters`] does.
+/// Encodes gauge `name`, as [`family`] does.
 pub fn gauges<V: EncodeGaugeValue + Copy>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     samples: &[Sample<'_, V>],
 ) -> std::fmt::Result {
-    if samples.is_empty() {
-        return Ok(());
-    }
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    if let [(labels, v)] = samples {
-        if labels.is_empty() {
-            return ConstGauge::new(*v).encode(m);
-        }
-    }
-    for (labels, v) in samples {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(enc, name, help, samples, ConstGauge::new)
 }
 
 /// The data plane's [`ServerStats`], read at each scrape.

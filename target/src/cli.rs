@@ -2,7 +2,7 @@
 //! tools people know (rublk, ublksrv): `add` prints the device once it is live, `--json` for
 //! scripts, and every error says what to do.
 
-use crate::cache::CacheConfig;
+use crate::cache::{holds_volume, CacheConfig};
 use crate::control::{self, Request};
 use crate::daemon::{self, AddConfig, DEPTH_MAX, QUEUES_MAX};
 use crate::ship::DataPlaneAddrs;
@@ -726,14 +726,6 @@ fn from_dataplane(
     let mut cfg = args.to_config()?;
     cfg.volume.cache.create_as = create_as;
     Ok(cfg)
-}
-
-/// Whether `dir` already holds a volume's cache (then recover/clone reattach it).
-fn holds_volume(dir: &Path) -> bool {
-    dir.join("superblock")
-        .metadata()
-        .map(|m| m.len() > 0)
-        .unwrap_or(false)
 }
 
 fn recover(

@@ -60,7 +60,7 @@ use crate::cache::{Cache, Hydration};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ring::Kicker;
 use crate::ship::ShipConfig;
-use deltavol_dataplane::{Client, Timeouts};
+use deltavol_dataplane::Client;
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -633,17 +633,10 @@ impl Worker {
 
     fn client(&mut self) -> Result<&mut Client> {
         if self.client.is_none() {
-            let sc = &self.sh.cfg.ship;
-            let t = Timeouts {
-                connect: sc.connect_timeout,
-                io: sc.io_timeout,
-            };
             // The same failover as the shipper's: the address that worked last first, then
             // the others (several servers on one store; one holds the volume's lease).
-            let (c, _addr) = sc.addrs.connect_client(
-                &sc.token,
+            let (c, _addr) = self.sh.cfg.ship.connect_as(
                 &self.sh.cache.name,
-                t,
                 self.sh.cfg.generation,
                 Some(self.sh.cache.volume_id),
             )?;

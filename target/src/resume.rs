@@ -31,7 +31,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::label::{BackingState, Label};
 use crate::ship::{is_identity_refusal, ShipConfig};
 use crate::volume::VolumeConfig;
-use deltavol_dataplane::Timeouts;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -46,27 +45,13 @@ pub struct Resume {
     pub note: String,
 }
 
-pub fn holds_volume(cache_dir: &Path) -> bool {
-    cache_dir
-        .join("superblock")
-        .metadata()
-        .is_ok_and(|m| m.len() > 0)
-}
-
 /// Newest snapshot id in the outbox, 0 when empty.
 fn outbox_head(dir: &Path) -> u64 {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return 0;
     };
     rd.flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_prefix("snap-")?
-                .strip_suffix(".delta")?
-                .parse::<u64>()
-                .ok()
-        })
+        .filter_map(|e| crate::ship::outbox_entry_snap(e.file_name().to_str()?))
         .max()
         .unwrap_or(0)
 }
@@ -80,13 +65,7 @@ struct Remote {
 }
 
 fn remote(sc: &ShipConfig, l: &Label) -> Result<Remote> {
-    let t = Timeouts {
-        connect: sc.connect_timeout,
-        io: sc.io_timeout,
-    };
-    let (c, _) = sc
-        .addrs
-        .connect_client(&sc.token, &l.name, t, l.generation, Some(l.volume_id))?;
+    let (c, _) = sc.connect_as(&l.name, l.generation, Some(l.volume_id))?;
     let i = c.info();
     Ok(Remote {
         exists: i.exists,
@@ -103,7 +82,7 @@ pub fn plan(cfg: &VolumeConfig) -> Result<Option<Resume>> {
     let Some(sc) = &cfg.ship else {
         return Ok(None);
     };
-    if c.create_as.is_some() || holds_volume(&c.cache_dir) {
+    if c.create_as.is_some() || crate::cache::holds_volume(&c.cache_dir) {
         return Ok(None);
     }
     let backing_len = std::fs::metadata(&c.backing).map_or(0, |m| m.len());
@@ -332,17 +311,7 @@ pub fn seed_from_checksums(cache: &crate::cache::Cache, sc: &ShipConfig) -> Resu
     let Some(h) = cache.hydrating() else {
         return Ok(0);
     };
-    let t = Timeouts {
-        connect: sc.connect_timeout,
-        io: sc.io_timeout,
-    };
-    let (mut c, _) = sc.addrs.connect_client(
-        &sc.token,
-        &cache.name,
-        t,
-        cache.generation(),
-        Some(cache.volume_id),
-    )?;
+    let (mut c, _) = sc.connect_as(&cache.name, cache.generation(), Some(cache.volume_id))?;
     let bs = meta::BLOCK_SIZE;
     let chunk = deltavol_schemas::CHECKSUM_BLOCKS_MAX;
     let mut buf = vec![0u8; (chunk * bs) as usize];
@@ -394,13 +363,7 @@ pub fn write_rollback(
     use crate::cache::io::{UBLK_IO_OP_FLUSH, UBLK_IO_OP_WRITE};
     const RUN_BLOCKS_MAX: u64 = 256;
     let c = &vol.cache;
-    let t = Timeouts {
-        connect: sc.connect_timeout,
-        io: sc.io_timeout,
-    };
-    let (mut client, _) =
-        sc.addrs
-            .connect_client(&sc.token, &c.name, t, c.generation(), Some(c.volume_id))?;
+    let (mut client, _) = sc.connect_as(&c.name, c.generation(), Some(c.volume_id))?;
     let dp =
         |e: deltavol_dataplane::ClientError| Error::new(ErrorKind::Io, format!("data plane: {e}"));
     let ring = vol

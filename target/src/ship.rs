@@ -246,6 +246,29 @@ pub struct ShipConfig {
     pub io_timeout: Duration,
 }
 
+impl ShipConfig {
+    /// The client time-outs this configuration sets.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: self.connect_timeout,
+            io: self.io_timeout,
+        }
+    }
+
+    /// A plain [`Client`] of `volume` on the first server that serves it (see
+    /// [`DataPlaneAddrs::connect`]), as writer `generation` of the volume with identity
+    /// `volume_id` (the data plane refuses another volume's name). Returns it and its address.
+    pub fn connect_as(
+        &self,
+        volume: &str,
+        generation: u64,
+        volume_id: Option<VolumeId>,
+    ) -> Result<(Client, String)> {
+        self.addrs
+            .connect_client(&self.token, volume, self.timeouts(), generation, volume_id)
+    }
+}
+
 /// Reads a shared-secret token file (trailing whitespace trimmed, as the server does).
 pub fn read_token(path: &Path) -> Result<Vec<u8>> {
     let md = std::fs::metadata(path).map_err(|e| Error::io("read auth token", path, e))?;
@@ -383,10 +406,7 @@ impl Shared {
     /// Connects to the first of the data-plane servers that serves the volume (see
     /// [`DataPlaneAddrs::connect`]) and makes sure the volume exists there with our size.
     fn connect(&self) -> Result<(Client, String)> {
-        let t = Timeouts {
-            connect: self.cfg.connect_timeout,
-            io: self.cfg.io_timeout,
-        };
+        let t = self.cfg.timeouts();
         self.cfg.addrs.connect(&self.volume, |addr| {
             let mut c = Client::connect_as(
                 addr,
@@ -517,11 +537,7 @@ impl DataPlaneSink {
                 let _ = std::fs::remove_file(&p);
                 continue;
             }
-            if let Some(id) = name
-                .strip_prefix("snap-")
-                .and_then(|s| s.strip_suffix(".delta"))
-                .and_then(|s| s.parse::<u64>().ok())
-            {
+            if let Some(id) = outbox_entry_snap(&name) {
                 let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
                 outbox.push(Queued {
                     snap: id,
@@ -609,19 +625,9 @@ pub struct ShipHandle {
 impl ShipHandle {
     /// A new connection to the data plane for this volume (reads: scrub, tests).
     pub fn connect(&self) -> Result<Client> {
-        let sc = &self.shared.cfg;
-        let t = Timeouts {
-            connect: sc.connect_timeout,
-            io: sc.io_timeout,
-        };
-        sc.addrs
-            .connect_client(
-                &sc.token,
-                &self.shared.volume,
-                t,
-                self.shared.generation,
-                Some(self.shared.volume_id),
-            )
+        let sh = &self.shared;
+        sh.cfg
+            .connect_as(&sh.volume, sh.generation, Some(sh.volume_id))
             .map(|(c, _)| c)
     }
 
@@ -872,6 +878,16 @@ impl DeltaSink for DataPlaneSink {
         }
         Ok(st.head < flushed_epoch)
     }
+}
+
+/// The snapshot an outbox file name (`snap-<id>.delta`) holds; `None` for anything else (temp
+/// files, entries set aside, the backing label).
+pub fn outbox_entry_snap(file_name: &str) -> Option<u64> {
+    file_name
+        .strip_prefix("snap-")?
+        .strip_suffix(".delta")?
+        .parse()
+        .ok()
 }
 
 /// Writes one outbox entry: temp file, records, trailer, fsync, rename, fsync dir.
@@ -1141,15 +1157,8 @@ fn branch_id(volume_id: &VolumeId, generation: u64) -> VolumeId {
 /// branch's name.
 fn ship_to_branch(sh: &Shared, path: &Path) -> Result<String> {
     let name = branch_name(&sh.volume, sh.generation);
-    let t = Timeouts {
-        connect: sh.cfg.connect_timeout,
-        io: sh.cfg.io_timeout,
-    };
     let id = branch_id(&sh.volume_id, sh.generation);
-    let (mut c, _) = sh
-        .cfg
-        .addrs
-        .connect_client(&sh.cfg.token, &name, t, 0, Some(id))?;
+    let (mut c, _) = sh.cfg.connect_as(&name, 0, Some(id))?;
     if !c.info().exists {
         let rd = OutboxReader::open(path, &sh.volume_id)?;
         if rd.parent == 0 || rd.full {

@@ -94,7 +94,7 @@ impl Volume {
         // blocks equal to the snapshot by checksum need not be fetched.
         let seed_kept_backing = resumed.is_none()
             && cfg.cache.create_as.is_some_and(|c| c.hydrate)
-            && !crate::resume::holds_volume(&cfg.cache.cache_dir)
+            && !crate::cache::holds_volume(&cfg.cache.cache_dir)
             && std::fs::metadata(&cfg.cache.backing).is_ok_and(|m| m.len() > 0);
         let owned;
         let cfg = match &resumed {

@@ -280,6 +280,15 @@ fn file_size(f: &File, path: &Path) -> Result<u64> {
     }
 }
 
+/// Whether `cache_dir` holds a volume (a non-empty superblock; an empty one is a creation that
+/// never completed).
+pub fn holds_volume(cache_dir: &Path) -> bool {
+    cache_dir
+        .join("superblock")
+        .metadata()
+        .is_ok_and(|m| m.len() > 0)
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -316,7 +325,7 @@ impl Cache {
         }
         let sb_path = cfg.cache_dir.join("superblock");
         // An empty superblock is a creation that never completed: start over.
-        let exists = sb_path.metadata().map(|m| m.len() > 0).unwrap_or(false);
+        let exists = holds_volume(&cfg.cache_dir);
         let sb_file = open_rw(&sb_path, true)?;
         let (mut sb, fresh) = if exists {
             let sb = Superblock::read(&sb_file, &sb_path)?;
