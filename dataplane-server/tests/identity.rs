@@ -199,3 +199,98 @@ fn malformed_volume_id_is_refused() {
     );
     assert!(connect(server.local_addr(), "v3").info().exists);
 }
+
+/// Hostile or broken input on the new messages: an Auth volume id of the wrong length, a
+/// DeleteVolume without an id or with a short one, ReadChecksums of 0 or too many blocks. Each
+/// gets a clear error; nothing is deleted; the connection (where the error is not fatal) and the
+/// server go on serving.
+#[test]
+fn bad_volume_ids_and_checksum_reads_are_refused() {
+    use deltavol_schemas::flatbuffers::FlatBufferBuilder;
+    use deltavol_schemas::{wire, CHECKSUM_BLOCKS_MAX};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = in_process(dir.path(), 1);
+    let addr = server.local_addr();
+    let mut c = connect(addr, "v4");
+    c.create_volume(SIZE, BS as u32).expect("create");
+    let mut rng = Rng::new(4);
+    upload(
+        &mut c,
+        1,
+        0,
+        SIZE,
+        BS,
+        &random_changes(&mut rng, BLOCKS, BS, 5),
+    );
+
+    // An id of 5 bytes: refused at the handshake, the connection closed.
+    let (mut s, reply) = raw_auth_with_id(addr, TOKEN, "v4", Some(&[1, 2, 3, 4, 5]));
+    let (_, code, msg) = reply.expect("an answer");
+    assert_eq!(code, Some(ErrorCode::Malformed), "{msg}");
+    assert!(msg.contains("volume id of 5 bytes"), "{msg}");
+    assert!(closed(&mut s));
+
+    let (mut s, reply) = raw_auth(addr, TOKEN, "v4");
+    assert_eq!(reply.expect("auth answer").1, None);
+    let mut fbb = FlatBufferBuilder::new();
+    let mut ask = |s: &mut std::net::TcpStream, f: Vec<u8>| {
+        use std::io::Write;
+        s.write_all(&f).expect("send");
+        read_reply(s).expect("an answer")
+    };
+    // DeleteVolume without an id, and with 3 bytes.
+    for id in [None, Some(&[9u8, 9, 9][..])] {
+        let id = id.map(|b| fbb.create_vector(b));
+        let body = wire::DeleteVolume::create(&mut fbb, &wire::DeleteVolumeArgs { volume_id: id });
+        let f = frame(
+            &mut fbb,
+            wire::Message::DeleteVolume,
+            body.as_union_value(),
+            &[],
+        );
+        let (_, code, msg) = ask(&mut s, f);
+        assert_eq!(code, Some(ErrorCode::Malformed), "{msg}");
+    }
+    // ReadChecksums of 0 blocks and of one block too many.
+    for nblocks in [0, CHECKSUM_BLOCKS_MAX + 1] {
+        let body = wire::ReadChecksums::create(
+            &mut fbb,
+            &wire::ReadChecksumsArgs {
+                snap_id: 1,
+                lba: 0,
+                nblocks,
+            },
+        );
+        let f = frame(
+            &mut fbb,
+            wire::Message::ReadChecksums,
+            body.as_union_value(),
+            &[],
+        );
+        let (_, code, msg) = ask(&mut s, f);
+        assert_eq!(code, Some(ErrorCode::TooLarge), "{nblocks}: {msg}");
+    }
+    // The same connection is still served.
+    let body = wire::ReadChecksums::create(
+        &mut fbb,
+        &wire::ReadChecksumsArgs {
+            snap_id: 1,
+            lba: 0,
+            nblocks: 8,
+        },
+    );
+    let f = frame(
+        &mut fbb,
+        wire::Message::ReadChecksums,
+        body.as_union_value(),
+        &[],
+    );
+    let (ty, code, msg) = ask(&mut s, f);
+    assert_eq!((ty, code), (wire::Message::Checksums, None), "{msg}");
+    let info = connect(addr, "v4").info().clone();
+    assert_eq!(
+        (info.exists, info.snapshot_count),
+        (true, 1),
+        "nothing deleted"
+    );
+}

@@ -93,7 +93,7 @@ pub enum Cmd {
         /// (RFC 3339, 'YYYY-MM-DD HH:MM[:SS]' UTC unless a zone follows, or an age like -15m).
         /// The blocks that differ from the chain head are written back first (fetched by
         /// checksum), and shipped as the chain's next snapshot, before the device is live.
-        #[arg(long, value_name = "TIME")]
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
         at: Option<String>,
     },
     /// Create a new volume from a snapshot (metadata-only on the data plane) and serve it;
@@ -736,14 +736,14 @@ fn recover(
     at: Option<&str>,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    // Before fencing the old machine: this one must be able to take over.
-    daemon::check_driver()?;
     crate::cache::validate_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
     let at_ms = at
         .map(|a| {
             crate::when::parse_time(a, now_ms()).map_err(|e| anyhow::anyhow!("--at {a:?}: {e}"))
         })
         .transpose()?;
+    // Before fencing the old machine: this one must be able to take over.
+    daemon::check_driver()?;
     let cfg = if holds_volume(&absolute(&dev.cache_dir)?) {
         if at.is_some() {
             bail!(

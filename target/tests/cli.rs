@@ -91,3 +91,53 @@ fn commands_on_unknown_volumes_fail_clearly() {
     assert_eq!(code, 0);
     assert_eq!(out.trim(), "[]");
 }
+
+/// `recover --at` with a time that is no time: refused before anything else (no driver check,
+/// no data plane contacted, nothing fenced), saying which forms are accepted.
+#[test]
+fn recover_at_a_bad_time_is_refused_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("token");
+    std::fs::write(&tok, "t").unwrap();
+    let (c, b) = (dir.path().join("cache"), dir.path().join("b.img"));
+    for bad in ["yesterday-ish", "2025-13-40 25:61", "-15parsecs"] {
+        let (code, out, err) = deltavol(&[
+            "recover",
+            "v1",
+            "--at",
+            bad,
+            "--cache-dir",
+            c.to_str().unwrap(),
+            "--backing",
+            b.to_str().unwrap(),
+            "--dataplane",
+            "127.0.0.1:1",
+            "--auth-token-file",
+            tok.to_str().unwrap(),
+        ]);
+        assert_ne!(code, 0, "{bad}");
+        assert!(out.is_empty(), "{bad}: {out}");
+        assert!(
+            err.contains(&format!("--at {bad:?}")) && err.contains("RFC 3339"),
+            "{bad}: {err}"
+        );
+    }
+    // A relative age starts with '-': taken as the value, parsed, and the driver check is next.
+    let (code, _, err) = deltavol(&[
+        "recover",
+        "v1",
+        "--at",
+        "-15m",
+        "--cache-dir",
+        c.to_str().unwrap(),
+        "--backing",
+        b.to_str().unwrap(),
+        "--dataplane",
+        "127.0.0.1:1",
+        "--auth-token-file",
+        tok.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("modprobe ublk_drv"), "{err}");
+    assert!(!c.exists() && !b.exists(), "nothing created");
+}

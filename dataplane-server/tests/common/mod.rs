@@ -260,6 +260,19 @@ pub fn raw_auth(
     TcpStream,
     Option<(wire::Message, Option<wire::ErrorCode>, String)>,
 ) {
+    raw_auth_with_id(addr, token, volume, None)
+}
+
+/// [`raw_auth`] sending `volume_id` as the Auth's volume id bytes (any length).
+pub fn raw_auth_with_id(
+    addr: SocketAddr,
+    token: &[u8],
+    volume: &str,
+    volume_id: Option<&[u8]>,
+) -> (
+    TcpStream,
+    Option<(wire::Message, Option<wire::ErrorCode>, String)>,
+) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
@@ -288,13 +301,14 @@ pub fn raw_auth(
     let mac = auth::answer(token, &nonce, volume);
     let v = fbb.create_string(volume);
     let m = fbb.create_vector(&mac);
+    let id = volume_id.map(|b| fbb.create_vector(b));
     let body = wire::Auth::create(
         &mut fbb,
         &wire::AuthArgs {
             volume: Some(v),
             mac: Some(m),
             generation: 0,
-            volume_id: None,
+            volume_id: id,
         },
     );
     let f = frame(&mut fbb, wire::Message::Auth, body.as_union_value(), &[]);
