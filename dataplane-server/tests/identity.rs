@@ -233,7 +233,7 @@ fn bad_volume_ids_and_checksum_reads_are_refused() {
     let (mut s, reply) = raw_auth(addr, TOKEN, "v4");
     assert_eq!(reply.expect("auth answer").1, None);
     let mut fbb = FlatBufferBuilder::new();
-    let mut ask = |s: &mut std::net::TcpStream, f: Vec<u8>| {
+    let ask = |s: &mut std::net::TcpStream, f: Vec<u8>| {
         use std::io::Write;
         s.write_all(&f).expect("send");
         read_reply(s).expect("an answer")
