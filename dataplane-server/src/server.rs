@@ -1212,7 +1212,10 @@ impl Conn {
     /// without an id (reads by name) passes; so does a volume that does not exist (yet).
     fn check_identity(&self) -> Result<(), ReqError> {
         if let (Some(id), Some(v)) = (&self.volume_id, self.volume()) {
-            v.summary().check_identity(&self.volume_name, id)?;
+            if v.volume_id() != *id {
+                // The summary (and its message) only for a refusal.
+                v.summary().check_identity(&self.volume_name, id)?;
+            }
         }
         Ok(())
     }
@@ -1471,7 +1474,7 @@ impl Conn {
         let shard = Rc::clone(&self.shard);
         let _guard = shard.create_lock.lock().await;
         let v = self.require_volume()?;
-        let held = v.summary().volume_id;
+        let held = v.volume_id();
         if held != id {
             return Err(ReqError::new(
                 C::IdentityMismatch,

@@ -40,18 +40,18 @@ impl std::fmt::Debug for VolumeCollector {
     }
 }
 
-/// The registry of `volumes`: every metric named `deltavol_*`, labelled by volume.
+/// The registry of `volumes`: every metric named `deltavol_*`, labelled by volume. Turns on
+/// their request timing (the latency histograms).
 pub fn registry(volumes: Vec<Arc<Volume>>) -> Registry {
+    // Exported latency histograms need their requests timed (off otherwise: not free).
+    for v in &volumes {
+        v.cache
+            .time_requests
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let mut r = Registry::with_prefix(PREFIX);
     r.register_collector(Box::new(VolumeCollector { volumes }));
     r
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn flag(b: bool) -> u64 {
@@ -299,7 +299,7 @@ impl Collector for VolumeCollector {
             "Cut time (unix) of the newest snapshot committed on the data plane.",
             &|s| Some(rp_ms(s)? as f64 / 1000.0),
         )?;
-        let now_ms = now_unix_ms();
+        let now_ms = crate::cache::now_unix_ms();
         gf(
             e,
             "recovery_point_age_seconds",

@@ -161,7 +161,6 @@ pub fn plan(cfg: &VolumeConfig) -> Result<Option<Resume>> {
         note: format!("lost SSD cache: continued from epoch {epoch} held by the backing file ({why}); no restore"),
     }
     };
-    let committed = |e: u64| remote.as_ref().is_some_and(|r| r.exists && r.head >= e);
     let resume = match l.state {
         BackingState::Clean(e) if remote.as_ref().is_none_or(|r| r.head <= e) => cont(
             e,
@@ -171,9 +170,7 @@ pub fn plan(cfg: &VolumeConfig) -> Result<Option<Resume>> {
                 None => "the data plane was not reachable".to_string(),
             },
         ),
-        BackingState::Writing(e)
-            if committed(e) && remote.as_ref().is_some_and(|r| r.head == e) =>
-        {
+        BackingState::Writing(e) if remote.as_ref().is_some_and(|r| r.exists && r.head == e) => {
             cont(e, "its snapshot is the data plane's head".into())
         }
         state => {

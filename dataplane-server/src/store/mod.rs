@@ -778,6 +778,11 @@ impl Volume {
         }
     }
 
+    /// The volume's identity.
+    pub fn volume_id(&self) -> VolumeId {
+        self.state.borrow().manifest.volume_id
+    }
+
     pub fn summary(&self) -> VolumeSummary {
         let st = self.state.borrow();
         let m = &st.manifest;
