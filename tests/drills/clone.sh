@@ -9,10 +9,7 @@ A=/mnt/orig
 B=/mnt/clone
 scratch_mount "$MED" 1200m
 mkdir -p "$A" "$B"
-TOK=$MED/token
-echo "clone-drill-secret" >"$TOK"
-dp_start "$MED/dp" "$TOK" 2 || abort dataplane-start "the data plane did not start"
-DPARGS="--dataplane $DP_ADDR --auth-token-file $TOK"
+dp_with_token "$MED" clone-drill-secret || abort dataplane-start "the data plane did not start"
 
 # shellcheck disable=SC2086
 DEV=$(dv_add orig 128MiB "$MED/o/cache" "$MED/o/backing.img" --flush-interval-ms 600000 $DPARGS) || abort add "add failed"

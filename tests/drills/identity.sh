@@ -30,10 +30,7 @@ trap cleanup EXIT
 
 scratch_mount "$MED" 1400m
 mkdir -p "$MNT"
-TOK=$MED/token
-echo "identity-drill-secret" >"$TOK"
-dp_start "$MED/dp" "$TOK" 2 || abort dataplane-start "the data plane did not start"
-DPARGS="--dataplane $DP_ADDR --auth-token-file $TOK"
+dp_with_token "$MED" identity-drill-secret || abort dataplane-start "the data plane did not start"
 BACKING=$MED/hdd/backing.img
 mkdir -p "$MED/hdd"
 
@@ -44,13 +41,13 @@ DEV=$(dv_add "$NAME" 256MiB "$MED/ssd1" "$BACKING" --flush-interval-ms 600000 $D
 check mkfs mkfs.ext4 -q "$DEV"
 check mount mount -t ext4 "$DEV" "$MNT" || abort mount "cannot mount"
 make_tree "$MNT/first" 6 128 || fail write-1 "could not write files"
-check sqlite-create sqlite3 "$MNT/app.db" "create table kv(k integer primary key, v text); with recursive c(x) as (select 1 union all select x+1 from c where x < 2000) insert into kv select x, hex(randomblob(64)) from c;"
+sqlite_kv_create "$MNT/app.db"
 sync
 check freeze-1 fsfreeze --freeze "$MNT"
 S1=$(run_timeout 120 "$DV" snapshot "$NAME") || fail snapshot-1 "snapshot failed"
 fsfreeze --unfreeze "$MNT"
 make_tree "$MNT/second" 6 128 || fail write-2 "could not write files"
-check sqlite-more sqlite3 "$MNT/app.db" "insert into kv select k + 100000, v from kv where k <= 500;"
+sqlite_kv_more "$MNT/app.db"
 (cd "$MNT" && find . -path ./lost+found -prune -o -type f -print | sort | xargs sha256sum) >"$DRILL_TMP/sums.last"
 sync
 check freeze-2 fsfreeze --freeze "$MNT"

@@ -372,3 +372,23 @@ dp_start() {
     done
     DP_ADDR=$(sed -n 's/^listening on //p' "$DRILL_TMP/dp.out" | head -n 1)
 }
+
+# dp_with_token DIR SECRET: a token file DIR/token holding SECRET and a data plane storing in
+# DIR/dp on 127.0.0.1; sets TOK, DP_PID, DP_ADDR and DPARGS (the clients' --dataplane and
+# --auth-token-file). Returns non-zero if the data plane does not come up.
+dp_with_token() {
+    TOK=$1/token
+    echo "$2" >"$TOK"
+    dp_start "$1/dp" "$TOK" 2 || return 1
+    DPARGS="--dataplane $DP_ADDR --auth-token-file $TOK"
+}
+
+# sqlite_kv_create DB: a table kv of 2000 rows of random values (check: sqlite-create).
+sqlite_kv_create() {
+    check sqlite-create sqlite3 "$1" "create table kv(k integer primary key, v text); with recursive c(x) as (select 1 union all select x+1 from c where x < 2000) insert into kv select x, hex(randomblob(64)) from c;"
+}
+
+# sqlite_kv_more DB: 500 more rows in kv, 2500 in all (check: sqlite-more).
+sqlite_kv_more() {
+    check sqlite-more sqlite3 "$1" "insert into kv select k + 100000, v from kv where k <= 500;"
+}

@@ -25,10 +25,7 @@ trap cleanup EXIT
 
 scratch_mount "$MED" 1400m
 mkdir -p "$MNT"
-TOK=$MED/token
-echo "recover-at-drill-secret" >"$TOK"
-dp_start "$MED/dp" "$TOK" 2 || abort dataplane-start "the data plane did not start"
-DPARGS="--dataplane $DP_ADDR --auth-token-file $TOK"
+dp_with_token "$MED" recover-at-drill-secret || abort dataplane-start "the data plane did not start"
 
 # --- machine 1: two snapshots at known moments ---
 export DELTAVOL_RUN_DIR=/run/dv-at1
@@ -38,7 +35,7 @@ DEV=$(dv_add "$NAME" 256MiB "$MED/m1/cache" "$MED/m1/backing.img" --flush-interv
 check mkfs mkfs.ext4 -q "$DEV"
 check mount mount -t ext4 "$DEV" "$MNT" || abort mount "cannot mount"
 make_tree "$MNT/first" 6 128 || fail write-1 "could not write files"
-check sqlite-create sqlite3 "$MNT/app.db" "create table kv(k integer primary key, v text); with recursive c(x) as (select 1 union all select x+1 from c where x < 2000) insert into kv select x, hex(randomblob(64)) from c;"
+sqlite_kv_create "$MNT/app.db"
 (cd "$MNT" && find . -path ./lost+found -prune -o -type f -print | sort | xargs sha256sum) >"$DRILL_TMP/sums.first"
 sync
 check freeze-1 fsfreeze --freeze "$MNT"
@@ -49,7 +46,7 @@ sleep 2
 AT=$(date -u '+%Y-%m-%d %H:%M:%S')
 sleep 2
 make_tree "$MNT/second" 6 128 || fail write-2 "could not write files"
-check sqlite-more sqlite3 "$MNT/app.db" "insert into kv select k + 100000, v from kv where k <= 500;"
+sqlite_kv_more "$MNT/app.db"
 sync
 check freeze-2 fsfreeze --freeze "$MNT"
 S2=$(run_timeout 120 "$DV" snapshot "$NAME") || fail snapshot-2 "snapshot failed"
