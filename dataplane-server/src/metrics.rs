@@ -328,6 +328,13 @@ impl Collector for ServerStatsCollector {
             l,
             get(&s.snapshots_committed),
         )?;
+        gauge(
+            &mut enc,
+            "volumes",
+            "Volumes the server holds now (on a shared object store: those it holds the lease of).",
+            l,
+            get(&s.volumes),
+        )?;
         Ok(())
     }
 }

@@ -227,6 +227,9 @@ pub struct ServerStats {
     pub ingest_bytes: std::sync::atomic::AtomicU64,
     /// Snapshots committed (durable).
     pub snapshots_committed: std::sync::atomic::AtomicU64,
+    /// Volumes the server holds now (loaded by a shard: all of a local store's at start-up;
+    /// on a shared object store, those whose lease this server took).
+    pub volumes: std::sync::atomic::AtomicU64,
 }
 
 /// One of the `max_connections` slots, given back when the connection ends.
@@ -594,6 +597,25 @@ struct Shard {
 }
 
 impl Shard {
+    /// Installs `v` as volume `name` (replacing its old state, if any), counted in
+    /// [`ServerStats::volumes`].
+    fn insert_volume(&self, name: String, v: Rc<Volume>) {
+        if self.volumes.borrow_mut().insert(name, v).is_none() {
+            self.stats
+                .volumes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets volume `name`, if held.
+    fn remove_volume(&self, name: &str) {
+        if self.volumes.borrow_mut().remove(name).is_some() {
+            self.stats
+                .volumes
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Answers "busy" (best effort, never waiting) and closes a connection over the cap.
     fn refuse_busy(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
         self.stats
@@ -752,7 +774,7 @@ async fn load_volumes(shard: &Shard) -> Result<(), ServerError> {
                         .or_default()
                         .insert(name.clone());
                 }
-                shard.volumes.borrow_mut().insert(name, v);
+                shard.insert_volume(name, v);
             }
             Ok(None) => {
                 tracing::warn!(volume = %name, "volume directory without a manifest: ignored")
@@ -1505,7 +1527,7 @@ impl Conn {
             return Err(in_use(c));
         }
         v.delete_volume(&id).await?;
-        shard.volumes.borrow_mut().remove(&self.volume_name);
+        shard.remove_volume(&self.volume_name);
         if let Some((src, snap)) = v.summary().clone_source {
             shard.registry.remove(&src, snap, &self.volume_name);
         }
@@ -1536,10 +1558,7 @@ impl Conn {
                         self.volume_id,
                     )
                     .await?;
-                    shard
-                        .volumes
-                        .borrow_mut()
-                        .insert(self.volume_name.clone(), v);
+                    shard.insert_volume(self.volume_name.clone(), v);
                 }
             }
         }
@@ -1624,10 +1643,7 @@ impl Conn {
             self.volume_id,
         )
         .await?;
-        self.shard
-            .volumes
-            .borrow_mut()
-            .insert(self.volume_name.clone(), v);
+        self.shard.insert_volume(self.volume_name.clone(), v);
         Ok(())
     }
 
@@ -2031,10 +2047,10 @@ async fn claim_volume(shard: &Shard, name: &str) -> Result<(), String> {
                     .or_default()
                     .insert(name.to_string());
             }
-            shard.volumes.borrow_mut().insert(name.to_string(), v);
+            shard.insert_volume(name.to_string(), v);
         }
         None => {
-            shard.volumes.borrow_mut().remove(name);
+            shard.remove_volume(name);
         }
     }
     Ok(())

@@ -1,5 +1,5 @@
 //! The `/metrics` endpoint scraped over TCP: counters match what was done (connections,
-//! ingested bytes, committed snapshots), other paths are 404, and the binary's
+//! ingested bytes, committed snapshots, volumes held), other paths are 404, and the binary's
 //! `--metrics-listen` serves it and refuses a bad address clearly.
 
 mod common;
@@ -32,6 +32,7 @@ fn scrape_counts_connections_ingest_and_commits() {
         0.0
     );
     assert!(before.trim_end().ends_with("# EOF"), "{before}");
+    assert_eq!(sample(&before, "deltavol_dataplane_volumes"), 0.0);
 
     let mut c = connect(server.local_addr(), "vol-m");
     c.create_volume(64 * BS as u64, BS as u32).expect("create");
@@ -68,12 +69,43 @@ fn scrape_counts_connections_ingest_and_commits() {
         text.contains("# TYPE deltavol_dataplane_ingest_bytes counter"),
         "{text}"
     );
+    assert_eq!(sample(&text, "deltavol_dataplane_volumes"), 1.0);
+    assert!(
+        text.contains("# TYPE deltavol_dataplane_volumes gauge"),
+        "{text}"
+    );
+
+    // Volumes held: two more created (one again: no change), one deleted.
+    for name in ["vol-m2", "vol-m3", "vol-m2"] {
+        let mut c2 = connect(server.local_addr(), name);
+        c2.create_volume(64 * BS as u64, BS as u32).expect("create");
+    }
+    let (_, text) = http_get(metrics.local_addr(), "/metrics");
+    assert_eq!(sample(&text, "deltavol_dataplane_volumes"), 3.0, "{text}");
+    let mut c3 = connect(server.local_addr(), "vol-m3");
+    let id = c3.info().volume_id.expect("the volume's id");
+    c3.delete_volume(id).expect("delete vol-m3");
+    drop(c3);
+    let (_, text) = http_get(metrics.local_addr(), "/metrics");
+    assert_eq!(sample(&text, "deltavol_dataplane_volumes"), 2.0, "{text}");
 
     drop(c);
     let (code, body) = http_get(metrics.local_addr(), "/");
     assert_eq!(code, 404, "{body}");
     let (code, body) = http_get(metrics.local_addr(), "/metricsx");
     assert_eq!(code, 404, "{body}");
+    drop(metrics);
+    server.shutdown();
+
+    // A restarted server counts the volumes it loads.
+    let server = in_process(dir.path(), 2);
+    let metrics = MetricsServer::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        registry(server.stats_shared()),
+    )
+    .expect("metrics endpoint starts");
+    let (_, text) = http_get(metrics.local_addr(), "/metrics");
+    assert_eq!(sample(&text, "deltavol_dataplane_volumes"), 2.0, "{text}");
     drop(metrics);
     server.shutdown();
 }
