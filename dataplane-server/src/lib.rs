@@ -10,6 +10,8 @@
 //!   object store (numbered manifests committed with create-if-absent puts).
 //! * [`metrics`]: the Prometheus `/metrics` endpoint (`--metrics-listen`), read at scrape time.
 //! * [`client`]: the blocking client the compute daemon's flush thread uses.
+//! * [`cli`]: the `deltavol-dataplane` command line and its config file
+//!   (`/etc/deltavol/dataplane.toml`); [`notify`]: systemd readiness.
 //!
 //! The wire format and schemas live in the `deltavol-schemas` crate.
 //!
@@ -43,8 +45,10 @@
 //! After `AuthOk` the connection is bound to its volume: no request names a volume.
 
 pub mod auth;
+pub mod cli;
 pub mod client;
 pub mod metrics;
+pub mod notify;
 pub mod server;
 pub mod store;
 
