@@ -56,9 +56,19 @@ pub enum Cmd {
         json: bool,
     },
     /// Take a snapshot now: cut, flush, ship, and wait for the data plane's commit; prints its id.
+    ///
+    /// A volume the node agent manages (`deltavol agent`, e.g. a Docker volume) is snapshotted
+    /// through the agent, which freezes its mounted filesystem around the cut (a
+    /// filesystem-consistent snapshot). Several names (or --container) make a consistency
+    /// group: their filesystems are frozen together and every volume is cut at one moment.
     Snapshot {
-        /// Volume name.
-        name: String,
+        /// Volume name(s).
+        #[arg(required_unless_present = "container")]
+        names: Vec<String>,
+        /// Snapshot every deltavol volume of this Docker container, at one moment (asks
+        /// `docker inspect` which they are).
+        #[arg(long)]
+        container: Option<String>,
         /// How long to wait for the data plane's commit; past it the snapshot stays queued in
         /// the outbox (exit status 2).
         #[arg(long, default_value_t = 60_000)]
@@ -139,6 +149,11 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: VolumeCmd,
     },
+    /// The node agent: owns this node's volumes (starts and restarts their daemons, mounts
+    /// them, keeps a durable record) and serves the Docker volume plugin on
+    /// /run/docker/plugins/deltavol.sock (`docker volume create -d deltavol`). Runs in the
+    /// foreground (systemd: deltavol-agent.service); reads /etc/deltavol/agent.toml.
+    Agent(crate::agent::config::AgentArgs),
     /// Write a volume as of one snapshot into an image file (sparse), from the data plane alone.
     Export {
         /// NAME@SNAPSHOT_ID, or NAME@TIME: the newest snapshot cut at or before TIME (RFC 3339,
@@ -196,7 +211,7 @@ pub struct DataPlaneArgs {
 
 impl DataPlaneArgs {
     /// A connection that reads `volume` by name (no identity: any volume of that name).
-    fn connect(&self, volume: &str) -> anyhow::Result<deltavol_dataplane::Client> {
+    pub(crate) fn connect(&self, volume: &str) -> anyhow::Result<deltavol_dataplane::Client> {
         self.connect_as(volume, None)
     }
 
@@ -529,10 +544,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Snapshot {
-            name,
+            names,
+            container,
             timeout_ms,
             json,
-        } => snapshot(&name, timeout_ms, json),
+        } => snapshot_cmd(names, container.as_deref(), timeout_ms, json),
+        Cmd::Agent(a) => crate::agent::run(a.resolve()?),
         Cmd::Recover {
             name,
             dp,
@@ -586,6 +603,126 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The deltavol volumes of a Docker container (`docker inspect`).
+fn container_volumes(container: &str) -> anyhow::Result<Vec<String>> {
+    let out = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{range .Mounts}}{{if eq .Driver \"deltavol\"}}{{.Name}} {{end}}{{end}}",
+            container,
+        ])
+        .output()
+        .context("run `docker inspect` (is docker installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "docker inspect {container}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if v.is_empty() {
+        bail!("container {container} uses no deltavol volume");
+    }
+    Ok(v)
+}
+
+fn snapshot_cmd(
+    mut names: Vec<String>,
+    container: Option<&str>,
+    timeout_ms: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    if let Some(c) = container {
+        names.extend(container_volumes(c)?);
+    }
+    names.sort();
+    names.dedup();
+    for n in &names {
+        crate::cache::validate_name(n).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let api = crate::agent::config::AgentConfig::default().api_socket;
+    let managed: Vec<String> = if api.exists() {
+        let v = control::call(
+            &api,
+            &crate::agent::AgentRequest::Manages {
+                names: names.clone(),
+            },
+            Some(Duration::from_secs(10)),
+            "the deltavol agent",
+        )?;
+        serde_json::from_value(v.get("managed").cloned().unwrap_or_default()).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if managed.len() == names.len() {
+        let v = control::call(
+            &api,
+            &crate::agent::AgentRequest::Snapshot {
+                names: names.clone(),
+                timeout_ms: Some(timeout_ms),
+            },
+            None,
+            "the deltavol agent",
+        )?;
+        if json {
+            println!("{}", serde_json::to_string(&v)?);
+        }
+        let mut all = true;
+        for r in v
+            .get("volumes")
+            .and_then(|x| x.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let name = r.get("name").and_then(|x| x.as_str()).unwrap_or("?");
+            let id = r.get("snapshot").and_then(|x| x.as_u64()).unwrap_or(0);
+            let committed = r
+                .get("committed")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false);
+            let frozen = r.get("frozen").and_then(|x| x.as_bool()).unwrap_or(false);
+            all &= committed;
+            if !json {
+                println!(
+                    "{name}@{id}{}{}",
+                    if frozen {
+                        " (filesystem frozen for the cut)"
+                    } else {
+                        ""
+                    },
+                    if committed {
+                        ""
+                    } else {
+                        ": not yet committed on the data plane (queued in the outbox)"
+                    }
+                );
+            }
+        }
+        if !json && names.len() > 1 {
+            let ms = v.get("frozen_ms").and_then(|x| x.as_u64()).unwrap_or(0);
+            println!(
+                "consistency group of {} volumes, cut at one moment (filesystems frozen {ms} ms)",
+                names.len()
+            );
+        }
+        if !all {
+            std::process::exit(2);
+        }
+        return Ok(());
+    }
+    match names.as_slice() {
+        [one] => snapshot(one, timeout_ms, json),
+        _ => bail!(
+            "a snapshot of several volumes at one moment needs the deltavol agent to manage them all (it freezes their filesystems together); not managed by it: {}",
+            names.iter().filter(|n| !managed.contains(n)).cloned().collect::<Vec<_>>().join(", ")
+        ),
+    }
 }
 
 fn snapshot(name: &str, timeout_ms: u64, json: bool) -> anyhow::Result<()> {

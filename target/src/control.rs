@@ -24,6 +24,19 @@ pub enum Request {
     Snapshot {
         timeout_ms: u64,
     },
+    /// Cut the epoch now and answer as soon as the switch happened (`{"ticket", "epoch"}`),
+    /// without waiting for the flush: the filesystems of a consistency group stay frozen only
+    /// this long. Waits at most `timeout_ms` for an earlier epoch's flush to end first.
+    Cut {
+        timeout_ms: u64,
+    },
+    /// After `Cut`: wait for that cut's flush, then up to `timeout_ms` for the data plane's
+    /// commit of `epoch`; answers like `Snapshot`.
+    WaitSnapshot {
+        ticket: u64,
+        epoch: u64,
+        timeout_ms: u64,
+    },
     /// Stop the device after a final flush.
     Stop,
     /// Scrub: cut a snapshot, then compare the backing file with it on the data plane
@@ -101,8 +114,19 @@ pub fn request(
     req: &Request,
     timeout: Option<Duration>,
 ) -> anyhow::Result<serde_json::Value> {
+    call(socket, req, timeout, "the daemon")
+}
+
+/// Sends one request line of any type to a JSON-lines socket (a daemon's, the agent's) and
+/// reads the response line; a response with `"error"` is an error.
+pub fn call<T: Serialize>(
+    socket: &Path,
+    req: &T,
+    timeout: Option<Duration>,
+    peer: &str,
+) -> anyhow::Result<serde_json::Value> {
     let mut s = UnixStream::connect(socket)
-        .map_err(|e| anyhow::anyhow!("cannot reach the daemon at {}: {e}", socket.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot reach {peer} at {}: {e}", socket.display()))?;
     s.set_read_timeout(timeout)?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
@@ -110,7 +134,7 @@ pub fn request(
     let mut resp = String::new();
     BufReader::new(s.take(16 << 20)).read_line(&mut resp)?;
     if resp.is_empty() {
-        anyhow::bail!("the daemon closed the control connection without answering");
+        anyhow::bail!("{peer} closed the connection without answering");
     }
     let v: serde_json::Value = serde_json::from_str(&resp)?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
@@ -121,6 +145,11 @@ pub fn request(
 
 /// Reads one bounded request line from a connection.
 pub fn read_request(s: &mut UnixStream) -> Result<Request, String> {
+    read_request_as(s)
+}
+
+/// [`read_request`] for any request type.
+pub fn read_request_as<T: serde::de::DeserializeOwned>(s: &mut UnixStream) -> Result<T, String> {
     let mut line = String::new();
     let mut r = BufReader::new(Read::by_ref(s).take(REQUEST_BYTES_MAX));
     r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;

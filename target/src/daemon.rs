@@ -293,6 +293,35 @@ impl Daemon {
                     Err(e) => serde_json::json!({ "error": format!("snapshot failed: {e}") }),
                 }
             }
+            Request::Cut { timeout_ms } => {
+                match self.volume.cut(Duration::from_millis(timeout_ms)) {
+                    Ok((ticket, epoch)) => serde_json::json!({ "ticket": ticket, "epoch": epoch }),
+                    Err(e) => serde_json::json!({ "error": format!("cut failed: {e}") }),
+                }
+            }
+            Request::WaitSnapshot {
+                ticket,
+                epoch,
+                timeout_ms,
+            } => match self.volume.wait_flushed(ticket) {
+                Ok(r) => match &self.volume.ship {
+                    Some(ship) => {
+                        let committed =
+                            ship.wait_committed(epoch, Duration::from_millis(timeout_ms));
+                        let st = ship.status();
+                        serde_json::json!({
+                            "snapshot": epoch, "committed": committed, "flush": r,
+                            "outbox_entries": st.outbox_entries, "last_error": st.last_error,
+                        })
+                    }
+                    None => {
+                        serde_json::json!({ "snapshot": epoch, "committed": false, "flush": r, "local_only": true })
+                    }
+                },
+                Err(e) => {
+                    serde_json::json!({ "error": format!("flush of epoch {epoch} failed: {e}") })
+                }
+            },
             Request::Stop => {
                 self.stop();
                 serde_json::json!({ "stopping": true })

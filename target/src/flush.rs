@@ -107,6 +107,10 @@ struct State {
     /// Cuts asked for (`request_cut`), and how many of them are done.
     wanted: u64,
     done: u64,
+    /// The newest cut request whose epoch switch has happened, and that epoch (the one cut,
+    /// now frozen): [`Flusher::cut`] returns once its ticket is here.
+    cut: u64,
+    cut_epoch: u64,
     stop: bool,
     /// Simulated crash (tests): stop at once, commit nothing more.
     abort: bool,
@@ -195,6 +199,11 @@ impl Flusher {
 
     /// Cuts the active epoch now and waits until it is flushed; returns that flush's report.
     pub fn cut_and_wait(&self) -> Result<FlushReport> {
+        let ticket = self.request_cut()?;
+        self.wait_flushed(ticket)
+    }
+
+    fn request_cut(&self) -> Result<u64> {
         let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
         if st.stop || st.stopped {
             return Err(Error::new(
@@ -203,8 +212,54 @@ impl Flusher {
             ));
         }
         st.wanted += 1;
-        let ticket = st.wanted;
         self.ctl.cv.notify_all();
+        Ok(st.wanted)
+    }
+
+    /// Cuts the active epoch now and returns as soon as the switch has happened (a flush of
+    /// an earlier epoch still in progress is waited for first): `(ticket, epoch)`, the epoch
+    /// cut being the snapshot that holds every write completed before this call.
+    /// [`Flusher::wait_flushed`] with the ticket waits for its flush. This is what a
+    /// consistency group needs: the filesystems stay frozen only until the switch.
+    ///
+    /// Past `timeout` (an earlier epoch's flush failing, say) it returns an error; the cut
+    /// still happens later, as an ordinary one.
+    pub fn cut(&self, timeout: Duration) -> Result<(u64, u64)> {
+        let ticket = self.request_cut()?;
+        let deadline = Instant::now() + timeout;
+        let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+        while st.cut < ticket && !st.stopped {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::new(
+                    crate::error::ErrorKind::Io,
+                    format!(
+                        "the cut did not happen within {} ms (the flush of an earlier epoch is still running or failing: {})",
+                        timeout.as_millis(),
+                        st.last_error.as_deref().unwrap_or("no error reported yet")
+                    ),
+                ));
+            }
+            st = self
+                .ctl
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if st.cut < ticket {
+            return Err(Error::new(
+                crate::error::ErrorKind::ShuttingDown,
+                "volume stopped before the cut",
+            ));
+        }
+        Ok((ticket, st.cut_epoch))
+    }
+
+    /// Waits until the cut of `ticket` (from [`Flusher::cut`]) is flushed; returns the report
+    /// of the newest flush.
+    pub fn wait_flushed(&self, ticket: u64) -> Result<FlushReport> {
+        let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
         while st.done < ticket && !st.stopped {
             st = self.ctl.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
@@ -360,6 +415,12 @@ impl FlushThread {
                 let cut_ms = crate::cache::now_unix_ms();
                 let e = self.cache.epochs.cut();
                 self.cache.record_cut(e, cut_ms);
+                {
+                    let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());
+                    st.cut = ticket;
+                    st.cut_epoch = e;
+                    self.ctl.cv.notify_all();
+                }
                 last_cut = Instant::now();
                 tracing::debug!(volume = %self.cache.name, epoch = e, "epoch cut");
                 match self.flush_frozen() {

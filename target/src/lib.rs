@@ -7,6 +7,7 @@
 //! that pushes io_uring SQEs. [`volume`] ties a volume's parts together; [`daemon`] and
 //! [`cli`] are the edge, [`metrics`] exports [`volume::Volume::status`] to Prometheus.
 
+pub mod agent;
 pub mod cache;
 pub mod cli;
 pub mod control;

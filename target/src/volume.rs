@@ -219,6 +219,16 @@ impl Volume {
         self.flusher.cut_and_wait()
     }
 
+    /// Cuts the epoch and returns once the switch happened: `(ticket, epoch)` (see
+    /// [`crate::flush::Flusher::cut`]); [`Volume::wait_flushed`] waits for its flush.
+    pub fn cut(&self, timeout: std::time::Duration) -> Result<(u64, u64)> {
+        self.flusher.cut(timeout)
+    }
+
+    pub fn wait_flushed(&self, ticket: u64) -> Result<crate::flush::FlushReport> {
+        self.flusher.wait_flushed(ticket)
+    }
+
     /// Clean stop: flushes everything to the backing file, then stops the threads. Call once
     /// no more I/O can arrive.
     pub fn shutdown(&self) {

@@ -409,3 +409,57 @@ fn spooled_snapshots_keep_their_cut_times() {
     drop(d);
     vol.shutdown();
 }
+
+/// `Volume::cut` (what a consistency group's frozen filesystems wait for) returns at the epoch
+/// switch, while the flush is still held: the snapshot it names holds every write done before
+/// the call and none done after it, once flushed and committed.
+#[test]
+fn cut_returns_at_the_switch_and_its_snapshot_holds_what_came_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let nblocks = 64u64;
+    let mut cfg = config(dir.path(), nblocks * BS as u64, 1);
+    cfg.flush_interval = Duration::from_secs(3600);
+    cfg.ship = Some(ship_cfg(dir.path(), &dp.addr));
+    let vol = Volume::open(&cfg).unwrap();
+    let mut d = Driver::new(&vol, 1);
+    let a: Vec<u64> = (100..108).collect();
+    assert!(d.write_tags(0, 0, &a, false) > 0);
+    let (ticket, epoch) = {
+        // The flush cannot write the backing file while this is held: the cut must return
+        // without it.
+        let _held = vol.flusher.pause();
+        let (ticket, epoch) = vol.cut(Duration::from_secs(10)).unwrap();
+        let b: Vec<u64> = (200..208).collect();
+        let c: Vec<u64> = (300..308).collect();
+        assert!(d.write_tags(0, 0, &b, false) > 0);
+        assert!(d.write_tags(0, 8, &c, false) > 0);
+        assert_eq!(vol.status().frozen_epoch, epoch, "flushed while held");
+        (ticket, epoch)
+    };
+    let r = vol.wait_flushed(ticket).unwrap();
+    assert_eq!(r.epoch, epoch);
+    assert!(vol
+        .ship
+        .as_ref()
+        .unwrap()
+        .wait_committed(epoch, Duration::from_secs(30)));
+    let got = snapshot_tags(&dp.addr, epoch, nblocks);
+    let want: Vec<Option<u64>> = (0..nblocks)
+        .map(|b| if b < 8 { Some(100 + b) } else { Some(0) })
+        .collect();
+    assert_eq!(got, want, "snapshot {epoch} is not the state at the cut");
+    // The writes after the cut are the next snapshot.
+    let next = vol.cut_and_flush().unwrap().epoch;
+    assert!(vol
+        .ship
+        .as_ref()
+        .unwrap()
+        .wait_committed(next, Duration::from_secs(30)));
+    let got = snapshot_tags(&dp.addr, next, nblocks);
+    assert_eq!(got[0], Some(200));
+    assert_eq!(got[8], Some(300));
+    assert_eq!(got[16], Some(0));
+    drop(d);
+    vol.shutdown();
+}

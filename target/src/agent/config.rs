@@ -1,0 +1,314 @@
+//! The agent's settings: `/etc/deltavol/agent.toml` (or `--config FILE`), then the command
+//! line, which overrides the file key by key. Unknown keys and bad values are errors that name
+//! the file and the key; a missing default file means the built-in defaults.
+
+use super::state::Fs;
+use crate::size::parse_size;
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const CONFIG_DEFAULT: &str = "/etc/deltavol/agent.toml";
+
+/// `deltavol agent` flags (each overrides the config file's key of the same name, with `_`
+/// for `-`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct AgentArgs {
+    /// Config file (TOML); default /etc/deltavol/agent.toml when it exists.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data-plane server(s) the node's volumes ship to, HOST:PORT[,HOST:PORT...]
+    /// (a volume's `-o dataplane=` overrides it). Without one, volumes are local only.
+    #[arg(long)]
+    pub dataplane: Option<String>,
+    /// File holding the data plane's shared secret.
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
+    /// The agent's own state (the record of volumes and mounts).
+    /// [default: /var/lib/deltavol/agent]
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Directory on SSD holding each volume's writeback cache (ROOT/NAME).
+    /// [default: /var/lib/deltavol/cache]
+    #[arg(long)]
+    pub cache_root: Option<PathBuf>,
+    /// Directory on the big disk holding each volume's backing file (ROOT/NAME.img) and
+    /// outbox. [default: /var/lib/deltavol/backing]
+    #[arg(long)]
+    pub backing_root: Option<PathBuf>,
+    /// Where mounted volumes' filesystems are mounted (ROOT/NAME).
+    /// [default: /var/lib/deltavol/mounts]
+    #[arg(long)]
+    pub mount_root: Option<PathBuf>,
+    /// The Docker volume plugin socket. [default: /run/docker/plugins/deltavol.sock]
+    #[arg(long)]
+    pub plugin_socket: Option<PathBuf>,
+    /// The agent's own socket (`deltavol snapshot` asks it to freeze mounted filesystems).
+    /// [default: /run/deltavol/agent.sock]
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Size of a volume created without `-o size=`. [default: 10GiB]
+    #[arg(long)]
+    pub default_size: Option<String>,
+    /// Filesystem made on a new volume's first mount: ext4 or xfs. [default: ext4]
+    #[arg(long)]
+    pub fs: Option<String>,
+    /// Epoch interval of the node's volumes, e.g. 15s, 500ms. [default: deltavol add's]
+    #[arg(long)]
+    pub flush_interval: Option<String>,
+    /// SSD space each volume's cache may use. [default: deltavol add's]
+    #[arg(long)]
+    pub cache_limit: Option<String>,
+    /// Read-cache memory per volume. [default: deltavol add's]
+    #[arg(long)]
+    pub read_cache: Option<String>,
+    /// Background hydration rate limit per volume (0 = unlimited).
+    #[arg(long)]
+    pub hydrate_rate: Option<String>,
+}
+
+/// The file's keys: the flags' names with `_`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    dataplane: Option<String>,
+    auth_token_file: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    cache_root: Option<PathBuf>,
+    backing_root: Option<PathBuf>,
+    mount_root: Option<PathBuf>,
+    plugin_socket: Option<PathBuf>,
+    api_socket: Option<PathBuf>,
+    default_size: Option<String>,
+    fs: Option<String>,
+    flush_interval: Option<String>,
+    cache_limit: Option<String>,
+    read_cache: Option<String>,
+    hydrate_rate: Option<String>,
+}
+
+/// Everything the agent runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub dataplane: Option<String>,
+    pub auth_token_file: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub cache_root: PathBuf,
+    pub backing_root: PathBuf,
+    pub mount_root: PathBuf,
+    pub plugin_socket: PathBuf,
+    pub api_socket: PathBuf,
+    pub default_size: u64,
+    pub fs: Fs,
+    pub flush_interval_ms: Option<u64>,
+    pub cache_limit: Option<u64>,
+    pub read_cache: Option<u64>,
+    pub hydrate_rate: Option<u64>,
+    /// Longest a cut may keep filesystems frozen waiting for an earlier flush.
+    pub cut_timeout: Duration,
+    /// How long a snapshot waits for the data plane's commit.
+    pub commit_timeout: Duration,
+    /// How often the supervisor looks at the daemons.
+    pub supervise_every: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            dataplane: None,
+            auth_token_file: None,
+            state_dir: "/var/lib/deltavol/agent".into(),
+            cache_root: "/var/lib/deltavol/cache".into(),
+            backing_root: "/var/lib/deltavol/backing".into(),
+            mount_root: "/var/lib/deltavol/mounts".into(),
+            plugin_socket: "/run/docker/plugins/deltavol.sock".into(),
+            api_socket: crate::control::run_dir().join("agent.sock"),
+            default_size: 10 << 30,
+            fs: Fs::Ext4,
+            flush_interval_ms: None,
+            cache_limit: None,
+            read_cache: None,
+            hydrate_rate: None,
+            cut_timeout: Duration::from_secs(10),
+            commit_timeout: Duration::from_secs(60),
+            supervise_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `15s`, `500ms`, `2m`, `1h`, or a bare number of milliseconds.
+pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let (num, mul) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (t, 1)
+    };
+    let v: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a duration: use e.g. 15s, 500ms, 2m"))?;
+    let ms = v
+        .checked_mul(mul)
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is too long"))?;
+    if ms == 0 {
+        bail!("{s:?}: the interval must be at least 1ms");
+    }
+    Ok(ms)
+}
+
+fn size(key: &str, v: &str) -> anyhow::Result<u64> {
+    parse_size(v).map_err(|e| anyhow::anyhow!("{key} = {v:?}: {e}"))
+}
+
+impl AgentArgs {
+    /// The file (if any) under the flags.
+    pub fn resolve(&self) -> anyhow::Result<AgentConfig> {
+        let (file, path) = match &self.config {
+            Some(p) => (Some(read_file(p)?), Some(p.clone())),
+            None if Path::new(CONFIG_DEFAULT).exists() => (
+                Some(read_file(Path::new(CONFIG_DEFAULT))?),
+                Some(PathBuf::from(CONFIG_DEFAULT)),
+            ),
+            None => (None, None),
+        };
+        let f = file.unwrap_or_default();
+        let ctx = |r: anyhow::Result<u64>| -> anyhow::Result<u64> {
+            match &path {
+                Some(p) => r.with_context(|| format!("in {} or on the command line", p.display())),
+                None => r,
+            }
+        };
+        let d = AgentConfig::default();
+        let pick_s = |a: &Option<String>, b: Option<String>| a.clone().or(b);
+        let pick_p =
+            |a: &Option<PathBuf>, b: Option<PathBuf>, def: PathBuf| a.clone().or(b).unwrap_or(def);
+        let opt_size = |key: &str, a: &Option<String>, b: Option<String>| {
+            pick_s(a, b).map(|v| ctx(size(key, &v))).transpose()
+        };
+        let cfg = AgentConfig {
+            dataplane: pick_s(&self.dataplane, f.dataplane),
+            auth_token_file: self.auth_token_file.clone().or(f.auth_token_file),
+            state_dir: pick_p(&self.state_dir, f.state_dir, d.state_dir),
+            cache_root: pick_p(&self.cache_root, f.cache_root, d.cache_root),
+            backing_root: pick_p(&self.backing_root, f.backing_root, d.backing_root),
+            mount_root: pick_p(&self.mount_root, f.mount_root, d.mount_root),
+            plugin_socket: pick_p(&self.plugin_socket, f.plugin_socket, d.plugin_socket),
+            api_socket: pick_p(&self.api_socket, f.api_socket, d.api_socket),
+            default_size: match pick_s(&self.default_size, f.default_size) {
+                Some(v) => ctx(size("default_size", &v))?,
+                None => d.default_size,
+            },
+            fs: match pick_s(&self.fs, f.fs) {
+                Some(v) => Fs::parse(&v)?,
+                None => d.fs,
+            },
+            flush_interval_ms: pick_s(&self.flush_interval, f.flush_interval)
+                .map(|v| ctx(parse_duration_ms(&v).context("flush_interval")))
+                .transpose()?,
+            cache_limit: opt_size("cache_limit", &self.cache_limit, f.cache_limit)?,
+            read_cache: opt_size("read_cache", &self.read_cache, f.read_cache)?,
+            hydrate_rate: opt_size("hydrate_rate", &self.hydrate_rate, f.hydrate_rate)?,
+            ..d
+        };
+        if cfg.dataplane.is_some() != cfg.auth_token_file.is_some() {
+            bail!("dataplane and auth_token_file go together: give both (flags or the config file) or neither");
+        }
+        if let Some(dp) = &cfg.dataplane {
+            crate::ship::DataPlaneAddrs::parse(dp)
+                .map_err(|e| anyhow::anyhow!("dataplane = {dp:?}: {e}"))?;
+        }
+        if cfg.default_size == 0 || cfg.default_size % 4096 != 0 {
+            bail!("default_size must be a positive multiple of 4KiB");
+        }
+        Ok(cfg)
+    }
+}
+
+fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
+    let s = std::fs::read_to_string(p)
+        .with_context(|| format!("read the agent config {}", p.display()))?;
+    toml::from_str(&s).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_file(body: &str) -> (tempfile::TempDir, AgentArgs) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("agent.toml");
+        std::fs::write(&p, body).unwrap();
+        let a = AgentArgs {
+            config: Some(p),
+            ..Default::default()
+        };
+        (d, a)
+    }
+
+    #[test]
+    fn file_then_flags_override() {
+        let (_d, mut a) = with_file(
+            "dataplane = \"10.0.0.5:7070\"\nauth_token_file = \"/etc/deltavol/token\"\ncache_root = \"/ssd/dv\"\ndefault_size = \"1GiB\"\nflush_interval = \"5s\"\nfs = \"xfs\"\n",
+        );
+        let c = a.resolve().unwrap();
+        assert_eq!(c.dataplane.as_deref(), Some("10.0.0.5:7070"));
+        assert_eq!(c.cache_root, PathBuf::from("/ssd/dv"));
+        assert_eq!(c.default_size, 1 << 30);
+        assert_eq!(c.flush_interval_ms, Some(5000));
+        assert_eq!(c.fs, Fs::Xfs);
+        assert_eq!(c.mount_root, PathBuf::from("/var/lib/deltavol/mounts"));
+        a.cache_root = Some("/other".into());
+        a.flush_interval = Some("250ms".into());
+        let c = a.resolve().unwrap();
+        assert_eq!(c.cache_root, PathBuf::from("/other"));
+        assert_eq!(c.flush_interval_ms, Some(250));
+    }
+
+    #[test]
+    fn bad_files_and_values_are_clear_errors() {
+        let (_d, a) = with_file("cache_rot = \"/x\"\n");
+        let e = format!("{:#}", a.resolve().unwrap_err());
+        assert!(e.contains("agent.toml") && e.contains("cache_rot"), "{e}");
+        let (_d, a) = with_file("default_size = 12\n");
+        let e = format!("{:#}", a.resolve().unwrap_err());
+        assert!(e.contains("default_size"), "{e}");
+        let (_d, a) = with_file("default_size = \"lots\"\n");
+        let e = format!("{:#}", a.resolve().unwrap_err());
+        assert!(e.contains("default_size") && e.contains("lots"), "{e}");
+        let (_d, a) = with_file("dataplane = \"10.0.0.5:7070\"\n");
+        let e = format!("{:#}", a.resolve().unwrap_err());
+        assert!(e.contains("auth_token_file"), "{e}");
+        let a = AgentArgs {
+            config: Some("/nonexistent/agent.toml".into()),
+            ..Default::default()
+        };
+        let e = format!("{:#}", a.resolve().unwrap_err());
+        assert!(e.contains("/nonexistent/agent.toml"), "{e}");
+        let a = AgentArgs {
+            flush_interval: Some("soon".into()),
+            ..Default::default()
+        };
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("soon"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("15s").unwrap(), 15_000);
+        assert_eq!(parse_duration_ms("500ms").unwrap(), 500);
+        assert_eq!(parse_duration_ms("2m").unwrap(), 120_000);
+        assert_eq!(parse_duration_ms("1h").unwrap(), 3_600_000);
+        assert_eq!(parse_duration_ms("700").unwrap(), 700);
+        assert!(parse_duration_ms("0s").is_err());
+        assert!(parse_duration_ms("-1s").is_err());
+        assert!(parse_duration_ms("1d").is_err());
+    }
+}
