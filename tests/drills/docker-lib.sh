@@ -33,6 +33,7 @@
 #   dk ARGS...             `docker ARGS...` killed after $DOCKER_CMD_TIMEOUT_S s
 #   docker_state NAME      a container's state (created, running, exited, ...), empty if none
 #   docker_wait_state NAME STATE [SECS]   wait until the container is in STATE
+#   docker_log_tail [N]    the last N (30) lines of dockerd's log ($DOCKER_LOG), as commentary
 #   docker_check NAME CMD...   like lib.sh's check (PASS/FAIL line), but CMD runs in this shell
 #                          (so docker_start's DOCKER_PID sticks), its output is shown as
 #                          commentary and its duration logged; CMD's own timeouts apply (dk's)
@@ -68,8 +69,8 @@ _dk_say() {
     echo "# $DRILL: docker: $*"
 }
 
-# _dk_log_tail [N]: the last N (30) lines of dockerd's log, as commentary.
-_dk_log_tail() {
+# docker_log_tail [N]: the last N (30) lines of dockerd's log, as commentary.
+docker_log_tail() {
     [ -f "$DOCKER_LOG" ] || return 0
     tail -n "${1:-30}" "$DOCKER_LOG" | sed 's/^/# dockerd: /'
 }
@@ -143,7 +144,7 @@ docker_start() {
     while :; do
         if ! pid_alive "$DOCKER_PID"; then
             _dk_say "dockerd (pid $DOCKER_PID) exited after $(elapsed_s "$_dks_t0")s; the end of $DOCKER_LOG:"
-            _dk_log_tail
+            docker_log_tail
             return 1
         fi
         if [ -S /run/docker.sock ] && _dk_answers; then
@@ -152,7 +153,7 @@ docker_start() {
         fi
         if awk -v a="$_dks_t0" -v b="$(now_s)" -v w="$DOCKER_START_WAIT_S" 'BEGIN { exit !(b - a > w) }'; then
             _dk_say "dockerd (pid $DOCKER_PID) does not answer after ${DOCKER_START_WAIT_S}s; the end of $DOCKER_LOG:"
-            _dk_log_tail
+            docker_log_tail
             return 1
         fi
         sleep 1
@@ -170,7 +171,7 @@ docker_stop() {
     kill -TERM "$_dkst_pid"
     if ! wait_pid_gone "$_dkst_pid" 90; then
         _dk_say "dockerd (pid $_dkst_pid) still runs 90 s after SIGTERM: SIGKILL; the end of $DOCKER_LOG:"
-        _dk_log_tail 20
+        docker_log_tail 20
         kill -9 "$_dkst_pid" 2>/dev/null
         wait_pid_gone "$_dkst_pid" 30
         return 1
