@@ -9,16 +9,16 @@
 # What is in the VM: Debian 12's dockerd, docker, containerd, containerd-shim-runc-v2, runc,
 # docker-init (tini) and docker-proxy in /usr/bin; the overlay module (loaded at boot); the tar
 # of a busybox root filesystem that docker_image imports as $DOCKER_IMAGE (no registry: nothing
-# can be pulled). dockerd runs as the VM allows it (see the notes in docker-in-vm.md):
+# can be pulled). dockerd runs as the VM allows it (kernel-setup/README.md says why):
 #   DOCKER_RAMDISK=1 dockerd --iptables=false --ip6tables=false --bridge=none
 #       --storage-driver=$DOCKER_STORAGE_DRIVER --data-root=$DOCKER_DATA_ROOT --live-restore
 # with its data root on a tmpfs, so containers must run with `--network none` (there is no
 # bridge, no iptables). DOCKER_RAMDISK=1 is what lets runc start a container whose host root is
-# the initramfs (no pivot_root). Under TCG, count ~20-30 s for dockerd to answer, ~10 s for the
-# import and 15-35 s per `docker run`.
+# the initramfs (no pivot_root). Under TCG, count 12-30 s for dockerd to answer (a restart
+# 6-25 s), 3-11 s for the import and 10-35 s per `docker run`.
 #
 # Functions (each returns non-zero on failure, with commentary lines saying why; wrap them in
-# `check NAME ...` for a PASS/FAIL line):
+# `docker_check NAME ...`, or lib.sh's `check`, for a PASS/FAIL line):
 #   docker_mounts          cgroup2 on /sys/fs/cgroup, devpts, /dev/shm, a tmpfs data root,
 #                          /run/docker/plugins (whatever is missing); docker_start calls it
 #   docker_start           start dockerd in the background (log: $DOCKER_LOG, pid: $DOCKER_PID)
@@ -40,8 +40,9 @@
 #   docker_cleanup         for the drill's EXIT trap: remove every container, stop dockerd,
 #                          end what is left of containerd and the shims, unmount the data root
 #
-# Volume plugins (deltavol agent): dockerd finds a plugin by its socket
-# /run/docker/plugins/NAME.sock (the directory exists from boot). The plugin may be started
+# Volume plugins (deltavol agent, whose plugin socket is /run/docker/plugins/deltavol.sock by
+# default): dockerd finds a plugin NAME by its socket /run/docker/plugins/NAME.sock (the
+# directory exists from boot: vm-init makes it when dockerd is in the VM). The plugin may be started
 # before docker_start or after it: dockerd looks the socket up at first use (`docker volume
 # create -d NAME`, `docker run -v VOL:/data --volume-driver NAME`), no restart needed. A drill
 # that starts the agent first can call docker_mounts before it, for /run/docker/plugins and the
@@ -148,7 +149,7 @@ docker_start() {
             return 1
         fi
         if [ -S /run/docker.sock ] && _dk_answers; then
-            _dk_say "dockerd (pid $DOCKER_PID) answers after $(elapsed_s "$_dks_t0")s"
+            _dk_say "dockerd (pid $DOCKER_PID, $DOCKER_STORAGE_DRIVER) answers after $(elapsed_s "$_dks_t0")s"
             return 0
         fi
         if awk -v a="$_dks_t0" -v b="$(now_s)" -v w="$DOCKER_START_WAIT_S" 'BEGIN { exit !(b - a > w) }'; then
