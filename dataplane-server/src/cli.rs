@@ -52,7 +52,7 @@ systemd it is ready.";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Config file (TOML; keys are the long flags without their dashes). Default:
+    /// Config file (TOML; keys are the long flags with _ for -). Default:
     /// /etc/deltavol/dataplane.toml when it exists.
     #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
