@@ -211,6 +211,9 @@ fn run(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
         .rev()
         .find_map(|l| l.split_once("error: ").map(|(_, m)| m.trim().to_string()))
         .unwrap_or_else(|| err.trim().to_string());
+    if msg.starts_with(what) {
+        bail!("{msg}")
+    }
     bail!("{what}: {msg}")
 }
 
@@ -221,6 +224,13 @@ impl Runtime for SystemRuntime {
             AttachMode::Clone { spec } => format!("clone {spec} as {}", req.name),
             AttachMode::Recover { .. } => format!("recover volume {}", req.name),
         };
+        // `add` makes the cache dir and the backing file, not the roots they live in.
+        for d in [req.paths.cache_dir.parent(), req.paths.backing.parent()]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+        }
         let out = run(Command::new(&self.exe).args(req.args()), &what)?;
         // `--json`: the Ready line is the last line.
         let line = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
