@@ -79,13 +79,15 @@ fi
 step "release build"
 scripts/build-release
 
+check_step "the .deb: build and inspect (scripts/build-deb --no-build --fast, scripts/check-deb)" \
+    bash -c 'scripts/build-deb --no-build --fast && scripts/check-deb'
 check_step "benchmark smoke: ingest vs a TCP sink (--quick)" build/release/deltavol-bench-ingest --quick
 check_step "benchmark smoke: hydration vs a plain copy (--quick)" build/release/deltavol-bench-hydrate --quick
 check_step "benchmark smoke: engine vs raw io_uring (--quick)" build/release/deltavol-bench-engine --quick
 
 drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/crash.sh tests/drills/snapshots.sh
         tests/drills/recovery.sh tests/drills/clone.sh tests/drills/restart.sh tests/drills/verify.sh
-        tests/drills/identity.sh tests/drills/recover-at.sh)
+        tests/drills/identity.sh tests/drills/recover-at.sh tests/drills/docker.sh)
 declare -A result
 vm_passed=0 vm_failed=0
 for k in 7 6.12; do

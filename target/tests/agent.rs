@@ -31,6 +31,8 @@ struct Node {
     log: Vec<String>,
     attach_fails: Option<String>,
     epoch: HashMap<String, u64>,
+    /// Volumes stopped cleanly (`del`), not crashed.
+    clean: BTreeSet<String>,
     /// Epoch cut while each mount point was frozen.
     cut_frozen: Vec<(String, bool)>,
     files: BTreeSet<PathBuf>,
@@ -76,6 +78,7 @@ impl Runtime for Fake {
         n.log.push(what);
         assert!(req.args().contains(&"--user-recovery".to_string()));
         n.daemons.insert(req.name.clone(), dev.clone());
+        n.clean.remove(&req.name);
         n.files.insert(req.paths.cache_dir.clone());
         n.files.insert(req.paths.backing.clone());
         Ok(dev)
@@ -83,11 +86,16 @@ impl Runtime for Fake {
     fn detach(&self, name: &str) -> anyhow::Result<()> {
         let mut n = self.n();
         n.daemons.remove(name);
+        n.clean.insert(name.to_string());
         n.log.push(format!("detach {name}"));
         Ok(())
     }
     fn device(&self, name: &str) -> Option<String> {
         self.n().daemons.get(name).cloned()
+    }
+    fn crashed(&self, name: &str) -> bool {
+        let n = self.n();
+        !n.daemons.contains_key(name) && !n.clean.contains(name)
     }
     fn status(&self, name: &str) -> anyhow::Result<serde_json::Value> {
         let n = self.n();
@@ -545,6 +553,30 @@ fn references_survive_an_agent_restart_and_a_dead_daemon_is_restarted() {
         .count();
     assert_eq!(tries, 1, "retried without backoff");
     fake.n().attach_fails = None;
+    // An operator's clean stop (`deltavol del`) is left alone by the supervisor; the next
+    // mount attaches the volume again.
+    std::thread::sleep(Duration::from_millis(1100));
+    m.supervise();
+    assert!(fake.n().daemons.contains_key("db2"));
+    fake.n().daemons.remove("db2");
+    fake.n().clean.insert("db2".into());
+    std::thread::sleep(Duration::from_millis(2100));
+    m.supervise();
+    assert!(
+        !fake.n().daemons.contains_key("db2"),
+        "restarted a volume stopped on purpose"
+    );
+    ok(&call(
+        &m,
+        "/VolumeDriver.Mount",
+        json!({"Name": "db2", "ID": "m"}),
+    ));
+    assert!(fake.n().daemons.contains_key("db2"));
+    ok(&call(
+        &m,
+        "/VolumeDriver.Unmount",
+        json!({"Name": "db2", "ID": "m"}),
+    ));
     // The agent restarts while a mount of db1 was lost (someone unmounted it): mounted again.
     fake.n().mounts.clear();
     drop(m);

@@ -658,11 +658,12 @@ impl<R: Runtime> VolumeManager<R> {
     }
 
     /// One round of the supervisor: a volume whose daemon died is attached again (taking its
-    /// device over: I/O that waited carries on), with a backoff while that fails.
+    /// device over: I/O that waited carries on), with a backoff while that fails. A volume an
+    /// operator stopped (`deltavol del`) stays stopped until its next mount or agent start.
     pub fn supervise(&self) {
         let st = self.lock();
         for rec in st.volumes.values() {
-            if self.rt.device(&rec.name).is_some() {
+            if self.rt.device(&rec.name).is_some() || !self.rt.crashed(&rec.name) {
                 continue;
             }
             {

@@ -125,6 +125,13 @@ pub fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
         register_stop(sig, stop.clone())?;
     }
     tracing::info!(plugin = %plugin.display(), api = %api.display(), volumes = m.list().len(), "agent ready");
+    // systemd (Type=notify): Docker, ordered after this unit, starts once the socket is there.
+    if let Err(e) = deltavol_dataplane::notify::sd_notify(&format!(
+        "READY=1\nSTATUS=Docker volume plugin on {}",
+        plugin.display()
+    )) {
+        tracing::warn!(error = %e, "sd_notify");
+    }
     println!("agent ready: docker plugin on {}", plugin.display());
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
         std::thread::sleep(every);

@@ -128,6 +128,9 @@ pub trait Runtime: Send + Sync {
     /// The device of the volume's running daemon; `None` if it is not attached or its
     /// daemon died.
     fn device(&self, name: &str) -> Option<String>;
+    /// The volume's daemon died without a clean stop (kill -9, a crash): its run file is
+    /// left with a dead pid. A volume stopped with `deltavol del` is not crashed.
+    fn crashed(&self, name: &str) -> bool;
     /// The daemon's status (JSON as `deltavol status --json` prints it).
     fn status(&self, name: &str) -> anyhow::Result<serde_json::Value>;
     /// The volume on the data plane, `None` if it holds none of that name.
@@ -249,6 +252,10 @@ impl Runtime for SystemRuntime {
 
     fn device(&self, name: &str) -> Option<String> {
         self.running(name).map(|i| i.device)
+    }
+
+    fn crashed(&self, name: &str) -> bool {
+        crate::daemon::dead_daemon(name).is_some()
     }
 
     fn status(&self, name: &str) -> anyhow::Result<serde_json::Value> {

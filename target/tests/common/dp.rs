@@ -35,6 +35,11 @@ fn build_dataplane_bin() -> PathBuf {
     if profile_release {
         cmd.arg("--release");
     }
+    // Into the target dir that holds this test binary, wherever CARGO_TARGET_DIR (maybe a
+    // relative path, which would resolve against this crate's dir) points.
+    if let Some(target_dir) = dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target_dir);
+    }
     let st = cmd.status().expect("run cargo build for the data plane");
     assert!(st.success(), "building deltavol-dataplane failed");
     assert!(bin.exists(), "{} missing after build", bin.display());
