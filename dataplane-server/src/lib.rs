@@ -49,6 +49,7 @@ pub mod cli;
 pub mod client;
 pub mod metrics;
 pub mod notify;
+pub mod retention;
 pub mod server;
 pub mod store;
 
