@@ -960,6 +960,7 @@ impl Out {
                 latest_commit_ms: v.map_or(0, |v| v.latest_commit_ms),
                 created_ms: v.map_or(0, |v| v.created_ms),
                 latest_cut_ms: v.map_or(0, |v| v.latest_cut_ms),
+                retention: None,
             },
         )
     }
@@ -979,6 +980,8 @@ impl Out {
                 volume_size: s.volume_size,
                 generation: s.generation,
                 cut_time_ms: s.cut_time_ms,
+                pinned: false,
+                label: None,
             },
         )
     }

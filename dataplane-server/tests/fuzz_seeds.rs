@@ -329,6 +329,72 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
         frame(&mut fbb, M::Checksums, b.as_union_value(), &[]),
     );
 
+    let policy = wire::Retention::create(
+        &mut fbb,
+        &wire::RetentionArgs {
+            last: 50,
+            hourly: 24,
+            daily: 7,
+            weekly: 0,
+            monthly: 0,
+        },
+    );
+    let b = wire::SetRetention::create(
+        &mut fbb,
+        &wire::SetRetentionArgs {
+            policy: Some(policy),
+        },
+    );
+    push(
+        "set_retention",
+        frame(&mut fbb, M::SetRetention, b.as_union_value(), &[]),
+    );
+
+    let label = fbb.create_string("before-upgrade");
+    let b = wire::PinSnapshot::create(
+        &mut fbb,
+        &wire::PinSnapshotArgs {
+            snap_id: 2,
+            pinned: true,
+            label: Some(label),
+        },
+    );
+    push(
+        "pin_snapshot",
+        frame(&mut fbb, M::PinSnapshot, b.as_union_value(), &[]),
+    );
+
+    let info = snapshot_info(&mut fbb, 3);
+    let b = wire::Pinned::create(&mut fbb, &wire::PinnedArgs { info: Some(info) });
+    push(
+        "pinned",
+        frame(&mut fbb, M::Pinned, b.as_union_value(), &[]),
+    );
+
+    let b = wire::Prune::create(&mut fbb, &wire::PruneArgs { dry_run: true });
+    push("prune", frame(&mut fbb, M::Prune, b.as_union_value(), &[]));
+
+    let deleted = fbb.create_vector(&[1u64, 2, 4]);
+    let kept = fbb.create_vector(&[3u64, 5]);
+    let why: Vec<_> = ["pinned", "head,last"]
+        .iter()
+        .map(|w| fbb.create_string(w))
+        .collect();
+    let kept_for = fbb.create_vector(&why);
+    let b = wire::Pruned::create(
+        &mut fbb,
+        &wire::PrunedArgs {
+            deleted: Some(deleted),
+            kept: Some(kept),
+            kept_for: Some(kept_for),
+            dry_run: false,
+        },
+    );
+    push(
+        "pruned",
+        frame(&mut fbb, M::Pruned, b.as_union_value(), &[]),
+    );
+
     // A connection's worth: hello, auth, begin, put, commit, read, in one stream.
     let stream: Vec<u8> = [
         "hello",
@@ -349,6 +415,16 @@ fn volume_info(fbb: &mut FlatBufferBuilder<'static>) -> WIPOffset<wire::VolumeIn
     let name = fbb.create_string("vol-1");
     let src = fbb.create_string("vol-src");
     let id = fbb.create_vector(&[0x33u8; 16]);
+    let retention = wire::Retention::create(
+        fbb,
+        &wire::RetentionArgs {
+            last: 50,
+            hourly: 24,
+            daily: 7,
+            weekly: 4,
+            monthly: 12,
+        },
+    );
     wire::VolumeInfo::create(
         fbb,
         &wire::VolumeInfoArgs {
@@ -365,6 +441,7 @@ fn volume_info(fbb: &mut FlatBufferBuilder<'static>) -> WIPOffset<wire::VolumeIn
             latest_commit_ms: 1_700_000_000_000,
             created_ms: 1_600_000_000_000,
             latest_cut_ms: 1_699_999_990_000,
+            retention: Some(retention),
         },
     )
 }
@@ -373,6 +450,7 @@ fn snapshot_info(
     fbb: &mut FlatBufferBuilder<'static>,
     snap_id: u64,
 ) -> WIPOffset<wire::SnapshotInfo<'static>> {
+    let label = (snap_id % 2 == 1).then(|| fbb.create_string("before-upgrade"));
     wire::SnapshotInfo::create(
         fbb,
         &wire::SnapshotInfoArgs {
@@ -384,6 +462,8 @@ fn snapshot_info(
             volume_size: 1 << 30,
             generation: 3,
             cut_time_ms: 1_699_999_990_000,
+            pinned: snap_id % 2 == 1,
+            label,
         },
     )
 }

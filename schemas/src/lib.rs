@@ -596,6 +596,35 @@ fn fuzz_read_message(h: wire::Frame<'_>, payload: &[u8]) {
             let m = h.body_as_delete_volume().expect("verified DeleteVolume");
             let _ = volume_id_field(m.volume_id());
         }
+        M::SetRetention => {
+            let m = h.body_as_set_retention().expect("verified SetRetention");
+            fuzz_retention(m.policy());
+        }
+        M::PinSnapshot => {
+            let m = h.body_as_pin_snapshot().expect("verified PinSnapshot");
+            str_len(m.label());
+            let _ = (m.snap_id(), m.pinned());
+        }
+        M::Pinned => {
+            let m = h.body_as_pinned().expect("verified Pinned");
+            fuzz_snapshot_info(m.info());
+        }
+        M::Prune => {
+            let _ = h.body_as_prune().expect("verified Prune").dry_run();
+        }
+        M::Pruned => {
+            let m = h.body_as_pruned().expect("verified Pruned");
+            let _ = (
+                m.deleted().map(|d| d.iter().sum::<u64>()),
+                m.kept().map(|k| k.len()),
+                m.dry_run(),
+            );
+            if let Some(w) = m.kept_for() {
+                for s in w.iter() {
+                    str_len(Some(s));
+                }
+            }
+        }
         // `decode_header` refuses NONE and unknown members.
         other => panic!("decode_header accepted message type {}", other.0),
     }
@@ -619,6 +648,13 @@ fn fuzz_volume_info(info: Option<wire::VolumeInfo<'_>>) {
             i.created_ms(),
             i.latest_cut_ms(),
         );
+        fuzz_retention(i.retention());
+    }
+}
+
+fn fuzz_retention(r: Option<wire::Retention<'_>>) {
+    if let Some(r) = r {
+        let _ = (r.last(), r.hourly(), r.daily(), r.weekly(), r.monthly());
     }
 }
 
@@ -633,6 +669,8 @@ fn fuzz_snapshot_info(info: Option<wire::SnapshotInfo<'_>>) {
             s.volume_size(),
             s.generation(),
             s.cut_time_ms(),
+            s.pinned(),
+            s.label().map(str::len),
         );
     }
 }

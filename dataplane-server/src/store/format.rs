@@ -409,6 +409,8 @@ pub fn encode_manifest(m: &ManifestData) -> Vec<u8> {
                 generation: s.generation,
                 segments: Some(segs),
                 cut_time_ms: s.cut_time_ms,
+                pinned: false,
+                label: None,
             },
         ));
     }
@@ -439,6 +441,7 @@ pub fn encode_manifest(m: &ManifestData) -> Vec<u8> {
             snapshots: Some(snaps),
             clone_source,
             created_ms: m.created_ms,
+            retention: None,
         },
     );
     store::finish_manifest_buffer(&mut fbb, root);

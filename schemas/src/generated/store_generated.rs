@@ -607,6 +607,8 @@ impl<'a> SnapshotEntry<'a> {
   pub const VT_GENERATION: ::flatbuffers::VOffsetT = 16;
   pub const VT_SEGMENTS: ::flatbuffers::VOffsetT = 18;
   pub const VT_CUT_TIME_MS: ::flatbuffers::VOffsetT = 20;
+  pub const VT_PINNED: ::flatbuffers::VOffsetT = 22;
+  pub const VT_LABEL: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -626,7 +628,9 @@ impl<'a> SnapshotEntry<'a> {
     builder.add_commit_time_ms(args.commit_time_ms);
     builder.add_parent_id(args.parent_id);
     builder.add_snap_id(args.snap_id);
+    if let Some(x) = args.label { builder.add_label(x); }
     if let Some(x) = args.segments { builder.add_segments(x); }
+    builder.add_pinned(args.pinned);
     builder.finish()
   }
 
@@ -698,6 +702,21 @@ impl<'a> SnapshotEntry<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(SnapshotEntry::VT_CUT_TIME_MS, Some(0)).unwrap()}
   }
+  /// Never removed by retention or deletion until unpinned.
+  #[inline]
+  pub fn pinned(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(SnapshotEntry::VT_PINNED, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn label(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SnapshotEntry::VT_LABEL, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for SnapshotEntry<'_> {
@@ -715,6 +734,8 @@ impl ::flatbuffers::Verifiable for SnapshotEntry<'_> {
      .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("segments", Self::VT_SEGMENTS, false)?
      .visit_field::<u64>("cut_time_ms", Self::VT_CUT_TIME_MS, false)?
+     .visit_field::<bool>("pinned", Self::VT_PINNED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("label", Self::VT_LABEL, false)?
      .finish();
     Ok(())
   }
@@ -729,6 +750,8 @@ pub struct SnapshotEntryArgs<'a> {
     pub generation: u64,
     pub segments: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
     pub cut_time_ms: u64,
+    pub pinned: bool,
+    pub label: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for SnapshotEntryArgs<'a> {
   #[inline]
@@ -743,6 +766,8 @@ impl<'a> Default for SnapshotEntryArgs<'a> {
       generation: 0,
       segments: None,
       cut_time_ms: 0,
+      pinned: false,
+      label: None,
     }
   }
 }
@@ -789,6 +814,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SnapshotEntryBuilder<'a, 'b, 
     self.fbb_.push_slot::<u64>(SnapshotEntry::VT_CUT_TIME_MS, cut_time_ms, 0);
   }
   #[inline]
+  pub fn add_pinned(&mut self, pinned: bool) {
+    self.fbb_.push_slot::<bool>(SnapshotEntry::VT_PINNED, pinned, false);
+  }
+  #[inline]
+  pub fn add_label(&mut self, label: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SnapshotEntry::VT_LABEL, label);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SnapshotEntryBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SnapshotEntryBuilder {
@@ -815,6 +848,173 @@ impl ::core::fmt::Debug for SnapshotEntry<'_> {
       ds.field("generation", &self.generation());
       ds.field("segments", &self.segments());
       ds.field("cut_time_ms", &self.cut_time_ms());
+      ds.field("pinned", &self.pinned());
+      ds.field("label", &self.label());
+      ds.finish()
+  }
+}
+pub enum RetentionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The volume's retention policy (see wire.fbs `Retention`); all zero: keep everything.
+pub struct Retention<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Retention<'a> {
+  type Inner = Retention<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Retention<'a> {
+  pub const VT_LAST: ::flatbuffers::VOffsetT = 4;
+  pub const VT_HOURLY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_DAILY: ::flatbuffers::VOffsetT = 8;
+  pub const VT_WEEKLY: ::flatbuffers::VOffsetT = 10;
+  pub const VT_MONTHLY: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Retention { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RetentionArgs
+  ) -> ::flatbuffers::WIPOffset<Retention<'bldr>> {
+    let mut builder = RetentionBuilder::new(_fbb);
+    builder.add_monthly(args.monthly);
+    builder.add_weekly(args.weekly);
+    builder.add_daily(args.daily);
+    builder.add_hourly(args.hourly);
+    builder.add_last(args.last);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn last(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Retention::VT_LAST, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn hourly(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Retention::VT_HOURLY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn daily(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Retention::VT_DAILY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn weekly(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Retention::VT_WEEKLY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn monthly(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Retention::VT_MONTHLY, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Retention<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("last", Self::VT_LAST, false)?
+     .visit_field::<u32>("hourly", Self::VT_HOURLY, false)?
+     .visit_field::<u32>("daily", Self::VT_DAILY, false)?
+     .visit_field::<u32>("weekly", Self::VT_WEEKLY, false)?
+     .visit_field::<u32>("monthly", Self::VT_MONTHLY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RetentionArgs {
+    pub last: u32,
+    pub hourly: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+}
+impl<'a> Default for RetentionArgs {
+  #[inline]
+  fn default() -> Self {
+    RetentionArgs {
+      last: 0,
+      hourly: 0,
+      daily: 0,
+      weekly: 0,
+      monthly: 0,
+    }
+  }
+}
+
+pub struct RetentionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RetentionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_last(&mut self, last: u32) {
+    self.fbb_.push_slot::<u32>(Retention::VT_LAST, last, 0);
+  }
+  #[inline]
+  pub fn add_hourly(&mut self, hourly: u32) {
+    self.fbb_.push_slot::<u32>(Retention::VT_HOURLY, hourly, 0);
+  }
+  #[inline]
+  pub fn add_daily(&mut self, daily: u32) {
+    self.fbb_.push_slot::<u32>(Retention::VT_DAILY, daily, 0);
+  }
+  #[inline]
+  pub fn add_weekly(&mut self, weekly: u32) {
+    self.fbb_.push_slot::<u32>(Retention::VT_WEEKLY, weekly, 0);
+  }
+  #[inline]
+  pub fn add_monthly(&mut self, monthly: u32) {
+    self.fbb_.push_slot::<u32>(Retention::VT_MONTHLY, monthly, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RetentionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RetentionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Retention<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Retention<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Retention");
+      ds.field("last", &self.last());
+      ds.field("hourly", &self.hourly());
+      ds.field("daily", &self.daily());
+      ds.field("weekly", &self.weekly());
+      ds.field("monthly", &self.monthly());
       ds.finish()
   }
 }
@@ -975,6 +1175,7 @@ impl<'a> Manifest<'a> {
   pub const VT_SNAPSHOTS: ::flatbuffers::VOffsetT = 16;
   pub const VT_CLONE_SOURCE: ::flatbuffers::VOffsetT = 18;
   pub const VT_CREATED_MS: ::flatbuffers::VOffsetT = 20;
+  pub const VT_RETENTION: ::flatbuffers::VOffsetT = 22;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -990,6 +1191,7 @@ impl<'a> Manifest<'a> {
     builder.add_generation(args.generation);
     builder.add_size_bytes(args.size_bytes);
     builder.add_sequence(args.sequence);
+    if let Some(x) = args.retention { builder.add_retention(x); }
     if let Some(x) = args.clone_source { builder.add_clone_source(x); }
     if let Some(x) = args.snapshots { builder.add_snapshots(x); }
     builder.add_block_size(args.block_size);
@@ -1064,6 +1266,13 @@ impl<'a> Manifest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Manifest::VT_CREATED_MS, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn retention(&self) -> Option<Retention<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Retention>>(Manifest::VT_RETENTION, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Manifest<'_> {
@@ -1081,6 +1290,7 @@ impl ::flatbuffers::Verifiable for Manifest<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<SnapshotEntry>>>>("snapshots", Self::VT_SNAPSHOTS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<CloneSource>>("clone_source", Self::VT_CLONE_SOURCE, false)?
      .visit_field::<u64>("created_ms", Self::VT_CREATED_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Retention>>("retention", Self::VT_RETENTION, false)?
      .finish();
     Ok(())
   }
@@ -1095,6 +1305,7 @@ pub struct ManifestArgs<'a> {
     pub snapshots: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SnapshotEntry<'a>>>>>,
     pub clone_source: Option<::flatbuffers::WIPOffset<CloneSource<'a>>>,
     pub created_ms: u64,
+    pub retention: Option<::flatbuffers::WIPOffset<Retention<'a>>>,
 }
 impl<'a> Default for ManifestArgs<'a> {
   #[inline]
@@ -1109,6 +1320,7 @@ impl<'a> Default for ManifestArgs<'a> {
       snapshots: None,
       clone_source: None,
       created_ms: 0,
+      retention: None,
     }
   }
 }
@@ -1155,6 +1367,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ManifestBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u64>(Manifest::VT_CREATED_MS, created_ms, 0);
   }
   #[inline]
+  pub fn add_retention(&mut self, retention: ::flatbuffers::WIPOffset<Retention<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Retention>>(Manifest::VT_RETENTION, retention);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ManifestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ManifestBuilder {
@@ -1181,6 +1397,7 @@ impl ::core::fmt::Debug for Manifest<'_> {
       ds.field("snapshots", &self.snapshots());
       ds.field("clone_source", &self.clone_source());
       ds.field("created_ms", &self.created_ms());
+      ds.field("retention", &self.retention());
       ds.finish()
   }
 }

@@ -270,10 +270,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_MESSAGE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE: u8 = 25;
+pub const ENUM_MAX_MESSAGE: u8 = 30;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE: [Message; 26] = [
+pub const ENUM_VALUES_MESSAGE: [Message; 31] = [
   Message::NONE,
   Message::Hello,
   Message::Challenge,
@@ -300,6 +300,11 @@ pub const ENUM_VALUES_MESSAGE: [Message; 26] = [
   Message::DeleteVolume,
   Message::ReadChecksums,
   Message::Checksums,
+  Message::SetRetention,
+  Message::PinSnapshot,
+  Message::Pinned,
+  Message::Prune,
+  Message::Pruned,
 ];
 
 /// Append-only: new members go at the end.
@@ -334,9 +339,14 @@ impl Message {
   pub const DeleteVolume: Self = Self(23);
   pub const ReadChecksums: Self = Self(24);
   pub const Checksums: Self = Self(25);
+  pub const SetRetention: Self = Self(26);
+  pub const PinSnapshot: Self = Self(27);
+  pub const Pinned: Self = Self(28);
+  pub const Prune: Self = Self(29);
+  pub const Pruned: Self = Self(30);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 25;
+  pub const ENUM_MAX: u8 = 30;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -364,6 +374,11 @@ impl Message {
     Self::DeleteVolume,
     Self::ReadChecksums,
     Self::Checksums,
+    Self::SetRetention,
+    Self::PinSnapshot,
+    Self::Pinned,
+    Self::Prune,
+    Self::Pruned,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -394,6 +409,11 @@ impl Message {
       Self::DeleteVolume => Some("DeleteVolume"),
       Self::ReadChecksums => Some("ReadChecksums"),
       Self::Checksums => Some("Checksums"),
+      Self::SetRetention => Some("SetRetention"),
+      Self::PinSnapshot => Some("PinSnapshot"),
+      Self::Pinned => Some("Pinned"),
+      Self::Prune => Some("Prune"),
+      Self::Pruned => Some("Pruned"),
       _ => None,
     }
   }
@@ -1057,6 +1077,7 @@ impl<'a> VolumeInfo<'a> {
   pub const VT_LATEST_COMMIT_MS: ::flatbuffers::VOffsetT = 24;
   pub const VT_CREATED_MS: ::flatbuffers::VOffsetT = 26;
   pub const VT_LATEST_CUT_MS: ::flatbuffers::VOffsetT = 28;
+  pub const VT_RETENTION: ::flatbuffers::VOffsetT = 30;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1076,6 +1097,7 @@ impl<'a> VolumeInfo<'a> {
     builder.add_generation(args.generation);
     builder.add_latest_snap_id(args.latest_snap_id);
     builder.add_size_bytes(args.size_bytes);
+    if let Some(x) = args.retention { builder.add_retention(x); }
     if let Some(x) = args.volume_id { builder.add_volume_id(x); }
     if let Some(x) = args.clone_source_volume { builder.add_clone_source_volume(x); }
     builder.add_block_size(args.block_size);
@@ -1183,6 +1205,15 @@ impl<'a> VolumeInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(VolumeInfo::VT_LATEST_CUT_MS, Some(0)).unwrap()}
   }
+  /// The retention policy the server applies after each commit (absent or all zero: every
+  /// snapshot is kept).
+  #[inline]
+  pub fn retention(&self) -> Option<Retention<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Retention>>(VolumeInfo::VT_RETENTION, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for VolumeInfo<'_> {
@@ -1204,6 +1235,7 @@ impl ::flatbuffers::Verifiable for VolumeInfo<'_> {
      .visit_field::<u64>("latest_commit_ms", Self::VT_LATEST_COMMIT_MS, false)?
      .visit_field::<u64>("created_ms", Self::VT_CREATED_MS, false)?
      .visit_field::<u64>("latest_cut_ms", Self::VT_LATEST_CUT_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Retention>>("retention", Self::VT_RETENTION, false)?
      .finish();
     Ok(())
   }
@@ -1222,6 +1254,7 @@ pub struct VolumeInfoArgs<'a> {
     pub latest_commit_ms: u64,
     pub created_ms: u64,
     pub latest_cut_ms: u64,
+    pub retention: Option<::flatbuffers::WIPOffset<Retention<'a>>>,
 }
 impl<'a> Default for VolumeInfoArgs<'a> {
   #[inline]
@@ -1240,6 +1273,7 @@ impl<'a> Default for VolumeInfoArgs<'a> {
       latest_commit_ms: 0,
       created_ms: 0,
       latest_cut_ms: 0,
+      retention: None,
     }
   }
 }
@@ -1302,6 +1336,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> VolumeInfoBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u64>(VolumeInfo::VT_LATEST_CUT_MS, latest_cut_ms, 0);
   }
   #[inline]
+  pub fn add_retention(&mut self, retention: ::flatbuffers::WIPOffset<Retention<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Retention>>(VolumeInfo::VT_RETENTION, retention);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> VolumeInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     VolumeInfoBuilder {
@@ -1332,6 +1370,175 @@ impl ::core::fmt::Debug for VolumeInfo<'_> {
       ds.field("latest_commit_ms", &self.latest_commit_ms());
       ds.field("created_ms", &self.created_ms());
       ds.field("latest_cut_ms", &self.latest_cut_ms());
+      ds.field("retention", &self.retention());
+      ds.finish()
+  }
+}
+pub enum RetentionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// How many snapshots of each kind a retention policy keeps (grandfather-father-son): the
+/// last `last`, and the newest of each of the last `hourly` hours, `daily` days, `weekly` ISO
+/// weeks and `monthly` months (UTC, by cut time). All zero: no policy. The chain head, pinned
+/// snapshots, clone sources and snapshots being read are always kept.
+pub struct Retention<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Retention<'a> {
+  type Inner = Retention<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Retention<'a> {
+  pub const VT_LAST: ::flatbuffers::VOffsetT = 4;
+  pub const VT_HOURLY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_DAILY: ::flatbuffers::VOffsetT = 8;
+  pub const VT_WEEKLY: ::flatbuffers::VOffsetT = 10;
+  pub const VT_MONTHLY: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Retention { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RetentionArgs
+  ) -> ::flatbuffers::WIPOffset<Retention<'bldr>> {
+    let mut builder = RetentionBuilder::new(_fbb);
+    builder.add_monthly(args.monthly);
+    builder.add_weekly(args.weekly);
+    builder.add_daily(args.daily);
+    builder.add_hourly(args.hourly);
+    builder.add_last(args.last);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn last(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Retention::VT_LAST, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn hourly(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Retention::VT_HOURLY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn daily(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Retention::VT_DAILY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn weekly(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Retention::VT_WEEKLY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn monthly(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Retention::VT_MONTHLY, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Retention<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("last", Self::VT_LAST, false)?
+     .visit_field::<u32>("hourly", Self::VT_HOURLY, false)?
+     .visit_field::<u32>("daily", Self::VT_DAILY, false)?
+     .visit_field::<u32>("weekly", Self::VT_WEEKLY, false)?
+     .visit_field::<u32>("monthly", Self::VT_MONTHLY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RetentionArgs {
+    pub last: u32,
+    pub hourly: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+}
+impl<'a> Default for RetentionArgs {
+  #[inline]
+  fn default() -> Self {
+    RetentionArgs {
+      last: 0,
+      hourly: 0,
+      daily: 0,
+      weekly: 0,
+      monthly: 0,
+    }
+  }
+}
+
+pub struct RetentionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RetentionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_last(&mut self, last: u32) {
+    self.fbb_.push_slot::<u32>(Retention::VT_LAST, last, 0);
+  }
+  #[inline]
+  pub fn add_hourly(&mut self, hourly: u32) {
+    self.fbb_.push_slot::<u32>(Retention::VT_HOURLY, hourly, 0);
+  }
+  #[inline]
+  pub fn add_daily(&mut self, daily: u32) {
+    self.fbb_.push_slot::<u32>(Retention::VT_DAILY, daily, 0);
+  }
+  #[inline]
+  pub fn add_weekly(&mut self, weekly: u32) {
+    self.fbb_.push_slot::<u32>(Retention::VT_WEEKLY, weekly, 0);
+  }
+  #[inline]
+  pub fn add_monthly(&mut self, monthly: u32) {
+    self.fbb_.push_slot::<u32>(Retention::VT_MONTHLY, monthly, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RetentionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RetentionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Retention<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Retention<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Retention");
+      ds.field("last", &self.last());
+      ds.field("hourly", &self.hourly());
+      ds.field("daily", &self.daily());
+      ds.field("weekly", &self.weekly());
+      ds.field("monthly", &self.monthly());
       ds.finish()
   }
 }
@@ -2272,6 +2479,8 @@ impl<'a> SnapshotInfo<'a> {
   pub const VT_VOLUME_SIZE: ::flatbuffers::VOffsetT = 14;
   pub const VT_GENERATION: ::flatbuffers::VOffsetT = 16;
   pub const VT_CUT_TIME_MS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_PINNED: ::flatbuffers::VOffsetT = 20;
+  pub const VT_LABEL: ::flatbuffers::VOffsetT = 22;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2280,7 +2489,7 @@ impl<'a> SnapshotInfo<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args SnapshotInfoArgs
+    args: &'args SnapshotInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<SnapshotInfo<'bldr>> {
     let mut builder = SnapshotInfoBuilder::new(_fbb);
     builder.add_cut_time_ms(args.cut_time_ms);
@@ -2291,6 +2500,8 @@ impl<'a> SnapshotInfo<'a> {
     builder.add_commit_time_ms(args.commit_time_ms);
     builder.add_parent_id(args.parent_id);
     builder.add_snap_id(args.snap_id);
+    if let Some(x) = args.label { builder.add_label(x); }
+    builder.add_pinned(args.pinned);
     builder.finish()
   }
 
@@ -2355,6 +2566,22 @@ impl<'a> SnapshotInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(SnapshotInfo::VT_CUT_TIME_MS, Some(0)).unwrap()}
   }
+  /// Pinned: never removed by retention (nor by DeleteSnapshot) until unpinned.
+  #[inline]
+  pub fn pinned(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(SnapshotInfo::VT_PINNED, Some(false)).unwrap()}
+  }
+  /// A label given with the pin (empty when none).
+  #[inline]
+  pub fn label(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SnapshotInfo::VT_LABEL, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for SnapshotInfo<'_> {
@@ -2371,11 +2598,13 @@ impl ::flatbuffers::Verifiable for SnapshotInfo<'_> {
      .visit_field::<u64>("volume_size", Self::VT_VOLUME_SIZE, false)?
      .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
      .visit_field::<u64>("cut_time_ms", Self::VT_CUT_TIME_MS, false)?
+     .visit_field::<bool>("pinned", Self::VT_PINNED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("label", Self::VT_LABEL, false)?
      .finish();
     Ok(())
   }
 }
-pub struct SnapshotInfoArgs {
+pub struct SnapshotInfoArgs<'a> {
     pub snap_id: u64,
     pub parent_id: u64,
     pub commit_time_ms: u64,
@@ -2384,8 +2613,10 @@ pub struct SnapshotInfoArgs {
     pub volume_size: u64,
     pub generation: u64,
     pub cut_time_ms: u64,
+    pub pinned: bool,
+    pub label: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
-impl<'a> Default for SnapshotInfoArgs {
+impl<'a> Default for SnapshotInfoArgs<'a> {
   #[inline]
   fn default() -> Self {
     SnapshotInfoArgs {
@@ -2397,6 +2628,8 @@ impl<'a> Default for SnapshotInfoArgs {
       volume_size: 0,
       generation: 0,
       cut_time_ms: 0,
+      pinned: false,
+      label: None,
     }
   }
 }
@@ -2439,6 +2672,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SnapshotInfoBuilder<'a, 'b, A
     self.fbb_.push_slot::<u64>(SnapshotInfo::VT_CUT_TIME_MS, cut_time_ms, 0);
   }
   #[inline]
+  pub fn add_pinned(&mut self, pinned: bool) {
+    self.fbb_.push_slot::<bool>(SnapshotInfo::VT_PINNED, pinned, false);
+  }
+  #[inline]
+  pub fn add_label(&mut self, label: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SnapshotInfo::VT_LABEL, label);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SnapshotInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SnapshotInfoBuilder {
@@ -2464,6 +2705,8 @@ impl ::core::fmt::Debug for SnapshotInfo<'_> {
       ds.field("volume_size", &self.volume_size());
       ds.field("generation", &self.generation());
       ds.field("cut_time_ms", &self.cut_time_ms());
+      ds.field("pinned", &self.pinned());
+      ds.field("label", &self.label());
       ds.finish()
   }
 }
@@ -3854,6 +4097,580 @@ impl ::core::fmt::Debug for Checksums<'_> {
       ds.finish()
   }
 }
+pub enum SetRetentionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request: set the volume's retention policy (durable); it is applied at once and after
+/// every commit. Answered by `VolumeInfo`.
+pub struct SetRetention<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SetRetention<'a> {
+  type Inner = SetRetention<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SetRetention<'a> {
+  pub const VT_POLICY: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SetRetention { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SetRetentionArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SetRetention<'bldr>> {
+    let mut builder = SetRetentionBuilder::new(_fbb);
+    if let Some(x) = args.policy { builder.add_policy(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn policy(&self) -> Option<Retention<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Retention>>(SetRetention::VT_POLICY, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SetRetention<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Retention>>("policy", Self::VT_POLICY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SetRetentionArgs<'a> {
+    pub policy: Option<::flatbuffers::WIPOffset<Retention<'a>>>,
+}
+impl<'a> Default for SetRetentionArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SetRetentionArgs {
+      policy: None,
+    }
+  }
+}
+
+pub struct SetRetentionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SetRetentionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_policy(&mut self, policy: ::flatbuffers::WIPOffset<Retention<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Retention>>(SetRetention::VT_POLICY, policy);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SetRetentionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SetRetentionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SetRetention<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SetRetention<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SetRetention");
+      ds.field("policy", &self.policy());
+      ds.finish()
+  }
+}
+pub enum PinSnapshotOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request: pin (or unpin) a committed snapshot, with an optional label. A pinned snapshot is
+/// never deleted, by retention or by DeleteSnapshot (`InUse`). Answered by `Pinned`.
+pub struct PinSnapshot<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PinSnapshot<'a> {
+  type Inner = PinSnapshot<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PinSnapshot<'a> {
+  pub const VT_SNAP_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PINNED: ::flatbuffers::VOffsetT = 6;
+  pub const VT_LABEL: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PinSnapshot { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PinSnapshotArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PinSnapshot<'bldr>> {
+    let mut builder = PinSnapshotBuilder::new(_fbb);
+    builder.add_snap_id(args.snap_id);
+    if let Some(x) = args.label { builder.add_label(x); }
+    builder.add_pinned(args.pinned);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn snap_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PinSnapshot::VT_SNAP_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn pinned(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(PinSnapshot::VT_PINNED, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn label(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PinSnapshot::VT_LABEL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PinSnapshot<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("snap_id", Self::VT_SNAP_ID, false)?
+     .visit_field::<bool>("pinned", Self::VT_PINNED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("label", Self::VT_LABEL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PinSnapshotArgs<'a> {
+    pub snap_id: u64,
+    pub pinned: bool,
+    pub label: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for PinSnapshotArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PinSnapshotArgs {
+      snap_id: 0,
+      pinned: false,
+      label: None,
+    }
+  }
+}
+
+pub struct PinSnapshotBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PinSnapshotBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_snap_id(&mut self, snap_id: u64) {
+    self.fbb_.push_slot::<u64>(PinSnapshot::VT_SNAP_ID, snap_id, 0);
+  }
+  #[inline]
+  pub fn add_pinned(&mut self, pinned: bool) {
+    self.fbb_.push_slot::<bool>(PinSnapshot::VT_PINNED, pinned, false);
+  }
+  #[inline]
+  pub fn add_label(&mut self, label: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PinSnapshot::VT_LABEL, label);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PinSnapshotBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PinSnapshotBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PinSnapshot<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PinSnapshot<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PinSnapshot");
+      ds.field("snap_id", &self.snap_id());
+      ds.field("pinned", &self.pinned());
+      ds.field("label", &self.label());
+      ds.finish()
+  }
+}
+pub enum PinnedOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Pinned<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Pinned<'a> {
+  type Inner = Pinned<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Pinned<'a> {
+  pub const VT_INFO: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Pinned { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PinnedArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Pinned<'bldr>> {
+    let mut builder = PinnedBuilder::new(_fbb);
+    if let Some(x) = args.info { builder.add_info(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn info(&self) -> Option<SnapshotInfo<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<SnapshotInfo>>(Pinned::VT_INFO, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Pinned<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<SnapshotInfo>>("info", Self::VT_INFO, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PinnedArgs<'a> {
+    pub info: Option<::flatbuffers::WIPOffset<SnapshotInfo<'a>>>,
+}
+impl<'a> Default for PinnedArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PinnedArgs {
+      info: None,
+    }
+  }
+}
+
+pub struct PinnedBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PinnedBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_info(&mut self, info: ::flatbuffers::WIPOffset<SnapshotInfo<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<SnapshotInfo>>(Pinned::VT_INFO, info);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PinnedBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PinnedBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Pinned<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Pinned<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Pinned");
+      ds.field("info", &self.info());
+      ds.finish()
+  }
+}
+pub enum PruneOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request: apply the retention policy now (`dry_run`: only say what it would delete).
+/// Answered by `Pruned`.
+pub struct Prune<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Prune<'a> {
+  type Inner = Prune<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Prune<'a> {
+  pub const VT_DRY_RUN: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Prune { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PruneArgs
+  ) -> ::flatbuffers::WIPOffset<Prune<'bldr>> {
+    let mut builder = PruneBuilder::new(_fbb);
+    builder.add_dry_run(args.dry_run);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn dry_run(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Prune::VT_DRY_RUN, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Prune<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<bool>("dry_run", Self::VT_DRY_RUN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PruneArgs {
+    pub dry_run: bool,
+}
+impl<'a> Default for PruneArgs {
+  #[inline]
+  fn default() -> Self {
+    PruneArgs {
+      dry_run: false,
+    }
+  }
+}
+
+pub struct PruneBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PruneBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_dry_run(&mut self, dry_run: bool) {
+    self.fbb_.push_slot::<bool>(Prune::VT_DRY_RUN, dry_run, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PruneBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PruneBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Prune<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Prune<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Prune");
+      ds.field("dry_run", &self.dry_run());
+      ds.finish()
+  }
+}
+pub enum PrunedOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Answer to Prune: the snapshots deleted (or that would be), oldest first, and each kept
+/// snapshot with why (`head`, `pinned`, `last`, `hourly`, ..., or what protects it, comma
+/// separated, parallel to `kept`).
+pub struct Pruned<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Pruned<'a> {
+  type Inner = Pruned<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Pruned<'a> {
+  pub const VT_DELETED: ::flatbuffers::VOffsetT = 4;
+  pub const VT_KEPT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_KEPT_FOR: ::flatbuffers::VOffsetT = 8;
+  pub const VT_DRY_RUN: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Pruned { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PrunedArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Pruned<'bldr>> {
+    let mut builder = PrunedBuilder::new(_fbb);
+    if let Some(x) = args.kept_for { builder.add_kept_for(x); }
+    if let Some(x) = args.kept { builder.add_kept(x); }
+    if let Some(x) = args.deleted { builder.add_deleted(x); }
+    builder.add_dry_run(args.dry_run);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn deleted(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Pruned::VT_DELETED, None)}
+  }
+  #[inline]
+  pub fn kept(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Pruned::VT_KEPT, None)}
+  }
+  #[inline]
+  pub fn kept_for(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(Pruned::VT_KEPT_FOR, None)}
+  }
+  #[inline]
+  pub fn dry_run(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Pruned::VT_DRY_RUN, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Pruned<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("deleted", Self::VT_DELETED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("kept", Self::VT_KEPT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("kept_for", Self::VT_KEPT_FOR, false)?
+     .visit_field::<bool>("dry_run", Self::VT_DRY_RUN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PrunedArgs<'a> {
+    pub deleted: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub kept: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub kept_for: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub dry_run: bool,
+}
+impl<'a> Default for PrunedArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PrunedArgs {
+      deleted: None,
+      kept: None,
+      kept_for: None,
+      dry_run: false,
+    }
+  }
+}
+
+pub struct PrunedBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PrunedBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_deleted(&mut self, deleted: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Pruned::VT_DELETED, deleted);
+  }
+  #[inline]
+  pub fn add_kept(&mut self, kept: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Pruned::VT_KEPT, kept);
+  }
+  #[inline]
+  pub fn add_kept_for(&mut self, kept_for: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Pruned::VT_KEPT_FOR, kept_for);
+  }
+  #[inline]
+  pub fn add_dry_run(&mut self, dry_run: bool) {
+    self.fbb_.push_slot::<bool>(Pruned::VT_DRY_RUN, dry_run, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PrunedBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PrunedBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Pruned<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Pruned<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Pruned");
+      ds.field("deleted", &self.deleted());
+      ds.field("kept", &self.kept());
+      ds.field("kept_for", &self.kept_for());
+      ds.field("dry_run", &self.dry_run());
+      ds.finish()
+  }
+}
 pub enum ErrorOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -4401,6 +5218,81 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_set_retention(&self) -> Option<SetRetention<'a>> {
+    if self.body_type() == Message::SetRetention {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SetRetention::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_pin_snapshot(&self) -> Option<PinSnapshot<'a>> {
+    if self.body_type() == Message::PinSnapshot {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { PinSnapshot::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_pinned(&self) -> Option<Pinned<'a>> {
+    if self.body_type() == Message::Pinned {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Pinned::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_prune(&self) -> Option<Prune<'a>> {
+    if self.body_type() == Message::Prune {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Prune::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_pruned(&self) -> Option<Pruned<'a>> {
+    if self.body_type() == Message::Pruned {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Pruned::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -4436,6 +5328,11 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Message::DeleteVolume => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteVolume>>("Message::DeleteVolume", pos),
           Message::ReadChecksums => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReadChecksums>>("Message::ReadChecksums", pos),
           Message::Checksums => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Checksums>>("Message::Checksums", pos),
+          Message::SetRetention => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SetRetention>>("Message::SetRetention", pos),
+          Message::PinSnapshot => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PinSnapshot>>("Message::PinSnapshot", pos),
+          Message::Pinned => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Pinned>>("Message::Pinned", pos),
+          Message::Prune => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Prune>>("Message::Prune", pos),
+          Message::Pruned => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Pruned>>("Message::Pruned", pos),
           _ => Ok(()),
         }
      })?
@@ -4667,6 +5564,41 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Message::Checksums => {
           if let Some(x) = self.body_as_checksums() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::SetRetention => {
+          if let Some(x) = self.body_as_set_retention() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::PinSnapshot => {
+          if let Some(x) = self.body_as_pin_snapshot() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::Pinned => {
+          if let Some(x) = self.body_as_pinned() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::Prune => {
+          if let Some(x) = self.body_as_prune() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::Pruned => {
+          if let Some(x) = self.body_as_pruned() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
