@@ -48,6 +48,18 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A live terminal view of every volume attached on this node: IOPS, throughput, dirty
+    /// bytes, SSD use, epoch, recovery point, outbox, hydration and errors, refreshed every
+    /// interval. Keys: q or Esc quits, arrows or j/k select, Enter or d shows the selected
+    /// volume's status.
+    Top {
+        /// Refresh interval in milliseconds (rates are over one interval).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..))]
+        interval_ms: u64,
+        /// Print one plain-text frame and exit (rates over one interval), for scripts.
+        #[arg(long)]
+        once: bool,
+    },
     /// Cut the current epoch now and wait until it is on permanent storage.
     Flush {
         /// Volume name.
@@ -550,6 +562,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => snapshot_cmd(names, container.as_deref(), timeout_ms, json),
         Cmd::Agent(a) => crate::agent::run(a.resolve()?),
+        Cmd::Top { interval_ms, once } => crate::top::run(interval_ms, once),
         Cmd::Recover {
             name,
             dp,

@@ -24,6 +24,7 @@ pub mod resume;
 pub mod ring;
 pub mod ship;
 pub mod size;
+pub mod top;
 pub mod verify;
 pub mod volume;
 pub mod when;
