@@ -127,6 +127,8 @@ pub struct VolumeInfo {
     /// Cut time of the chain head on the compute node (ms since the epoch), 0 when none or
     /// unknown (see [`SnapshotInfo::point_in_time_ms`]).
     pub latest_cut_ms: u64,
+    /// The retention policy the data plane applies (all zero: none).
+    pub retention: crate::retention::Policy,
 }
 
 impl VolumeInfo {
@@ -148,12 +150,33 @@ impl VolumeInfo {
             latest_commit_ms: v.latest_commit_ms(),
             created_ms: v.created_ms(),
             latest_cut_ms: v.latest_cut_ms(),
+            retention: v.retention().map(policy_from_wire).unwrap_or_default(),
         }
     }
 }
 
+fn policy_from_wire(r: wire::Retention<'_>) -> crate::retention::Policy {
+    crate::retention::Policy {
+        last: r.last(),
+        hourly: r.hourly(),
+        daily: r.daily(),
+        weekly: r.weekly(),
+        monthly: r.monthly(),
+    }
+}
+
+/// What `Prune` did (or would do).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    /// Deleted (or that would be), oldest first.
+    pub deleted: Vec<u64>,
+    /// Kept, with why (`head`, `pinned`, `last`, `hourly`, ..., or what protects it).
+    pub kept: Vec<(u64, String)>,
+}
+
 /// A committed snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SnapshotInfo {
     pub snap_id: u64,
     pub parent_id: u64,
@@ -165,6 +188,10 @@ pub struct SnapshotInfo {
     /// Wall-clock time of the cut on the compute node (ms since the Unix epoch), 0 when
     /// unknown (committed before cut times were recorded).
     pub cut_time_ms: u64,
+    /// Pinned: never removed by retention or deletion until unpinned.
+    pub pinned: bool,
+    /// The label given with the pin (empty when none).
+    pub label: String,
 }
 
 impl SnapshotInfo {
@@ -189,12 +216,14 @@ impl SnapshotInfo {
             volume_size: s.volume_size(),
             generation: s.generation(),
             cut_time_ms: s.cut_time_ms(),
+            pinned: s.pinned(),
+            label: s.label().unwrap_or_default().to_string(),
         }
     }
 }
 
 /// The answer to [`Client::begin_snapshot`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BeginOutcome {
     /// Send the extents, then commit.
     Started,
@@ -1022,6 +1051,85 @@ impl Client {
 
     /// Deletes snapshot `snap_id`; its extents merge into the next snapshot. Returns the id
     /// of that snapshot. The chain head cannot be deleted.
+    /// Sets the volume's retention policy (applied by the data plane at once and after
+    /// every commit); returns the volume as it is then.
+    pub fn set_retention(
+        &mut self,
+        policy: &crate::retention::Policy,
+    ) -> Result<VolumeInfo, ClientError> {
+        let r = wire::Retention::create(
+            &mut self.fbb,
+            &wire::RetentionArgs {
+                last: policy.last,
+                hourly: policy.hourly,
+                daily: policy.daily,
+                weekly: policy.weekly,
+                monthly: policy.monthly,
+            },
+        );
+        let body =
+            wire::SetRetention::create(&mut self.fbb, &wire::SetRetentionArgs { policy: Some(r) });
+        self.send(wire::Message::SetRetention, body.as_union_value())?;
+        self.recv()?;
+        let f = self.frame()?;
+        match f.body_as_volume_info() {
+            Some(v) => Ok(VolumeInfo::from_wire(v)),
+            None => self.poison(Err(protocol("expected VolumeInfo"))),
+        }
+    }
+
+    /// Pins (or unpins) a committed snapshot, with a label (empty: none, or keep the one it
+    /// has when unpinning).
+    pub fn pin_snapshot(
+        &mut self,
+        snap_id: u64,
+        pinned: bool,
+        label: &str,
+    ) -> Result<SnapshotInfo, ClientError> {
+        let label = (!label.is_empty()).then(|| self.fbb.create_string(label));
+        let body = wire::PinSnapshot::create(
+            &mut self.fbb,
+            &wire::PinSnapshotArgs {
+                snap_id,
+                pinned,
+                label,
+            },
+        );
+        self.send(wire::Message::PinSnapshot, body.as_union_value())?;
+        self.recv()?;
+        let f = self.frame()?;
+        match f.body_as_pinned().and_then(|p| p.info()) {
+            Some(i) if i.snap_id() == snap_id => Ok(SnapshotInfo::from_wire(i)),
+            _ => self.poison(Err(protocol("expected Pinned"))),
+        }
+    }
+
+    /// Applies the retention policy now (`dry_run`: says what it would delete, deletes
+    /// nothing).
+    pub fn prune(&mut self, dry_run: bool) -> Result<PruneReport, ClientError> {
+        let body = wire::Prune::create(&mut self.fbb, &wire::PruneArgs { dry_run });
+        self.send(wire::Message::Prune, body.as_union_value())?;
+        self.recv()?;
+        let f = self.frame()?;
+        let Some(p) = f.body_as_pruned() else {
+            return self.poison(Err(protocol("expected Pruned")));
+        };
+        let kept: Vec<u64> = p.kept().map(|k| k.iter().collect()).unwrap_or_default();
+        let why: Vec<String> = p
+            .kept_for()
+            .map(|w| w.iter().map(str::to_string).collect())
+            .unwrap_or_default();
+        Ok(PruneReport {
+            dry_run: p.dry_run(),
+            deleted: p.deleted().map(|d| d.iter().collect()).unwrap_or_default(),
+            kept: kept
+                .into_iter()
+                .enumerate()
+                .map(|(i, k)| (k, why.get(i).cloned().unwrap_or_default()))
+                .collect(),
+        })
+    }
+
     pub fn delete_snapshot(&mut self, snap_id: u64) -> Result<u64, ClientError> {
         let body =
             wire::DeleteSnapshot::create(&mut self.fbb, &wire::DeleteSnapshotArgs { snap_id });

@@ -54,7 +54,8 @@ pub mod server;
 pub mod store;
 
 pub use client::{
-    BeginOutcome, Client, ClientError, ClientErrorKind, SnapshotInfo, Timeouts, VolumeInfo,
+    BeginOutcome, Client, ClientError, ClientErrorKind, PruneReport, SnapshotInfo, Timeouts,
+    VolumeInfo,
 };
 pub use deltavol_schemas::wire::ErrorCode;
 pub use server::{

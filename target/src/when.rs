@@ -229,6 +229,7 @@ mod tests {
             volume_size: 1 << 20,
             generation: 0,
             cut_time_ms: cut,
+            ..Default::default()
         }
     }
 
