@@ -223,7 +223,9 @@ pub fn verify(backend: &Backend, only: Option<&str>) -> Result<VerifyReport, Sto
                 report.segments += 1;
                 let reader = match backend {
                     Backend::Local { volumes_dir } => {
-                        let path = volumes_dir.join(&name).join(super::segment_name(seg));
+                        let path = volumes_dir
+                            .join(&name)
+                            .join(super::local::segment_name(seg));
                         match std::fs::File::open(&path) {
                             Ok(f) => Reader::File { f, path },
                             Err(e) => {
@@ -568,7 +570,7 @@ fn gc_local(volumes_dir: &Path, opts: &GcOptions) -> Result<GcReport, StoreError
             let Some(fname) = fname.to_str() else {
                 continue;
             };
-            let stray = fname.ends_with(super::TMP_SUFFIX)
+            let stray = fname.ends_with(super::local::TMP_SUFFIX)
                 || fname
                     .strip_prefix("snap-")
                     .and_then(|s| s.strip_suffix(".seg"))
