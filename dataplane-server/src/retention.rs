@@ -73,7 +73,7 @@ impl Policy {
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.keeps_all() {
-            return f.write_str("none (every snapshot is kept)");
+            return f.write_str("none");
         }
         let mut parts = Vec::new();
         for (k, v) in [

@@ -88,16 +88,10 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// List a volume's snapshots on the data plane: id, parent, cut time (the moment whose
-    /// state it holds), commit time where it differs by more than 5 s, bytes, extents.
-    Snapshots {
-        /// Volume name.
-        name: String,
-        #[command(flatten)]
-        dp: DataPlaneArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    /// A volume's snapshots on the data plane: `snapshots NAME` lists them (id, parent, cut
+    /// time, commit time where it differs by more than 5 s, bytes, extents, pin and label) and
+    /// the retention policy; `snapshots retention | prune | pin | unpin | delete` manage them.
+    Snapshots(SnapshotsArgs),
     /// Bring a volume back on this machine from its last snapshot on the data plane: the device
     /// is live at once, reads of blocks not yet here are fetched on the fly, the rest hydrates
     /// in the background. Fences the old machine (it can ship nothing more).
@@ -176,6 +170,86 @@ pub enum Cmd {
         /// The image file to write (created or truncated).
         #[arg(long)]
         output: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct SnapshotsArgs {
+    #[command(subcommand)]
+    pub cmd: Option<SnapshotsCmd>,
+    /// Volume name (lists its snapshots).
+    #[arg(required = true)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub dp: Option<DataPlaneArgs>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotsCmd {
+    /// List the snapshots (the same as `snapshots NAME`).
+    List {
+        name: String,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the volume's retention policy, or set it: POLICY is
+    /// `last=N,hourly=N,daily=N,weekly=N,monthly=N` (any subset), or `none` to keep every
+    /// snapshot. The data plane applies it at once and after every commit, also while the
+    /// node is away; the chain head, pinned snapshots, clone sources and snapshots a
+    /// hydration is reading are always kept.
+    Retention {
+        name: String,
+        policy: Option<String>,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the retention policy now; --dry-run says what it would delete and why each other
+    /// snapshot stays.
+    Prune {
+        name: String,
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pin a snapshot (NAME@ID or NAME@TIME): never deleted, by retention or by hand, until
+    /// unpinned.
+    Pin {
+        spec: String,
+        /// A label shown beside it, e.g. before-upgrade.
+        #[arg(long)]
+        label: Option<String>,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unpin a snapshot (its label stays).
+    Unpin {
+        spec: String,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one snapshot (NAME@ID): its changes merge into the next snapshot, so every other
+    /// snapshot reads as before. Refused for the chain head, a pinned snapshot, a clone's
+    /// source and a snapshot being read.
+    Delete {
+        spec: String,
+        #[command(flatten)]
+        dp: DataPlaneArgs,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -316,6 +390,12 @@ pub struct DeviceArgs {
     /// the backing file, on the same disk).
     #[arg(long, requires = "dataplane")]
     pub outbox_dir: Option<PathBuf>,
+    /// Retention policy of the volume's snapshots on the data plane, set at each attach:
+    /// `last=N,hourly=N,daily=N,weekly=N,monthly=N` (any subset; `none` keeps all). The data
+    /// plane applies it after every commit. Unset: the data plane's policy stays as it is
+    /// (`deltavol snapshots retention` shows and changes it).
+    #[arg(long, value_name = "POLICY")]
+    pub retention: Option<String>,
     /// Background hydration rate limit per second, e.g. 100MiB (0 = unlimited); only while
     /// the volume hydrates after `recover` or `clone`.
     #[arg(long, value_parser = parse_size, default_value = "0")]
@@ -367,6 +447,9 @@ impl AddArgs {
                 bail!("--size {s} must be a positive multiple of 4KiB");
             }
         }
+        if self.dev.retention.is_some() && self.dataplane.is_none() {
+            bail!("--retention is the policy of the volume's snapshots on the data plane: give --dataplane too");
+        }
         let backing = absolute(&self.dev.backing)?;
         let ship = match (&self.dataplane, &self.auth_token_file) {
             (Some(addr), Some(tok)) => {
@@ -393,6 +476,15 @@ impl AddArgs {
                     outbox_dir,
                     connect_timeout: Duration::from_secs(2),
                     io_timeout: Duration::from_secs(10),
+                    retention: self
+                        .dev
+                        .retention
+                        .as_deref()
+                        .map(|p| {
+                            deltavol_dataplane::retention::Policy::parse(p)
+                                .map_err(|e| anyhow::anyhow!("--retention {p:?}: {e}"))
+                        })
+                        .transpose()?,
                 })
             }
             _ => None,
@@ -577,7 +669,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             dev,
             wait,
         } => clone(&spec, &name, &dp, dev, wait),
-        Cmd::Snapshots { name, dp, json } => list_snapshots(&name, &dp, json),
+        Cmd::Snapshots(a) => snapshots_cmd(a),
         Cmd::Export { spec, dp, output } => export(&spec, &dp, &output),
         Cmd::Volume {
             cmd: VolumeCmd::Info { name, dp, json },
@@ -1108,10 +1200,170 @@ fn wait_hydrated(name: &str) -> anyhow::Result<()> {
 /// Cut and commit times further apart than this are both shown by `snapshots`.
 const COMMIT_SHOWN_AFTER_MS: u64 = 5_000;
 
+fn snapshots_cmd(a: SnapshotsArgs) -> anyhow::Result<()> {
+    match a.cmd {
+        None => {
+            let (Some(name), Some(dp)) = (a.name, a.dp) else {
+                bail!("name a volume: deltavol snapshots NAME --dataplane HOST:PORT --auth-token-file F");
+            };
+            list_snapshots(&name, &dp, a.json)
+        }
+        Some(SnapshotsCmd::List { name, dp, json }) => list_snapshots(&name, &dp, json),
+        Some(SnapshotsCmd::Retention {
+            name,
+            policy,
+            dp,
+            json,
+        }) => retention_cmd(&name, policy.as_deref(), &dp, json),
+        Some(SnapshotsCmd::Prune {
+            name,
+            dry_run,
+            dp,
+            json,
+        }) => prune_cmd(&name, dry_run, &dp, json),
+        Some(SnapshotsCmd::Pin {
+            spec,
+            label,
+            dp,
+            json,
+        }) => pin_cmd(&spec, true, label.as_deref().unwrap_or(""), &dp, json),
+        Some(SnapshotsCmd::Unpin { spec, dp, json }) => pin_cmd(&spec, false, "", &dp, json),
+        Some(SnapshotsCmd::Delete { spec, dp, json }) => {
+            let (name, id) = match parse_spec(&spec)? {
+                SnapSpec::Id(n, id) => (n.to_string(), id),
+                SnapSpec::At(..) => bail!(
+                    "{spec:?}: delete takes NAME@ID (a time could resolve to another snapshot than the one meant)"
+                ),
+            };
+            let mut c = dp.connect(&name)?;
+            let merged_into = c
+                .delete_snapshot(id)
+                .with_context(|| format!("delete {name}@{id}"))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"deleted": id, "merged_into": merged_into})
+                );
+            } else {
+                println!("deleted {name}@{id}; its changes merged into snapshot {merged_into}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn retention_cmd(
+    name: &str,
+    policy: Option<&str>,
+    dp: &DataPlaneArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    let policy = policy
+        .map(|p| {
+            deltavol_dataplane::retention::Policy::parse(p)
+                .map_err(|e| anyhow::anyhow!("retention policy {p:?}: {e}"))
+        })
+        .transpose()?;
+    let mut c = dp.connect(name)?;
+    let info = match policy {
+        Some(p) => c.set_retention(&p).context("set the retention policy")?,
+        None => c.volume_info().context("volume info")?,
+    };
+    if !info.exists {
+        bail!("the data plane at {} has no volume {name:?}", dp.dataplane);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"volume": name, "retention": info.retention, "snapshots": info.snapshot_count})
+        );
+    } else {
+        let what = if info.retention.keeps_all() {
+            "none (every snapshot is kept)".to_string()
+        } else {
+            info.retention.to_string()
+        };
+        println!(
+            "{name}: retention {what} ({} snapshot(s))",
+            info.snapshot_count
+        );
+    }
+    Ok(())
+}
+
+fn prune_cmd(name: &str, dry_run: bool, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<()> {
+    let mut c = dp.connect(name)?;
+    let r = c.prune(dry_run).context("prune")?;
+    if json {
+        let kept: Vec<_> = r
+            .kept
+            .iter()
+            .map(|(id, why)| serde_json::json!({"id": id, "kept_for": why}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"dry_run": r.dry_run, "deleted": r.deleted, "kept": kept})
+            )?
+        );
+        return Ok(());
+    }
+    let verb = if r.dry_run { "would delete" } else { "deleted" };
+    if r.deleted.is_empty() {
+        println!(
+            "{name}: nothing to delete ({} snapshot(s) kept)",
+            r.kept.len()
+        );
+    } else {
+        let ids: Vec<String> = r.deleted.iter().map(u64::to_string).collect();
+        println!(
+            "{name}: {verb} {} snapshot(s): {}",
+            r.deleted.len(),
+            ids.join(" ")
+        );
+    }
+    for (id, why) in &r.kept {
+        println!("  keep {id:>10}  {why}");
+    }
+    Ok(())
+}
+
+fn pin_cmd(
+    spec: &str,
+    pinned: bool,
+    label: &str,
+    dp: &DataPlaneArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (name, id) = spec_snapshot(spec, dp)?;
+    let mut c = dp.connect(&name)?;
+    let s = c
+        .pin_snapshot(id, pinned, label)
+        .with_context(|| format!("{} {name}@{id}", if pinned { "pin" } else { "unpin" }))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"id": s.snap_id, "pinned": s.pinned, "label": s.label})
+        );
+    } else {
+        let l = if s.label.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.label)
+        };
+        println!(
+            "{name}@{id}{l} {}",
+            if s.pinned { "pinned" } else { "unpinned" }
+        );
+    }
+    Ok(())
+}
+
 fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<()> {
     use crate::when::format_time_ms;
     let mut c = dp.connect(name)?;
     let snaps = c.list_snapshots().context("list snapshots")?;
+    let retention = c.info().retention;
     let tl = crate::when::timeline(&snaps);
     if json {
         let v: Vec<_> = snaps
@@ -1133,15 +1385,22 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
                     "extents": s.extent_count,
                     "volume_size": s.volume_size,
                     "generation": s.generation,
+                    "pinned": s.pinned,
+                    "label": s.label,
                 })
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    if retention.keeps_all() {
+        println!("retention: none (every snapshot is kept)");
+    } else {
+        println!("retention: {retention}");
+    }
     println!(
-        "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}",
-        "ID", "PARENT", "CUT TIME", "COMMITTED", "BYTES", "EXTENTS"
+        "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}  {}",
+        "ID", "PARENT", "CUT TIME", "COMMITTED", "BYTES", "EXTENTS", "PIN"
     );
     let (mut unknown, mut stepped) = (false, false);
     for (s, t) in snaps.iter().zip(&tl) {
@@ -1163,8 +1422,14 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
         } else {
             "-".to_string()
         };
+        let pin = match (s.pinned, s.label.is_empty()) {
+            (true, true) => "pinned".to_string(),
+            (true, false) => format!("pinned {}", s.label),
+            (false, true) => String::new(),
+            (false, false) => s.label.clone(),
+        };
         println!(
-            "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}",
+            "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}  {pin}",
             s.snap_id,
             s.parent_id,
             cut,

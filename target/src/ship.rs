@@ -244,6 +244,9 @@ pub struct ShipConfig {
     pub outbox_dir: PathBuf,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
+    /// The retention policy to set on the data plane at each connection (`add --retention`);
+    /// `None` leaves the data plane's as it is.
+    pub retention: Option<deltavol_dataplane::retention::Policy>,
 }
 
 impl ShipConfig {
@@ -426,6 +429,10 @@ impl Shared {
                     "the data plane at {addr} holds volume {:?} with {} bytes, this volume has {}",
                     self.volume, info.size_bytes, self.size_bytes
                 )));
+            }
+            if let Some(p) = self.cfg.retention.filter(|p| *p != info.retention) {
+                c.set_retention(&p).map_err(client_err)?;
+                tracing::info!(volume = %self.volume, retention = %p, "retention policy set on the data plane");
             }
             Ok(c)
         })

@@ -744,6 +744,7 @@ fn attach_arguments_are_what_deltavol_takes() {
             hydrate_rate: Some(0),
             queues: Some(2),
             depth: Some(128),
+            retention: Some("last=50,hourly=24".into()),
         };
         let mut argv = vec!["deltavol".to_string()];
         argv.extend(req.args());
@@ -753,5 +754,6 @@ fn attach_arguments_are_what_deltavol_takes() {
             dbg.contains("user_recovery: true") && dbg.contains("flush_interval_ms: 2000"),
             "{dbg}"
         );
+        assert!(dbg.contains("last=50,hourly=24"), "{dbg}");
     }
 }

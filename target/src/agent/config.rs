@@ -67,6 +67,11 @@ pub struct AgentArgs {
     /// Background hydration rate limit per volume (0 = unlimited).
     #[arg(long)]
     pub hydrate_rate: Option<String>,
+    /// Retention policy of the volumes' snapshots on the data plane, e.g.
+    /// last=50,hourly=24,daily=7 (a volume's `-o retention=` overrides it). Unset: the data
+    /// plane's policy of each volume stays as it is.
+    #[arg(long)]
+    pub retention: Option<String>,
 }
 
 /// The file's keys: the flags' names with `_`.
@@ -87,6 +92,7 @@ struct FileConfig {
     cache_limit: Option<String>,
     read_cache: Option<String>,
     hydrate_rate: Option<String>,
+    retention: Option<String>,
 }
 
 /// Everything the agent runs with.
@@ -106,6 +112,8 @@ pub struct AgentConfig {
     pub cache_limit: Option<u64>,
     pub read_cache: Option<u64>,
     pub hydrate_rate: Option<u64>,
+    /// Retention policy for the volumes (normalised `last=N,...`).
+    pub retention: Option<String>,
     /// Longest a cut may keep filesystems frozen waiting for an earlier flush.
     pub cut_timeout: Duration,
     /// How long a snapshot waits for the data plane's commit.
@@ -131,6 +139,7 @@ impl Default for AgentConfig {
             cache_limit: None,
             read_cache: None,
             hydrate_rate: None,
+            retention: None,
             cut_timeout: Duration::from_secs(10),
             commit_timeout: Duration::from_secs(60),
             supervise_every: Duration::from_secs(1),
@@ -217,6 +226,13 @@ impl AgentArgs {
             cache_limit: opt_size("cache_limit", &self.cache_limit, f.cache_limit)?,
             read_cache: opt_size("read_cache", &self.read_cache, f.read_cache)?,
             hydrate_rate: opt_size("hydrate_rate", &self.hydrate_rate, f.hydrate_rate)?,
+            retention: pick_s(&self.retention, f.retention)
+                .map(|r| {
+                    deltavol_dataplane::retention::Policy::parse(&r)
+                        .map(|p| p.to_string())
+                        .map_err(|e| anyhow::anyhow!("retention = {r:?}: {e}"))
+                })
+                .transpose()?,
             ..d
         };
         if cfg.dataplane.is_some() != cfg.auth_token_file.is_some() {

@@ -33,6 +33,7 @@ pub const OPTIONS: &[&str] = &[
     "cache-limit",
     "read-cache",
     "hydrate-rate",
+    "retention",
 ];
 
 /// A volume as the front-ends show it.
@@ -158,6 +159,7 @@ impl<R: Runtime> VolumeManager<R> {
             hydrate_rate: o.hydrate_rate.or(self.cfg.hydrate_rate),
             queues: None,
             depth: None,
+            retention: o.retention.clone().or_else(|| self.cfg.retention.clone()),
         }
     }
 
@@ -227,6 +229,13 @@ impl<R: Runtime> VolumeManager<R> {
             cache_limit: size_opt("cache-limit")?,
             read_cache: size_opt("read-cache")?,
             hydrate_rate: size_opt("hydrate-rate")?,
+            retention: get("retention")
+                .map(|r| {
+                    deltavol_dataplane::retention::Policy::parse(r)
+                        .map(|p| p.to_string())
+                        .map_err(|e| anyhow!("retention={r:?}: {e}"))
+                })
+                .transpose()?,
         };
         if let Some(dp) = &options.dataplane {
             crate::ship::DataPlaneAddrs::parse(dp).map_err(|e| anyhow!("dataplane={dp:?}: {e}"))?;

@@ -47,6 +47,8 @@ pub struct AttachRequest {
     pub hydrate_rate: Option<u64>,
     pub queues: Option<u16>,
     pub depth: Option<u16>,
+    /// Retention policy of its snapshots on the data plane (`--retention`).
+    pub retention: Option<String>,
 }
 
 impl AttachRequest {
@@ -101,6 +103,9 @@ impl AttachRequest {
         opt("--hydrate-rate", self.hydrate_rate);
         opt("--queues", self.queues.map(u64::from));
         opt("--depth", self.depth.map(u64::from));
+        if let (Some(r), Some(_)) = (&self.retention, &self.dataplane) {
+            a.extend(["--retention".into(), r.clone()]);
+        }
         // A daemon that dies leaves its device waiting (I/O blocks, no error reaches the
         // filesystem) until the agent's restart takes it over.
         a.push("--user-recovery".into());

@@ -97,6 +97,7 @@ impl Drop for Dp {
 
 pub fn ship_cfg(dir: &Path, addr: &str) -> ShipConfig {
     ShipConfig {
+        retention: None,
         addrs: deltavol::ship::DataPlaneAddrs::parse(addr).expect("data-plane address"),
         token: TOKEN.to_vec(),
         outbox_dir: dir.join("outbox"),

@@ -34,6 +34,7 @@ pub struct Plane {
 impl Plane {
     fn ship(&self, dir: &Path) -> ShipConfig {
         ShipConfig {
+            retention: None,
             addrs: deltavol::ship::DataPlaneAddrs::one(self.addr.clone()),
             token: self.token.clone(),
             outbox_dir: dir.join("outbox"),
