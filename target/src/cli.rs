@@ -1399,8 +1399,8 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
         println!("retention: {retention}");
     }
     println!(
-        "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}  {}",
-        "ID", "PARENT", "CUT TIME", "COMMITTED", "BYTES", "EXTENTS", "PIN"
+        "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}  PIN",
+        "ID", "PARENT", "CUT TIME", "COMMITTED", "BYTES", "EXTENTS"
     );
     let (mut unknown, mut stepped) = (false, false);
     for (s, t) in snaps.iter().zip(&tl) {
