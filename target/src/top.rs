@@ -981,12 +981,22 @@ mod tui {
     use ratatui::layout::{Constraint, Layout, Rect};
     use ratatui::style::{Color, Modifier, Style};
     use ratatui::text::{Line, Span, Text};
-    use ratatui::widgets::{Block, Borders, Paragraph, Row as TRow, Table, TableState, Wrap};
+    use ratatui::widgets::{
+        Block, Borders, HighlightSpacing, Paragraph, Row as TRow, Table, TableState, Wrap,
+    };
     use ratatui::{Frame, Terminal};
 
-    /// Puts the terminal back: raw mode off, main screen, cursor shown. Errors are ignored
+    /// Whether the terminal is in the view's modes (raw, alternate screen, cursor hidden).
+    static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+    /// Puts the terminal back: raw mode off, main screen, cursor shown; once (after a panic
+    /// both the hook and the unwinding guard come here, and leaving the alternate screen a
+    /// second time would move the cursor back over the panic's message). Errors are ignored
     /// (the terminal may be gone).
     fn restore() {
+        if !ACTIVE.swap(false, Ordering::SeqCst) {
+            return;
+        }
         let _ = terminal::disable_raw_mode();
         let _ = execute!(
             std::io::stdout(),
@@ -1017,8 +1027,9 @@ mod tui {
             restore();
             hook(info);
         }));
-        terminal::enable_raw_mode()?;
+        ACTIVE.store(true, Ordering::SeqCst);
         let _guard = Guard;
+        terminal::enable_raw_mode()?;
         execute!(
             std::io::stdout(),
             terminal::EnterAlternateScreen,
@@ -1145,9 +1156,9 @@ mod tui {
             if detail {
                 Constraint::Length(table_h.min(area.height / 2).max(4))
             } else {
-                Constraint::Min(3)
+                Constraint::Fill(1)
             },
-            Constraint::Fill(1),
+            Constraint::Length(if detail { area.height } else { 0 }),
             Constraint::Length(1),
         ])
         .areas(area);
@@ -1240,7 +1251,9 @@ mod tui {
             .header(header)
             .block(block)
             .column_spacing(1)
-            .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED));
+            .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED))
+            .highlight_symbol("> ")
+            .highlight_spacing(HighlightSpacing::Always);
         let mut state = TableState::default().with_selected(m.selected_index());
         f.render_stateful_widget(table, area, &mut state);
     }
