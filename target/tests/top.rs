@@ -685,6 +685,7 @@ fn top_once_prints_one_plain_frame() {
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    println!("deltavol top --once:\n{out}");
     assert!(
         !out.contains('\x1b'),
         "plain text, no terminal control: {out:?}"
