@@ -91,6 +91,30 @@ impl fmt::Display for Policy {
     }
 }
 
+impl From<crate::store::format::RetentionCounts> for Policy {
+    fn from(r: crate::store::format::RetentionCounts) -> Self {
+        Policy {
+            last: r.last,
+            hourly: r.hourly,
+            daily: r.daily,
+            weekly: r.weekly,
+            monthly: r.monthly,
+        }
+    }
+}
+
+impl From<Policy> for crate::store::format::RetentionCounts {
+    fn from(p: Policy) -> Self {
+        crate::store::format::RetentionCounts {
+            last: p.last,
+            hourly: p.hourly,
+            daily: p.daily,
+            weekly: p.weekly,
+            monthly: p.monthly,
+        }
+    }
+}
+
 /// One snapshot of the chain as the policy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {

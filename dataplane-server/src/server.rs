@@ -54,6 +54,18 @@ use crate::store::{
 
 /// Default time a new connection has to finish hello / challenge / auth.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// A snapshot read within this long (a recovery or a clone hydrating from it, a verify, an
+/// export) is kept by retention. (An explicit DeleteSnapshot is the operator's call.)
+pub const READ_PROTECT: Duration = Duration::from_secs(15 * 60);
+
+/// What applying a retention policy did (or would do).
+#[derive(Debug, Default)]
+struct RetentionOutcome {
+    dry_run: bool,
+    deleted: Vec<u64>,
+    /// Kept snapshots with why, in chain order.
+    kept: Vec<(u64, String)>,
+}
 /// Default time an authenticated connection may stay silent between requests.
 pub const IDLE_TIMEOUT_MS: u64 = 600_000;
 /// Default time to receive the rest of a frame once its length prefix arrived, and to write
@@ -377,6 +389,14 @@ impl CloneRegistry {
 }
 
 impl CloneRegistry {
+    /// A clone depending on `volume@snap`, if any.
+    fn clones_of(&self, volume: &str, snap: u64) -> Option<String> {
+        let r = self.lock();
+        r.deps
+            .get(&(volume.to_string(), snap))
+            .and_then(|c| c.iter().next().cloned())
+    }
+
     /// Marks `volume` as being deleted, unless a clone depends on one of its snapshots
     /// (`Err` names it and the snapshot). While marked, no clone of it can start.
     fn begin_delete_volume<'a>(
@@ -944,6 +964,21 @@ impl Out {
             .and_then(|v| v.clone_source.as_ref())
             .map(|c| self.fbb.create_string(&c.0));
         let volume_id = v.map(|v| self.fbb.create_vector(&v.volume_id));
+        let retention = v
+            .map(|v| v.retention)
+            .filter(|r| *r != store::format::RetentionCounts::default())
+            .map(|r| {
+                wire::Retention::create(
+                    &mut self.fbb,
+                    &wire::RetentionArgs {
+                        last: r.last,
+                        hourly: r.hourly,
+                        daily: r.daily,
+                        weekly: r.weekly,
+                        monthly: r.monthly,
+                    },
+                )
+            });
         wire::VolumeInfo::create(
             &mut self.fbb,
             &wire::VolumeInfoArgs {
@@ -960,7 +995,7 @@ impl Out {
                 latest_commit_ms: v.map_or(0, |v| v.latest_commit_ms),
                 created_ms: v.map_or(0, |v| v.created_ms),
                 latest_cut_ms: v.map_or(0, |v| v.latest_cut_ms),
-                retention: None,
+                retention,
             },
         )
     }
@@ -969,6 +1004,7 @@ impl Out {
         &mut self,
         s: &store::format::SnapEntry,
     ) -> deltavol_schemas::flatbuffers::WIPOffset<wire::SnapshotInfo<'static>> {
+        let label = (!s.label.is_empty()).then(|| self.fbb.create_string(&s.label));
         wire::SnapshotInfo::create(
             &mut self.fbb,
             &wire::SnapshotInfoArgs {
@@ -980,8 +1016,8 @@ impl Out {
                 volume_size: s.volume_size,
                 generation: s.generation,
                 cut_time_ms: s.cut_time_ms,
-                pinned: false,
-                label: None,
+                pinned: s.pinned,
+                label,
             },
         )
     }
@@ -1448,6 +1484,56 @@ impl Conn {
             })?;
             return self.delete_volume(id).await;
         }
+        if let Some(m) = f.body_as_set_retention() {
+            let r = m.policy();
+            let policy = store::format::RetentionCounts {
+                last: r.map_or(0, |r| r.last()),
+                hourly: r.map_or(0, |r| r.hourly()),
+                daily: r.map_or(0, |r| r.daily()),
+                weekly: r.map_or(0, |r| r.weekly()),
+                monthly: r.map_or(0, |r| r.monthly()),
+            };
+            let v = self.require_own_volume()?;
+            v.set_retention(policy).await?;
+            self.apply_retention(false).await?;
+            self.reply_volume_info();
+            return self.send_reply().await;
+        }
+        if let Some(m) = f.body_as_pin_snapshot() {
+            let v = self.require_own_volume()?;
+            let label = m.label();
+            let e = v.pin(m.snap_id(), m.pinned(), label).await?;
+            let info = self.out.snapshot_info(&e);
+            let body =
+                wire::Pinned::create(&mut self.out.fbb, &wire::PinnedArgs { info: Some(info) });
+            self.out
+                .finish(wire::Message::Pinned, body.as_union_value(), &[]);
+            return self.send_reply().await;
+        }
+        if let Some(m) = f.body_as_prune() {
+            let o = self.apply_retention(m.dry_run()).await?;
+            let deleted = self.out.fbb.create_vector(&o.deleted);
+            let kept_ids: Vec<u64> = o.kept.iter().map(|k| k.0).collect();
+            let kept = self.out.fbb.create_vector(&kept_ids);
+            let why: Vec<_> = o
+                .kept
+                .iter()
+                .map(|k| self.out.fbb.create_string(&k.1))
+                .collect();
+            let kept_for = self.out.fbb.create_vector(&why);
+            let body = wire::Pruned::create(
+                &mut self.out.fbb,
+                &wire::PrunedArgs {
+                    deleted: Some(deleted),
+                    kept: Some(kept),
+                    kept_for: Some(kept_for),
+                    dry_run: o.dry_run,
+                },
+            );
+            self.out
+                .finish(wire::Message::Pruned, body.as_union_value(), &[]);
+            return self.send_reply().await;
+        }
         if let Some(m) = f.body_as_delete_snapshot() {
             let v = self.require_own_volume()?;
             v.check_generation(self.generation)?;
@@ -1769,7 +1855,85 @@ impl Conn {
             wire::Committed::create(&mut self.out.fbb, &wire::CommittedArgs { info: Some(info) });
         self.out
             .finish(wire::Message::Committed, body.as_union_value(), &[]);
-        self.send_reply().await
+        self.send_reply().await?;
+        // The volume's retention policy, once the commit is answered (the snapshot is durable
+        // whatever happens here); a failure is logged and retried at the next commit.
+        if let Err(e) = self.apply_retention(false).await {
+            tracing::warn!(volume = %self.volume_name, error = %e.msg, "retention after a commit");
+        }
+        Ok(())
+    }
+
+    /// Applies the volume's retention policy (`dry_run`: decides only). Kept whatever the
+    /// policy: the head, pinned snapshots, clone sources (this server's registry, and the
+    /// store's check when servers share it) and snapshots read within [`READ_PROTECT`].
+    async fn apply_retention(&mut self, dry_run: bool) -> Result<RetentionOutcome, ReqError> {
+        use crate::retention::{select, Candidate, Policy};
+        let v = self.require_own_volume()?;
+        let policy = Policy::from(v.retention());
+        if policy.keeps_all() && !dry_run {
+            return Ok(RetentionOutcome::default());
+        }
+        let chain = v.chain();
+        let shard = Rc::clone(&self.shard);
+        let candidates: Vec<Candidate> = chain
+            .iter()
+            .map(|s| Candidate {
+                snap_id: s.snap_id,
+                time_ms: if s.cut_time_ms != 0 {
+                    s.cut_time_ms
+                } else {
+                    s.commit_time_ms
+                },
+                pinned: s.pinned,
+                protected: shard
+                    .registry
+                    .clones_of(&self.volume_name, s.snap_id)
+                    .map(|c| format!("source of clone {c}"))
+                    .or_else(|| {
+                        v.read_within(s.snap_id, READ_PROTECT)
+                            .then(|| "being read".to_string())
+                    }),
+            })
+            .collect();
+        let decisions = select(&policy, &candidates);
+        let mut out = RetentionOutcome {
+            dry_run,
+            ..Default::default()
+        };
+        let mut doomed = Vec::new();
+        for d in &decisions {
+            if d.keep() {
+                let why: Vec<String> = d.kept_for.iter().map(|r| r.to_string()).collect();
+                out.kept.push((d.snap_id, why.join(",")));
+            } else {
+                doomed.push(d.snap_id);
+            }
+        }
+        if dry_run || doomed.is_empty() {
+            out.deleted = doomed;
+            return Ok(out);
+        }
+        // Marked as being deleted: no clone of them can start meanwhile.
+        let mut guards = Vec::with_capacity(doomed.len());
+        let mut ids = Vec::with_capacity(doomed.len());
+        for id in doomed {
+            match shard.registry.begin_delete(&self.volume_name, id) {
+                Ok(g) => {
+                    guards.push(g);
+                    ids.push(id);
+                }
+                Err(e) => out.kept.push((id, e.msg)),
+            }
+        }
+        out.kept.sort_by_key(|k| k.0);
+        let merged = v.delete_snapshots(&ids).await?;
+        drop(guards);
+        out.deleted = merged.into_iter().map(|m| m.0).collect();
+        if !out.deleted.is_empty() {
+            tracing::info!(volume = %self.volume_name, policy = %policy, deleted = out.deleted.len(), "retention applied");
+        }
+        Ok(out)
     }
 
     async fn list(&mut self, after: u64, max: u32) -> Result<(), ReqError> {

@@ -482,6 +482,8 @@ fn store_seeds() -> Vec<(String, Vec<u8>)> {
             generation: 1,
             segments: vec![1],
             cut_time_ms: 1_699_999_990_000,
+            pinned: true,
+            label: "before-upgrade".into(),
         },
         SnapEntry {
             snap_id: 2,
@@ -493,6 +495,8 @@ fn store_seeds() -> Vec<(String, Vec<u8>)> {
             generation: 1,
             segments: vec![2, 3],
             cut_time_ms: 0,
+            pinned: false,
+            label: String::new(),
         },
     ];
     let plain = ManifestData {
@@ -505,6 +509,13 @@ fn store_seeds() -> Vec<(String, Vec<u8>)> {
         created_ms: 1_700_000_000_000,
         snapshots: snaps.clone(),
         clone_source: None,
+        retention: store_format::RetentionCounts {
+            last: 50,
+            hourly: 24,
+            daily: 7,
+            weekly: 4,
+            monthly: 0,
+        },
     };
     let clone = ManifestData {
         volume_name: "vol-clone".into(),

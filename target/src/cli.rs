@@ -242,8 +242,8 @@ pub enum SnapshotsCmd {
         json: bool,
     },
     /// Delete one snapshot (NAME@ID): its changes merge into the next snapshot, so every other
-    /// snapshot reads as before. Refused for the chain head, a pinned snapshot, a clone's
-    /// source and a snapshot being read.
+    /// snapshot reads as before. Refused for the chain head, a pinned snapshot and a clone's
+    /// source.
     Delete {
         spec: String,
         #[command(flatten)]

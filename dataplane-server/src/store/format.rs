@@ -61,7 +61,7 @@ pub struct SegExtent {
 }
 
 /// One committed snapshot, as the manifest records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SnapEntry {
     pub snap_id: u64,
     pub parent_id: u64,
@@ -75,10 +75,28 @@ pub struct SnapEntry {
     /// Wall-clock time of the snapshot's cut on the compute node (ms since the Unix epoch),
     /// 0 when unknown (a manifest written before cut times were recorded, an old client).
     pub cut_time_ms: u64,
+    /// Never removed by retention or deletion until unpinned.
+    pub pinned: bool,
+    /// The label given with the pin (empty when none).
+    pub label: String,
 }
 
+/// A retention policy as the manifest records it (see `crate::retention::Policy`); all zero:
+/// every snapshot is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionCounts {
+    pub last: u32,
+    pub hourly: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+}
+
+/// Longest snapshot label kept, in bytes.
+pub const LABEL_BYTES_MAX: usize = 128;
+
 /// The manifest of a volume, decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ManifestData {
     pub volume_name: String,
     pub volume_id: VolumeId,
@@ -91,6 +109,8 @@ pub struct ManifestData {
     pub snapshots: Vec<SnapEntry>,
     /// For a clone: the snapshot of another volume its content starts from.
     pub clone_source: Option<CloneSourceData>,
+    /// The retention policy the server applies after each commit.
+    pub retention: RetentionCounts,
 }
 
 /// The source of a clone volume.
@@ -397,6 +417,7 @@ pub fn encode_manifest(m: &ManifestData) -> Vec<u8> {
     let mut entries = Vec::with_capacity(m.snapshots.len());
     for s in &m.snapshots {
         let segs = fbb.create_vector(&s.segments);
+        let label = (!s.label.is_empty()).then(|| fbb.create_string(&s.label));
         entries.push(store::SnapshotEntry::create(
             &mut fbb,
             &store::SnapshotEntryArgs {
@@ -409,8 +430,8 @@ pub fn encode_manifest(m: &ManifestData) -> Vec<u8> {
                 generation: s.generation,
                 segments: Some(segs),
                 cut_time_ms: s.cut_time_ms,
-                pinned: false,
-                label: None,
+                pinned: s.pinned,
+                label,
             },
         ));
     }
@@ -424,6 +445,19 @@ pub fn encode_manifest(m: &ManifestData) -> Vec<u8> {
                 volume: Some(volume),
                 volume_id: Some(&vid),
                 snap_id: c.snap_id,
+            },
+        )
+    });
+    let retention = (m.retention != RetentionCounts::default()).then(|| {
+        let r = &m.retention;
+        store::Retention::create(
+            &mut fbb,
+            &store::RetentionArgs {
+                last: r.last,
+                hourly: r.hourly,
+                daily: r.daily,
+                weekly: r.weekly,
+                monthly: r.monthly,
             },
         )
     });
@@ -441,7 +475,7 @@ pub fn encode_manifest(m: &ManifestData) -> Vec<u8> {
             snapshots: Some(snaps),
             clone_source,
             created_ms: m.created_ms,
-            retention: None,
+            retention,
         },
     );
     store::finish_manifest_buffer(&mut fbb, root);
@@ -520,6 +554,18 @@ pub fn decode_manifest(buf: &[u8], expected_name: &str) -> Result<ManifestData, 
             generation: s.generation(),
             segments: s.segments().iter().flat_map(|v| v.iter()).collect(),
             cut_time_ms: s.cut_time_ms(),
+            pinned: s.pinned(),
+            // A label longer than any the server writes is cut, never trusted to be small.
+            label: s
+                .label()
+                .map(|l| {
+                    let mut end = l.len().min(LABEL_BYTES_MAX);
+                    while !l.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    l[..end].to_string()
+                })
+                .unwrap_or_default(),
         })
         .collect();
     let clone_source = match m.clone_source() {
@@ -550,6 +596,16 @@ pub fn decode_manifest(buf: &[u8], expected_name: &str) -> Result<ManifestData, 
         created_ms: m.created_ms(),
         snapshots,
         clone_source,
+        retention: m
+            .retention()
+            .map(|r| RetentionCounts {
+                last: r.last(),
+                hourly: r.hourly(),
+                daily: r.daily(),
+                weekly: r.weekly(),
+                monthly: r.monthly(),
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -577,7 +633,16 @@ mod tests {
                 generation: 2,
                 segments: vec![1],
                 cut_time_ms: 7,
+                pinned: true,
+                label: "before-upgrade".into(),
             }],
+            retention: RetentionCounts {
+                last: 50,
+                hourly: 24,
+                daily: 7,
+                weekly: 0,
+                monthly: 12,
+            },
         }
     }
 

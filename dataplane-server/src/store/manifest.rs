@@ -342,6 +342,7 @@ mod obj_tests {
             created_ms: 1,
             snapshots: Vec::new(),
             clone_source: None,
+            retention: Default::default(),
         }
     }
 

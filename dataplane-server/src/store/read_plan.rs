@@ -134,6 +134,9 @@ impl Volume {
             }
             pieces.push((s, e, p));
         }
+        drop(st);
+        // A snapshot that exists and is read: retention keeps it for a while.
+        self.note_read(snap_id);
         Ok(ReadPlan {
             block_size: bs,
             pieces,

@@ -441,6 +441,8 @@ impl Upload {
             generation: self.generation,
             segments: vec![self.snap_id],
             cut_time_ms: self.cut_time_ms,
+            pinned: false,
+            label: String::new(),
         };
         let (new_manifest, mut tags) = {
             let st = volume.state.borrow();

@@ -63,6 +63,8 @@ pub struct VolumeSummary {
     /// Cut time of the chain head on the compute node, 0 when none or unknown.
     pub latest_cut_ms: u64,
     pub created_ms: u64,
+    /// The retention policy (all zero: none).
+    pub retention: super::format::RetentionCounts,
 }
 
 impl VolumeSummary {
@@ -118,6 +120,8 @@ pub struct Volume {
     pub(super) state: RefCell<VolumeState>,
     /// For a clone: its source, opened at the first read that needs it.
     pub(super) source_view: RefCell<Option<Rc<SourceView>>>,
+    /// When each snapshot was last read (retention keeps snapshots being read).
+    pub(super) reads: RefCell<HashMap<u64, std::time::Instant>>,
 }
 
 impl Volume {
@@ -159,6 +163,7 @@ impl Volume {
             created_ms: now_ms(),
             snapshots: Vec::new(),
             clone_source,
+            retention: Default::default(),
         };
         let dir = match backend {
             Backend::Local { volumes_dir } => {
@@ -225,6 +230,7 @@ impl Volume {
                 tags: HashMap::new(),
             }),
             source_view: RefCell::new(None),
+            reads: RefCell::new(HashMap::new()),
         }))
     }
 
@@ -255,6 +261,7 @@ impl Volume {
             upload_epoch: Cell::new(0),
             state: RefCell::new(state),
             source_view: RefCell::new(None),
+            reads: RefCell::new(HashMap::new()),
         })))
     }
 
@@ -301,6 +308,7 @@ impl Volume {
             latest_commit_ms: m.snapshots.last().map_or(0, |s| s.commit_time_ms),
             latest_cut_ms: m.snapshots.last().map_or(0, |s| s.cut_time_ms),
             created_ms: m.created_ms,
+            retention: m.retention,
         }
     }
 
