@@ -85,6 +85,12 @@ pub enum Cmd {
         /// the outbox (exit status 2).
         #[arg(long, default_value_t = 60_000)]
         timeout_ms: u64,
+        /// Pin the new snapshot: retention never removes it until `snapshots unpin`.
+        #[arg(long)]
+        pin: bool,
+        /// A label for the pinned snapshot, e.g. before-upgrade (implies --pin).
+        #[arg(long)]
+        label: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -651,8 +657,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             names,
             container,
             timeout_ms,
+            pin,
+            label,
             json,
-        } => snapshot_cmd(names, container.as_deref(), timeout_ms, json),
+        } => snapshot_cmd(
+            names,
+            container.as_deref(),
+            timeout_ms,
+            (pin || label.is_some()).then(|| label.unwrap_or_default()),
+            json,
+        ),
         Cmd::Agent(a) => crate::agent::run(a.resolve()?),
         Cmd::Top { interval_ms, once } => crate::top::run(interval_ms, once),
         Cmd::Recover {
@@ -737,10 +751,27 @@ fn container_volumes(container: &str) -> anyhow::Result<Vec<String>> {
     Ok(v)
 }
 
+/// Pins `name@id` through the volume's daemon (which holds the data-plane credentials).
+fn pin_through_daemon(name: &str, id: u64, label: &str) -> anyhow::Result<()> {
+    let info = attached(name)?;
+    control::request(
+        &info.socket,
+        &Request::Pin {
+            snap_id: id,
+            pinned: true,
+            label: label.to_string(),
+        },
+        Some(Duration::from_secs(30)),
+    )
+    .with_context(|| format!("pin {name}@{id}"))?;
+    Ok(())
+}
+
 fn snapshot_cmd(
     mut names: Vec<String>,
     container: Option<&str>,
     timeout_ms: u64,
+    pin: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
     if let Some(c) = container {
@@ -793,6 +824,9 @@ fn snapshot_cmd(
                 .unwrap_or(false);
             let frozen = r.get("frozen").and_then(|x| x.as_bool()).unwrap_or(false);
             all &= committed;
+            if let (Some(label), true) = (&pin, committed) {
+                pin_through_daemon(name, id, label)?;
+            }
             if !json {
                 println!(
                     "{name}@{id}{}{}",
@@ -822,7 +856,7 @@ fn snapshot_cmd(
         return Ok(());
     }
     match names.as_slice() {
-        [one] => snapshot(one, timeout_ms, json),
+        [one] => snapshot(one, timeout_ms, pin.as_deref(), json),
         _ => bail!(
             "a snapshot of several volumes at one moment needs the deltavol agent to manage them all (it freezes their filesystems together); not managed by it: {}",
             names.iter().filter(|n| !managed.contains(n)).cloned().collect::<Vec<_>>().join(", ")
@@ -830,7 +864,7 @@ fn snapshot_cmd(
     }
 }
 
-fn snapshot(name: &str, timeout_ms: u64, json: bool) -> anyhow::Result<()> {
+fn snapshot(name: &str, timeout_ms: u64, pin: Option<&str>, json: bool) -> anyhow::Result<()> {
     let info = attached(name)?;
     let v = control::request(&info.socket, &Request::Snapshot { timeout_ms }, None)?;
     let id = v.get("snapshot").and_then(|x| x.as_u64()).unwrap_or(0);
@@ -838,6 +872,9 @@ fn snapshot(name: &str, timeout_ms: u64, json: bool) -> anyhow::Result<()> {
         .get("committed")
         .and_then(|x| x.as_bool())
         .unwrap_or(false);
+    if let (Some(label), true) = (pin, committed) {
+        pin_through_daemon(name, id, label)?;
+    }
     if json {
         println!("{}", serde_json::to_string(&v)?);
     } else if committed {

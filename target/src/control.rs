@@ -37,6 +37,14 @@ pub enum Request {
         epoch: u64,
         timeout_ms: u64,
     },
+    /// Pin (or unpin) committed snapshot `snap_id` of this volume on the data plane, with a
+    /// label (empty: none).
+    Pin {
+        snap_id: u64,
+        pinned: bool,
+        #[serde(default)]
+        label: String,
+    },
     /// Stop the device after a final flush.
     Stop,
     /// Scrub: cut a snapshot, then compare the backing file with it on the data plane

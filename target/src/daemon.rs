@@ -322,6 +322,27 @@ impl Daemon {
                     serde_json::json!({ "error": format!("flush of epoch {epoch} failed: {e}") })
                 }
             },
+            Request::Pin {
+                snap_id,
+                pinned,
+                label,
+            } => {
+                let Some(ship) = &self.volume.ship else {
+                    return serde_json::json!({ "error": "this volume ships no snapshots: attach it with --dataplane ADDR --auth-token-file F" });
+                };
+                let r = ship.connect().map_err(|e| e.to_string()).and_then(|mut c| {
+                    c.pin_snapshot(snap_id, pinned, &label)
+                        .map_err(|e| e.to_string())
+                });
+                match r {
+                    Ok(s) => {
+                        serde_json::json!({ "snapshot": s.snap_id, "pinned": s.pinned, "label": s.label })
+                    }
+                    Err(e) => {
+                        serde_json::json!({ "error": format!("pin snapshot {snap_id}: {e}") })
+                    }
+                }
+            }
             Request::Stop => {
                 self.stop();
                 serde_json::json!({ "stopping": true })
