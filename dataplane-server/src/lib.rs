@@ -30,7 +30,10 @@
 //! | `Commit{snap_id, extent_count, total_bytes}` | `Committed{SnapshotInfo}` once durable |
 //! | `ListSnapshots{after_snap_id, max_count}` | `SnapshotList{snapshots, more}` (pages of ≤ 256) |
 //! | `ReadExtents{snap_id, lba, nblocks}` | `ReadData{extents, last}` + payload, repeated until `last` |
-//! | `DeleteSnapshot{snap_id}` | `Deleted{snap_id, merged_into}` (`DeleteHead` for the head, `InUse` when a clone depends on it) |
+//! | `DeleteSnapshot{snap_id}` | `Deleted{snap_id, merged_into}` (`DeleteHead` for the head, `InUse` when a clone depends on it or it is pinned) |
+//! | `SetRetention{policy}` | `VolumeInfo` (with `retention`); the policy is applied at once and after every commit ([`retention`]) |
+//! | `PinSnapshot{snap_id, pinned, label}` | `Pinned{SnapshotInfo}` (with `pinned`, `label`) |
+//! | `Prune{dry_run}` | `Pruned{deleted, kept, kept_for, dry_run}` |
 //! | `NewGeneration{}` | `VolumeInfo` with the new generation (durable); older writers are fenced |
 //! | `CloneVolume{source_volume, source_snap_id}` | `VolumeInfo` of the new clone (`VolumeExists`, `NoSuchVolume`, `NoSuchSnapshot`) |
 //!

@@ -81,6 +81,70 @@ for id in $ids; do
     round=$((round + 1))
 done
 
+# --- Retention on the real device: a pinned snapshot, snapshots being read (the exports
+# above read them), a policy applied after each commit, and the newest snapshot exact after
+# the snapshots before it were merged into it.
+DPA="--dataplane $ADDR --auth-token-file $TOK"
+check remount mount -t ext4 "$DEV" "$MNT" || abort remount "cannot mount again"
+# snap_round N [ARGS...]: files of round N, a frozen snapshot (ARGS to `deltavol snapshot`);
+# sets SNAP to its id.
+snap_round() {
+    _sr=$1
+    shift
+    mkdir -p "$MNT/round$_sr"
+    make_tree "$MNT/round$_sr" 4 64 || fail "write-$_sr" "could not write files"
+    (cd "$MNT" && find . -path ./lost+found -prune -o -type f -print | sort | xargs sha256sum) >"$DRILL_TMP/sums.$_sr"
+    sync
+    fsfreeze --freeze "$MNT"
+    SNAP=$(run_timeout 120 "$DV" snapshot "$NAME" "$@" 2>"$DRILL_TMP/snap.err.$_sr" | tail -n 1)
+    fsfreeze --unfreeze "$MNT"
+    if [ -n "$SNAP" ]; then pass "snapshot-$_sr"; else
+        fail "snapshot-$_sr" "$(tr '\n' ' ' <"$DRILL_TMP/snap.err.$_sr")"; fi
+}
+snap_round 4 --pin --label drill
+P=$SNAP
+# shellcheck disable=SC2086
+"$DV" snapshots "$NAME" $DPA >"$DRILL_TMP/list.4" 2>&1
+if grep -Eq "^ +$P .*pinned drill$" "$DRILL_TMP/list.4"; then pass pinned-listed; else
+    fail pinned-listed "$(tail -n 3 "$DRILL_TMP/list.4" | tr '\n' '|')"; fi
+# shellcheck disable=SC2086
+check retention-set "$DV" snapshots retention "$NAME" last=1 $DPA
+snap_round 5
+# shellcheck disable=SC2086
+check unpin "$DV" snapshots unpin "$NAME@$P" $DPA
+snap_round 6
+R=$SNAP
+# The policy ran after the commit of R: the unpinned P and snapshot 5 went; the three the
+# exports read stay (a hydration reading them would be cut off), R is the head.
+# shellcheck disable=SC2086
+"$DV" snapshots prune "$NAME" --dry-run --json $DPA >"$DRILL_TMP/prune.json" 2>&1
+# shellcheck disable=SC2086
+got=$("$DV" snapshots "$NAME" --json $DPA 2>/dev/null | grep -o '"id": [0-9]*' | sed 's/"id": //' | tr '\n' ' ')
+# shellcheck disable=SC2086,SC2116
+want="$(echo $ids) $R "
+if [ "$got" = "$want" ]; then pass retention-applied; else
+    fail retention-applied "kept '$got', expected '$want'"; fi
+if grep -q '"being read"' "$DRILL_TMP/prune.json"; then pass read-snapshots-protected; else
+    fail read-snapshots-protected "$(tr -d '\n' <"$DRILL_TMP/prune.json" | head -c 300)"; fi
+check umount-2 umount "$MNT"
+img=$MED/img.last
+# shellcheck disable=SC2086
+if run_timeout 300 "$DV" export "$NAME@$R" $DPA --output "$img" >/dev/null 2>"$DRILL_TMP/export.err"; then
+    check fsck-after-merge e2fsck -fn "$img"
+    LOOPDEV=$(loop_attach "$img") || abort loop-last "no loop device"
+    if mount -t ext4 -o ro,noload "$LOOPDEV" "$IMG_MNT"; then
+        (cd "$IMG_MNT" && find . -path ./lost+found -prune -o -type f -print | sort | xargs sha256sum) >"$DRILL_TMP/got.6"
+        if cmp -s "$DRILL_TMP/sums.6" "$DRILL_TMP/got.6"; then pass files-after-merge; else
+            fail files-after-merge "snapshot $R differs after its predecessors merged into it"; fi
+        umount "$IMG_MNT"
+    else
+        fail mount-image-last "cannot mount the image of snapshot $R"
+    fi
+    losetup -d "$LOOPDEV"
+else
+    fail export-last "$(tail -n 2 "$DRILL_TMP/export.err" | tr '\n' ' ')"
+fi
+
 check del dv_del "$NAME"
 kill "$DP_PID" 2>/dev/null
 wait_pid_gone "$DP_PID" 10 || kill -9 "$DP_PID" 2>/dev/null
