@@ -1676,6 +1676,9 @@ fn print_status(v: &serde_json::Value) {
         u("depth")
     );
     println!("size:          {}", format_size(u("size_bytes")));
+    if let Some(m) = v.get("metrics_url").and_then(|x| x.as_str()) {
+        println!("metrics:       {m}");
+    }
     println!("cache dir:     {}", s("cache_dir"));
     println!("backing:       {}", s("backing"));
     println!(

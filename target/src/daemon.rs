@@ -223,6 +223,8 @@ fn kill_device(dev_id: u32) -> anyhow::Result<()> {
 
 struct Daemon {
     volume: Arc<Volume>,
+    /// Where the volume's Prometheus metrics are served (`--metrics-listen`).
+    metrics_addr: Option<std::net::SocketAddr>,
     info: Mutex<Option<RunInfo>>,
     stopping: AtomicBool,
 }
@@ -269,6 +271,9 @@ impl Daemon {
                         serde_json::to_value(&info.backing).unwrap_or_default(),
                     );
                     o.insert("started_unix_ms".into(), info.started_unix_ms.into());
+                }
+                if let (Some(a), Some(o)) = (self.metrics_addr, v.as_object_mut()) {
+                    o.insert("metrics_url".into(), format!("http://{a}/metrics").into());
                 }
                 v
             }
@@ -564,6 +569,7 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
 
     let d = Arc::new(Daemon {
         volume: volume.clone(),
+        metrics_addr: _metrics.as_ref().map(|m| m.local_addr()),
         info: Mutex::new(None),
         stopping: AtomicBool::new(false),
     });
