@@ -84,6 +84,9 @@ if [ "${writes:-0}" -gt 0 ] 2>/dev/null && [ "${flushes:-0}" -gt 0 ] 2>/dev/null
 else
     fail metrics "GET http://$METRICS/metrics: writes=${writes:-none} flushes=${flushes:-none}: $(echo "$metrics" | head -c 400)"
 fi
+# `status` names the endpoint.
+if "$DV" status "$NAME" 2>&1 | grep -qx "metrics: *http://$METRICS/metrics"; then pass status-metrics-url; else
+    fail status-metrics-url "$("$DV" status "$NAME" 2>&1 | head -c 300)"; fi
 
 check umount umount "$MNT"
 
