@@ -757,3 +757,55 @@ fn attach_arguments_are_what_deltavol_takes() {
         assert!(dbg.contains("last=50,hourly=24"), "{dbg}");
     }
 }
+
+/// The plugin socket itself: HTTP over a unix socket, as dockerd speaks it; a second agent on
+/// the same socket is refused; a stale socket file left by a crash is replaced.
+#[test]
+fn the_plugin_socket_speaks_http() {
+    use std::io::{Read, Write};
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("plugins/deltavol.sock");
+    let m = Arc::new(VolumeManager::open(cfg(d.path(), true), Fake::default()).unwrap());
+    let post = |path: &str, body: &str| -> String {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    // A stale socket file (a crashed agent's) does not stop the start.
+    std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let _t = deltavol::agent::docker::serve(&sock, m.clone()).unwrap();
+    let r = post("/Plugin.Activate", "{}");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(
+        r.contains("application/vnd.docker.plugins.v1.2+json"),
+        "{r}"
+    );
+    assert!(r.ends_with("{\"Implements\":[\"VolumeDriver\"]}"), "{r}");
+    let r = post(
+        "/VolumeDriver.Create",
+        r#"{"Name":"db1","Opts":{"size":"lots"}}"#,
+    );
+    assert!(r.contains("size=\\\"lots\\\""), "{r}");
+    let r = post(
+        "/VolumeDriver.Create",
+        r#"{"Name":"db1","Opts":{"size":"1GiB"}}"#,
+    );
+    assert!(r.ends_with("{\"Err\":\"\"}"), "{r}");
+    let r = post("/VolumeDriver.List", "");
+    assert!(r.contains("\"Name\":\"db1\""), "{r}");
+    // Only root may connect.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A second agent on the same socket is refused.
+    let e = deltavol::agent::docker::serve(&sock, m).unwrap_err();
+    assert!(format!("{e:#}").contains("another agent"), "{e:#}");
+}

@@ -183,23 +183,9 @@ pub fn serve<R: Runtime + 'static>(
     Ok(t)
 }
 
-/// Binds a unix socket for root only, replacing a stale socket file left by a crash.
+/// The plugin socket, served by tiny_http.
 fn bind(socket: &Path) -> anyhow::Result<tiny_http::Server> {
-    use anyhow::Context;
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(d) = socket.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
-    }
-    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        anyhow::bail!(
-            "{} is in use: another agent runs on this node",
-            socket.display()
-        );
-    }
-    let _ = std::fs::remove_file(socket);
-    let server = tiny_http::Server::http_unix(socket)
-        .map_err(|e| anyhow::anyhow!("listen on {}: {e}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod {}", socket.display()))?;
-    Ok(server)
+    let l = super::bind_socket(socket)?;
+    tiny_http::Server::from_listener(l, None)
+        .map_err(|e| anyhow::anyhow!("listen on {}: {e}", socket.display()))
 }

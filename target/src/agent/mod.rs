@@ -66,10 +66,9 @@ pub fn handle_api<R: Runtime>(m: &VolumeManager<R>, req: AgentRequest) -> serde_
     }
 }
 
-fn serve_api<R: Runtime + 'static>(
-    socket: &Path,
-    m: Arc<VolumeManager<R>>,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
+/// Binds a unix socket for root only (mode 0600), replacing a stale socket file a crash left;
+/// refused while another process answers on it (another agent).
+pub(crate) fn bind_socket(socket: &Path) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(d) = socket.parent() {
         std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
@@ -83,7 +82,16 @@ fn serve_api<R: Runtime + 'static>(
     let _ = std::fs::remove_file(socket);
     let l =
         UnixListener::bind(socket).with_context(|| format!("listen on {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", socket.display()))?;
+    Ok(l)
+}
+
+fn serve_api<R: Runtime + 'static>(
+    socket: &Path,
+    m: Arc<VolumeManager<R>>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let l = bind_socket(socket)?;
     Ok(std::thread::Builder::new()
         .name("dv-agent-api".into())
         .spawn(move || {
