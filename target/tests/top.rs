@@ -266,6 +266,8 @@ fn beta(t: Duration, now: u64) -> VolumeStatus {
 /// A tmux server of its own (`tmux -L`), with one session running a shell, killed on drop.
 struct Tmux {
     socket: String,
+    /// The server's socket file (left behind by kill-server: removed on drop).
+    socket_path: String,
 }
 
 impl Tmux {
@@ -277,8 +279,9 @@ impl Tmux {
             "tmux is needed to test `deltavol top` on a terminal and is not installed \
              (scripts/install-deps installs it; or apt-get install tmux): {found:?}"
         );
-        let t = Tmux {
+        let mut t = Tmux {
             socket: format!("deltavol-top-{tag}-{}", std::process::id()),
+            socket_path: String::new(),
         };
         t.run(&[
             "-f",
@@ -293,6 +296,7 @@ impl Tmux {
             &height.to_string(),
             "env PS1='$ ' sh",
         ]);
+        t.socket_path = t.pane("#{socket_path}");
         t
     }
 
@@ -447,6 +451,9 @@ impl Drop for Tmux {
         let _ = Command::new("tmux")
             .args(["-L", &self.socket, "kill-server"])
             .output();
+        if !self.socket_path.is_empty() {
+            let _ = std::fs::remove_file(&self.socket_path);
+        }
     }
 }
 
