@@ -14,8 +14,8 @@
 //!   keeps the selection on the same volume while others come and go; [`Model::key`] is the
 //!   keyboard; [`cells`] formats a row, with a [`Level`] per cell (warnings, errors);
 //! - drawing: the full-screen view (ratatui over crossterm: alternate screen, raw mode,
-//!   restored on exit, on SIGTERM/SIGINT/SIGHUP and on panic) and, for `--once`, the same
-//!   cells as plain text ([`plain_frame`]).
+//!   restored on exit, on SIGTERM/SIGINT and on panic; on SIGHUP, its terminal gone, it
+//!   exits at once) and, for `--once`, the same cells as plain text ([`plain_frame`]).
 //!
 //! The detail pane is the text of `deltavol status NAME`, run as a child of this binary (so it
 //! is exactly what `status` prints), refreshed with every sample while it is open.
@@ -966,10 +966,17 @@ fn status_text(name: &str) -> String {
     }
 }
 
-/// Set by SIGTERM, SIGINT and SIGHUP: the loop ends and the terminal is restored.
+/// Set by SIGTERM and SIGINT: the loop ends and the terminal is restored.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_stop_signal(_: libc::c_int) {
+extern "C" fn on_stop_signal(sig: libc::c_int) {
+    if sig == libc::SIGHUP {
+        // The terminal is gone (its window or tmux session closed): there is nothing to
+        // restore, and crossterm's poll would spin on the dead tty, reading end-of-file
+        // forever without returning. Leave at once.
+        // SAFETY: _exit is async-signal-safe and ends the process without running anything.
+        unsafe { libc::_exit(128 + libc::SIGHUP) };
+    }
     STOP.store(true, Ordering::SeqCst);
 }
 
@@ -1096,6 +1103,11 @@ mod tui {
                 }
                 dirty = true;
             }
+            // The terminal hung up (its window or tmux session closed): quit. crossterm's
+            // poll would spin on the dead tty, reading end-of-file forever.
+            if terminal_gone() {
+                break;
+            }
             if !event::poll(Duration::from_millis(50))? {
                 continue;
             }
@@ -1135,6 +1147,18 @@ mod tui {
         }
         drop(stop_tx);
         Ok(())
+    }
+
+    /// Whether standard input's terminal hung up (POLLHUP/POLLERR/POLLNVAL, or end of file).
+    fn terminal_gone() -> bool {
+        let mut p = libc::pollfd {
+            fd: 0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on the stack, valid for the call; a zero timeout never blocks.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
     }
 
     fn style(l: Level) -> Style {

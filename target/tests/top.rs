@@ -785,3 +785,31 @@ fn top_without_a_terminal_points_at_once() {
         "{err}"
     );
 }
+
+/// Its terminal closing (the window, the tmux session) ends `deltavol top` at once: nothing is
+/// left behind spinning on a dead tty (crossterm's poll would read end-of-file forever).
+#[test]
+fn top_exits_when_its_terminal_goes_away() {
+    let mut node = FakeNode::new();
+    node.add("alpha", alpha);
+    let tmux = Tmux::start("hangup", 120, 30);
+    tmux.start_top(node.run_dir(), node.run_dir(), "", "--interval-ms 200");
+    tmux.wait_for("alpha", |s| row_words(s, "alpha").is_some());
+    let pid = tmux.top_pid();
+    drop(tmux); // kill-server: the pane's terminal hangs up
+    let gone = |pid: u32| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // A zombie waiting for its new parent counts as gone.
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    };
+    let t0 = Instant::now();
+    while !gone(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "deltavol top (pid {pid}) still runs after its terminal went away"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
