@@ -1465,7 +1465,7 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
             (false, true) => String::new(),
             (false, false) => s.label.clone(),
         };
-        println!(
+        let row = format!(
             "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}  {pin}",
             s.snap_id,
             s.parent_id,
@@ -1474,6 +1474,7 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
             format_size(s.bytes),
             s.extent_count
         );
+        println!("{}", row.trim_end());
     }
     if unknown {
         println!("* cut time unknown (committed before cut times were recorded): the commit time is shown; the cut was at or before it");

@@ -70,9 +70,15 @@ fn export_as_of_a_time_and_the_listing_of_cut_times() {
         "{out}"
     );
     let lines: Vec<&str> = out.lines().collect();
+    // The policy first, then the header, then a row per snapshot.
+    assert_eq!(
+        lines[0], "retention: none (every snapshot is kept)",
+        "{out}"
+    );
+    let header = lines.iter().position(|l| l.contains("CUT TIME")).unwrap();
     for (i, cut) in cuts.iter().enumerate() {
         let t = deltavol::when::format_time_ms(*cut);
-        let line = lines[i + 1];
+        let line = lines[header + 1 + i];
         assert!(line.contains(&t), "snapshot {}: {t} in {line:?}", i + 1);
         assert_eq!(
             line.matches(" UTC").count(),
@@ -174,7 +180,7 @@ fn export_as_of_a_time_and_the_listing_of_cut_times() {
     }
     let (code, out, err) = run(&["snapshots", "oldvol"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.lines().nth(1).unwrap().contains(" UTC*"), "{out}");
+    assert!(out.lines().nth(2).unwrap().contains(" UTC*"), "{out}");
     assert!(out.contains("cut time unknown"), "{out}");
     let (_, out, _) = run(&["snapshots", "oldvol", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
