@@ -23,7 +23,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::store::{backend, lease, tools};
+use crate::store::{backend, compaction, lease, tools};
 use crate::{BackendConfig, ConnLimits, S3Config};
 
 /// The config file read when `--config` does not name one (missing is fine).
@@ -76,6 +76,46 @@ pub struct Cli {
     /// e.g. 127.0.0.1:9101. Prints "metrics on ADDR" after the "listening on" line.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub compaction: CompactionArgs,
+}
+
+/// How deleted snapshots give their space back.
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct CompactionArgs {
+    /// Rewrite a segment once less than this fraction of its bytes is still live (0..1; 0
+    /// keeps dead bytes, only the segment count per snapshot stays bounded).
+    #[arg(long, default_value_t = compaction::LIVE_RATIO_DEFAULT, value_parser = parse_ratio)]
+    pub compact_live_ratio: f64,
+    /// Bytes a second compaction reads plus writes at most, in MiB (0: unpaced).
+    #[arg(long, default_value_t = compaction::RATE_MIB_S_DEFAULT)]
+    pub compact_mib_s: u64,
+    /// Object store: how long a segment object replaced by compaction stays before it is
+    /// deleted (readers holding an older manifest, e.g. a clone on another server, may still
+    /// read it meanwhile).
+    #[arg(long, default_value_t = compaction::RETIRED_GRACE_SECS_DEFAULT)]
+    pub retired_grace_secs: u64,
+}
+
+impl CompactionArgs {
+    pub fn tuning(&self) -> compaction::Tuning {
+        compaction::Tuning {
+            live_ratio: self.compact_live_ratio,
+            retired_grace: std::time::Duration::from_secs(self.retired_grace_secs),
+            rate_bytes_s: self.compact_mib_s.saturating_mul(1 << 20),
+        }
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number between 0 and 1"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +293,9 @@ pub struct FileConfig {
     pub server_id: Option<String>,
     pub lease_ms: Option<u64>,
     pub no_create_probe: Option<bool>,
+    pub compact_live_ratio: Option<f64>,
+    pub compact_mib_s: Option<u64>,
+    pub retired_grace_secs: Option<u64>,
 }
 
 /// A config file that cannot be used: which file, where, and why.
@@ -347,7 +390,22 @@ impl FileConfig {
                 })
             }
         };
-        FileConfig::parse(path, &text).map(Some)
+        let cfg = FileConfig::parse(path, &text)?;
+        if let Some(v) = cfg.compact_live_ratio {
+            if !(0.0..=1.0).contains(&v) {
+                let line = text
+                    .lines()
+                    .position(|l| l.trim_start().starts_with("compact_live_ratio"))
+                    .map(|n| n + 1);
+                return Err(ConfigError {
+                    path: path.to_path_buf(),
+                    line,
+                    key: Some("compact_live_ratio".into()),
+                    message: format!("{v} is not between 0 and 1"),
+                });
+            }
+        }
+        Ok(Some(cfg))
     }
 }
 
@@ -497,6 +555,20 @@ impl Cli {
             "frame_timeout_ms",
             &mut l.frame_timeout_ms,
             f.frame_timeout_ms,
+        );
+        let c = &mut self.compaction;
+        set(
+            m,
+            "compact_live_ratio",
+            &mut c.compact_live_ratio,
+            f.compact_live_ratio,
+        );
+        set(m, "compact_mib_s", &mut c.compact_mib_s, f.compact_mib_s);
+        set(
+            m,
+            "retired_grace_secs",
+            &mut c.retired_grace_secs,
+            f.retired_grace_secs,
         );
         self.store.apply(file, m);
     }

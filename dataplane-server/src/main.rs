@@ -73,6 +73,7 @@ fn serve(args: Cli) -> anyhow::Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let backend = args.store.backend_config()?;
+    args.compaction.tuning().apply();
     // Bound first: a bad --metrics-listen fails before the store is opened.
     let metrics_listener = args
         .metrics_listen

@@ -794,6 +794,8 @@ async fn load_volumes(shard: &Shard) -> Result<(), ServerError> {
                         .or_default()
                         .insert(name.clone());
                 }
+                // Work a crash or a restart interrupted (dead bytes, retired objects).
+                v.kick_compaction();
                 shard.insert_volume(name, v);
             }
             Ok(None) => {
@@ -1542,6 +1544,7 @@ impl Conn {
                 .registry
                 .begin_delete(&self.volume_name, m.snap_id())?;
             let merged_into = v.delete_snapshot(m.snap_id()).await?;
+            v.kick_compaction();
             let body = wire::Deleted::create(
                 &mut self.out.fbb,
                 &wire::DeletedArgs {
@@ -1872,6 +1875,9 @@ impl Conn {
         let v = self.require_own_volume()?;
         let policy = Policy::from(v.retention());
         if policy.keeps_all() && !dry_run {
+            if v.has_retired() {
+                v.kick_compaction();
+            }
             return Ok(RetentionOutcome::default());
         }
         let chain = v.chain();
@@ -1911,6 +1917,9 @@ impl Conn {
             }
         }
         if dry_run || doomed.is_empty() {
+            if !dry_run && v.has_retired() {
+                v.kick_compaction();
+            }
             out.deleted = doomed;
             return Ok(out);
         }
@@ -1930,6 +1939,9 @@ impl Conn {
         let merged = v.delete_snapshots(&ids).await?;
         drop(guards);
         out.deleted = merged.into_iter().map(|m| m.0).collect();
+        if !out.deleted.is_empty() || v.has_retired() {
+            v.kick_compaction();
+        }
         if !out.deleted.is_empty() {
             tracing::info!(volume = %self.volume_name, policy = %policy, deleted = out.deleted.len(), "retention applied");
         }

@@ -624,6 +624,22 @@ impl ObjBackend {
             .map_err(|e| obj_err(ctx, e))
     }
 
+    /// Objects under `rel` whose keys sort after `rel`/`after` (S3's `start-after`).
+    pub async fn list_after(&self, rel: &str, after: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let store = self.store();
+        let p = self.key(rel);
+        let offset = self.key(&format!("{rel}/{after}"));
+        let ctx = format!("list {p} after {offset}");
+        self.run(async move {
+            store
+                .list_with_offset(Some(&p), &offset)
+                .try_collect::<Vec<_>>()
+                .await
+        })
+        .await?
+        .map_err(|e| obj_err(ctx, e))
+    }
+
     /// Names of the "directories" right under `rel/`.
     pub async fn list_dirs(&self, rel: &str) -> Result<Vec<String>, StoreError> {
         let store = self.store();
@@ -737,6 +753,41 @@ pub fn manifest_rel(volume: &str, seq: u64) -> String {
     format!("volumes/{volume}/manifest/{seq:020}.dvm")
 }
 
+/// `volumes/<name>/floor.dvf`: every manifest numbered below the floor was deleted (trimmed).
+pub fn floor_rel(volume: &str) -> String {
+    format!("volumes/{volume}/floor.dvf")
+}
+
+pub const FLOOR_MAGIC: [u8; 8] = *b"DVFLOOR1";
+
+/// The floor object: magic 8 | floor 8 | crc32c 4 (of the first 16 bytes).
+pub fn encode_floor(floor: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(20);
+    out.extend_from_slice(&FLOOR_MAGIC);
+    out.extend_from_slice(&floor.to_le_bytes());
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+pub fn decode_floor(buf: &[u8], what: &str) -> Result<u64, StoreError> {
+    if buf.len() != 20
+        || buf[..8] != FLOOR_MAGIC
+        || crc32c::crc32c(&buf[..16]).to_le_bytes() != buf[16..20]
+    {
+        return Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!("{what}: not a manifest floor (bad length, magic or crc32c)"),
+        ));
+    }
+    Ok(u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes")))
+}
+
+/// The name of manifest number `seq` inside `volumes/<name>/manifest/`.
+pub fn manifest_file_name(seq: u64) -> String {
+    format!("{seq:020}.dvm")
+}
+
 /// `volumes/<name>/seg/<snap>-<tag>.seg`
 pub fn segment_rel(volume: &str, snap_id: u64, tag: u128) -> String {
     format!("volumes/{volume}/seg/{snap_id:020}-{tag:032x}.seg")
@@ -758,6 +809,21 @@ pub const OBJ_MANIFEST_MAGIC: [u8; 8] = *b"DVOMANI\x01";
 pub const OBJ_MANIFEST_VERSION: u32 = 1;
 const OBJ_MANIFEST_HEADER_BYTES: usize = 56;
 const OBJ_TAG_BYTES: usize = 24;
+const OBJ_RETIRED_BYTES: usize = 32;
+/// Envelope feature bit: a retired-segment section follows the tags.
+pub const OBJ_FEATURE_RETIRED: u32 = 1;
+/// Cap on the retired segments one manifest carries.
+pub const OBJ_MANIFEST_RETIRED_MAX: usize = 1 << 20;
+
+/// A segment object no snapshot names any more (compaction replaced it), kept until the grace
+/// period after `retired_ms` has passed: a reader that loaded an older manifest (a clone's view
+/// on another server, a read in flight) may still fetch it. Then the server deletes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retired {
+    pub id: u64,
+    pub tag: u128,
+    pub retired_ms: u64,
+}
 
 /// A numbered manifest object: who wrote it, and the segment tags, around the manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -766,29 +832,48 @@ pub struct ObjManifest {
     pub writer_generation: u64,
     /// Segment id (its snapshot id) → upload tag naming its object.
     pub tags: HashMap<u64, u128>,
+    /// Segment objects replaced by compaction, waiting for their grace period to end.
+    pub retired: Vec<Retired>,
     /// The manifest in the format of [`super::format::encode_manifest`].
     pub manifest: Vec<u8>,
 }
 
 /// Envelope: magic 8 | version 4 | features 4 | nonce 16 | writer generation 8 | tag count 4 |
-/// reserved 4 | manifest length 8 | tags (seg id 8, tag 16)* | manifest | crc32c 4 (of all before).
+/// retired count 4 | manifest length 8 | tags (seg id 8, tag 16)* | retired (seg id 8, tag 16,
+/// retired ms 8)* | manifest | crc32c 4 (of all before). The retired section is there only with
+/// feature bit [`OBJ_FEATURE_RETIRED`] (set when it is not empty, so an envelope without one
+/// stays readable by older builds).
 pub fn encode_obj_manifest(m: &ObjManifest) -> Vec<u8> {
     let mut tags: Vec<(u64, u128)> = m.tags.iter().map(|(k, v)| (*k, *v)).collect();
     tags.sort_unstable();
+    let features = if m.retired.is_empty() {
+        0
+    } else {
+        OBJ_FEATURE_RETIRED
+    };
     let mut out = Vec::with_capacity(
-        OBJ_MANIFEST_HEADER_BYTES + tags.len() * OBJ_TAG_BYTES + m.manifest.len() + 4,
+        OBJ_MANIFEST_HEADER_BYTES
+            + tags.len() * OBJ_TAG_BYTES
+            + m.retired.len() * OBJ_RETIRED_BYTES
+            + m.manifest.len()
+            + 4,
     );
     out.extend_from_slice(&OBJ_MANIFEST_MAGIC);
     out.extend_from_slice(&OBJ_MANIFEST_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&features.to_le_bytes());
     out.extend_from_slice(&m.nonce);
     out.extend_from_slice(&m.writer_generation.to_le_bytes());
     out.extend_from_slice(&(tags.len() as u32).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(m.retired.len() as u32).to_le_bytes());
     out.extend_from_slice(&(m.manifest.len() as u64).to_le_bytes());
     for (id, tag) in tags {
         out.extend_from_slice(&id.to_le_bytes());
         out.extend_from_slice(&tag.to_le_bytes());
+    }
+    for r in &m.retired {
+        out.extend_from_slice(&r.id.to_le_bytes());
+        out.extend_from_slice(&r.tag.to_le_bytes());
+        out.extend_from_slice(&r.retired_ms.to_le_bytes());
     }
     out.extend_from_slice(&m.manifest);
     let crc = crc32c::crc32c(&out);
@@ -813,12 +898,12 @@ pub fn decode_obj_manifest(buf: &[u8], what: &str) -> Result<ObjManifest, StoreE
     let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
     let version = u32_at(8);
     let features = u32_at(12);
-    if version != OBJ_MANIFEST_VERSION || features != 0 {
+    if version != OBJ_MANIFEST_VERSION || features & !OBJ_FEATURE_RETIRED != 0 {
         return Err(StoreError::new(
             StoreErrorKind::Unsupported,
             format!(
                 "{what}: envelope version {version} features {features:#x}; this build reads \
-                 version {OBJ_MANIFEST_VERSION} without features"
+                 version {OBJ_MANIFEST_VERSION} with features {OBJ_FEATURE_RETIRED:#x} at most"
             ),
         ));
     }
@@ -826,11 +911,19 @@ pub fn decode_obj_manifest(buf: &[u8], what: &str) -> Result<ObjManifest, StoreE
     nonce.copy_from_slice(&body[16..32]);
     let writer_generation = u64_at(32);
     let ntags = u32_at(40) as usize;
+    let nretired = u32_at(44) as usize;
     let mlen = u64_at(48);
     if ntags > OBJ_MANIFEST_TAGS_MAX {
         return Err(corrupt("too many segment tags"));
     }
-    let tags_end = OBJ_MANIFEST_HEADER_BYTES + ntags * OBJ_TAG_BYTES;
+    if nretired > OBJ_MANIFEST_RETIRED_MAX {
+        return Err(corrupt("too many retired segments"));
+    }
+    if (nretired != 0) != (features & OBJ_FEATURE_RETIRED != 0) {
+        return Err(corrupt("retired count and feature bit disagree"));
+    }
+    let retired_at = OBJ_MANIFEST_HEADER_BYTES + ntags * OBJ_TAG_BYTES;
+    let tags_end = retired_at + nretired * OBJ_RETIRED_BYTES;
     if tags_end as u64 + mlen != body.len() as u64 {
         return Err(corrupt("lengths do not add up"));
     }
@@ -843,10 +936,21 @@ pub fn decode_obj_manifest(buf: &[u8], what: &str) -> Result<ObjManifest, StoreE
             return Err(corrupt("a segment has two tags"));
         }
     }
+    let retired = (0..nretired)
+        .map(|i| {
+            let at = retired_at + i * OBJ_RETIRED_BYTES;
+            Retired {
+                id: u64_at(at),
+                tag: u128::from_le_bytes(body[at + 8..at + 24].try_into().expect("16 bytes")),
+                retired_ms: u64_at(at + 24),
+            }
+        })
+        .collect();
     Ok(ObjManifest {
         nonce,
         writer_generation,
         tags,
+        retired,
         manifest: body[tags_end..].to_vec(),
     })
 }
@@ -890,10 +994,29 @@ mod tests {
             tags: [(3u64, 0xdead_beefu128), (9, u128::MAX)]
                 .into_iter()
                 .collect(),
+            retired: Vec::new(),
             manifest: b"manifest bytes".to_vec(),
         };
         let enc = encode_obj_manifest(&m);
         assert_eq!(decode_obj_manifest(&enc, "m").unwrap(), m);
+        // Without retired segments the envelope has no feature bit (older builds read it).
+        assert_eq!(enc[12..16], [0, 0, 0, 0]);
+        let mut with_retired = m.clone();
+        with_retired.retired = vec![
+            Retired {
+                id: 1 << 63 | 5,
+                tag: 0xabcd,
+                retired_ms: 1_700_000_000_000,
+            },
+            Retired {
+                id: 4,
+                tag: 1,
+                retired_ms: 2,
+            },
+        ];
+        let enc2 = encode_obj_manifest(&with_retired);
+        assert_eq!(decode_obj_manifest(&enc2, "m").unwrap(), with_retired);
+        assert_eq!(enc2[12..16], OBJ_FEATURE_RETIRED.to_le_bytes());
         for i in [0, 9, 20, 40, enc.len() - 20, enc.len() - 1] {
             let mut bad = enc.clone();
             bad[i] ^= 0x10;

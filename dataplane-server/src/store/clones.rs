@@ -17,11 +17,14 @@ use super::volume::Volume;
 pub const CLONE_DEPTH_MAX: usize = 16;
 
 /// A read-only view of a clone's source as of the source snapshot, opened by the clone's
-/// shard from the source's files: the source snapshot and every one before it are immutable
-/// (their segment files are never rewritten; a deleted predecessor's segment is merged by
-/// reference into the next snapshot, which keeps the content as of the source snapshot
-/// unchanged) and the source snapshot itself cannot be deleted while a clone depends on it.
-/// So the view, once built, stays exact without coordination with the source's owner shard.
+/// shard from the source's files: the content of the source snapshot and of every one before
+/// it never changes (a deleted predecessor merges into the next snapshot, which keeps the
+/// content as of the source snapshot; compaction rewrites segments into new ones with the
+/// same content), and the source snapshot itself cannot be deleted while a clone depends on
+/// it. So the view, once built, stays exact without coordination with the source's owner
+/// shard, as long as the segments it opened exist: on local disk an open file outlives its
+/// removal; on an object store a replaced segment object stays for the retired grace period,
+/// so the view is rebuilt from the current manifest after half of it.
 #[derive(Debug)]
 pub(super) struct SourceView {
     /// The source's layers up to and including the source snapshot, oldest first.
@@ -29,6 +32,7 @@ pub(super) struct SourceView {
     pub(super) segments: HashMap<u64, Rc<Segment>>,
     /// The source's own clone source, if the source is itself a clone.
     pub(super) next: Option<Rc<SourceView>>,
+    loaded_at: std::time::Instant,
 }
 
 impl SourceView {
@@ -87,20 +91,44 @@ impl SourceView {
             layers,
             segments,
             next,
+            loaded_at: std::time::Instant::now(),
         }))
+    }
+
+    /// [`SourceView::load`], tried again when a segment went away between the manifest read
+    /// and its open (a compaction of the source replaced it).
+    async fn load_retrying(
+        backend: &Backend,
+        src: &CloneSourceData,
+    ) -> Result<Rc<SourceView>, StoreError> {
+        let mut tries = 0;
+        loop {
+            match SourceView::load(backend, src, 1).await {
+                Err(e) if tries < 3 && e.kind() == StoreErrorKind::Damaged => {
+                    tries += 1;
+                    tracing::info!(source = %src.volume, error = %e, "clone source changed while opening it: again");
+                }
+                r => return r,
+            }
+        }
     }
 }
 
 impl Volume {
     /// The clone's source view, opened on first use.
     pub(super) async fn source_view(&self) -> Result<Option<Rc<SourceView>>, StoreError> {
+        let refresh_after = super::compaction::Tuning::current().retired_grace / 2;
         if let Some(v) = self.source_view.borrow().as_ref() {
-            return Ok(Some(Rc::clone(v)));
+            if matches!(self.backend, Backend::Local { .. })
+                || v.loaded_at.elapsed() < refresh_after
+            {
+                return Ok(Some(Rc::clone(v)));
+            }
         }
         let Some(src) = self.clone_source() else {
             return Ok(None);
         };
-        let view = SourceView::load(&self.backend, &src, 1).await?;
+        let view = SourceView::load_retrying(&self.backend, &src).await?;
         *self.source_view.borrow_mut() = Some(Rc::clone(&view));
         Ok(Some(view))
     }

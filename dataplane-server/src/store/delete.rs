@@ -18,7 +18,7 @@ impl Volume {
     /// Crash-safe: local, the directory is renamed to a hidden tombstone (`.deleted-…`,
     /// never a valid volume name) and the parent synced before it is removed, so the volume
     /// is either whole or gone; a tombstone left by a crash is removed at the next start.
-    /// Object store: every manifest but the newest is deleted first, then the newest (from
+    /// Object store: the manifest trim floor, then every manifest but the newest, then the newest (from
     /// then on the volume does not exist), then the segments; a crash leaves either the
     /// volume at its newest state or unreferenced segments that a repeated delete or `gc`
     /// removes.
@@ -54,6 +54,9 @@ impl Volume {
                 }
             }
             Backend::Object(obj) => {
+                // The trim floor first: a new volume of this name starts numbering at 1.
+                obj.delete(&obj.key(&backend::floor_rel(&self.name)))
+                    .await?;
                 let mut manifests: Vec<(u64, object_store::path::Path)> = obj
                     .list(&format!("volumes/{}/manifest", self.name))
                     .await?

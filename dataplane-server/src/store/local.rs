@@ -5,10 +5,31 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use super::compaction::COMPACT_ID_BIT;
 use super::error::{io_at, StoreError};
 
-pub(super) fn segment_name(snap_id: u64) -> String {
-    format!("snap-{snap_id}.seg")
+/// The file of segment `id`: `snap-<id>.seg` for a snapshot's own segment, `compact-<n>.seg`
+/// for one written by compaction (id [`super::compaction::COMPACT_ID_BIT`] | n).
+pub(super) fn segment_name(id: u64) -> String {
+    if id & COMPACT_ID_BIT != 0 {
+        format!("compact-{}.seg", id & !COMPACT_ID_BIT)
+    } else {
+        format!("snap-{id}.seg")
+    }
+}
+
+/// The segment id a file name stands for (the inverse of [`segment_name`]).
+pub(super) fn parse_segment_file(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".seg")?;
+    if let Some(n) = stem.strip_prefix("snap-") {
+        n.parse::<u64>().ok().filter(|id| id & COMPACT_ID_BIT == 0)
+    } else {
+        stem.strip_prefix("compact-")?
+            .parse::<u64>()
+            .ok()
+            .filter(|n| n & COMPACT_ID_BIT == 0)
+            .map(|n| n | COMPACT_ID_BIT)
+    }
 }
 
 pub(super) const MANIFEST_NAME: &str = "MANIFEST";
@@ -55,12 +76,10 @@ pub(super) fn remove_stray_files(dir: &Path, referenced: &HashSet<u64>) -> Resul
         };
         let stray = if fname.ends_with(TMP_SUFFIX) {
             true
-        } else if let Some(id) = fname
-            .strip_prefix("snap-")
-            .and_then(|s| s.strip_suffix(".seg"))
+        } else if fname.ends_with(".seg")
+            && (fname.starts_with("snap-") || fname.starts_with("compact-"))
         {
-            id.parse::<u64>()
-                .map_or(true, |id| !referenced.contains(&id))
+            parse_segment_file(fname).is_none_or(|id| !referenced.contains(&id))
         } else {
             false
         };
@@ -71,4 +90,20 @@ pub(super) fn remove_stray_files(dir: &Path, referenced: &HashSet<u64>) -> Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_round_trip() {
+        for id in [1, 42, COMPACT_ID_BIT - 1, COMPACT_ID_BIT | 7, u64::MAX] {
+            assert_eq!(parse_segment_file(&segment_name(id)), Some(id), "{id}");
+        }
+        assert_eq!(segment_name(COMPACT_ID_BIT | 7), "compact-7.seg");
+        assert_eq!(parse_segment_file("snap-x.seg"), None);
+        assert_eq!(parse_segment_file("snap-9223372036854775808.seg"), None);
+        assert_eq!(parse_segment_file("MANIFEST"), None);
+    }
 }

@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 
-use super::backend::{self, Backend, CreateOutcome, ObjBackend, ObjManifest};
+use super::backend::{self, Backend, CreateOutcome, ObjBackend, ObjManifest, Retired};
 use super::error::{StoreError, StoreErrorKind};
 use super::format::{self, ManifestData};
 use super::local::{write_atomic, MANIFEST_NAME};
@@ -46,14 +47,25 @@ pub async fn latest_obj_manifest(
     obj: &ObjBackend,
     name: &str,
 ) -> Result<Option<(ManifestData, ObjManifest)>, StoreError> {
-    let listed = obj.list(&format!("volumes/{name}/manifest")).await?;
+    // Manifests below the floor were trimmed: list from it, so a load costs what is live,
+    // not every manifest ever committed.
+    let floor = read_floor(obj, name).await?;
+    let dir = format!("volumes/{name}/manifest");
+    let listed = if floor > 1 {
+        obj.list_after(&dir, &backend::manifest_file_name(floor - 1))
+            .await?
+    } else {
+        obj.list(&dir).await?
+    };
     let mut seq = listed
         .iter()
         .filter_map(|m| m.location.filename().and_then(backend::parse_manifest_name))
         .max();
-    // A listing may lag a create: look past what it showed until a number is free.
+    // A listing may lag a create: look past what it showed (or from the floor) until a
+    // number is free.
+    let first = floor.max(1);
     loop {
-        let next = seq.map_or(1, |s| s + 1);
+        let next = seq.map_or(first, |s| s + 1);
         if obj
             .head(&obj.key(&backend::manifest_rel(name, next)))
             .await?
@@ -94,6 +106,69 @@ pub async fn latest_obj_manifest(
     Ok(Some((m, om)))
 }
 
+/// Volume `name`'s manifest floor (0: nothing was ever trimmed).
+pub async fn read_floor(obj: &ObjBackend, name: &str) -> Result<u64, StoreError> {
+    let key = obj.key(&backend::floor_rel(name));
+    match obj.get(&key).await? {
+        None => Ok(0),
+        Some(raw) => backend::decode_floor(&raw, key.as_ref()),
+    }
+}
+
+/// Manifests newer than the floor that a trim keeps besides the newest.
+pub const KEEP_MANIFESTS: u64 = 8;
+/// The owner trims a volume's manifests every this many commits.
+pub const TRIM_EVERY: u64 = 16;
+
+/// What [`trim_manifests`] deleted (or would delete).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Trimmed {
+    pub keys: Vec<String>,
+    pub bytes: u64,
+}
+
+/// Deletes the manifest objects of volume `name` numbered below `latest - keep`: first the
+/// floor object is raised to that number (so loads list from it, and a stale writer whose
+/// create lands in a deleted number learns it lost, see [`commit_obj_manifest`]), then the
+/// objects below it are deleted. An interrupted trim leaves objects below the floor, which
+/// the next trim deletes. Never touches the newest `keep + 1`.
+pub async fn trim_manifests(
+    obj: &ObjBackend,
+    name: &str,
+    latest: u64,
+    keep: u64,
+    dry_run: bool,
+) -> Result<Trimmed, StoreError> {
+    let mut out = Trimmed::default();
+    let new_floor = latest.saturating_sub(keep);
+    if new_floor <= 1 {
+        return Ok(out);
+    }
+    let old_floor = read_floor(obj, name).await?;
+    if new_floor > old_floor && !dry_run {
+        obj.put(
+            &obj.key(&backend::floor_rel(name)),
+            backend::encode_floor(new_floor),
+        )
+        .await?;
+    }
+    let floor = new_floor.max(old_floor);
+    for m in obj.list(&format!("volumes/{name}/manifest")).await? {
+        let Some(seq) = m.location.filename().and_then(backend::parse_manifest_name) else {
+            continue;
+        };
+        if seq >= floor {
+            continue;
+        }
+        if !dry_run {
+            obj.delete(&m.location).await?;
+        }
+        out.bytes += m.size;
+        out.keys.push(m.location.to_string());
+    }
+    Ok(out)
+}
+
 impl Volume {
     /// Writes `nm` as the volume's manifest (local: atomically replaced; object: created as
     /// number `nm.sequence`, which fails when another server committed that number first: the
@@ -102,6 +177,18 @@ impl Volume {
         &self,
         nm: &ManifestData,
         tags: &HashMap<u64, u128>,
+    ) -> Result<(), StoreError> {
+        let retired = self.state.borrow().retired.clone();
+        self.write_manifest_with(nm, tags, &retired).await
+    }
+
+    /// [`Volume::write_manifest`] with the object backend's retired segments given (a
+    /// compaction adds the segments it replaced).
+    pub(super) async fn write_manifest_with(
+        &self,
+        nm: &ManifestData,
+        tags: &HashMap<u64, u128>,
+        retired: &[Retired],
     ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Local { .. } => {
@@ -120,26 +207,33 @@ impl Volume {
                     ),
                 ))
             }
-            Backend::Object(obj) => match commit_obj_manifest(obj, &self.name, nm, tags).await? {
-                CreateOutcome::Created => Ok(()),
-                CreateOutcome::Exists => {
-                    tracing::warn!(volume = %self.name, sequence = nm.sequence, "another server committed this manifest number first: reloading");
-                    if let Err(e) = self.reload().await {
-                        tracing::error!(volume = %self.name, error = %e, "reload after a lost manifest race failed");
+            Backend::Object(obj) => {
+                match commit_obj_manifest(obj, &self.name, nm, tags, retired).await? {
+                    CreateOutcome::Created => {
+                        if nm.sequence % TRIM_EVERY == 0 {
+                            spawn_trim(obj, &self.name, nm.sequence);
+                        }
+                        Ok(())
                     }
-                    let cur = self.state.borrow().manifest.generation;
-                    if cur > nm.generation {
-                        return Err(stale_generation(&self.name, cur, nm.generation));
-                    }
-                    Err(StoreError::new(
+                    CreateOutcome::Exists => {
+                        tracing::warn!(volume = %self.name, sequence = nm.sequence, "another server committed this manifest number first: reloading");
+                        if let Err(e) = self.reload().await {
+                            tracing::error!(volume = %self.name, error = %e, "reload after a lost manifest race failed");
+                        }
+                        let cur = self.state.borrow().manifest.generation;
+                        if cur > nm.generation {
+                            return Err(stale_generation(&self.name, cur, nm.generation));
+                        }
+                        Err(StoreError::new(
                         StoreErrorKind::BadParent,
                         format!(
                             "volume {}: another server committed manifest {} first (the chain moved): retry",
                             self.name, nm.sequence
                         ),
                     ))
+                    }
                 }
-            },
+            }
         }
     }
 }
@@ -152,6 +246,7 @@ pub(super) async fn commit_obj_manifest(
     name: &str,
     nm: &ManifestData,
     tags: &HashMap<u64, u128>,
+    retired: &[Retired],
 ) -> Result<CreateOutcome, StoreError> {
     let mut nonce = [0u8; 16];
     getrandom::getrandom(&mut nonce)
@@ -160,11 +255,12 @@ pub(super) async fn commit_obj_manifest(
         nonce,
         writer_generation: nm.generation,
         tags: tags.clone(),
+        retired: retired.to_vec(),
         manifest: format::encode_manifest(nm),
     });
     let key = obj.key(&backend::manifest_rel(name, nm.sequence));
-    match obj.put_create(&key, bytes).await {
-        Ok(o) => Ok(o),
+    let outcome = match obj.put_create(&key, bytes).await {
+        Ok(o) => o,
         Err(put_err) => {
             tracing::warn!(volume = name, key = %key, error = %put_err, "manifest put failed: reading it back");
             let back = obj.get(&key).await.map_err(|e| {
@@ -174,18 +270,48 @@ pub(super) async fn commit_obj_manifest(
                 )
             })?;
             match back {
-                None => Err(put_err),
+                None => return Err(put_err),
                 Some(raw) => {
                     let om = backend::decode_obj_manifest(&raw, key.as_ref())?;
-                    Ok(if om.nonce == nonce {
+                    if om.nonce == nonce {
                         CreateOutcome::Created
                     } else {
                         CreateOutcome::Exists
-                    })
+                    }
                 }
             }
         }
+    };
+    if outcome == CreateOutcome::Created {
+        // A number below the floor was taken and trimmed since: this writer is stale, its
+        // create only filled the hole. Not a commit.
+        let floor = read_floor(obj, name).await?;
+        if floor > nm.sequence {
+            tracing::warn!(
+                volume = name,
+                sequence = nm.sequence,
+                floor,
+                "manifest number below the trim floor: a stale writer"
+            );
+            obj.delete(&key).await?;
+            return Ok(CreateOutcome::Exists);
+        }
     }
+    Ok(outcome)
+}
+
+/// Trims volume `name`'s old manifests in the background (see [`trim_manifests`]).
+fn spawn_trim(obj: &Arc<ObjBackend>, name: &str, latest: u64) {
+    let (obj2, name) = (Arc::clone(obj), name.to_string());
+    obj.spawn_detached(async move {
+        match trim_manifests(&obj2, &name, latest, KEEP_MANIFESTS, false).await {
+            Ok(t) if !t.keys.is_empty() => {
+                tracing::debug!(volume = %name, deleted = t.keys.len(), "old manifests trimmed")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(volume = %name, error = %e, "trimming old manifests"),
+        }
+    });
 }
 
 #[cfg(test)]
@@ -351,7 +477,7 @@ mod obj_tests {
         let (f, obj) = setup();
         let tags = HashMap::new();
         let commit = |seq: u64| {
-            futures::executor::block_on(commit_obj_manifest(&obj, "v", &manifest(seq), &tags))
+            futures::executor::block_on(commit_obj_manifest(&obj, "v", &manifest(seq), &tags, &[]))
         };
         // Plain create, then the same number again: the second writer loses.
         assert_eq!(commit(1).unwrap(), CreateOutcome::Created);
@@ -373,6 +499,7 @@ mod obj_tests {
             nonce: [0xee; 16],
             writer_generation: 3,
             tags: HashMap::new(),
+            retired: Vec::new(),
             manifest: format::encode_manifest(&manifest(4)),
         });
         f.next_put.store(OTHER_THEN_FAIL, Ordering::SeqCst);
@@ -385,6 +512,61 @@ mod obj_tests {
         *f.other.lock().unwrap() = b"not a manifest".to_vec();
         f.next_put.store(OTHER_THEN_FAIL, Ordering::SeqCst);
         assert_eq!(commit(5).unwrap_err().kind(), StoreErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn trimmed_manifests_are_deleted_and_a_stale_writer_cannot_refill_one() {
+        let (_, obj) = setup();
+        let tags = HashMap::new();
+        let commit = |seq: u64| {
+            futures::executor::block_on(commit_obj_manifest(&obj, "v", &manifest(seq), &tags, &[]))
+        };
+        for seq in 1..=20 {
+            assert_eq!(commit(seq).unwrap(), CreateOutcome::Created);
+        }
+        let t = futures::executor::block_on(trim_manifests(&obj, "v", 20, 8, false)).unwrap();
+        assert_eq!(t.keys.len(), 11, "1..=11 go, 12..=20 stay");
+        assert_eq!(
+            futures::executor::block_on(read_floor(&obj, "v")).unwrap(),
+            12
+        );
+        let left: Vec<u64> = futures::executor::block_on(obj.list("volumes/v/manifest"))
+            .unwrap()
+            .iter()
+            .filter_map(|m| m.location.filename().and_then(backend::parse_manifest_name))
+            .collect();
+        assert_eq!(left, (12..=20).collect::<Vec<_>>());
+        // The newest is found listing from the floor.
+        let (m, _) = futures::executor::block_on(latest_obj_manifest(&obj, "v"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.sequence, 20);
+        // A stale writer's create of a deleted number lands, then is taken back: not a commit.
+        assert_eq!(commit(5).unwrap(), CreateOutcome::Exists);
+        assert!(
+            futures::executor::block_on(obj.head(&obj.key(&backend::manifest_rel("v", 5))))
+                .unwrap()
+                .is_none()
+        );
+        // Trimming again is idempotent; a dry run deletes nothing.
+        let t = futures::executor::block_on(trim_manifests(&obj, "v", 20, 8, false)).unwrap();
+        assert!(t.keys.is_empty());
+        assert_eq!(commit(21).unwrap(), CreateOutcome::Created);
+        let t = futures::executor::block_on(trim_manifests(&obj, "v", 21, 2, true)).unwrap();
+        assert_eq!(t.keys.len(), 7, "12..=18 would go");
+        assert_eq!(
+            futures::executor::block_on(read_floor(&obj, "v")).unwrap(),
+            12
+        );
+        // A corrupt floor is an error, never a silent 0.
+        futures::executor::block_on(obj.put(&obj.key(&backend::floor_rel("v")), b"junk".to_vec()))
+            .unwrap();
+        assert_eq!(
+            futures::executor::block_on(latest_obj_manifest(&obj, "v"))
+                .unwrap_err()
+                .kind(),
+            StoreErrorKind::Corrupt
+        );
     }
 
     #[test]

@@ -38,10 +38,11 @@
 //! Each cap lives with what it bounds: a volume's geometry in `volume.rs`, a snapshot's size in
 //! `segment_writer.rs`, a read request in `read_plan.rs`, a clone chain's depth in `clones.rs`.
 //!
-//! Not written yet: compaction (rewriting a chain's segments into fewer) will go in its own
-//! `compaction.rs`, beside `chain.rs`.
+//! * [`mod@compaction`]: rewriting the segments of a snapshot that hold dead bytes (left by
+//!   deleted snapshots merged into it) or are too many, and deleting what they replaced.
 
 pub mod backend;
+pub mod compaction;
 pub mod format;
 pub mod layer;
 pub mod lease;
@@ -61,9 +62,13 @@ mod volume;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use clones::{find_any_clone_of, CLONE_DEPTH_MAX};
+pub use compaction::{CompactOutcome, COMPACT_ID_BIT};
 pub use delete::{remove_deleted_leftovers, DELETED_PREFIX};
 pub use error::{StoreError, StoreErrorKind};
-pub use manifest::{latest_obj_manifest, read_manifest, read_manifest_full};
+pub use manifest::{
+    latest_obj_manifest, read_floor, read_manifest, read_manifest_full, trim_manifests, Trimmed,
+    KEEP_MANIFESTS, TRIM_EVERY,
+};
 pub use read_plan::{PlanSrc, ReadPlan, READ_REQUEST_MAX_BYTES};
 pub use segment_reader::{open_segment_obj, Segment, SEGMENT_TAIL_FETCH_BYTES};
 pub use segment_writer::{

@@ -13,6 +13,7 @@ use object_store::path::Path as ObjPath;
 
 use super::backend::{self, Backend, ObjBackend};
 use super::chain::add_segment;
+use super::compaction::COMPACT_ID_BIT;
 use super::error::{io_at, StoreError, StoreErrorKind};
 use super::format::{self, SegExtent, SnapEntry, VolumeId, KIND_DATA, KIND_ZERO};
 use super::layer::Layer;
@@ -93,6 +94,12 @@ impl Volume {
                 return Err(StoreError::new(
                     StoreErrorKind::BadSnapshotId,
                     format!("snapshot id {snap_id} must be greater than the chain head {head}"),
+                ));
+            }
+            if snap_id & COMPACT_ID_BIT != 0 {
+                return Err(StoreError::new(
+                    StoreErrorKind::BadSnapshotId,
+                    format!("snapshot id {snap_id} is too large: ids stay below 2^63"),
                 ));
             }
             if volume_size != m.size_bytes {
@@ -557,16 +564,16 @@ impl Ready {
     }
 }
 
-/// Where an upload's segment bytes go.
+/// Where an upload's (or a compaction's) segment bytes go.
 #[derive(Debug)]
-enum Sink {
+pub(super) enum Sink {
     File(tokio_uring::fs::File),
     Object(ObjSink),
 }
 
 impl Sink {
     /// Writes `buf` at `off` (the object sink only appends: segments are written in order).
-    async fn write(
+    pub(super) async fn write(
         &mut self,
         buf: Vec<u8>,
         off: u64,
@@ -589,9 +596,9 @@ impl Sink {
 /// [`backend::PART_BYTES`]; each full part goes out as a multipart-upload part. A segment that
 /// fits in one part is written with a single put at the end. Dropped unfinished, the multipart
 /// upload is aborted.
-struct ObjSink {
-    obj: Arc<ObjBackend>,
-    key: ObjPath,
+pub(super) struct ObjSink {
+    pub(super) obj: Arc<ObjBackend>,
+    pub(super) key: ObjPath,
     part: Vec<u8>,
     upload: Option<Box<dyn object_store::MultipartUpload>>,
     parts: u64,
@@ -607,7 +614,17 @@ impl std::fmt::Debug for ObjSink {
 }
 
 impl ObjSink {
-    async fn append(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
+    pub(super) fn new(obj: Arc<ObjBackend>, key: ObjPath) -> ObjSink {
+        ObjSink {
+            obj,
+            key,
+            part: Vec::new(),
+            upload: None,
+            parts: 0,
+        }
+    }
+
+    pub(super) async fn append(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
         while !bytes.is_empty() {
             if self.part.capacity() == 0 {
                 self.part.reserve_exact(backend::PART_BYTES);
@@ -643,7 +660,7 @@ impl ObjSink {
     }
 
     /// Completes the object: durable in the store when this returns.
-    async fn finish(mut self) -> Result<(), StoreError> {
+    pub(super) async fn finish(mut self) -> Result<(), StoreError> {
         if self.upload.is_none() {
             let data = std::mem::take(&mut self.part);
             return self.obj.put(&self.key, data).await;

@@ -9,9 +9,10 @@
 //!   the segment and, for data, the extent's LBA range.
 //! * **gc** (object store) removes what no committed manifest references: segments of
 //!   uploads that never committed (a lost race, a crash mid-upload, a fenced writer) once
-//!   older than a grace period, volumes whose creation never committed, probe leftovers, and
-//!   the bodies of manifests older than the newest few (replaced by a small tombstone, so the
-//!   number stays taken and a stale writer's create-if-absent of an old number still fails).
+//!   older than a grace period (segments compaction replaced: once retired for that long),
+//!   volumes whose creation never committed, probe leftovers, and
+//!   manifests older than the newest few (the volume's trim floor is raised first, so loads
+//!   list from it and a stale writer's create of a deleted number is taken back).
 //!   The newest manifest is never touched, and a segment is removed only if the newest
 //!   manifest, read again just before the removal, still does not name it: an interrupted GC
 //!   leaves garbage, never a broken chain. On a local store, gc takes the data dir's lock (so
@@ -35,8 +36,6 @@ pub const GC_MIN_AGE_SECS_DEFAULT: u64 = 3600;
 pub const GC_KEEP_MANIFESTS_DEFAULT: u64 = 8;
 /// Cap on one batch read by verify (a batch carries at most about one frame of data).
 const VERIFY_BATCH_MAX_BYTES: u64 = 64 * 1024 * 1024;
-/// What an old manifest's body is replaced with.
-pub const MANIFEST_TOMBSTONE: &[u8] = b"DVOTOMB1 manifest superseded; removed by gc\n";
 
 /// One problem found by verify.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -448,8 +447,8 @@ pub struct GcReport {
     /// Object keys or file paths removed.
     pub removed: Vec<String>,
     pub removed_bytes: u64,
-    /// Old manifests whose body was replaced by a tombstone.
-    pub tombstoned: Vec<String>,
+    /// Old manifests deleted (below the volume's new trim floor).
+    pub manifests_trimmed: Vec<String>,
     /// Unreferenced segments left because they are younger than the grace period.
     pub young_left: u64,
     pub dry_run: bool,
@@ -464,7 +463,7 @@ impl GcReport {
             "volumes": self.volumes,
             "removed": self.removed,
             "removed_bytes": self.removed_bytes,
-            "tombstoned": self.tombstoned,
+            "manifests_trimmed": self.manifests_trimmed,
             "young_left": self.young_left,
             "stopped_early": self.stopped_early,
         })
@@ -482,24 +481,16 @@ impl fmt::Display for GcReport {
         for r in &self.removed {
             writeln!(f, "{verb} {r}")?;
         }
-        for t in &self.tombstoned {
-            writeln!(
-                f,
-                "{} old manifest {t}",
-                if self.dry_run {
-                    "would compact"
-                } else {
-                    "compacted"
-                }
-            )?;
+        for t in &self.manifests_trimmed {
+            writeln!(f, "{verb} old manifest {t}")?;
         }
         writeln!(
             f,
-            "gc: {} volumes; {verb} {} objects ({} bytes); {} old manifests compacted; {} unreferenced segments younger than the grace period left",
+            "gc: {} volumes; {verb} {} objects ({} bytes); {} old manifests; {} unreferenced segments younger than the grace period left",
             self.volumes,
             self.removed.len(),
             self.removed_bytes,
-            self.tombstoned.len(),
+            self.manifests_trimmed.len(),
             self.young_left
         )
     }
@@ -638,10 +629,17 @@ async fn gc_object(obj: &Arc<ObjBackend>, opts: &GcOptions) -> Result<GcReport, 
                 .filter_map(|id| tags.get(id).map(|t| (*id, *t)))
                 .collect()
         };
-        let refs = latest
+        let mut refs = latest
             .as_ref()
             .map(|(m, om)| referenced(&om.tags, m))
             .unwrap_or_default();
+        // Segments compaction replaced count from their retirement, not their upload.
+        for r in latest.as_ref().map_or(&[][..], |(_, om)| &om.retired[..]) {
+            if now.saturating_sub(r.retired_ms) < min_age_ms {
+                refs.insert((r.id, r.tag));
+                report.young_left += 1;
+            }
+        }
         let mut candidates = Vec::new();
         for m in obj.list(&format!("volumes/{name}/seg")).await? {
             let parsed = m.location.filename().and_then(backend::parse_segment_name);
@@ -682,22 +680,19 @@ async fn gc_object(obj: &Arc<ObjBackend>, opts: &GcOptions) -> Result<GcReport, 
                 remove(obj, m, opts, &mut report).await?;
             }
         }
-        // Old manifests: keep the newest `keep_manifests + 1` whole, tombstone the rest.
-        if latest_seq > opts.keep_manifests + 1 {
-            let floor = latest_seq - opts.keep_manifests;
-            for m in obj.list(&format!("volumes/{name}/manifest")).await? {
-                let Some(seq) = m.location.filename().and_then(backend::parse_manifest_name) else {
-                    continue;
-                };
-                if seq >= floor || m.size as usize == MANIFEST_TOMBSTONE.len() {
-                    continue;
-                }
-                if !opts.dry_run {
-                    obj.put(&m.location, MANIFEST_TOMBSTONE.to_vec()).await?;
-                }
-                report.removed_bytes += m.size.saturating_sub(MANIFEST_TOMBSTONE.len() as u64);
-                report.tombstoned.push(m.location.to_string());
-            }
+        // Old manifests: keep the newest `keep_manifests + 1`, raise the floor, delete the
+        // rest (also the tombstones of older builds' gc).
+        if latest.is_some() {
+            let t = super::manifest::trim_manifests(
+                obj,
+                &name,
+                latest_seq,
+                opts.keep_manifests,
+                opts.dry_run,
+            )
+            .await?;
+            report.removed_bytes += t.bytes;
+            report.manifests_trimmed.extend(t.keys);
         }
     }
     Ok(report)

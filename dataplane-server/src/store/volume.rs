@@ -43,6 +43,9 @@ pub(super) struct VolumeState {
     pub(super) damaged: Option<String>,
     /// Object backend: segment id → the upload tag naming its object.
     pub(super) tags: HashMap<u64, u128>,
+    /// Object backend: segment objects compaction replaced, deleted once their grace period
+    /// is over (see [`super::backend::Retired`]).
+    pub(super) retired: Vec<super::backend::Retired>,
 }
 
 /// A summary of a volume for replies.
@@ -122,6 +125,12 @@ pub struct Volume {
     pub(super) source_view: RefCell<Option<Rc<SourceView>>>,
     /// When each snapshot was last read (retention keeps snapshots being read).
     pub(super) reads: RefCell<HashMap<u64, std::time::Instant>>,
+    /// A background compaction task runs ([`Volume::kick_compaction`]).
+    pub(super) compacting: Cell<bool>,
+    /// It was kicked again while running: it runs another pass.
+    pub(super) compact_again: Cell<bool>,
+    /// Wakes the task while it waits for retired objects to come due.
+    pub(super) compact_wake: tokio::sync::Notify,
 }
 
 impl Volume {
@@ -174,7 +183,15 @@ impl Volume {
                 dir
             }
             Backend::Object(obj) => {
-                match commit_obj_manifest(obj, name, &manifest, &HashMap::new()).await? {
+                // The floor of a deleted volume of this name (a deletion that crashed, or a
+                // trim that raced it) would make this create look stale: no manifest, no floor.
+                if super::manifest::read_floor(obj, name).await? > 0
+                    && latest_obj_manifest(obj, name).await?.is_none()
+                {
+                    obj.delete(&obj.key(&super::backend::floor_rel(name)))
+                        .await?;
+                }
+                match commit_obj_manifest(obj, name, &manifest, &HashMap::new(), &[]).await? {
                     CreateOutcome::Created => PathBuf::new(),
                     CreateOutcome::Exists => {
                         let v = Box::pin(Volume::load(backend, name))
@@ -228,9 +245,13 @@ impl Volume {
                 segments: HashMap::new(),
                 damaged: None,
                 tags: HashMap::new(),
+                retired: Vec::new(),
             }),
             source_view: RefCell::new(None),
             reads: RefCell::new(HashMap::new()),
+            compacting: Cell::new(false),
+            compact_again: Cell::new(false),
+            compact_wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -262,6 +283,9 @@ impl Volume {
             state: RefCell::new(state),
             source_view: RefCell::new(None),
             reads: RefCell::new(HashMap::new()),
+            compacting: Cell::new(false),
+            compact_again: Cell::new(false),
+            compact_wake: tokio::sync::Notify::new(),
         })))
     }
 
@@ -438,7 +462,7 @@ pub async fn claim(backend: &Backend, name: &str) -> Result<Option<Option<Rc<Vol
 
 /// Reads a volume's manifest and opens its segments; `Ok(None)` when it has no manifest.
 async fn load_state(backend: &Backend, name: &str) -> Result<Option<VolumeState>, StoreError> {
-    let (manifest, tags) = match backend {
+    let (manifest, tags, retired) = match backend {
         Backend::Local { volumes_dir } => {
             let dir = volumes_dir.join(name);
             let manifest_path = dir.join(MANIFEST_NAME);
@@ -462,10 +486,10 @@ async fn load_state(backend: &Backend, name: &str) -> Result<Option<VolumeState>
                 .flat_map(|s| s.segments.iter().copied())
                 .collect();
             remove_stray_files(&dir, &referenced)?;
-            (manifest, HashMap::new())
+            (manifest, HashMap::new(), Vec::new())
         }
         Backend::Object(obj) => match latest_obj_manifest(obj, name).await? {
-            Some((m, om)) => (m, om.tags),
+            Some((m, om)) => (m, om.tags, om.retired),
             None => return Ok(None),
         },
     };
@@ -504,5 +528,6 @@ async fn load_state(backend: &Backend, name: &str) -> Result<Option<VolumeState>
         segments,
         damaged,
         tags,
+        retired,
     }))
 }

@@ -45,7 +45,19 @@ pub struct ChildServer {
 
 impl ChildServer {
     pub fn spawn(data_dir: &Path, token_file: &Path) -> ChildServer {
+        Self::spawn_with(data_dir, token_file, &[], &[])
+    }
+
+    /// [`ChildServer::spawn`] with more flags and environment variables.
+    pub fn spawn_with(
+        data_dir: &Path,
+        token_file: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> ChildServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_deltavol-dataplane"))
+            .args(extra)
+            .envs(envs.iter().copied())
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
