@@ -335,6 +335,35 @@ impl Collector for ServerStatsCollector {
             l,
             get(&s.volumes),
         )?;
+        let c = crate::store::compaction::counters();
+        counter(
+            &mut enc,
+            "compaction_rounds",
+            "Compaction rounds published (segments of a snapshot rewritten into one).",
+            l,
+            c.rounds,
+        )?;
+        counter(
+            &mut enc,
+            "compaction_written_bytes",
+            "Live data bytes compaction copied into new segments.",
+            l,
+            c.written_bytes,
+        )?;
+        counter(
+            &mut enc,
+            "compaction_freed_bytes",
+            "Data bytes of replaced segments that were no longer live (given back; on an object store after the retired grace period).",
+            l,
+            c.freed_bytes,
+        )?;
+        counter(
+            &mut enc,
+            "retired_segments_deleted",
+            "Segment objects deleted once their retired grace period was over.",
+            l,
+            c.retired_deleted,
+        )?;
         Ok(())
     }
 }

@@ -61,6 +61,15 @@ fn scrape_counts_connections_ingest_and_commits() {
         sample(&text, "deltavol_dataplane_ingest_bytes_total"),
         (8 * BS) as f64
     );
+    // Compaction's counters are there (process-wide; other tests of this binary may add).
+    for series in [
+        "deltavol_dataplane_compaction_rounds_total",
+        "deltavol_dataplane_compaction_written_bytes_total",
+        "deltavol_dataplane_compaction_freed_bytes_total",
+        "deltavol_dataplane_retired_segments_deleted_total",
+    ] {
+        assert!(sample(&text, series) >= 0.0, "{series}");
+    }
     assert_eq!(
         sample(&text, "deltavol_dataplane_connections_refused_busy_total"),
         0.0

@@ -22,9 +22,11 @@
 //!    deleted once [`Tuning::retired_grace`] has passed, so that a reader holding an older
 //!    manifest (a clone's view on another server) keeps finding them meanwhile.
 //!
-//! A round never holds the manifest lock while it copies. When it swaps, it checks that the
-//! snapshot still has exactly the segment list it planned from (a retention round may have
-//! merged it meanwhile); otherwise it drops its segment and leaves the work to the next round.
+//! A round never holds the manifest lock while it copies. A retention round may merge the
+//! snapshot meanwhile: a deletion only puts a deleted snapshot's list in front of its
+//! successor's, so the planned list is still one contiguous run of one snapshot's list, whose
+//! overlay there is unchanged; the swap replaces that run by the kept segments then the new
+//! one. (Were the run not found, the round would drop its segment and plan again.)
 //! Memory is bounded by one copy chunk and the piece list of one snapshot; I/O is paced by
 //! [`Tuning::rate_bytes_s`].
 
@@ -55,8 +57,9 @@ pub const SEGMENTS_PER_SNAPSHOT_MAX: usize = 8;
 const BATCH_DATA_MAX_BYTES: usize = 1 << 20;
 /// Records one batch carries at most.
 const BATCH_RECORDS_MAX: usize = 4096;
-/// A round stops adding segments to rewrite past this many live bytes.
-const ROUND_LIVE_BYTES_MAX: u64 = 256 << 20;
+/// A round stops adding segments to rewrite past this many live bytes (a round takes about
+/// a second at the default pace; the next round goes on).
+const ROUND_LIVE_BYTES_MAX: u64 = 32 << 20;
 /// Rounds one [`Volume::compact`] call runs at most (the next trigger continues).
 const ROUNDS_MAX: usize = 64;
 
@@ -68,6 +71,29 @@ pub const RATE_MIB_S_DEFAULT: u64 = 64;
 static LIVE_PERMILLE: AtomicU32 = AtomicU32::new((LIVE_RATIO_DEFAULT * 1000.0) as u32);
 static RETIRED_GRACE_MS: AtomicU64 = AtomicU64::new(RETIRED_GRACE_SECS_DEFAULT * 1000);
 static RATE_BYTES_S: AtomicU64 = AtomicU64::new(RATE_MIB_S_DEFAULT << 20);
+
+static ROUNDS: AtomicU64 = AtomicU64::new(0);
+static WRITTEN_BYTES: AtomicU64 = AtomicU64::new(0);
+static FREED_BYTES: AtomicU64 = AtomicU64::new(0);
+static RETIRED_DELETED: AtomicU64 = AtomicU64::new(0);
+
+/// What compaction did in this process (for the metrics endpoint).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub rounds: u64,
+    pub written_bytes: u64,
+    pub freed_bytes: u64,
+    pub retired_deleted: u64,
+}
+
+pub fn counters() -> Counters {
+    Counters {
+        rounds: ROUNDS.load(Ordering::Relaxed),
+        written_bytes: WRITTEN_BYTES.load(Ordering::Relaxed),
+        freed_bytes: FREED_BYTES.load(Ordering::Relaxed),
+        retired_deleted: RETIRED_DELETED.load(Ordering::Relaxed),
+    }
+}
 
 /// The process's compaction settings (server flags; one data plane, one policy).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,7 +146,7 @@ pub struct CompactOutcome {
 struct Plan {
     snap_id: u64,
     parent_id: u64,
-    /// The snapshot's segment list when planned (the swap checks it is unchanged).
+    /// The snapshot's segment list when planned (the swap finds it again as a run).
     segments: Vec<u64>,
     rewrite: HashSet<u64>,
     /// What the new segment holds, in block order: (start, end, source).
@@ -275,10 +301,13 @@ impl Volume {
                     stats.iter().filter(|s| !rewrite.contains(&s.0)).collect();
                 by_size.sort_by_key(|s| (s.1, s.0));
                 for s in by_size {
-                    if count_after(&rewrite) <= SEGMENTS_PER_SNAPSHOT_MAX / 2 {
+                    if count_after(&rewrite) <= SEGMENTS_PER_SNAPSHOT_MAX / 2
+                        || (budget >= ROUND_LIVE_BYTES_MAX && rewrite.len() >= 2)
+                    {
                         break;
                     }
                     rewrite.insert(s.0);
+                    budget += s.2;
                 }
             }
             // A rewrite of one segment into one is only worth it when it drops dead bytes.
@@ -614,25 +643,32 @@ impl Volume {
         let bs = u64::from(self.state.borrow().manifest.block_size);
         let (nm, idx, tags, retired, new_segments) = {
             let st = self.state.borrow();
-            let Some(idx) = st
-                .manifest
-                .snapshots
-                .iter()
-                .position(|s| s.snap_id == plan.snap_id && s.segments == plan.segments)
-            else {
+            // Deletions meanwhile only concatenate lists (a deleted snapshot's list goes in
+            // front of its successor's), so the planned list is still one contiguous run of
+            // one snapshot's list, and its overlay there is what it was.
+            let found = st.manifest.snapshots.iter().enumerate().find_map(|(i, s)| {
+                s.segments
+                    .windows(plan.segments.len())
+                    .position(|w| w == plan.segments.as_slice())
+                    .map(|at| (i, at))
+            });
+            let Some((idx, at)) = found else {
                 drop(st);
-                drop_new("the chain moved");
+                drop_new("the planned segments are no longer one run of a snapshot");
                 return Ok(None);
             };
             let mut nm = st.manifest.clone();
             let entry = &mut nm.snapshots[idx];
-            let mut segs: Vec<u64> = entry
-                .segments
-                .iter()
-                .copied()
-                .filter(|id| !plan.rewrite.contains(id))
-                .collect();
+            // The run P becomes (P minus the rewritten) then the new segment: the same overlay.
+            let mut segs: Vec<u64> = entry.segments[..at].to_vec();
+            segs.extend(
+                plan.segments
+                    .iter()
+                    .copied()
+                    .filter(|id| !plan.rewrite.contains(id)),
+            );
             segs.extend(new_id);
+            segs.extend_from_slice(&entry.segments[at + plan.segments.len()..]);
             entry.segments = segs;
             let mut new_segments = st.segments.clone();
             for id in &plan.rewrite {
@@ -697,6 +733,9 @@ impl Volume {
                 self.remove_segment_now(*id, 0);
             }
         }
+        ROUNDS.fetch_add(1, Ordering::Relaxed);
+        WRITTEN_BYTES.fetch_add(plan.live_bytes, Ordering::Relaxed);
+        FREED_BYTES.fetch_add(plan.old_bytes - plan.live_bytes, Ordering::Relaxed);
         let outcome = CompactOutcome {
             snap_id: plan.snap_id,
             rewritten: plan.rewrite.len(),
@@ -779,6 +818,7 @@ impl Volume {
         let mut st = self.state.borrow_mut();
         st.manifest = nm;
         st.retired = retired;
+        RETIRED_DELETED.fetch_add(due.len() as u64, Ordering::Relaxed);
         tracing::info!(volume = %self.name, deleted = due.len(), "retired segments deleted");
         Ok(due.len())
     }
@@ -915,6 +955,21 @@ mod tests {
                         if chain.len() > 2 {
                             let victim = chain[rng.below(chain.len() as u64 - 1) as usize].snap_id;
                             v.delete_snapshots(&[victim]).await.expect("delete");
+                            models.remove(&victim);
+                        }
+                    }
+                    if snap % 5 == 0 {
+                        // A deletion while a round copies: the round's snapshot may be merged
+                        // into its successor (or absorb its predecessor) before the swap.
+                        let chain = v.chain();
+                        if chain.len() > 2 {
+                            let victim = chain[rng.below(chain.len() as u64 - 1) as usize].snap_id;
+                            let (c, d) = futures::join!(v.compact(), async {
+                                tokio::task::yield_now().await;
+                                v.delete_snapshots(&[victim]).await
+                            });
+                            c.expect("compact");
+                            d.expect("delete");
                             models.remove(&victim);
                         }
                     }
