@@ -192,6 +192,11 @@ pub struct SnapshotInfo {
     pub pinned: bool,
     /// The label given with the pin (empty when none).
     pub label: String,
+    /// Of `bytes`, the data only this snapshot holds (the next one overwrote it): deleting it
+    /// gives this back. 0 for the chain head.
+    pub own_bytes: u64,
+    /// Of `bytes`, the data later snapshots still read.
+    pub shared_bytes: u64,
 }
 
 impl SnapshotInfo {
@@ -218,6 +223,8 @@ impl SnapshotInfo {
             cut_time_ms: s.cut_time_ms(),
             pinned: s.pinned(),
             label: s.label().unwrap_or_default().to_string(),
+            own_bytes: s.own_bytes(),
+            shared_bytes: s.shared_bytes(),
         }
     }
 }

@@ -1002,10 +1002,13 @@ impl Out {
         )
     }
 
+    /// `usage`: (own, shared) bytes, see [`Volume::usage`].
     fn snapshot_info(
         &mut self,
         s: &store::format::SnapEntry,
+        usage: Option<(u64, u64)>,
     ) -> deltavol_schemas::flatbuffers::WIPOffset<wire::SnapshotInfo<'static>> {
+        let (own_bytes, shared_bytes) = usage.unwrap_or((0, s.bytes));
         let label = (!s.label.is_empty()).then(|| self.fbb.create_string(&s.label));
         wire::SnapshotInfo::create(
             &mut self.fbb,
@@ -1020,6 +1023,8 @@ impl Out {
                 cut_time_ms: s.cut_time_ms,
                 pinned: s.pinned,
                 label,
+                own_bytes,
+                shared_bytes,
             },
         )
     }
@@ -1505,7 +1510,7 @@ impl Conn {
             let v = self.require_own_volume()?;
             let label = m.label();
             let e = v.pin(m.snap_id(), m.pinned(), label).await?;
-            let info = self.out.snapshot_info(&e);
+            let info = self.out.snapshot_info(&e, v.usage(e.snap_id));
             let body =
                 wire::Pinned::create(&mut self.out.fbb, &wire::PinnedArgs { info: Some(info) });
             self.out
@@ -1770,7 +1775,8 @@ impl Conn {
                     .finish(wire::Message::BeginOk, body.as_union_value(), &[]);
             }
             BeginOutcome::AlreadyCommitted(s) => {
-                let info = self.out.snapshot_info(&s);
+                let usage = self.volume().and_then(|v| v.usage(s.snap_id));
+                let info = self.out.snapshot_info(&s, usage);
                 let body = wire::AlreadyCommitted::create(
                     &mut self.out.fbb,
                     &wire::AlreadyCommittedArgs { info: Some(info) },
@@ -1853,7 +1859,8 @@ impl Conn {
             .stats
             .snapshots_committed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let info = self.out.snapshot_info(&entry);
+        let usage = self.volume().and_then(|v| v.usage(entry.snap_id));
+        let info = self.out.snapshot_info(&entry, usage);
         let body =
             wire::Committed::create(&mut self.out.fbb, &wire::CommittedArgs { info: Some(info) });
         self.out
@@ -1958,7 +1965,8 @@ impl Conn {
         let (page, more) = v.list(after, max as usize);
         let mut infos = Vec::with_capacity(page.len());
         for s in &page {
-            infos.push(self.out.snapshot_info(s));
+            let usage = v.usage(s.snap_id);
+            infos.push(self.out.snapshot_info(s, usage));
         }
         let snaps = self.out.fbb.create_vector(&infos);
         let body = wire::SnapshotList::create(

@@ -465,3 +465,47 @@ fn object_store_compaction_retires_then_deletes_and_a_clone_keeps_reading() {
     let mut cl = connect(server.addr, "c1");
     check_snapshot(&mut cl, 0, &clone_base, BS, &mut rng);
 }
+
+#[test]
+fn the_listing_tells_own_from_shared_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = in_process(&dir.path().join("dp"), 2);
+    let mut c = connect(server.local_addr(), "v1");
+    c.create_volume(SIZE, BS as u32).expect("create");
+    let data = |lba: u64, n: u64| Change::Data {
+        lba,
+        data: vec![lba as u8 + 1; (n as usize) * BS],
+    };
+    try_upload(&mut c, 1, &[data(0, 10)]).expect("1");
+    try_upload(&mut c, 2, &[data(5, 3), data(20, 2)]).expect("2");
+    try_upload(
+        &mut c,
+        3,
+        &[
+            data(0, 2),
+            Change::Zero {
+                lba: 21,
+                nblocks: 1,
+            },
+        ],
+    )
+    .expect("3");
+    let usage = |c: &mut Client| -> Vec<(u64, u64, u64)> {
+        c.list_snapshots()
+            .expect("list")
+            .iter()
+            .map(|s| (s.snap_id, s.own_bytes, s.shared_bytes))
+            .collect()
+    };
+    let b = BS as u64;
+    // 1: blocks 5..8 overwritten by 2 are its own, the other 7 shared. 2: block 21 zeroed by
+    // 3 is its own. 3, the head: all shared.
+    assert_eq!(
+        usage(&mut c),
+        vec![(1, 3 * b, 7 * b), (2, b, 4 * b), (3, 0, 2 * b)]
+    );
+    // Deleting 1 merges it into 2: 2 now holds blocks 0..10 and 20..22; 3 overwrote 0..2 and
+    // 21.
+    c.delete_snapshot(1).expect("delete 1");
+    assert_eq!(usage(&mut c), vec![(2, 3 * b, 9 * b), (3, 0, 2 * b)]);
+}

@@ -464,6 +464,8 @@ fn snapshot_info(
             cut_time_ms: 1_699_999_990_000,
             pinned: snap_id % 2 == 1,
             label,
+            own_bytes: 4096,
+            shared_bytes: 4096,
         },
     )
 }

@@ -195,7 +195,10 @@ pub struct SnapshotsArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotsCmd {
-    /// List the snapshots (the same as `snapshots NAME`).
+    /// List the snapshots (the same as `snapshots NAME`): ids, cut and commit times, pins
+    /// and labels, and sizes: BYTES is the snapshot's own changes as stored, OWN the part the
+    /// next snapshot overwrote (deleting this one gives it back), SHARED the part later
+    /// snapshots still read.
     List {
         name: String,
         #[command(flatten)]
@@ -1419,6 +1422,8 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
                     "clock_stepped_back": t.stepped_back,
                     "time_unix_ms": s.commit_time_ms,
                     "bytes": s.bytes,
+                    "own_bytes": s.own_bytes,
+                    "shared_bytes": s.shared_bytes,
                     "extents": s.extent_count,
                     "volume_size": s.volume_size,
                     "generation": s.generation,
@@ -1436,8 +1441,8 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
         println!("retention: {retention}");
     }
     println!(
-        "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}  PIN",
-        "ID", "PARENT", "CUT TIME", "COMMITTED", "BYTES", "EXTENTS"
+        "{:>10} {:>10} {:<29} {:<27} {:>10} {:>10} {:>10} {:>8}  PIN",
+        "ID", "PARENT", "CUT TIME", "COMMITTED", "BYTES", "OWN", "SHARED", "EXTENTS"
     );
     let (mut unknown, mut stepped) = (false, false);
     for (s, t) in snaps.iter().zip(&tl) {
@@ -1466,16 +1471,19 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
             (false, false) => s.label.clone(),
         };
         let row = format!(
-            "{:>10} {:>10} {:<29} {:<27} {:>10} {:>8}  {pin}",
+            "{:>10} {:>10} {:<29} {:<27} {:>10} {:>10} {:>10} {:>8}  {pin}",
             s.snap_id,
             s.parent_id,
             cut,
             committed,
             format_size(s.bytes),
+            format_size(s.own_bytes),
+            format_size(s.shared_bytes),
             s.extent_count
         );
         println!("{}", row.trim_end());
     }
+    println!("BYTES: the snapshot's own changes as stored; OWN: of them, what the next snapshot overwrote (deleting this one gives it back); SHARED: what later snapshots still read");
     if unknown {
         println!("* cut time unknown (committed before cut times were recorded): the commit time is shown; the cut was at or before it");
     }

@@ -65,6 +65,18 @@ fn retention_prune_pin_delete_from_the_command_line() {
         .find(|l| l.trim_start().starts_with("2 "))
         .unwrap();
     assert!(row2.ends_with("pinned before-upgrade"), "{out}");
+    assert!(out.contains(" OWN ") && out.contains(" SHARED "), "{out}");
+    // Each snapshot wrote one block no later one overwrote: nothing own, 4 KiB shared.
+    let (rc, out, err) = with_dp(&["snapshots", "testvol", "--json"]);
+    assert_eq!(rc, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for s in v.as_array().unwrap() {
+        assert_eq!(
+            (s["own_bytes"].as_u64(), s["shared_bytes"].as_u64()),
+            (Some(0), Some(4096)),
+            "{s}"
+        );
+    }
 
     // A dry run deletes nothing and says why each one stays.
     let (rc, out, err) = with_dp(&["snapshots", "retention", "testvol", "last=1"]);

@@ -191,6 +191,33 @@ impl Volume {
         self.state.borrow().manifest.retention
     }
 
+    /// What snapshot `snap_id`'s data is to the chain: (own, shared) bytes. Own: the blocks of
+    /// its delta the next snapshot overwrote, which deleting it gives back (after compaction);
+    /// shared: the rest, which later snapshots still read. The head owns nothing: everything
+    /// it holds is the volume's newest content. `None` for an unknown snapshot.
+    pub fn usage(&self, snap_id: u64) -> Option<(u64, u64)> {
+        let st = self.state.borrow();
+        let idx = st
+            .manifest
+            .snapshots
+            .iter()
+            .position(|s| s.snap_id == snap_id)?;
+        let bs = u64::from(st.manifest.block_size);
+        let layer = &st.layers[idx];
+        let next = st.layers.get(idx + 1);
+        let (mut data, mut own) = (0u64, 0u64);
+        for p in layer.pieces() {
+            if !matches!(p.src, super::layer::Src::Data { .. }) {
+                continue;
+            }
+            data += p.end - p.start;
+            if let Some(next) = next {
+                next.for_each_in(p.start, p.end, |q| own += q.end - q.start);
+            }
+        }
+        Some((own * bs, (data - own) * bs))
+    }
+
     /// Every snapshot of the chain, oldest first.
     pub fn chain(&self) -> Vec<SnapEntry> {
         self.state.borrow().manifest.snapshots.clone()

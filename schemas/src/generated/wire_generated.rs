@@ -2481,6 +2481,8 @@ impl<'a> SnapshotInfo<'a> {
   pub const VT_CUT_TIME_MS: ::flatbuffers::VOffsetT = 18;
   pub const VT_PINNED: ::flatbuffers::VOffsetT = 20;
   pub const VT_LABEL: ::flatbuffers::VOffsetT = 22;
+  pub const VT_OWN_BYTES: ::flatbuffers::VOffsetT = 24;
+  pub const VT_SHARED_BYTES: ::flatbuffers::VOffsetT = 26;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2492,6 +2494,8 @@ impl<'a> SnapshotInfo<'a> {
     args: &'args SnapshotInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<SnapshotInfo<'bldr>> {
     let mut builder = SnapshotInfoBuilder::new(_fbb);
+    builder.add_shared_bytes(args.shared_bytes);
+    builder.add_own_bytes(args.own_bytes);
     builder.add_cut_time_ms(args.cut_time_ms);
     builder.add_generation(args.generation);
     builder.add_volume_size(args.volume_size);
@@ -2582,6 +2586,24 @@ impl<'a> SnapshotInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SnapshotInfo::VT_LABEL, None)}
   }
+  /// Of `bytes`, the data only this snapshot holds: the next snapshot overwrote it, so
+  /// deleting this one gives it back (after compaction). 0 for the chain head.
+  #[inline]
+  pub fn own_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SnapshotInfo::VT_OWN_BYTES, Some(0)).unwrap()}
+  }
+  /// Of `bytes`, the data later snapshots still read (shared with them): deleting this
+  /// snapshot moves it into the next one.
+  #[inline]
+  pub fn shared_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SnapshotInfo::VT_SHARED_BYTES, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for SnapshotInfo<'_> {
@@ -2600,6 +2622,8 @@ impl ::flatbuffers::Verifiable for SnapshotInfo<'_> {
      .visit_field::<u64>("cut_time_ms", Self::VT_CUT_TIME_MS, false)?
      .visit_field::<bool>("pinned", Self::VT_PINNED, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("label", Self::VT_LABEL, false)?
+     .visit_field::<u64>("own_bytes", Self::VT_OWN_BYTES, false)?
+     .visit_field::<u64>("shared_bytes", Self::VT_SHARED_BYTES, false)?
      .finish();
     Ok(())
   }
@@ -2615,6 +2639,8 @@ pub struct SnapshotInfoArgs<'a> {
     pub cut_time_ms: u64,
     pub pinned: bool,
     pub label: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub own_bytes: u64,
+    pub shared_bytes: u64,
 }
 impl<'a> Default for SnapshotInfoArgs<'a> {
   #[inline]
@@ -2630,6 +2656,8 @@ impl<'a> Default for SnapshotInfoArgs<'a> {
       cut_time_ms: 0,
       pinned: false,
       label: None,
+      own_bytes: 0,
+      shared_bytes: 0,
     }
   }
 }
@@ -2680,6 +2708,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SnapshotInfoBuilder<'a, 'b, A
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SnapshotInfo::VT_LABEL, label);
   }
   #[inline]
+  pub fn add_own_bytes(&mut self, own_bytes: u64) {
+    self.fbb_.push_slot::<u64>(SnapshotInfo::VT_OWN_BYTES, own_bytes, 0);
+  }
+  #[inline]
+  pub fn add_shared_bytes(&mut self, shared_bytes: u64) {
+    self.fbb_.push_slot::<u64>(SnapshotInfo::VT_SHARED_BYTES, shared_bytes, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SnapshotInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SnapshotInfoBuilder {
@@ -2707,6 +2743,8 @@ impl ::core::fmt::Debug for SnapshotInfo<'_> {
       ds.field("cut_time_ms", &self.cut_time_ms());
       ds.field("pinned", &self.pinned());
       ds.field("label", &self.label());
+      ds.field("own_bytes", &self.own_bytes());
+      ds.field("shared_bytes", &self.shared_bytes());
       ds.finish()
   }
 }
