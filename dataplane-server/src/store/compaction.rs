@@ -164,6 +164,127 @@ fn data_bytes(seg: &Segment, bs: u64) -> u64 {
         .sum()
 }
 
+/// Reads the records a round copies. Local files: one read per record (the page cache does
+/// the rest). Object store: one ranged GET covers a run of needed records of a segment (up to
+/// [`WINDOW_BYTES_MAX`], skipping no gap wider than [`WINDOW_GAP_BYTES_MAX`]) instead of a GET
+/// a record, and bypasses the hot-extent cache (a compaction's reads are not hot).
+struct RecordReader {
+    /// Per object segment: the (offset, length) of each record the round needs, by offset.
+    needed: HashMap<u64, Vec<(u64, u64)>>,
+    /// Per segment: the window last fetched (its start offset and bytes).
+    windows: HashMap<u64, (u64, bytes::Bytes)>,
+    window_bytes: usize,
+}
+
+/// Most bytes one ranged GET of a compaction fetches.
+const WINDOW_BYTES_MAX: u64 = 8 << 20;
+/// Widest stretch of unneeded bytes a window reads through rather than starting a new GET.
+const WINDOW_GAP_BYTES_MAX: u64 = 256 << 10;
+/// Windows held at once, in bytes, before they are dropped.
+const WINDOWS_HELD_MAX: usize = 64 << 20;
+
+impl RecordReader {
+    fn new(
+        pieces: &[(u64, u64, Src)],
+        segments: &HashMap<u64, Rc<Segment>>,
+        bs: u64,
+    ) -> RecordReader {
+        let mut needed: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
+        let mut seen: HashSet<(u64, u32)> = HashSet::new();
+        for &(_, _, src) in pieces {
+            let Src::Data { seg, rec, .. } = src else {
+                continue;
+            };
+            let Some(segment) = segments.get(&seg) else {
+                continue;
+            };
+            if !matches!(segment.src, SegSrc::Object { .. }) || !seen.insert((seg, rec)) {
+                continue;
+            }
+            if let Some(e) = segment.extents.get(rec as usize) {
+                needed
+                    .entry(seg)
+                    .or_default()
+                    .push((e.offset, u64::from(e.nblocks) * bs));
+            }
+        }
+        for v in needed.values_mut() {
+            v.sort_unstable();
+        }
+        RecordReader {
+            needed,
+            windows: HashMap::new(),
+            window_bytes: 0,
+        }
+    }
+
+    /// Reads record `rec` of `seg` into `buf` and checks its crc32c; returns the bytes fetched.
+    async fn read(
+        &mut self,
+        seg: &Segment,
+        rec: u32,
+        bs: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        let SegSrc::Object { obj, key } = &seg.src else {
+            let (res, b) = seg.read_record(rec, bs, std::mem::take(buf)).await;
+            *buf = b;
+            res?;
+            return Ok(buf.len() as u64);
+        };
+        let e = seg.extents.get(rec as usize).copied().ok_or_else(|| {
+            StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!("segment {}: no record {rec}", seg.snap_id),
+            )
+        })?;
+        let len = u64::from(e.nblocks) * u64::from(bs);
+        let inside =
+            |w: &(u64, bytes::Bytes)| e.offset >= w.0 && e.offset + len <= w.0 + w.1.len() as u64;
+        let mut fetched = 0;
+        if !self.windows.get(&seg.snap_id).is_some_and(inside) {
+            let mut end = e.offset + len;
+            if let Some(list) = self.needed.get(&seg.snap_id) {
+                let from = list.partition_point(|r| r.0 < e.offset);
+                for &(off, l) in &list[from..] {
+                    if off < end {
+                        end = end.max(off + l);
+                        continue;
+                    }
+                    if off - end > WINDOW_GAP_BYTES_MAX || off + l - e.offset > WINDOW_BYTES_MAX {
+                        break;
+                    }
+                    end = off + l;
+                }
+            }
+            let bytes = obj.get_range(key, e.offset..end).await?;
+            fetched = bytes.len() as u64;
+            if self.window_bytes + bytes.len() > WINDOWS_HELD_MAX {
+                self.windows.clear();
+                self.window_bytes = 0;
+            }
+            self.window_bytes += bytes.len();
+            if let Some(old) = self.windows.insert(seg.snap_id, (e.offset, bytes)) {
+                self.window_bytes -= old.1.len();
+            }
+        }
+        let (start, w) = &self.windows[&seg.snap_id];
+        let at = (e.offset - start) as usize;
+        buf.clear();
+        buf.extend_from_slice(&w[at..at + len as usize]);
+        if crc32c::crc32c(buf) != e.crc32c {
+            return Err(StoreError::new(
+                StoreErrorKind::Checksum,
+                format!(
+                    "segment {}: extent at lba {} fails its crc32c",
+                    seg.snap_id, e.lba
+                ),
+            ));
+        }
+        Ok(fetched)
+    }
+}
+
 /// Pauses so that `done` bytes since `start` stay under `rate` bytes a second.
 async fn pace(start: Instant, done: u64, rate: u64) {
     if rate == 0 {
@@ -494,6 +615,10 @@ impl Volume {
         // The record last read (a record split into several live pieces is read once).
         let mut cached: Option<(u64, u32)> = None;
         let mut rec_buf: Vec<u8> = Vec::new();
+        let mut reader = {
+            let st = self.state.borrow();
+            RecordReader::new(&plan.pieces, &st.segments, bs)
+        };
         let started = Instant::now();
         let mut moved = 0u64;
         // Pieces longer than a batch are cut to fit one.
@@ -587,13 +712,8 @@ impl Volume {
                                         format!("compaction: segment {seg} is missing"),
                                     )
                                 })?;
-                        let (res, buf) = segment
-                            .read_record(rec, bs as u32, std::mem::take(&mut rec_buf))
-                            .await;
-                        rec_buf = buf;
-                        res?;
+                        moved += reader.read(&segment, rec, bs as u32, &mut rec_buf).await?;
                         cached = Some((seg, rec));
-                        moved += rec_buf.len() as u64;
                     }
                     let from = ((s - rec_lba) * bs) as usize;
                     let to = ((e - rec_lba) * bs) as usize;
