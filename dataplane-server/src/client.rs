@@ -150,18 +150,11 @@ impl VolumeInfo {
             latest_commit_ms: v.latest_commit_ms(),
             created_ms: v.created_ms(),
             latest_cut_ms: v.latest_cut_ms(),
-            retention: v.retention().map(policy_from_wire).unwrap_or_default(),
+            retention: v
+                .retention()
+                .map(crate::retention::Policy::from_wire)
+                .unwrap_or_default(),
         }
-    }
-}
-
-fn policy_from_wire(r: wire::Retention<'_>) -> crate::retention::Policy {
-    crate::retention::Policy {
-        last: r.last(),
-        hourly: r.hourly(),
-        daily: r.daily(),
-        weekly: r.weekly(),
-        monthly: r.monthly(),
     }
 }
 
@@ -1064,16 +1057,7 @@ impl Client {
         &mut self,
         policy: &crate::retention::Policy,
     ) -> Result<VolumeInfo, ClientError> {
-        let r = wire::Retention::create(
-            &mut self.fbb,
-            &wire::RetentionArgs {
-                last: policy.last,
-                hourly: policy.hourly,
-                daily: policy.daily,
-                weekly: policy.weekly,
-                monthly: policy.monthly,
-            },
-        );
+        let r = wire::Retention::create(&mut self.fbb, &policy.to_wire());
         let body =
             wire::SetRetention::create(&mut self.fbb, &wire::SetRetentionArgs { policy: Some(r) });
         self.send(wire::Message::SetRetention, body.as_union_value())?;

@@ -91,26 +91,26 @@ impl fmt::Display for Policy {
     }
 }
 
-impl From<crate::store::format::RetentionCounts> for Policy {
-    fn from(r: crate::store::format::RetentionCounts) -> Self {
+impl Policy {
+    /// The policy of a wire `Retention` table.
+    pub fn from_wire(r: deltavol_schemas::wire::Retention<'_>) -> Policy {
         Policy {
-            last: r.last,
-            hourly: r.hourly,
-            daily: r.daily,
-            weekly: r.weekly,
-            monthly: r.monthly,
+            last: r.last(),
+            hourly: r.hourly(),
+            daily: r.daily(),
+            weekly: r.weekly(),
+            monthly: r.monthly(),
         }
     }
-}
 
-impl From<Policy> for crate::store::format::RetentionCounts {
-    fn from(p: Policy) -> Self {
-        crate::store::format::RetentionCounts {
-            last: p.last,
-            hourly: p.hourly,
-            daily: p.daily,
-            weekly: p.weekly,
-            monthly: p.monthly,
+    /// The arguments of a wire `Retention` table holding this policy.
+    pub fn to_wire(&self) -> deltavol_schemas::wire::RetentionArgs {
+        deltavol_schemas::wire::RetentionArgs {
+            last: self.last,
+            hourly: self.hourly,
+            daily: self.daily,
+            weekly: self.weekly,
+            monthly: self.monthly,
         }
     }
 }

@@ -969,18 +969,7 @@ impl Out {
         let retention = v
             .map(|v| v.retention)
             .filter(|r| *r != store::format::RetentionCounts::default())
-            .map(|r| {
-                wire::Retention::create(
-                    &mut self.fbb,
-                    &wire::RetentionArgs {
-                        last: r.last,
-                        hourly: r.hourly,
-                        daily: r.daily,
-                        weekly: r.weekly,
-                        monthly: r.monthly,
-                    },
-                )
-            });
+            .map(|r| wire::Retention::create(&mut self.fbb, &r.to_wire()));
         wire::VolumeInfo::create(
             &mut self.fbb,
             &wire::VolumeInfoArgs {
@@ -1493,13 +1482,9 @@ impl Conn {
         }
         if let Some(m) = f.body_as_set_retention() {
             let r = m.policy();
-            let policy = store::format::RetentionCounts {
-                last: r.map_or(0, |r| r.last()),
-                hourly: r.map_or(0, |r| r.hourly()),
-                daily: r.map_or(0, |r| r.daily()),
-                weekly: r.map_or(0, |r| r.weekly()),
-                monthly: r.map_or(0, |r| r.monthly()),
-            };
+            let policy = r
+                .map(crate::retention::Policy::from_wire)
+                .unwrap_or_default();
             let v = self.require_own_volume()?;
             v.set_retention(policy).await?;
             self.apply_retention(false).await?;
@@ -1878,9 +1863,9 @@ impl Conn {
     /// policy: the head, pinned snapshots, clone sources (this server's registry, and the
     /// store's check when servers share it) and snapshots read within [`READ_PROTECT`].
     async fn apply_retention(&mut self, dry_run: bool) -> Result<RetentionOutcome, ReqError> {
-        use crate::retention::{select, Candidate, Policy};
+        use crate::retention::{select, Candidate};
         let v = self.require_own_volume()?;
-        let policy = Policy::from(v.retention());
+        let policy = v.retention();
         if policy.keeps_all() && !dry_run {
             if v.has_retired() {
                 v.kick_compaction();

@@ -81,16 +81,9 @@ pub struct SnapEntry {
     pub label: String,
 }
 
-/// A retention policy as the manifest records it (see `crate::retention::Policy`); all zero:
-/// every snapshot is kept.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RetentionCounts {
-    pub last: u32,
-    pub hourly: u32,
-    pub daily: u32,
-    pub weekly: u32,
-    pub monthly: u32,
-}
+/// A retention policy as the manifest records it: the policy itself (all zero: every
+/// snapshot is kept).
+pub use crate::retention::Policy as RetentionCounts;
 
 /// Longest snapshot label kept, in bytes.
 pub const LABEL_BYTES_MAX: usize = 128;

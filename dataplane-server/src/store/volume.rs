@@ -460,6 +460,9 @@ pub async fn claim(backend: &Backend, name: &str) -> Result<Option<Option<Rc<Vol
     }
 }
 
+/// Segment opens a volume load keeps in flight (object store).
+const SEGMENT_OPENS_IN_FLIGHT: usize = 16;
+
 /// Reads a volume's manifest and opens its segments; `Ok(None)` when it has no manifest.
 async fn load_state(backend: &Backend, name: &str) -> Result<Option<VolumeState>, StoreError> {
     let (manifest, tags, retired) = match backend {
@@ -503,8 +506,23 @@ async fn load_state(backend: &Backend, name: &str) -> Result<Option<VolumeState>
     ids.sort_unstable();
     let mut segments = HashMap::new();
     let mut damaged = None;
-    for id in ids {
-        match open_segment_any(backend, name, &manifest, &tags, id).await {
+    // Object store: each open is a HEAD and two ranged GETs; open several at once.
+    let opened: Vec<(u64, Result<Segment, StoreError>)> = {
+        use futures::StreamExt;
+        let (manifest, tags) = (&manifest, &tags);
+        futures::stream::iter(ids)
+            .map(|id| async move {
+                (
+                    id,
+                    open_segment_any(backend, name, manifest, tags, id).await,
+                )
+            })
+            .buffered(SEGMENT_OPENS_IN_FLIGHT)
+            .collect()
+            .await
+    };
+    for (id, res) in opened {
+        match res {
             Ok(seg) => {
                 segments.insert(id, Rc::new(seg));
             }
