@@ -84,6 +84,7 @@ check_step "the .deb: build and inspect (scripts/build-deb --no-build --fast, sc
 check_step "benchmark smoke: ingest vs a TCP sink (--quick)" build/release/deltavol-bench-ingest --quick
 check_step "benchmark smoke: hydration vs a plain copy (--quick)" build/release/deltavol-bench-hydrate --quick
 check_step "benchmark smoke: engine vs raw io_uring (--quick)" build/release/deltavol-bench-engine --quick
+check_step "benchmark smoke: long life under retention (--quick)" build/release/deltavol-bench-longlife --quick
 
 drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/crash.sh tests/drills/snapshots.sh
         tests/drills/recovery.sh tests/drills/clone.sh tests/drills/restart.sh tests/drills/verify.sh

@@ -28,6 +28,8 @@ pub struct Params {
     pub dp_threads: usize,
     pub server_args: Vec<String>,
     pub stores: Vec<String>,
+    /// The store was left to settle before each latency window (`--no-quiesce`: not).
+    pub quiesce_before_windows: bool,
 }
 
 /// Commit latency over a window of snapshots (ids `first ..= last`).
@@ -140,6 +142,8 @@ pub struct StoreResult {
     pub load: Load,
     pub verify: Verify,
     pub progress: Vec<Progress>,
+    /// Seconds the store took to settle before each latency window (none with --no-quiesce).
+    pub quiesce_waits_s: Vec<f64>,
     /// Commit latency of every snapshot (begin until the commit is acknowledged), ms; index
     /// `i` is snapshot `i + 1`.
     pub commit_ms: Vec<f64>,
@@ -261,6 +265,18 @@ pub fn table(r: &Report) -> String {
             "**{:.2}×**; {:.2}×",
             x.latency.ratio_median, x.latency.ratio_p99
         )
+    });
+    row("store settled before the windows", &|x| {
+        if x.quiesce_waits_s.is_empty() {
+            "not waited for (--no-quiesce)".to_string()
+        } else {
+            let w: Vec<String> = x
+                .quiesce_waits_s
+                .iter()
+                .map(|w| format!("{w:.1} s"))
+                .collect();
+            format!("after {}", w.join(", "))
+        }
     });
     row("load: spawn → listening", &|x| {
         format!("{:.3} s", x.load.listening_s)
