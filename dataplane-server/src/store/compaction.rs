@@ -141,6 +141,19 @@ pub struct CompactOutcome {
     pub old_bytes: u64,
 }
 
+/// Per snapshot, what planning learnt from its layer, kept while the layer is the same.
+#[derive(Debug, Default)]
+pub(super) struct StatsCache(HashMap<u64, SnapStats>);
+
+#[derive(Debug)]
+struct SnapStats {
+    /// The layer the figures were taken from (identity: a changed layer is a new `Rc`).
+    layer: Rc<super::layer::Layer>,
+    segments: Vec<u64>,
+    /// (segment id, data bytes, live bytes), in list order.
+    stats: Vec<(u64, u64, u64)>,
+}
+
 /// A round's decision, taken from the in-memory index.
 #[derive(Debug)]
 struct Plan {
@@ -383,28 +396,43 @@ impl Volume {
     fn plan_compaction(&self, live_ratio: f64) -> Option<Plan> {
         let st = self.state.borrow();
         let bs = u64::from(st.manifest.block_size);
-        let mut best: Option<(u64, Plan)> = None;
+        let mut cache = self.compact_stats.borrow_mut();
+        // (gain, index, rewrite set, live bytes, old bytes) of the best snapshot so far.
+        let mut best: Option<(u64, usize, HashSet<u64>, u64, u64)> = None;
         for (idx, entry) in st.manifest.snapshots.iter().enumerate() {
             let layer = &st.layers[idx];
-            let mut live: HashMap<u64, u64> = HashMap::new();
-            let mut zero_pieces = 0usize;
-            for p in layer.pieces() {
-                match p.src {
-                    Src::Data { seg, .. } => {
-                        *live.entry(seg).or_default() += (p.end - p.start) * bs
+            // A snapshot's statistics change only with its layer (a commit, a merge into it,
+            // a compaction of it): recomputed then, reused otherwise, so planning after each
+            // commit costs the snapshots that changed, not the whole chain.
+            let fresh = cache.0.get(&entry.snap_id).is_some_and(|c| {
+                Rc::ptr_eq(&c.layer, layer) && c.segments == entry.segments
+            });
+            if !fresh {
+                let mut live: HashMap<u64, u64> = HashMap::new();
+                for p in layer.pieces() {
+                    if let Src::Data { seg, .. } = p.src {
+                        *live.entry(seg).or_default() += (p.end - p.start) * bs;
                     }
-                    Src::Zero => zero_pieces += 1,
                 }
+                let mut stats = Vec::with_capacity(entry.segments.len());
+                for id in &entry.segments {
+                    let seg = st.segments.get(id)?;
+                    stats.push((*id, data_bytes(seg, bs), live.get(id).copied().unwrap_or(0)));
+                }
+                cache.0.insert(
+                    entry.snap_id,
+                    SnapStats {
+                        layer: Rc::clone(layer),
+                        segments: entry.segments.clone(),
+                        stats,
+                    },
+                );
             }
             // (id, total data bytes, live bytes), in list order.
-            let mut stats = Vec::with_capacity(entry.segments.len());
-            for id in &entry.segments {
-                let seg = st.segments.get(id)?;
-                stats.push((*id, data_bytes(seg, bs), live.get(id).copied().unwrap_or(0)));
-            }
+            let stats = &cache.0[&entry.snap_id].stats;
             let mut rewrite: HashSet<u64> = HashSet::new();
             let mut budget = 0u64;
-            for &(id, total, l) in &stats {
+            for &(id, total, l) in stats {
                 if total > 0
                     && (l as f64) < live_ratio * total as f64
                     && budget < ROUND_LIVE_BYTES_MAX
@@ -431,50 +459,49 @@ impl Volume {
                     budget += s.2;
                 }
             }
-            // A rewrite of one segment into one is only worth it when it drops dead bytes.
             if rewrite.is_empty() {
                 continue;
             }
-            let old_bytes: u64 = stats
+            let (old_bytes, live_bytes) = stats
                 .iter()
                 .filter(|s| rewrite.contains(&s.0))
-                .map(|s| s.1)
-                .sum();
-            let live_bytes: u64 = stats
-                .iter()
-                .filter(|s| rewrite.contains(&s.0))
-                .map(|s| s.2)
-                .sum();
+                .fold((0, 0), |(o, l), s| (o + s.1, l + s.2));
+            // A rewrite of one segment into one is only worth it when it drops dead bytes.
             if rewrite.len() == 1 && live_bytes == old_bytes {
                 continue;
             }
-            let mut pieces = Vec::new();
-            for p in layer.pieces() {
-                match p.src {
-                    Src::Data { seg, .. } if rewrite.contains(&seg) => {
-                        pieces.push((p.start, p.end, p.src))
-                    }
-                    Src::Zero if zero_pieces > 0 => pieces.push((p.start, p.end, p.src)),
-                    _ => {}
-                }
-            }
             let gain = (old_bytes - live_bytes) + (rewrite.len() as u64 - 1) * 4096;
-            if best.as_ref().is_none_or(|(g, _)| gain > *g) {
-                best = Some((
-                    gain,
-                    Plan {
-                        snap_id: entry.snap_id,
-                        parent_id: entry.parent_id,
-                        segments: entry.segments.clone(),
-                        rewrite,
-                        pieces,
-                        live_bytes,
-                        old_bytes,
-                    },
-                ));
+            if best.as_ref().is_none_or(|b| gain > b.0) {
+                best = Some((gain, idx, rewrite, live_bytes, old_bytes));
             }
         }
-        best.map(|(_, p)| p)
+        // Snapshots gone from the chain leave the cache.
+        if cache.0.len() > st.manifest.snapshots.len() {
+            let ids: HashSet<u64> = st.manifest.snapshots.iter().map(|s| s.snap_id).collect();
+            cache.0.retain(|id, _| ids.contains(id));
+        }
+        let (_, idx, rewrite, live_bytes, old_bytes) = best?;
+        let entry = &st.manifest.snapshots[idx];
+        let layer = &st.layers[idx];
+        let mut pieces = Vec::new();
+        for p in layer.pieces() {
+            match p.src {
+                Src::Data { seg, .. } if rewrite.contains(&seg) => {
+                    pieces.push((p.start, p.end, p.src))
+                }
+                Src::Zero => pieces.push((p.start, p.end, p.src)),
+                _ => {}
+            }
+        }
+        Some(Plan {
+            snap_id: entry.snap_id,
+            parent_id: entry.parent_id,
+            segments: entry.segments.clone(),
+            rewrite,
+            pieces,
+            live_bytes,
+            old_bytes,
+        })
     }
 
     /// Writes the plan's new segment and makes it durable; returns it, open for reads, with

@@ -131,6 +131,8 @@ pub struct Volume {
     pub(super) compact_again: Cell<bool>,
     /// Wakes the task while it waits for retired objects to come due.
     pub(super) compact_wake: tokio::sync::Notify,
+    /// What compaction planning knows of each snapshot's layer.
+    pub(super) compact_stats: RefCell<super::compaction::StatsCache>,
 }
 
 impl Volume {
@@ -252,6 +254,7 @@ impl Volume {
             compacting: Cell::new(false),
             compact_again: Cell::new(false),
             compact_wake: tokio::sync::Notify::new(),
+            compact_stats: RefCell::new(Default::default()),
         }))
     }
 
@@ -286,6 +289,7 @@ impl Volume {
             compacting: Cell::new(false),
             compact_again: Cell::new(false),
             compact_wake: tokio::sync::Notify::new(),
+            compact_stats: RefCell::new(Default::default()),
         })))
     }
 
