@@ -404,9 +404,10 @@ impl Volume {
             // A snapshot's statistics change only with its layer (a commit, a merge into it,
             // a compaction of it): recomputed then, reused otherwise, so planning after each
             // commit costs the snapshots that changed, not the whole chain.
-            let fresh = cache.0.get(&entry.snap_id).is_some_and(|c| {
-                Rc::ptr_eq(&c.layer, layer) && c.segments == entry.segments
-            });
+            let fresh = cache
+                .0
+                .get(&entry.snap_id)
+                .is_some_and(|c| Rc::ptr_eq(&c.layer, layer) && c.segments == entry.segments);
             if !fresh {
                 let mut live: HashMap<u64, u64> = HashMap::new();
                 for p in layer.pieces() {
