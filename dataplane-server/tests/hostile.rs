@@ -1,6 +1,7 @@
 //! Bad input against a real server on 127.0.0.1: wrong token, another volume's name on an
 //! authenticated connection, truncated / oversized / garbage frames, LBAs past the end — each
-//! gets a clear error and its connection closes, while a well-behaved client is served.
+//! gets a clear error and its connection closes, while a well-behaved client is served; bad
+//! pin, delete, retention and snapshot-id values are refused and change nothing.
 
 mod common;
 
@@ -232,4 +233,157 @@ fn bad_frames_get_errors_while_a_good_client_is_served() {
     let snaps = good.join().expect("good client never failed");
     assert!(snaps >= 3);
     server.shutdown();
+}
+
+/// Sends one request frame on `s` and returns the reply's error code (None: a success).
+fn ask(
+    s: &mut std::net::TcpStream,
+    ty: wire::Message,
+    build: impl FnOnce(
+        &mut FlatBufferBuilder<'static>,
+    ) -> deltavol_schemas::flatbuffers::WIPOffset<
+        deltavol_schemas::flatbuffers::UnionWIPOffset,
+    >,
+) -> (Option<ErrorCode>, String) {
+    let mut fbb = FlatBufferBuilder::new();
+    let body = build(&mut fbb);
+    let f = frame(&mut fbb, ty, body, &[]);
+    s.write_all(&f).expect("send");
+    let (_, code, msg) = read_reply(s).expect("a reply");
+    (code, msg)
+}
+
+#[test]
+fn retention_pin_and_delete_requests_with_bad_values_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = in_process(dir.path(), 2);
+    let addr = server.local_addr();
+    let mut c = connect(addr, "rv");
+    c.create_volume(SIZE, BS as u32).expect("create");
+    let mut rng = Rng::new(77);
+    let mut models = Vec::new();
+    let mut model = vec![0u8; SIZE as usize];
+    for snap in 1..=3u64 {
+        let ch = random_changes(&mut rng, BLOCKS, BS, 4);
+        upload(&mut c, snap, snap - 1, SIZE, BS, &ch);
+        apply(&mut model, BS, &ch);
+        models.push(model.clone());
+    }
+    let before = c.list_snapshots().expect("list");
+
+    let pin = |s: &mut std::net::TcpStream, snap_id: u64, label: &str| {
+        let label = label.to_string();
+        ask(s, wire::Message::PinSnapshot, move |fbb| {
+            let l = fbb.create_string(&label);
+            wire::PinSnapshot::create(
+                fbb,
+                &wire::PinSnapshotArgs {
+                    snap_id,
+                    pinned: true,
+                    label: Some(l),
+                },
+            )
+            .as_union_value()
+        })
+    };
+    let delete = |s: &mut std::net::TcpStream, snap_id: u64| {
+        ask(s, wire::Message::DeleteSnapshot, move |fbb| {
+            wire::DeleteSnapshot::create(fbb, &wire::DeleteSnapshotArgs { snap_id })
+                .as_union_value()
+        })
+    };
+    let long = "x".repeat(10_000);
+    for (what, snap_id, label, want) in [
+        (
+            "a label past the cap",
+            1,
+            long.as_str(),
+            ErrorCode::Malformed,
+        ),
+        ("a label with a newline", 1, "a\nb", ErrorCode::Malformed),
+        ("an unknown snapshot", 99, "", ErrorCode::NoSuchSnapshot),
+        (
+            "an id with the high bit",
+            1 << 63,
+            "",
+            ErrorCode::NoSuchSnapshot,
+        ),
+    ] {
+        let (mut s, _) = raw_auth(addr, TOKEN, "rv");
+        let (code, msg) = pin(&mut s, snap_id, label);
+        assert_eq!(code, Some(want), "pin with {what}: {msg}");
+    }
+    for (what, snap_id, want) in [
+        ("the head", 3, ErrorCode::DeleteHead),
+        ("an unknown snapshot", 42, ErrorCode::NoSuchSnapshot),
+        (
+            "an id with the high bit",
+            1 << 63 | 1,
+            ErrorCode::NoSuchSnapshot,
+        ),
+        ("id 0", 0, ErrorCode::NoSuchSnapshot),
+    ] {
+        let (mut s, _) = raw_auth(addr, TOKEN, "rv");
+        let (code, msg) = delete(&mut s, snap_id);
+        assert_eq!(code, Some(want), "delete of {what}: {msg}");
+    }
+    // A snapshot id in compaction's id space is refused at the start of an upload.
+    {
+        let (mut s, _) = raw_auth(addr, TOKEN, "rv");
+        let (code, msg) = ask(&mut s, wire::Message::BeginSnapshot, |fbb| {
+            wire::BeginSnapshot::create(
+                fbb,
+                &wire::BeginSnapshotArgs {
+                    snap_id: 1 << 63,
+                    parent_id: 3,
+                    volume_size: SIZE,
+                    generation: 0,
+                    cut_time_ms: 0,
+                },
+            )
+            .as_union_value()
+        });
+        assert_eq!(code, Some(ErrorCode::BadSnapshotId), "{msg}");
+    }
+    // A SetRetention without its policy table keeps everything (the same as `none`); extreme
+    // counts are a policy like any other.
+    {
+        let (mut s, _) = raw_auth(addr, TOKEN, "rv");
+        let (code, msg) = ask(&mut s, wire::Message::SetRetention, |fbb| {
+            wire::SetRetention::create(fbb, &wire::SetRetentionArgs { policy: None })
+                .as_union_value()
+        });
+        assert_eq!(code, None, "{msg}");
+        let (code, msg) = ask(&mut s, wire::Message::SetRetention, |fbb| {
+            let r = wire::Retention::create(
+                fbb,
+                &wire::RetentionArgs {
+                    last: u32::MAX,
+                    hourly: u32::MAX,
+                    daily: u32::MAX,
+                    weekly: u32::MAX,
+                    monthly: u32::MAX,
+                },
+            );
+            wire::SetRetention::create(fbb, &wire::SetRetentionArgs { policy: Some(r) })
+                .as_union_value()
+        });
+        assert_eq!(code, None, "{msg}");
+    }
+    // Nothing changed: the same snapshots, none pinned, each reading as before.
+    let mut c = connect(addr, "rv");
+    let after = c.list_snapshots().expect("list");
+    assert_eq!(
+        after
+            .iter()
+            .map(|s| (s.snap_id, s.pinned))
+            .collect::<Vec<_>>(),
+        before
+            .iter()
+            .map(|s| (s.snap_id, s.pinned))
+            .collect::<Vec<_>>()
+    );
+    for (i, m) in models.iter().enumerate() {
+        check_snapshot(&mut c, i as u64 + 1, m, BS, &mut rng);
+    }
 }
