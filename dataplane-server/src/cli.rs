@@ -87,7 +87,7 @@ pub struct CompactionArgs {
     /// keeps dead bytes, only the segment count per snapshot stays bounded).
     #[arg(long, default_value_t = compaction::LIVE_RATIO_DEFAULT, value_parser = parse_ratio)]
     pub compact_live_ratio: f64,
-    /// Bytes a second compaction reads plus writes at most, in MiB (0: unpaced).
+    /// MiB a second compaction reads plus writes at most, all volumes together (0: unpaced).
     #[arg(long, default_value_t = compaction::RATE_MIB_S_DEFAULT)]
     pub compact_mib_s: u64,
     /// Object store: how long a segment object replaced by compaction stays before it is
