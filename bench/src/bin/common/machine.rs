@@ -77,3 +77,15 @@ pub fn utc_timestamp(unix_s: u64) -> String {
         secs % 60
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_timestamp(1_795_924_066), "2026-11-29T03:47:46Z");
+    }
+}

@@ -6,6 +6,8 @@ mod data;
 #[path = "../common/machine.rs"]
 mod machine;
 mod memory;
+#[path = "../common/results.rs"]
+mod results;
 mod ring;
 mod workload;
 
@@ -14,7 +16,7 @@ use clap::Parser;
 use machine::Machine;
 use memory::{mib, MemoryReport};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use workload::{Case, Limit, RunResult, Side};
 
@@ -297,27 +299,13 @@ fn run() -> anyhow::Result<()> {
         memory_error,
     };
     print!("{}", table(&report));
-    let out = match (&args.out, args.quick || fixed_ops) {
-        (Some(p), _) => Some(p.clone()),
-        (None, true) => None,
-        (None, false) => Some(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("results")
-                .join(format!("engine-{}.json", report.machine.date())),
-        ),
-    };
-    match out {
-        Some(p) => {
-            if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("create {}", parent.display()))?;
-            }
-            let json = serde_json::to_string_pretty(&report).context("encoding the results")?;
-            std::fs::write(&p, json + "\n").with_context(|| format!("write {}", p.display()))?;
-            eprintln!("results: {}", p.display());
-        }
-        None => eprintln!("results: not written (--quick or --ops without --out)"),
-    }
+    results::write(
+        &report,
+        report.bench,
+        report.machine.date(),
+        args.out.as_deref(),
+        (args.quick || fixed_ops).then_some("--quick or --ops"),
+    )?;
     if let Some(e) = report.memory_error {
         bail!("{e}");
     }

@@ -27,8 +27,12 @@ mod data;
 #[path = "../common/machine.rs"]
 mod machine;
 mod report;
-#[path = "../ingest/server.rs"]
+#[path = "../common/results.rs"]
+mod results;
+#[path = "../common/server.rs"]
 mod server;
+#[path = "../common/stats.rs"]
+mod stats;
 mod volume;
 
 use std::fs::File;
@@ -185,10 +189,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = base.path().join("dp");
     let mut server = ServerProcess::start(
         &server_bin,
-        &data_dir,
-        args.dp_threads,
-        &token_file,
+        &server::serve_args(&data_dir, args.dp_threads, &token_file),
         &base.path().join("server.log"),
+        server::START_TIMEOUT,
     )?;
     let plane = Plane {
         addr: server.addr().to_string(),
@@ -313,27 +316,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         runs,
     };
     print!("{}", report::table(&report));
-    let json = serde_json::to_string_pretty(&report).context("encoding the results")?;
-    let out = match (&args.out, args.quick) {
-        (Some(p), _) => Some(p.clone()),
-        (None, true) => None,
-        (None, false) => Some(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("results")
-                .join(format!("hydrate-{}.json", report.machine.date())),
-        ),
-    };
-    match out {
-        Some(p) => {
-            if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("create {}", parent.display()))?;
-            }
-            std::fs::write(&p, json + "\n").with_context(|| format!("write {}", p.display()))?;
-            eprintln!("results: {}", p.display());
-        }
-        None => eprintln!("results: not written (--quick without --out)"),
-    }
+    results::write(
+        &report,
+        report.bench,
+        report.machine.date(),
+        args.out.as_deref(),
+        args.quick.then_some("--quick"),
+    )?;
     drop(server);
     Ok(())
 }
@@ -458,8 +447,8 @@ fn latency_phase(
         repeat,
         open_ms: open.as_secs_f64() * 1e3,
         first_read_us: reads_us[0],
-        median_us: report::median(&reads_us),
-        p99_us: report::percentile(&reads_us, 99.0),
+        median_us: stats::median(&reads_us),
+        p99_us: stats::percentile(&reads_us, 99.0),
         max_us: report::max(&reads_us),
         reads_us,
         fetched_on_demand: st.fetched_on_demand,

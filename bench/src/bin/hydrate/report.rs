@@ -3,10 +3,10 @@
 
 use serde::Serialize;
 
-#[cfg(test)]
-use crate::machine::utc_timestamp;
 /// The machine and the moment.
 pub use crate::machine::Machine;
+use crate::stats::{median, percentile};
+
 /// A latency phase: a fresh recovered volume with background hydration held back, its open
 /// and its reads of blocks that were not local.
 #[derive(Debug, Clone, Serialize)]
@@ -106,27 +106,6 @@ pub struct Report {
     pub ratio_hydrate_vs_copy: f64,
     pub latency_runs: Vec<LatencyRun>,
     pub runs: Vec<Run>,
-}
-
-pub fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// The `p`-th percentile (0 < p ≤ 100), nearest rank.
-pub fn percentile(xs: &[f64], p: f64) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
 }
 
 pub fn max(xs: &[f64]) -> f64 {
@@ -233,21 +212,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn median_and_percentiles() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert!(median(&[]).is_nan());
+    fn maximum() {
         let xs: Vec<f64> = (1..=200).map(f64::from).collect();
-        assert_eq!(percentile(&xs, 99.0), 198.0);
-        assert_eq!(percentile(&xs, 50.0), 100.0);
-        assert_eq!(percentile(&[5.0], 99.0), 5.0);
         assert_eq!(max(&xs), 200.0);
-    }
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
     }
 
     #[test]

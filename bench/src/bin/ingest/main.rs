@@ -15,8 +15,13 @@
 #[path = "../common/machine.rs"]
 mod machine;
 mod report;
+#[path = "../common/results.rs"]
+mod results;
+#[path = "../common/server.rs"]
 mod server;
 mod sink;
+#[path = "../common/stats.rs"]
+mod stats;
 mod workload;
 
 use std::fs::File;
@@ -240,27 +245,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         runs,
     };
     print!("{}", report::table(&report));
-    let json = serde_json::to_string_pretty(&report).context("encoding the results")?;
-    let out = match (&args.out, args.quick) {
-        (Some(p), _) => Some(p.clone()),
-        (None, true) => None,
-        (None, false) => Some(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("results")
-                .join(format!("ingest-{}.json", report.machine.date())),
-        ),
-    };
-    match out {
-        Some(p) => {
-            if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("create {}", parent.display()))?;
-            }
-            std::fs::write(&p, json + "\n").with_context(|| format!("write {}", p.display()))?;
-            eprintln!("results: {}", p.display());
-        }
-        None => eprintln!("results: not written (--quick without --out)"),
-    }
+    results::write(
+        &report,
+        report.bench,
+        report.machine.date(),
+        args.out.as_deref(),
+        args.quick.then_some("--quick"),
+    )?;
     Ok(())
 }
 
@@ -386,10 +377,9 @@ fn run_dataplane(
     let data_dir = dir.join("data");
     let mut server = ServerProcess::start(
         bin,
-        &data_dir,
-        threads,
-        &token_file,
+        &server::serve_args(&data_dir, threads, &token_file),
         &dir.join("server.log"),
+        server::START_TIMEOUT,
     )?;
     let timeouts = Timeouts {
         connect: Duration::from_secs(5),

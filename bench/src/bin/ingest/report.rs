@@ -2,12 +2,12 @@
 
 use serde::Serialize;
 
+use crate::stats::median;
 use crate::workload::Workload;
 
-#[cfg(test)]
-use crate::machine::utc_timestamp;
 /// The machine and the moment.
 pub use crate::machine::Machine;
+
 /// One timed run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
@@ -48,16 +48,6 @@ pub struct Report {
     /// The data plane with two threads over one thread (medians), when both ran.
     pub ratio_2_threads_vs_1: Option<f64>,
     pub runs: Vec<Run>,
-}
-
-pub fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Summaries of `configs` (the first is the baseline), in that order.
@@ -107,20 +97,6 @@ pub fn table(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn median_of_odd_and_even() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert!(median(&[]).is_nan());
-    }
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc_timestamp(1_795_924_066), "2026-11-29T03:47:46Z");
-    }
 
     #[test]
     fn ratios_against_the_first_config() {

@@ -31,7 +31,13 @@ mod machine;
 mod model;
 mod moto;
 mod report;
+#[path = "../common/results.rs"]
+mod results;
+#[path = "../common/server.rs"]
 mod server;
+mod server_spec;
+#[path = "../common/stats.rs"]
+mod stats;
 mod stored;
 
 use std::fs::File;
@@ -50,7 +56,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use model::{Model, BLOCK_SIZE_BYTES};
 use moto::Moto;
 use report::{Latency, Load, Machine, Params, Progress, Report, Settle, StoreResult, Verify};
-use server::{ServerProcess, ServerSpec};
+use server::ServerProcess;
+use server_spec::ServerSpec;
 use stored::{Stored, Where};
 
 /// The bench volume's name.
@@ -376,27 +383,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         stores: results,
     };
     print!("{}", report::table(&report));
-    let json = serde_json::to_string_pretty(&report).context("encoding the results")?;
-    let out = match (&args.out, args.quick) {
-        (Some(p), _) => Some(p.clone()),
-        (None, true) => None,
-        (None, false) => Some(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("results")
-                .join(format!("longlife-{}.json", report.machine.date())),
-        ),
-    };
-    match out {
-        Some(p) => {
-            if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("create {}", parent.display()))?;
-            }
-            std::fs::write(&p, json + "\n").with_context(|| format!("write {}", p.display()))?;
-            eprintln!("results: {}", p.display());
-        }
-        None => eprintln!("results: not written (--quick without --out)"),
-    }
+    results::write(
+        &report,
+        report.bench,
+        report.machine.date(),
+        args.out.as_deref(),
+        args.quick.then_some("--quick"),
+    )?;
     Ok(())
 }
 
@@ -462,7 +455,7 @@ fn run_store(cfg: &Config, store: &str, dir: &Path) -> anyhow::Result<StoreResul
         store_args,
         extra_args: cfg.params.server_args.clone(),
     };
-    let mut server = ServerProcess::start(&spec, &dir.join("server.log"))?;
+    let mut server = spec.start(&dir.join("server.log"))?;
     eprintln!(
         "{store}: data plane pid {} on {}: {}",
         server.pid(),
@@ -596,7 +589,7 @@ fn run_store(cfg: &Config, store: &str, dir: &Path) -> anyhow::Result<StoreResul
     // Restart on the same data dir / bucket, timed until the volume is served.
     let (status, stop) = server.stop()?;
     let t0 = Instant::now();
-    let server = ServerProcess::start(&spec, &dir.join("server-restart.log"))?;
+    let server = spec.start(&dir.join("server-restart.log"))?;
     let listening = t0.elapsed();
     let mut client = connect(&server, &token)?;
     let relisted = client
@@ -664,8 +657,8 @@ fn run_store(cfg: &Config, store: &str, dir: &Path) -> anyhow::Result<StoreResul
         late,
         ratio_median: late.median_ms / early.median_ms,
         ratio_p99: late.p99_ms / early.p99_ms,
-        all_median_ms: report::median(&commit_ms),
-        all_p99_ms: report::percentile(&commit_ms, 99.0),
+        all_median_ms: stats::median(&commit_ms),
+        all_p99_ms: stats::percentile(&commit_ms, 99.0),
         all_max_ms: commit_ms.iter().copied().fold(0.0, f64::max),
     };
     Ok(StoreResult {
@@ -798,7 +791,7 @@ fn ship(
                 snapshots: s,
                 elapsed_s: start.elapsed().as_secs_f64(),
                 commits_per_s: recent.len() as f64 / span,
-                median_commit_ms: report::median(recent),
+                median_commit_ms: stats::median(recent),
                 stored_bytes: stored,
                 snapshot_count: count,
             };

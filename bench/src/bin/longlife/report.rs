@@ -4,10 +4,9 @@
 
 use serde::Serialize;
 
-#[cfg(test)]
-use crate::machine::utc_timestamp;
 /// The machine and the moment.
 pub use crate::machine::Machine;
+use crate::stats::{median, percentile};
 use crate::stored::Stored;
 
 /// What the bench was asked to do.
@@ -159,27 +158,6 @@ pub struct Report {
     pub stores: Vec<StoreResult>,
 }
 
-pub fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// Nearest-rank percentile `p` (0 < p ≤ 100).
-pub fn percentile(xs: &[f64], p: f64) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
-}
-
 /// The window of snapshots `first ..= last` (1-based ids) of `commit_ms`.
 pub fn window(commit_ms: &[f64], first: u64, last: u64) -> Window {
     let xs = &commit_ms[(first - 1) as usize..last as usize];
@@ -301,24 +279,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn median_and_percentiles() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert!(median(&[]).is_nan());
-        let xs: Vec<f64> = (1..=20).map(f64::from).collect();
-        assert_eq!(percentile(&xs, 99.0), 20.0);
-        assert_eq!(percentile(&xs, 50.0), 10.0);
+    fn windows() {
         let xs: Vec<f64> = (1..=200).map(f64::from).collect();
-        assert_eq!(percentile(&xs, 99.0), 198.0);
         let w = window(&xs, 91, 110);
         assert_eq!((w.first_snap, w.last_snap), (91, 110));
         assert_eq!(w.median_ms, 100.5);
         assert_eq!(w.p99_ms, 110.0);
-    }
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
     }
 }
