@@ -67,17 +67,29 @@ impl SourceView {
             .iter()
             .position(|s| s.snap_id == src.snap_id)
             .ok_or_else(|| damaged("the source snapshot is gone".into()))?;
+        let ids: std::collections::BTreeSet<u64> = m.snapshots[..=idx]
+            .iter()
+            .flat_map(|s| s.segments.iter().copied())
+            .collect();
+        // Object store: each open is a HEAD and two GETs; several at once.
+        let opened: Vec<(u64, Result<Segment, StoreError>)> = {
+            use futures::StreamExt;
+            let (m, tags) = (&m, &tags);
+            futures::stream::iter(ids)
+                .map(|id| async move {
+                    (
+                        id,
+                        open_segment_any(backend, &src.volume, m, tags, id).await,
+                    )
+                })
+                .buffered(super::volume::SEGMENT_OPENS_IN_FLIGHT)
+                .collect()
+                .await
+        };
         let mut segments = HashMap::new();
-        for s in &m.snapshots[..=idx] {
-            for id in &s.segments {
-                if segments.contains_key(id) {
-                    continue;
-                }
-                let seg = open_segment_any(backend, &src.volume, &m, &tags, *id)
-                    .await
-                    .map_err(|e| damaged(format!("segment {id}: {e}")))?;
-                segments.insert(*id, Rc::new(seg));
-            }
+        for (id, res) in opened {
+            let seg = res.map_err(|e| damaged(format!("segment {id}: {e}")))?;
+            segments.insert(id, Rc::new(seg));
         }
         let layers = m.snapshots[..=idx]
             .iter()

@@ -465,7 +465,7 @@ pub async fn claim(backend: &Backend, name: &str) -> Result<Option<Option<Rc<Vol
 }
 
 /// Segment opens a volume load keeps in flight (object store).
-const SEGMENT_OPENS_IN_FLIGHT: usize = 16;
+pub(super) const SEGMENT_OPENS_IN_FLIGHT: usize = 16;
 
 /// Reads a volume's manifest and opens its segments; `Ok(None)` when it has no manifest.
 async fn load_state(backend: &Backend, name: &str) -> Result<Option<VolumeState>, StoreError> {
