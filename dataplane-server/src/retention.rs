@@ -91,6 +91,44 @@ impl fmt::Display for Policy {
     }
 }
 
+impl From<crate::store::format::RetentionCounts> for Policy {
+    fn from(r: crate::store::format::RetentionCounts) -> Self {
+        let crate::store::format::RetentionCounts {
+            last,
+            hourly,
+            daily,
+            weekly,
+            monthly,
+        } = r;
+        Policy {
+            last,
+            hourly,
+            daily,
+            weekly,
+            monthly,
+        }
+    }
+}
+
+impl From<Policy> for crate::store::format::RetentionCounts {
+    fn from(p: Policy) -> Self {
+        let Policy {
+            last,
+            hourly,
+            daily,
+            weekly,
+            monthly,
+        } = p;
+        crate::store::format::RetentionCounts {
+            last,
+            hourly,
+            daily,
+            weekly,
+            monthly,
+        }
+    }
+}
+
 impl Policy {
     /// The policy of a wire `Retention` table.
     pub fn from_wire(r: deltavol_schemas::wire::Retention<'_>) -> Policy {

@@ -969,7 +969,9 @@ impl Out {
         let retention = v
             .map(|v| v.retention)
             .filter(|r| *r != store::format::RetentionCounts::default())
-            .map(|r| wire::Retention::create(&mut self.fbb, &r.to_wire()));
+            .map(|r| {
+                wire::Retention::create(&mut self.fbb, &crate::retention::Policy::from(r).to_wire())
+            });
         wire::VolumeInfo::create(
             &mut self.fbb,
             &wire::VolumeInfoArgs {
@@ -1486,7 +1488,7 @@ impl Conn {
                 .map(crate::retention::Policy::from_wire)
                 .unwrap_or_default();
             let v = self.require_own_volume()?;
-            v.set_retention(policy).await?;
+            v.set_retention(policy.into()).await?;
             self.apply_retention(false).await?;
             self.reply_volume_info();
             return self.send_reply().await;
@@ -1865,7 +1867,7 @@ impl Conn {
     async fn apply_retention(&mut self, dry_run: bool) -> Result<RetentionOutcome, ReqError> {
         use crate::retention::{select, Candidate};
         let v = self.require_own_volume()?;
-        let policy = v.retention();
+        let policy = crate::retention::Policy::from(v.retention());
         if policy.keeps_all() && !dry_run {
             if v.has_retired() {
                 v.kick_compaction();

@@ -81,9 +81,17 @@ pub struct SnapEntry {
     pub label: String,
 }
 
-/// A retention policy as the manifest records it: the policy itself (all zero: every
-/// snapshot is kept).
-pub use crate::retention::Policy as RetentionCounts;
+/// A retention policy as the manifest records it (see `crate::retention::Policy`, which
+/// converts from and to it); all zero: every snapshot is kept. A type of its own because
+/// this file is also built alone, by path, in the fuzz crate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionCounts {
+    pub last: u32,
+    pub hourly: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+}
 
 /// Longest snapshot label kept, in bytes.
 pub const LABEL_BYTES_MAX: usize = 128;
