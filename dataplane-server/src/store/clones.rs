@@ -13,6 +13,10 @@ use super::manifest::{read_manifest, read_manifest_full};
 use super::segment_reader::{open_segment_any, Segment};
 use super::volume::Volume;
 
+/// Local disk: a clone's view of its source is reopened this long after it was opened, so
+/// that the segment files a compaction of the source removed are closed.
+const LOCAL_VIEW_REFRESH: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Cap on the depth of a clone chain (a clone of a clone of ...), bounding a read's fall-through.
 pub const CLONE_DEPTH_MAX: usize = 16;
 
@@ -23,8 +27,9 @@ pub const CLONE_DEPTH_MAX: usize = 16;
 /// same content), and the source snapshot itself cannot be deleted while a clone depends on
 /// it. So the view, once built, stays exact without coordination with the source's owner
 /// shard, as long as the segments it opened exist: on local disk an open file outlives its
-/// removal; on an object store a replaced segment object stays for the retired grace period,
-/// so the view is rebuilt from the current manifest after half of it.
+/// removal (the view is still rebuilt every 10 minutes, to give that space back); on an
+/// object store a replaced segment object stays for the retired grace period, so the view is
+/// rebuilt from the current manifest after half of it.
 #[derive(Debug)]
 pub(super) struct SourceView {
     /// The source's layers up to and including the source snapshot, oldest first.
@@ -129,11 +134,15 @@ impl SourceView {
 impl Volume {
     /// The clone's source view, opened on first use.
     pub(super) async fn source_view(&self) -> Result<Option<Rc<SourceView>>, StoreError> {
-        let refresh_after = super::compaction::Tuning::current().retired_grace / 2;
+        // Object store: before the replaced objects it opened are deleted. Local disk: its
+        // open files read on after their removal, but hold the space a compaction of the
+        // source gave back until the view lets them go.
+        let refresh_after = match self.backend {
+            Backend::Local { .. } => LOCAL_VIEW_REFRESH,
+            Backend::Object(_) => super::compaction::Tuning::current().retired_grace / 2,
+        };
         if let Some(v) = self.source_view.borrow().as_ref() {
-            if matches!(self.backend, Backend::Local { .. })
-                || v.loaded_at.elapsed() < refresh_after
-            {
+            if v.loaded_at.elapsed() < refresh_after {
                 return Ok(Some(Rc::clone(v)));
             }
         }
