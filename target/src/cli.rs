@@ -1697,6 +1697,15 @@ fn print_status(v: &serde_json::Value) {
         u("flushed_epoch")
     );
     println!("dirty:         {}", format_size(u("dirty_bytes")));
+    if v.get("rss_bytes").is_some() {
+        println!(
+            "memory:        {} resident (peak {}), of it {} read cache and {} beyond it",
+            format_size(u("rss_bytes")),
+            format_size(u("rss_peak_bytes")),
+            format_size(u("read_cache_bytes")),
+            format_size(u("rss_beyond_read_cache_bytes"))
+        );
+    }
     println!(
         "ssd used:      {} of {} limit ({} allocated)",
         format_size(u("ssd_used_bytes")),

@@ -275,6 +275,21 @@ impl Daemon {
                 if let (Some(a), Some(o)) = (self.metrics_addr, v.as_object_mut()) {
                     o.insert("metrics_url".into(), format!("http://{a}/metrics").into());
                 }
+                // The daemon's resident memory, and how much of it is not the read cache.
+                if let (Ok(m), Some(o)) = (crate::procmem::resident(), v.as_object_mut()) {
+                    let cache = o
+                        .get("read_cache_blocks")
+                        .and_then(|b| b.as_u64())
+                        .unwrap_or(0)
+                        .saturating_mul(crate::cache::meta::BLOCK_SIZE);
+                    o.insert("rss_bytes".into(), m.rss_bytes.into());
+                    o.insert("rss_peak_bytes".into(), m.hwm_bytes.into());
+                    o.insert("read_cache_bytes".into(), cache.into());
+                    o.insert(
+                        "rss_beyond_read_cache_bytes".into(),
+                        m.rss_bytes.saturating_sub(cache).into(),
+                    );
+                }
                 v
             }
             Request::Flush => match self.volume.cut_and_flush() {

@@ -19,6 +19,7 @@ pub mod hydrate;
 pub mod label;
 pub mod metrics;
 pub mod prio;
+pub mod procmem;
 pub mod queue;
 pub mod resume;
 pub mod ring;

@@ -62,21 +62,8 @@ pub struct MemoryReport {
 
 /// `VmRSS` and `VmHWM` of this process, bytes.
 pub fn rss_hwm() -> anyhow::Result<(u64, u64)> {
-    let s = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        let line = s
-            .lines()
-            .find(|l| l.starts_with(name))
-            .with_context(|| format!("no {name} in /proc/self/status"))?;
-        let kb: u64 = line[name.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .with_context(|| format!("parse {line:?}"))?;
-        Ok(kb * 1024)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+    let m = deltavol::procmem::resident().context("read /proc/self/status")?;
+    Ok((m.rss_bytes, m.hwm_bytes))
 }
 
 /// The measurement itself (run in the child process).
