@@ -446,6 +446,15 @@ impl ObjBackend {
         self.handle.spawn(f);
     }
 
+    /// Deletes `key` in the background, best effort (an object no manifest names; a failure
+    /// leaves garbage that `gc` removes).
+    pub fn delete_detached(&self, key: ObjPath) {
+        let store = self.store();
+        self.spawn_detached(async move {
+            let _ = object_store::ObjectStoreExt::delete(store.as_ref(), &key).await;
+        });
+    }
+
     pub fn store(&self) -> Arc<dyn ObjectStore> {
         Arc::clone(&self.store)
     }
@@ -751,6 +760,14 @@ impl ObjBackend {
 /// `volumes/<name>/manifest/<seq>.dvm`
 pub fn manifest_rel(volume: &str, seq: u64) -> String {
     format!("volumes/{volume}/manifest/{seq:020}.dvm")
+}
+
+/// A random tag naming one upload's segment object (every upload its own object).
+pub fn random_tag() -> Result<u128, StoreError> {
+    let mut t = [0u8; 16];
+    getrandom::getrandom(&mut t)
+        .map_err(|e| StoreError::io("segment tag from getrandom", io::Error::other(e)))?;
+    Ok(u128::from_le_bytes(t))
 }
 
 /// `volumes/<name>/floor.dvf`: every manifest numbered below the floor was deleted (trimmed).

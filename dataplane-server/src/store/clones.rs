@@ -10,7 +10,7 @@ use super::error::{StoreError, StoreErrorKind};
 use super::format::{CloneSourceData, VolumeId};
 use super::layer::Layer;
 use super::manifest::{read_manifest, read_manifest_full};
-use super::segment_reader::{open_segment_any, Segment};
+use super::segment_reader::{open_segments, Segment};
 use super::volume::Volume;
 
 /// Local disk: a clone's view of its source is reopened this long after it was opened, so
@@ -76,21 +76,7 @@ impl SourceView {
             .iter()
             .flat_map(|s| s.segments.iter().copied())
             .collect();
-        // Object store: each open is a HEAD and two GETs; several at once.
-        let opened: Vec<(u64, Result<Segment, StoreError>)> = {
-            use futures::StreamExt;
-            let (m, tags) = (&m, &tags);
-            futures::stream::iter(ids)
-                .map(|id| async move {
-                    (
-                        id,
-                        open_segment_any(backend, &src.volume, m, tags, id).await,
-                    )
-                })
-                .buffered(super::volume::SEGMENT_OPENS_IN_FLIGHT)
-                .collect()
-                .await
-        };
+        let opened = open_segments(backend, &src.volume, &m, &tags, ids).await;
         let mut segments = HashMap::new();
         for (id, res) in opened {
             let seg = res.map_err(|e| damaged(format!("segment {id}: {e}")))?;

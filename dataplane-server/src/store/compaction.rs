@@ -42,7 +42,7 @@ use super::chain::build_layer;
 use super::error::{io_at, StoreError, StoreErrorKind};
 use super::format::{self, SegExtent, KIND_DATA, KIND_ZERO};
 use super::layer::Src;
-use super::local::{segment_name, sync_dir, TMP_SUFFIX};
+use super::local::{create_file, segment_name, sync_dir, TMP_SUFFIX};
 use super::now_ms;
 use super::segment_reader::{SegSrc, Segment};
 use super::segment_writer::{ObjSink, Sink};
@@ -544,21 +544,10 @@ impl Volume {
         let (mut sink, tag, path) = match &self.backend {
             Backend::Local { .. } => {
                 let tmp = self.dir.join(format!("{}{TMP_SUFFIX}", segment_name(id)));
-                let f = tokio_uring::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&tmp)
-                    .await
-                    .map_err(io_at("create", &tmp))?;
-                (Sink::File(f), 0u128, tmp)
+                (Sink::File(create_file(&tmp).await?), 0u128, tmp)
             }
             Backend::Object(obj) => {
-                let mut t = [0u8; 16];
-                getrandom::getrandom(&mut t).map_err(|e| {
-                    StoreError::io("segment tag from getrandom", io::Error::other(e))
-                })?;
-                let tag = u128::from_le_bytes(t);
+                let tag = backend::random_tag()?;
                 let key = obj.key(&backend::segment_rel(&self.name, id, tag));
                 let path = std::path::PathBuf::from(key.to_string());
                 (Sink::Object(ObjSink::new(Arc::clone(obj), key)), tag, path)
@@ -695,18 +684,15 @@ impl Volume {
                     Src::Zero => false,
                 };
             if flush && !batch_recs.is_empty() {
-                let mut hdr = vec![0u8; format::BATCH_HEADER_BYTES];
-                for r in &batch_recs {
-                    format::encode_extent_record(&mut hdr, r.lba, r.nblocks, r.crc32c, r.kind);
-                }
-                let records_crc = crc32c::crc32c(&hdr[format::BATCH_HEADER_BYTES..]);
-                let bh = format::encode_batch_header(
-                    batch_recs.len() as u32,
+                let mut hdr = Vec::new();
+                format::encode_batch_into(
+                    &mut hdr,
+                    batch_recs
+                        .iter()
+                        .map(|r| (r.lba, r.nblocks, r.crc32c, r.kind)),
                     batch_data.len() as u32,
-                    records_crc,
                     batch_seq,
                 );
-                hdr[..format::BATCH_HEADER_BYTES].copy_from_slice(&bh);
                 let hdr_len = hdr.len() as u64;
                 let (res, _) = sink.write(hdr, write_off, path).await;
                 res?;
@@ -935,11 +921,7 @@ impl Volume {
                 }
             }
             Backend::Object(obj) => {
-                let key = obj.key(&backend::segment_rel(&self.name, id, tag));
-                let store = obj.store();
-                obj.spawn_detached(async move {
-                    let _ = object_store::ObjectStoreExt::delete(store.as_ref(), &key).await;
-                });
+                obj.delete_detached(obj.key(&backend::segment_rel(&self.name, id, tag)))
             }
         }
     }

@@ -238,6 +238,26 @@ pub fn encode_batch_header(
 }
 
 /// Extent record: lba 8 | nblocks 4 | crc32c 4 | kind 1 | reserved 7. Appends it to `out`.
+/// Writes one batch's header and extent records into `out` (cleared first): `records` are
+/// (lba, nblocks, crc32c, kind), their data (`payload_bytes` long) follows the batch.
+pub fn encode_batch_into(
+    out: &mut Vec<u8>,
+    records: impl Iterator<Item = (u64, u32, u32, u8)>,
+    payload_bytes: u32,
+    batch_seq: u64,
+) {
+    out.clear();
+    out.resize(BATCH_HEADER_BYTES, 0);
+    let mut count = 0u32;
+    for (lba, nblocks, crc, kind) in records {
+        encode_extent_record(out, lba, nblocks, crc, kind);
+        count += 1;
+    }
+    let records_crc = crc32c::crc32c(&out[BATCH_HEADER_BYTES..]);
+    let header = encode_batch_header(count, payload_bytes, records_crc, batch_seq);
+    out[..BATCH_HEADER_BYTES].copy_from_slice(&header);
+}
+
 pub fn encode_extent_record(out: &mut Vec<u8>, lba: u64, nblocks: u32, crc: u32, kind: u8) {
     out.extend_from_slice(&lba.to_le_bytes());
     out.extend_from_slice(&nblocks.to_le_bytes());

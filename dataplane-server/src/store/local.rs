@@ -44,17 +44,22 @@ pub(super) async fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     f.close().await.map_err(io_at("close dir", dir))
 }
 
+/// Creates (or truncates) `path` for writing: a temp file about to be filled.
+pub(super) async fn create_file(path: &Path) -> Result<tokio_uring::fs::File, StoreError> {
+    tokio_uring::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .await
+        .map_err(io_at("create", path))
+}
+
 /// Writes `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync dir.
 pub(super) async fn write_atomic(dir: &Path, name: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
     let dst = dir.join(name);
-    let f = tokio_uring::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .await
-        .map_err(io_at("create", &tmp))?;
+    let f = create_file(&tmp).await?;
     let (res, _) = f.write_all_at(bytes, 0).await;
     res.map_err(io_at("write", &tmp))?;
     f.sync_all().await.map_err(io_at("fsync", &tmp))?;

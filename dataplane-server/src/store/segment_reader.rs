@@ -121,6 +121,27 @@ pub(super) async fn open_segment_any(
     }
 }
 
+/// Segment opens kept in flight by [`open_segments`] (object store: each is a HEAD and two
+/// ranged GETs).
+const SEGMENT_OPENS_IN_FLIGHT: usize = 16;
+
+/// Opens segments `ids` of volume `name` ([`open_segment_any`]), several at once; each id
+/// with its outcome, in the order given.
+pub(super) async fn open_segments(
+    backend: &Backend,
+    name: &str,
+    m: &ManifestData,
+    tags: &HashMap<u64, u128>,
+    ids: impl IntoIterator<Item = u64>,
+) -> Vec<(u64, Result<Segment, StoreError>)> {
+    use futures::StreamExt;
+    futures::stream::iter(ids)
+        .map(|id| async move { (id, open_segment_any(backend, name, m, tags, id).await) })
+        .buffered(SEGMENT_OPENS_IN_FLIGHT)
+        .collect()
+        .await
+}
+
 /// Object backend: reads a segment's header, trailer and footer with ranged GETs.
 pub async fn open_segment_obj(
     obj: &Arc<ObjBackend>,

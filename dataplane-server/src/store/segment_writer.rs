@@ -17,7 +17,7 @@ use super::compaction::COMPACT_ID_BIT;
 use super::error::{io_at, StoreError, StoreErrorKind};
 use super::format::{self, SegExtent, SnapEntry, VolumeId, KIND_DATA, KIND_ZERO};
 use super::layer::Layer;
-use super::local::{segment_name, sync_dir, TMP_SUFFIX};
+use super::local::{create_file, segment_name, sync_dir, TMP_SUFFIX};
 use super::now_ms;
 use super::segment_reader::{SegSrc, Segment};
 use super::volume::{stale_generation, Volume};
@@ -162,23 +162,13 @@ impl Volume {
         let header = format::encode_segment_header(&volume_id, snap_id, block_size).to_vec();
         match &self.backend {
             Backend::Local { .. } => {
-                let f = tokio_uring::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&upload.tmp_path)
-                    .await
-                    .map_err(io_at("create", &upload.tmp_path))?;
+                let f = create_file(&upload.tmp_path).await?;
                 let (res, _) = f.write_all_at(header, 0).await;
                 res.map_err(io_at("write", &upload.tmp_path))?;
                 upload.sink = Some(Sink::File(f));
             }
             Backend::Object(obj) => {
-                let mut tag = [0u8; 16];
-                getrandom::getrandom(&mut tag).map_err(|e| {
-                    StoreError::io("segment tag from getrandom", io::Error::other(e))
-                })?;
-                upload.tag = u128::from_le_bytes(tag);
+                upload.tag = backend::random_tag()?;
                 let key = obj.key(&backend::segment_rel(&self.name, snap_id, upload.tag));
                 upload.tmp_path = PathBuf::from(key.to_string());
                 let mut sink = ObjSink {
@@ -290,20 +280,14 @@ impl Upload {
             );
         };
         let mut hdr = std::mem::take(&mut self.hdr_buf);
-        hdr.clear();
-        let records_start = format::BATCH_HEADER_BYTES;
-        hdr.resize(records_start, 0);
-        for e in extents.clone() {
-            format::encode_extent_record(&mut hdr, e.lba(), e.nblocks(), e.crc32c(), e.kind().0);
-        }
-        let records_crc = crc32c::crc32c(&hdr[records_start..]);
-        let batch = format::encode_batch_header(
-            count as u32,
+        format::encode_batch_into(
+            &mut hdr,
+            extents
+                .clone()
+                .map(|e| (e.lba(), e.nblocks(), e.crc32c(), e.kind().0)),
             payload.len() as u32,
-            records_crc,
             self.batch_seq,
         );
-        hdr[..records_start].copy_from_slice(&batch);
         let hdr_len = hdr.len() as u64;
         let (res, hdr) = sink.write(hdr, self.write_off, &self.tmp_path).await;
         self.hdr_buf = hdr;
@@ -553,13 +537,7 @@ impl Ready {
             Ready::File { final_path, .. } => {
                 let _ = std::fs::remove_file(final_path);
             }
-            Ready::Object { obj, key } => {
-                let store = obj.store();
-                let key = key.clone();
-                obj.spawn_detached(async move {
-                    let _ = object_store::ObjectStoreExt::delete(store.as_ref(), &key).await;
-                });
-            }
+            Ready::Object { obj, key } => obj.delete_detached(key.clone()),
         }
     }
 }

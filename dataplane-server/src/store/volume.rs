@@ -23,7 +23,7 @@ use super::local::{
 };
 use super::manifest::{commit_obj_manifest, latest_obj_manifest};
 use super::now_ms;
-use super::segment_reader::{open_segment_any, Segment};
+use super::segment_reader::{open_segments, Segment};
 use super::segment_writer::ActiveUpload;
 
 /// Largest block size a volume may have.
@@ -464,9 +464,6 @@ pub async fn claim(backend: &Backend, name: &str) -> Result<Option<Option<Rc<Vol
     }
 }
 
-/// Segment opens a volume load keeps in flight (object store).
-pub(super) const SEGMENT_OPENS_IN_FLIGHT: usize = 16;
-
 /// Reads a volume's manifest and opens its segments; `Ok(None)` when it has no manifest.
 async fn load_state(backend: &Backend, name: &str) -> Result<Option<VolumeState>, StoreError> {
     let (manifest, tags, retired) = match backend {
@@ -510,21 +507,7 @@ async fn load_state(backend: &Backend, name: &str) -> Result<Option<VolumeState>
     ids.sort_unstable();
     let mut segments = HashMap::new();
     let mut damaged = None;
-    // Object store: each open is a HEAD and two ranged GETs; open several at once.
-    let opened: Vec<(u64, Result<Segment, StoreError>)> = {
-        use futures::StreamExt;
-        let (manifest, tags) = (&manifest, &tags);
-        futures::stream::iter(ids)
-            .map(|id| async move {
-                (
-                    id,
-                    open_segment_any(backend, name, manifest, tags, id).await,
-                )
-            })
-            .buffered(SEGMENT_OPENS_IN_FLIGHT)
-            .collect()
-            .await
-    };
+    let opened = open_segments(backend, name, &manifest, &tags, ids).await;
     for (id, res) in opened {
         match res {
             Ok(seg) => {
