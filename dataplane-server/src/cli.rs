@@ -744,6 +744,46 @@ no_create_probe = true
     }
 
     #[test]
+    fn compaction_settings_from_flags_and_file_with_bad_values_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cli = load(&[], Path::new(NONE)).expect("defaults");
+        assert_eq!(
+            cli.compaction.compact_live_ratio,
+            compaction::LIVE_RATIO_DEFAULT
+        );
+        assert_eq!(cli.compaction.compact_mib_s, compaction::RATE_MIB_S_DEFAULT);
+        let path = write(
+            dir.path(),
+            "compact_live_ratio = 0.5\ncompact_mib_s = 8\nretired_grace_secs = 60\n",
+        );
+        let cli = load(&["--compact-mib-s", "16"], &path).expect("loads");
+        assert_eq!(cli.compaction.compact_live_ratio, 0.5);
+        assert_eq!(cli.compaction.compact_mib_s, 16, "the flag wins");
+        assert_eq!(cli.compaction.retired_grace_secs, 60);
+        let t = cli.compaction.tuning();
+        assert_eq!(t.rate_bytes_s, 16 << 20);
+        assert_eq!(t.retired_grace, std::time::Duration::from_secs(60));
+        for bad in ["1.5", "-0.1", "half", "NaN"] {
+            assert!(
+                matches!(
+                    load(&["--compact-live-ratio", bad], Path::new(NONE)),
+                    Err(LoadError::Clap(_))
+                ),
+                "--compact-live-ratio {bad} accepted"
+            );
+        }
+        let path = write(
+            dir.path(),
+            "listen = \"127.0.0.1:1\"\ncompact_live_ratio = 2.0\n",
+        );
+        let e = config_err(load(&[], &path));
+        assert_eq!(e.line, Some(2), "{e}");
+        assert_eq!(e.key.as_deref(), Some("compact_live_ratio"), "{e}");
+        let path = write(dir.path(), "compact_mib_s = -1\n");
+        assert!(matches!(load(&[], &path), Err(LoadError::Config(_))));
+    }
+
+    #[test]
     fn unknown_key_is_an_error_naming_file_line_and_key() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write(
