@@ -1865,13 +1865,25 @@ impl Conn {
     /// policy: the head, pinned snapshots, clone sources (this server's registry, and the
     /// store's check when servers share it) and snapshots read within [`READ_PROTECT`].
     async fn apply_retention(&mut self, dry_run: bool) -> Result<RetentionOutcome, ReqError> {
+        let out = self.select_and_delete(dry_run).await?;
+        // Compaction gives the deleted snapshots' space back; it also restarts the deletion
+        // of retired objects if the task that waited for them ended on an error.
+        if !dry_run {
+            if let Some(v) = self.volume() {
+                if !out.deleted.is_empty() || v.has_retired() {
+                    v.kick_compaction();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Self::apply_retention`] without the compaction that follows.
+    async fn select_and_delete(&mut self, dry_run: bool) -> Result<RetentionOutcome, ReqError> {
         use crate::retention::{select, Candidate};
         let v = self.require_own_volume()?;
         let policy = crate::retention::Policy::from(v.retention());
         if policy.keeps_all() && !dry_run {
-            if v.has_retired() {
-                v.kick_compaction();
-            }
             return Ok(RetentionOutcome::default());
         }
         let chain = v.chain();
@@ -1911,9 +1923,6 @@ impl Conn {
             }
         }
         if dry_run || doomed.is_empty() {
-            if !dry_run && v.has_retired() {
-                v.kick_compaction();
-            }
             out.deleted = doomed;
             return Ok(out);
         }
@@ -1933,9 +1942,6 @@ impl Conn {
         let merged = v.delete_snapshots(&ids).await?;
         drop(guards);
         out.deleted = merged.into_iter().map(|m| m.0).collect();
-        if !out.deleted.is_empty() || v.has_retired() {
-            v.kick_compaction();
-        }
         if !out.deleted.is_empty() {
             tracing::info!(volume = %self.volume_name, policy = %policy, deleted = out.deleted.len(), "retention applied");
         }
