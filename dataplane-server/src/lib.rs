@@ -50,11 +50,13 @@
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod credentials;
 pub mod metrics;
 pub mod notify;
 pub mod retention;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use client::{
     BeginOutcome, Client, ClientError, ClientErrorKind, PruneReport, SnapshotInfo, Timeouts,

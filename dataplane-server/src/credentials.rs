@@ -1,0 +1,1 @@
+//! Per-volume credentials and their roles.
