@@ -67,9 +67,14 @@ pub struct Cli {
     /// Number of shard threads (default: number of CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// File holding the shared secret clients authenticate with.
+    /// File holding the admin token: a client holding it may do everything on every volume
+    /// (recover, delete volumes). Optional with --credentials-file.
     #[arg(long)]
     pub auth_token_file: Option<PathBuf>,
+    /// Per-volume credentials (`deltavol-dataplane credentials issue`): a JSON file of
+    /// credential ids, roles and hashed keys, re-read when it changes.
+    #[arg(long, value_name = "FILE")]
+    pub credentials_file: Option<PathBuf>,
     #[command(flatten)]
     pub limits: ConnLimits,
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, on a thread of its own),
@@ -120,6 +125,15 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Issues, rotates, revokes and lists per-volume credentials (in --credentials-file, or
+    /// credentials_file of the config file). The server re-reads the file within a second.
+    Credentials {
+        #[command(subcommand)]
+        action: CredentialsAction,
+        /// The credentials file (created 0600 by the first `issue`).
+        #[arg(long, value_name = "FILE")]
+        credentials_file: Option<PathBuf>,
+    },
     /// Reads every segment of every snapshot: checks each extent's crc32c, the batch records
     /// against the index footer, and the manifests. Exits 1 if anything is corrupt.
     Verify {
@@ -150,6 +164,48 @@ pub enum Command {
         #[arg(long)]
         max_removals: Option<u64>,
         /// One JSON object on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What `deltavol-dataplane credentials` does.
+#[derive(Debug, Subcommand)]
+pub enum CredentialsAction {
+    /// Issues a credential and prints it once (`dvc1.ID.SECRET`; the file keeps only a hash):
+    /// give it to the compute node as its --auth-token-file.
+    Issue {
+        /// Read and write (ship snapshots, create, clone into, retention, pins, delete its
+        /// snapshots) on VOLUME: a name, a prefix ending in `*`, or `*`. Repeatable.
+        #[arg(long, value_name = "VOLUME")]
+        write: Vec<String>,
+        /// Read only (describe, list, read blocks: a clone's source, a verify). Repeatable.
+        #[arg(long, value_name = "VOLUME")]
+        read: Vec<String>,
+        /// Everything on every volume, also recover (a new generation) and delete volumes.
+        #[arg(long, conflicts_with_all = ["write", "read"])]
+        admin: bool,
+        /// A note for `list` (who or what holds it).
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Write the credential to FILE (created 0600, never overwritten) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Issues a new credential with the same rights as ID; ID stays valid until revoked, so
+    /// clients switch over without downtime.
+    Rotate {
+        id: String,
+        /// Write the new credential to FILE (created 0600) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Revokes ID: refused on its next connection, and its open connections are closed at
+    /// their next request.
+    Revoke { id: String },
+    /// Lists the credentials (ids, rights, labels, revoked or not; never secrets).
+    List {
+        /// One JSON object on stdout instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -276,6 +332,7 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub threads: Option<usize>,
     pub auth_token_file: Option<PathBuf>,
+    pub credentials_file: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub max_connections: Option<usize>,
     pub max_handshakes: Option<usize>,
@@ -363,6 +420,7 @@ impl FileConfig {
         let base = path.parent().unwrap_or(Path::new(""));
         for p in [
             &mut cfg.auth_token_file,
+            &mut cfg.credentials_file,
             &mut cfg.data_dir,
             &mut cfg.s3_credentials_file,
         ]
@@ -515,8 +573,28 @@ impl Cli {
         {
             store.apply(file, sub);
         }
+        if let (
+            Some(Command::Credentials {
+                credentials_file, ..
+            }),
+            Some((_, sub)),
+        ) = (&mut self.command, m.subcommand())
+        {
+            set_opt(
+                sub,
+                "credentials_file",
+                credentials_file,
+                file.credentials_file.clone(),
+            );
+        }
         let f = file.clone();
         set_opt(m, "listen", &mut self.listen, f.listen);
+        set_opt(
+            m,
+            "credentials_file",
+            &mut self.credentials_file,
+            f.credentials_file,
+        );
         set_opt(m, "threads", &mut self.threads, f.threads);
         set_opt(
             m,

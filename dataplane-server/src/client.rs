@@ -22,6 +22,7 @@ use deltavol_schemas::{
 };
 
 use crate::auth;
+use crate::credentials::ClientCredential;
 
 /// Connection and I/O timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,17 +372,33 @@ impl Client {
             }
             n.to_vec()
         };
-        let mac = auth::answer(token, &nonce, volume);
+        // A per-volume credential proves its secret; anything else is the admin token.
+        let (mac, credential_id, proof) = match ClientCredential::parse(token) {
+            Some(Ok(c)) => {
+                let proof = c.proof(&nonce, volume);
+                (
+                    None,
+                    Some(self.fbb.create_string(&c.id)),
+                    Some(self.fbb.create_vector(&proof)),
+                )
+            }
+            Some(Err(e)) => return Err(usage(format!("the credential file holds {e}"))),
+            None => {
+                let mac = auth::answer(token, &nonce, volume);
+                (Some(self.fbb.create_vector(&mac)), None, None)
+            }
+        };
         let vol = self.fbb.create_string(volume);
-        let mac = self.fbb.create_vector(&mac);
         let id = self.volume_id.map(|id| self.fbb.create_vector(&id));
         let body = wire::Auth::create(
             &mut self.fbb,
             &wire::AuthArgs {
                 volume: Some(vol),
-                mac: Some(mac),
+                mac,
                 generation: self.generation,
                 volume_id: id,
+                credential_id,
+                proof,
             },
         );
         self.send(wire::Message::Auth, body.as_union_value())?;

@@ -47,6 +47,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_uring::buf::BoundedBuf;
 
 use crate::auth;
+use crate::credentials::{Access, Authorized, CredentialStore};
 use crate::store::format::VolumeId;
 use crate::store::{
     self, BeginOutcome, PlanSrc, StoreError, StoreErrorKind, Upload, Volume, VolumeSummary,
@@ -90,7 +91,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub threads: usize,
+    /// The admin token (`--auth-token-file`); empty: none, only credentials authenticate.
     pub auth_token: Vec<u8>,
+    /// The per-volume credentials file (`--credentials-file`), if any.
+    pub credentials: Option<PathBuf>,
     /// Connection caps and deadlines (`ConnLimits::default()` for a production server).
     pub limits: ConnLimits,
 }
@@ -312,6 +316,8 @@ struct Handoff {
     generation: u64,
     /// The client's volume id, when it sent one.
     volume_id: Option<VolumeId>,
+    /// What the connection's credential may do.
+    auth: Authorized,
     peer: SocketAddr,
     _slot: ConnSlot,
 }
@@ -458,9 +464,24 @@ pub fn start_with_backend(
     if cfg.threads == 0 {
         return Err(ServerError::Config("--threads must be at least 1".into()));
     }
-    if cfg.auth_token.is_empty() {
-        return Err(ServerError::Config("the auth token is empty".into()));
+    if cfg.auth_token.is_empty() && cfg.credentials.is_none() {
+        return Err(ServerError::Config(
+            "no way to authenticate: give an admin token (--auth-token-file), a credentials \
+             file (--credentials-file), or both"
+                .into(),
+        ));
     }
+    let credentials = match &cfg.credentials {
+        Some(path) => {
+            let store =
+                CredentialStore::open(path).map_err(|e| ServerError::Config(e.to_string()))?;
+            store
+                .watch()
+                .map_err(io_err("spawn the credentials watcher"))?;
+            Some(store)
+        }
+        None => None,
+    };
     cfg.limits.check()?;
     cfg.limits.warn_if_fds_short();
     std::fs::create_dir_all(&cfg.data_dir)
@@ -513,6 +534,7 @@ pub fn start_with_backend(
             nshards: cfg.threads,
             volumes_dir: volumes_dir.clone(),
             token: Arc::clone(&token),
+            credentials: credentials.clone(),
             senders: Arc::clone(&senders),
             shutdown: shutdown_rx.clone(),
             registry: Arc::clone(&registry),
@@ -583,6 +605,7 @@ struct ShardInit {
     nshards: usize,
     volumes_dir: store::backend::Backend,
     token: Arc<[u8]>,
+    credentials: Option<Arc<CredentialStore>>,
     senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     stats: Arc<ServerStats>,
@@ -596,7 +619,10 @@ struct Shard {
     id: usize,
     nshards: usize,
     volumes_dir: store::backend::Backend,
+    /// The admin token (empty: none).
     token: Arc<[u8]>,
+    /// Per-volume credentials, when the server has a credentials file.
+    credentials: Option<Arc<CredentialStore>>,
     senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
     stats: Arc<ServerStats>,
     volumes: RefCell<HashMap<String, Rc<Volume>>>,
@@ -710,6 +736,7 @@ async fn shard_main(
         nshards: init.nshards,
         volumes_dir: init.volumes_dir,
         token: init.token,
+        credentials: init.credentials,
         senders: init.senders,
         stats: init.stats,
         volumes: RefCell::new(HashMap::new()),
@@ -1057,8 +1084,9 @@ async fn read_frame_tokio(
     Ok(())
 }
 
-/// What a handshake established: the volume name, the client's generation and volume id.
-type Authenticated = (String, u64, Option<VolumeId>);
+/// What a handshake established: the volume name, the client's generation and volume id,
+/// and the credential's rights.
+type Authenticated = (String, u64, Option<VolumeId>, Authorized);
 
 /// Hello → Challenge → Auth. Returns the authenticated volume name, generation and id.
 async fn run_handshake(
@@ -1115,20 +1143,46 @@ async fn run_handshake(
             "invalid volume name (1-64 bytes of [A-Za-z0-9._-], not starting with '.')",
         ));
     }
-    let mac = a.mac().map(|m| m.bytes()).unwrap_or_default();
-    if !auth::verify(&shard.token, &nonce, volume, mac) {
-        return Err(ReqError::fatal(
-            wire::ErrorCode::Unauthorized,
-            "authentication failed: wrong token",
-        ));
-    }
+    let unauthorized = |msg: String| ReqError::fatal(wire::ErrorCode::Unauthorized, msg);
+    let authorized = match a.credential_id() {
+        Some(id) => {
+            let store = shard.credentials.as_ref().ok_or_else(|| {
+                unauthorized(
+                    "this data plane has no per-volume credentials (no --credentials-file): \
+                     authenticate with its admin token"
+                        .into(),
+                )
+            })?;
+            // A credential issued or revoked a moment ago counts from this connection on.
+            store.refresh();
+            let proof = a.proof().map(|p| p.bytes()).unwrap_or_default();
+            store
+                .authenticate(id, &nonce, volume, proof)
+                .map_err(|r| unauthorized(r.0))?
+        }
+        None => {
+            if shard.token.is_empty() {
+                return Err(unauthorized(
+                    "this data plane takes per-volume credentials only (it has no admin \
+                     token): give the client a credential from `deltavol-dataplane \
+                     credentials issue`"
+                        .into(),
+                ));
+            }
+            let mac = a.mac().map(|m| m.bytes()).unwrap_or_default();
+            if !auth::verify(&shard.token, &nonce, volume, mac) {
+                return Err(unauthorized("authentication failed: wrong token".into()));
+            }
+            Authorized::admin_token()
+        }
+    };
     let volume_id = deltavol_schemas::volume_id_field(a.volume_id()).map_err(|len| {
         ReqError::fatal(
             wire::ErrorCode::Malformed,
             format!("volume id of {len} bytes (16 expected)"),
         )
     })?;
-    Ok((volume.to_string(), a.generation(), volume_id))
+    Ok((volume.to_string(), a.generation(), volume_id, authorized))
 }
 
 async fn handshake(
@@ -1157,7 +1211,7 @@ async fn handshake(
         });
     // No longer an unfinished handshake: it cannot be evicted from here on.
     drop(entry);
-    let (volume, generation, volume_id) = match res {
+    let (volume, generation, volume_id, auth) = match res {
         Ok(v) => v,
         Err(e) => {
             tracing::info!(peer = %peer, code = ?e.code, error = %e.msg, "handshake refused");
@@ -1194,6 +1248,7 @@ async fn handshake(
         volume,
         generation,
         volume_id,
+        auth,
         peer,
         _slot: slot,
     };
@@ -1216,6 +1271,10 @@ struct Conn {
     /// The volume id the client authenticated with (`None`: a client that reads by name).
     /// Every request that changes the volume checks it against the volume's id.
     volume_id: Option<VolumeId>,
+    /// What the connection's credential may do (re-read when the credentials change).
+    auth: Authorized,
+    /// The credentials' generation `auth` was read at.
+    auth_seen: u64,
     stream: tokio_uring::net::TcpStream,
     hdr: Vec<u8>,
     payload: Vec<u8>,
@@ -1277,6 +1336,47 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Re-reads the connection's credential when the credentials changed since: a revoked
+    /// (or removed) credential closes the connection.
+    fn recheck_credential(&mut self) -> Result<(), ReqError> {
+        let (Some(store), Some(id)) = (&self.shard.credentials, &self.auth.id) else {
+            return Ok(());
+        };
+        let seen = store.generation();
+        if seen == self.auth_seen {
+            return Ok(());
+        }
+        match store.current(id) {
+            Some(a) => {
+                self.auth = a;
+                self.auth_seen = seen;
+                Ok(())
+            }
+            None => Err(ReqError::fatal(
+                wire::ErrorCode::Unauthorized,
+                format!("credential {id} was revoked: the connection is closed"),
+            )),
+        }
+    }
+
+    /// Refuses the request (`Forbidden`) unless the credential has `level` on this volume.
+    fn need(&self, level: Access, what: &str) -> Result<(), ReqError> {
+        let have = self.auth.access(&self.volume_name);
+        if have >= level {
+            return Ok(());
+        }
+        Err(ReqError::new(
+            wire::ErrorCode::Forbidden,
+            format!(
+                "{} may not {what} on volume {} (its role there: {}; this needs {})",
+                self.auth.who(),
+                self.volume_name,
+                have.name(),
+                level.name()
+            ),
+        ))
     }
 
     /// The volume, for a request that changes it: it must exist and be this client's.
@@ -1425,17 +1525,22 @@ impl Conn {
                 "only PutExtents frames carry a payload",
             ));
         }
+        self.recheck_credential()?;
         if let Some(m) = f.body_as_put_extents() {
+            self.need(Access::Write, "ship snapshots")?;
             return self.put(m).await;
         }
         if let Some(m) = f.body_as_create_volume() {
+            self.need(Access::Write, "create the volume")?;
             return self.create_volume(m.size_bytes(), m.block_size()).await;
         }
         if f.body_as_get_volume_info().is_some() {
+            self.need(Access::Read, "describe the volume")?;
             self.reply_volume_info();
             return self.send_reply().await;
         }
         if let Some(m) = f.body_as_begin_snapshot() {
+            self.need(Access::Write, "ship snapshots")?;
             return self
                 .begin(
                     m.snap_id(),
@@ -1447,27 +1552,46 @@ impl Conn {
                 .await;
         }
         if let Some(m) = f.body_as_commit() {
+            self.need(Access::Write, "ship snapshots")?;
             return self
                 .commit(m.snap_id(), m.extent_count(), m.total_bytes())
                 .await;
         }
         if let Some(m) = f.body_as_list_snapshots() {
+            self.need(Access::Read, "list snapshots")?;
             return self.list(m.after_snap_id(), m.max_count()).await;
         }
         if let Some(m) = f.body_as_read_extents() {
+            self.need(Access::Read, "read blocks")?;
             return self.read(m.snap_id(), m.lba(), m.nblocks()).await;
         }
         if let Some(m) = f.body_as_read_checksums() {
+            self.need(Access::Read, "read checksums")?;
             return self.read_checksums(m.snap_id(), m.lba(), m.nblocks()).await;
         }
         if f.body_as_new_generation().is_some() {
+            self.need(
+                Access::Admin,
+                "start a new generation (recover: it fences the running writer)",
+            )?;
             return self.new_generation().await;
         }
         if let Some(m) = f.body_as_clone_volume() {
             let source = m.source_volume().unwrap_or_default().to_string();
+            self.need(Access::Write, "create the volume as a clone")?;
+            if self.auth.access(&source) < Access::Read {
+                return Err(ReqError::new(
+                    wire::ErrorCode::Forbidden,
+                    format!(
+                        "{} may not read volume {source:?}, the clone's source",
+                        self.auth.who()
+                    ),
+                ));
+            }
             return self.clone_volume(&source, m.source_snap_id()).await;
         }
         if let Some(m) = f.body_as_delete_volume() {
+            self.need(Access::Admin, "delete the volume")?;
             let id = deltavol_schemas::volume_id_field(m.volume_id()).map_err(|len| {
                 ReqError::new(
                     wire::ErrorCode::Malformed,
@@ -1483,6 +1607,7 @@ impl Conn {
             return self.delete_volume(id).await;
         }
         if let Some(m) = f.body_as_set_retention() {
+            self.need(Access::Write, "set the retention policy")?;
             let r = m.policy();
             let policy = r
                 .map(crate::retention::Policy::from_wire)
@@ -1494,6 +1619,7 @@ impl Conn {
             return self.send_reply().await;
         }
         if let Some(m) = f.body_as_pin_snapshot() {
+            self.need(Access::Write, "pin snapshots")?;
             let v = self.require_own_volume()?;
             let label = m.label();
             let e = v.pin(m.snap_id(), m.pinned(), label).await?;
@@ -1505,6 +1631,7 @@ impl Conn {
             return self.send_reply().await;
         }
         if let Some(m) = f.body_as_prune() {
+            self.need(Access::Write, "prune snapshots")?;
             let o = self.apply_retention(m.dry_run()).await?;
             let deleted = self.out.fbb.create_vector(&o.deleted);
             let kept_ids: Vec<u64> = o.kept.iter().map(|k| k.0).collect();
@@ -1529,6 +1656,7 @@ impl Conn {
             return self.send_reply().await;
         }
         if let Some(m) = f.body_as_delete_snapshot() {
+            self.need(Access::Write, "delete snapshots")?;
             let v = self.require_own_volume()?;
             v.check_generation(self.generation)?;
             let shard = Rc::clone(&self.shard);
@@ -2146,6 +2274,10 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
         volume_name: h.volume,
         generation: h.generation,
         volume_id: h.volume_id,
+        // Never a generation: the first request re-reads the credential (it may have been
+        // revoked between the handshake and here).
+        auth_seen: u64::MAX,
+        auth: h.auth,
         stream,
         hdr: Vec::new(),
         payload: Vec::new(),

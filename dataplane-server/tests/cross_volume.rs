@@ -305,6 +305,7 @@ fn send_auth(s: &mut std::net::TcpStream, volume: &str, mac: &[u8]) {
             mac: Some(m),
             generation: 0,
             volume_id: None,
+            ..Default::default()
         },
     );
     s.write_all(&frame(

@@ -908,6 +908,7 @@ fn raw_auth_on(s: &mut TcpStream, volume: &str) {
             mac: Some(m),
             generation: 0,
             volume_id: None,
+            ..Default::default()
         },
     );
     s.write_all(&frame(
@@ -1030,6 +1031,7 @@ fn slots_are_given_back_on_every_path() {
         data_dir: dir.path().to_path_buf(),
         threads: 2,
         auth_token: TOKEN.to_vec(),
+        credentials: None,
         limits: ConnLimits {
             max_connections: 40,
             max_handshakes: 8,

@@ -85,9 +85,27 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
             mac: Some(mac),
             generation: 3,
             volume_id: Some(id),
+            ..Default::default()
         },
     );
     push("auth", frame(&mut fbb, M::Auth, b.as_union_value(), &[]));
+    let v = fbb.create_string("vol-a");
+    let cred = fbb.create_string("0123456789abcdef");
+    let proof = fbb.create_vector(&[7u8; 32]);
+    let b = wire::Auth::create(
+        &mut fbb,
+        &wire::AuthArgs {
+            volume: Some(v),
+            generation: 3,
+            credential_id: Some(cred),
+            proof: Some(proof),
+            ..Default::default()
+        },
+    );
+    push(
+        "auth-credential",
+        frame(&mut fbb, M::Auth, b.as_union_value(), &[]),
+    );
 
     let info = volume_info(&mut fbb);
     let b = wire::AuthOk::create(&mut fbb, &wire::AuthOkArgs { info: Some(info) });

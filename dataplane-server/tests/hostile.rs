@@ -55,6 +55,7 @@ fn another_volume_cannot_be_named_after_auth() {
             mac: Some(m),
             generation: 0,
             volume_id: None,
+            ..Default::default()
         },
     );
     let f = frame(&mut fbb, wire::Message::Auth, body.as_union_value(), &[]);

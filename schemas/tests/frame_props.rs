@@ -43,6 +43,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
                 mac: Some(mac),
                 generation: 9,
                 volume_id: None,
+                ..Default::default()
             },
         );
         let h = finish_header(&mut fbb, wire::Message::Auth, body.as_union_value(), 0).unwrap();

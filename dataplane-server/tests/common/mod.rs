@@ -28,6 +28,7 @@ pub fn in_process(data_dir: &Path, threads: usize) -> ServerHandle {
         data_dir: data_dir.to_path_buf(),
         threads,
         auth_token: TOKEN.to_vec(),
+        credentials: None,
         limits: Default::default(),
     })
     .expect("server starts")
@@ -310,17 +311,35 @@ pub fn raw_auth_with_id(
         .expect("nonce")
         .bytes()
         .to_vec();
-    let mac = auth::answer(token, &nonce, volume);
+    // A per-volume credential (`dvc1.`) proves its secret; anything else is the admin token.
+    let (mac, credential_id, proof) =
+        match deltavol_dataplane::credentials::ClientCredential::parse(token) {
+            Some(c) => {
+                let c = c.expect("a well-formed credential");
+                let p = c.proof(&nonce, volume);
+                (
+                    None,
+                    Some(fbb.create_string(&c.id)),
+                    Some(fbb.create_vector(&p)),
+                )
+            }
+            None => (
+                Some(fbb.create_vector(&auth::answer(token, &nonce, volume))),
+                None,
+                None,
+            ),
+        };
     let v = fbb.create_string(volume);
-    let m = fbb.create_vector(&mac);
     let id = volume_id.map(|b| fbb.create_vector(b));
     let body = wire::Auth::create(
         &mut fbb,
         &wire::AuthArgs {
             volume: Some(v),
-            mac: Some(m),
+            mac,
             generation: 0,
             volume_id: id,
+            credential_id,
+            proof,
         },
     );
     let f = frame(&mut fbb, wire::Message::Auth, body.as_union_value(), &[]);

@@ -98,10 +98,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ExtentKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 22;
+pub const ENUM_MAX_ERROR_CODE: u16 = 23;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 23] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 24] = [
   ErrorCode::Internal,
   ErrorCode::Malformed,
   ErrorCode::Unauthorized,
@@ -125,6 +125,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 23] = [
   ErrorCode::InUse,
   ErrorCode::VolumeExists,
   ErrorCode::IdentityMismatch,
+  ErrorCode::Forbidden,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -159,9 +160,12 @@ impl ErrorCode {
   /// The volume under this name has another identity (volume id) than the client's: a
   /// different volume that reused the name. Nothing is written; the message says what to do.
   pub const IdentityMismatch: Self = Self(22);
+  /// The connection's credential does not allow this request on this volume (its role or
+  /// its volumes): authenticated, but not authorized.
+  pub const Forbidden: Self = Self(23);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 22;
+  pub const ENUM_MAX: u16 = 23;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Internal,
     Self::Malformed,
@@ -186,6 +190,7 @@ impl ErrorCode {
     Self::InUse,
     Self::VolumeExists,
     Self::IdentityMismatch,
+    Self::Forbidden,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -213,6 +218,7 @@ impl ErrorCode {
       Self::InUse => Some("InUse"),
       Self::VolumeExists => Some("VolumeExists"),
       Self::IdentityMismatch => Some("IdentityMismatch"),
+      Self::Forbidden => Some("Forbidden"),
       _ => None,
     }
   }
@@ -912,6 +918,8 @@ impl<'a> Auth<'a> {
   pub const VT_MAC: ::flatbuffers::VOffsetT = 6;
   pub const VT_GENERATION: ::flatbuffers::VOffsetT = 8;
   pub const VT_VOLUME_ID: ::flatbuffers::VOffsetT = 10;
+  pub const VT_CREDENTIAL_ID: ::flatbuffers::VOffsetT = 12;
+  pub const VT_PROOF: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -924,6 +932,8 @@ impl<'a> Auth<'a> {
   ) -> ::flatbuffers::WIPOffset<Auth<'bldr>> {
     let mut builder = AuthBuilder::new(_fbb);
     builder.add_generation(args.generation);
+    if let Some(x) = args.proof { builder.add_proof(x); }
+    if let Some(x) = args.credential_id { builder.add_credential_id(x); }
     if let Some(x) = args.volume_id { builder.add_volume_id(x); }
     if let Some(x) = args.mac { builder.add_mac(x); }
     if let Some(x) = args.volume { builder.add_volume(x); }
@@ -967,6 +977,28 @@ impl<'a> Auth<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Auth::VT_VOLUME_ID, None)}
   }
+  /// A per-volume credential's id (`deltavol-dataplane credentials issue`): the client
+  /// proves it holds the credential's secret with `proof` instead of `mac`. Absent: `mac`
+  /// answers with the server's admin token.
+  #[inline]
+  pub fn credential_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Auth::VT_CREDENTIAL_ID, None)}
+  }
+  /// Proof of the credential's secret, SCRAM-style (RFC 5802): `ClientKey XOR
+  /// HMAC-SHA256(StoredKey, auth message)`, where ClientKey = HMAC-SHA256(secret, "deltavol
+  /// client key"), StoredKey = SHA-256(ClientKey) (all the server stores) and the auth
+  /// message binds the nonce, the volume and the credential id. Neither the secret nor
+  /// anything that replays on another nonce crosses the wire.
+  #[inline]
+  pub fn proof(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Auth::VT_PROOF, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Auth<'_> {
@@ -979,6 +1011,8 @@ impl ::flatbuffers::Verifiable for Auth<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("mac", Self::VT_MAC, false)?
      .visit_field::<u64>("generation", Self::VT_GENERATION, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("volume_id", Self::VT_VOLUME_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("credential_id", Self::VT_CREDENTIAL_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("proof", Self::VT_PROOF, false)?
      .finish();
     Ok(())
   }
@@ -988,6 +1022,8 @@ pub struct AuthArgs<'a> {
     pub mac: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub generation: u64,
     pub volume_id: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub credential_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub proof: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
 }
 impl<'a> Default for AuthArgs<'a> {
   #[inline]
@@ -997,6 +1033,8 @@ impl<'a> Default for AuthArgs<'a> {
       mac: None,
       generation: 0,
       volume_id: None,
+      credential_id: None,
+      proof: None,
     }
   }
 }
@@ -1023,6 +1061,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AuthBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Auth::VT_VOLUME_ID, volume_id);
   }
   #[inline]
+  pub fn add_credential_id(&mut self, credential_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Auth::VT_CREDENTIAL_ID, credential_id);
+  }
+  #[inline]
+  pub fn add_proof(&mut self, proof: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Auth::VT_PROOF, proof);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AuthBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     AuthBuilder {
@@ -1044,6 +1090,8 @@ impl ::core::fmt::Debug for Auth<'_> {
       ds.field("mac", &self.mac());
       ds.field("generation", &self.generation());
       ds.field("volume_id", &self.volume_id());
+      ds.field("credential_id", &self.credential_id());
+      ds.field("proof", &self.proof());
       ds.finish()
   }
 }
