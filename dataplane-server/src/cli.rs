@@ -75,6 +75,21 @@ pub struct Cli {
     /// credential ids, roles and hashed keys, re-read when it changes.
     #[arg(long, value_name = "FILE")]
     pub credentials_file: Option<PathBuf>,
+    /// TLS on every connection: the server's certificate chain (PEM), e.g. server.pem of
+    /// `deltavol-dataplane tls init`. Without it the server speaks plain TCP, and only on a
+    /// loopback address unless --insecure.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: every client must present a certificate signed by this CA (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plain TCP on an address that is not loopback (no --tls-cert): snapshots then
+    /// cross the network unencrypted. Logged at start.
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub insecure: bool,
     #[command(flatten)]
     pub limits: ConnLimits,
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, on a thread of its own),
@@ -125,6 +140,11 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// TLS certificates for a first set-up.
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
+    },
     /// Issues, rotates, revokes and lists per-volume credentials (in --credentials-file, or
     /// credentials_file of the config file). The server re-reads the file within a second.
     Credentials {
@@ -166,6 +186,26 @@ pub enum Command {
         /// One JSON object on stdout instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// What `deltavol-dataplane tls` does.
+#[derive(Debug, Subcommand)]
+pub enum TlsAction {
+    /// Makes a CA and a server certificate (and client certificates for mutual TLS) in DIR:
+    /// ca.pem (give it to the compute nodes as --tls-ca), ca.key (keep it offline),
+    /// server.pem and server.key (--tls-cert, --tls-key), client-NAME.pem/.key. Never
+    /// overwrites a file.
+    Init {
+        /// Directory to write into (created 0700 if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A DNS name or IP address the compute nodes connect to (repeatable; at least one).
+        #[arg(long = "host", value_name = "NAME|IP", required = true)]
+        hosts: Vec<String>,
+        /// Also a client certificate named NAME (repeatable), for --tls-client-ca.
+        #[arg(long = "client", value_name = "NAME")]
+        clients: Vec<String>,
     },
 }
 
@@ -333,6 +373,10 @@ pub struct FileConfig {
     pub threads: Option<usize>,
     pub auth_token_file: Option<PathBuf>,
     pub credentials_file: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub insecure: Option<bool>,
     pub metrics_listen: Option<SocketAddr>,
     pub max_connections: Option<usize>,
     pub max_handshakes: Option<usize>,
@@ -421,6 +465,9 @@ impl FileConfig {
         for p in [
             &mut cfg.auth_token_file,
             &mut cfg.credentials_file,
+            &mut cfg.tls_cert,
+            &mut cfg.tls_key,
+            &mut cfg.tls_client_ca,
             &mut cfg.data_dir,
             &mut cfg.s3_credentials_file,
         ]
@@ -595,6 +642,10 @@ impl Cli {
             &mut self.credentials_file,
             f.credentials_file,
         );
+        set_opt(m, "tls_cert", &mut self.tls_cert, f.tls_cert);
+        set_opt(m, "tls_key", &mut self.tls_key, f.tls_key);
+        set_opt(m, "tls_client_ca", &mut self.tls_client_ca, f.tls_client_ca);
+        set(m, "insecure", &mut self.insecure, f.insecure);
         set_opt(m, "threads", &mut self.threads, f.threads);
         set_opt(
             m,

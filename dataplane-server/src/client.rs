@@ -23,6 +23,99 @@ use deltavol_schemas::{
 
 use crate::auth;
 use crate::credentials::ClientCredential;
+use crate::tls::{ClientStream, ClientTls};
+
+/// How a client authenticates and protects its connections: its secret (a per-volume
+/// credential, `dvc1.ID.SECRET`, or the admin token) and TLS. Without TLS a client connects
+/// only to a loopback address, unless [`ClientAccess::insecure`] allows plain TCP anywhere.
+#[derive(Clone)]
+pub struct ClientAccess {
+    secret: std::sync::Arc<[u8]>,
+    tls: Option<ClientTls>,
+    server_name: Option<String>,
+    insecure: bool,
+}
+
+impl std::fmt::Debug for ClientAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientAccess")
+            .field("tls", &self.tls.is_some())
+            .field("server_name", &self.server_name)
+            .field("insecure", &self.insecure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientAccess {
+    /// Plain TCP (loopback only) with `secret`.
+    pub fn new(secret: &[u8]) -> ClientAccess {
+        ClientAccess {
+            secret: secret.into(),
+            tls: None,
+            server_name: None,
+            insecure: false,
+        }
+    }
+
+    /// TLS on every connection, verifying the server against `tls`'s CA. `server_name` is the
+    /// name its certificate must carry; `None`: the IP address connected to.
+    pub fn with_tls(mut self, tls: ClientTls, server_name: Option<String>) -> ClientAccess {
+        self.tls = Some(tls);
+        self.server_name = server_name;
+        self
+    }
+
+    /// Allows plain TCP to addresses that are not loopback (`--insecure`).
+    pub fn insecure(mut self, yes: bool) -> ClientAccess {
+        self.insecure = yes;
+        self
+    }
+
+    /// The secret (a credential or the admin token).
+    pub fn secret(&self) -> &[u8] {
+        &self.secret
+    }
+
+    /// Whether connections use TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Whether plain TCP to non-loopback addresses is allowed.
+    pub fn is_insecure(&self) -> bool {
+        self.insecure && self.tls.is_none()
+    }
+}
+
+/// What [`Client::connect`] takes: a [`ClientAccess`], or the secret's bytes alone (plain
+/// TCP to loopback).
+pub trait ToClientAccess {
+    fn to_access(&self) -> std::borrow::Cow<'_, ClientAccess>;
+}
+
+impl ToClientAccess for ClientAccess {
+    fn to_access(&self) -> std::borrow::Cow<'_, ClientAccess> {
+        std::borrow::Cow::Borrowed(self)
+    }
+}
+
+impl ToClientAccess for [u8] {
+    fn to_access(&self) -> std::borrow::Cow<'_, ClientAccess> {
+        std::borrow::Cow::Owned(ClientAccess::new(self))
+    }
+}
+
+impl<const N: usize> ToClientAccess for [u8; N] {
+    fn to_access(&self) -> std::borrow::Cow<'_, ClientAccess> {
+        std::borrow::Cow::Owned(ClientAccess::new(self))
+    }
+}
+
+impl ToClientAccess for Vec<u8> {
+    fn to_access(&self) -> std::borrow::Cow<'_, ClientAccess> {
+        std::borrow::Cow::Owned(ClientAccess::new(self))
+    }
+}
 
 /// Connection and I/O timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,7 +336,7 @@ struct UploadState {
 
 /// One authenticated connection to one volume.
 pub struct Client {
-    stream: TcpStream,
+    stream: ClientStream,
     info: VolumeInfo,
     generation: u64,
     /// The volume id this connection authenticated with, if any.
@@ -268,25 +361,26 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects, authenticates for `volume` with `token`, and returns the client.
+    /// Connects, authenticates for `volume` with `access` (a [`ClientAccess`], or a
+    /// credential's or the admin token's bytes), and returns the client.
     pub fn connect(
         addr: impl ToSocketAddrs,
-        token: &[u8],
+        access: &(impl ToClientAccess + ?Sized),
         volume: &str,
         timeouts: Timeouts,
     ) -> Result<Client, ClientError> {
-        Self::connect_with_generation(addr, token, volume, timeouts, 0)
+        Self::connect_with_generation(addr, access, volume, timeouts, 0)
     }
 
     /// Like [`Client::connect`], naming the fencing generation the client believes current.
     pub fn connect_with_generation(
         addr: impl ToSocketAddrs,
-        token: &[u8],
+        access: &(impl ToClientAccess + ?Sized),
         volume: &str,
         timeouts: Timeouts,
         generation: u64,
     ) -> Result<Client, ClientError> {
-        Self::connect_as(addr, token, volume, timeouts, generation, None)
+        Self::connect_as(addr, access, volume, timeouts, generation, None)
     }
 
     /// Like [`Client::connect_with_generation`], as the volume with identity `volume_id`:
@@ -296,12 +390,13 @@ impl Client {
     /// should connect this way; `None` reads by name only.
     pub fn connect_as(
         addr: impl ToSocketAddrs,
-        token: &[u8],
+        access: &(impl ToClientAccess + ?Sized),
         volume: &str,
         timeouts: Timeouts,
         generation: u64,
         volume_id: Option<[u8; 16]>,
     ) -> Result<Client, ClientError> {
+        let access = access.to_access();
         if !valid_volume_name(volume) {
             return Err(usage(format!("invalid volume name {volume:?}")));
         }
@@ -312,26 +407,44 @@ impl Client {
         let mut last_err = None;
         let mut stream = None;
         for a in &addrs {
+            if access.tls.is_none() && !access.insecure && !a.ip().is_loopback() {
+                last_err = Some(usage(format!(
+                    "refusing plain TCP to the data plane at {a} (not a loopback address): give \
+                     the data plane's CA certificate (--tls-ca) to use TLS, or --insecure to \
+                     send snapshots unencrypted"
+                )));
+                continue;
+            }
             match TcpStream::connect_timeout(a, timeouts.connect) {
                 Ok(s) => {
-                    stream = Some(s);
+                    stream = Some((s, *a));
                     break;
                 }
                 Err(e) => last_err = Some(ClientError::io(format!("connecting to {a}"), e)),
             }
         }
-        let stream = match stream {
+        let (tcp, peer) = match stream {
             Some(s) => s,
             None => {
                 return Err(last_err.unwrap_or_else(|| usage("the address resolved to nothing")))
             }
         };
         let io_ctx = |e| ClientError::io("configuring the socket", e);
-        stream.set_read_timeout(Some(timeouts.io)).map_err(io_ctx)?;
-        stream
-            .set_write_timeout(Some(timeouts.io))
-            .map_err(io_ctx)?;
-        stream.set_nodelay(true).map_err(io_ctx)?;
+        tcp.set_read_timeout(Some(timeouts.io)).map_err(io_ctx)?;
+        tcp.set_write_timeout(Some(timeouts.io)).map_err(io_ctx)?;
+        tcp.set_nodelay(true).map_err(io_ctx)?;
+        let stream = match &access.tls {
+            Some(tls) => {
+                let name = access
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| peer.ip().to_string());
+                tls.connect(tcp, &name).map_err(|e| {
+                    ClientError::io(format!("TLS with the data plane at {peer} as {name:?}"), e)
+                })?
+            }
+            None => ClientStream::Plain(tcp),
+        };
         let mut c = Client {
             stream,
             info: VolumeInfo::default(),
@@ -345,7 +458,7 @@ impl Client {
             poisoned: false,
             sent: None,
         };
-        c.handshake(token, volume)?;
+        c.handshake(access.secret(), volume)?;
         Ok(c)
     }
 
@@ -455,7 +568,9 @@ impl Client {
             } else {
                 self.stream.write_all(payload)
             }
-        });
+        })
+        // TLS: the records of this frame leave now, not with the next one.
+        .and_then(|()| self.stream.flush());
         if r.is_ok() {
             if let Some(c) = &self.sent {
                 let n = if data_is_out { self.out.len() } else { 0 } + payload.len();
@@ -815,6 +930,7 @@ impl Client {
     fn reason_after_write_error(&mut self) -> Option<ClientError> {
         let _ = self
             .stream
+            .tcp()
             .set_read_timeout(Some(Duration::from_millis(500)));
         self.recv_inner().ok()?;
         let f = decode_header(&self.hdr).ok()?;

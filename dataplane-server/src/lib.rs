@@ -59,8 +59,8 @@ pub mod store;
 pub mod tls;
 
 pub use client::{
-    BeginOutcome, Client, ClientError, ClientErrorKind, PruneReport, SnapshotInfo, Timeouts,
-    VolumeInfo,
+    BeginOutcome, Client, ClientAccess, ClientError, ClientErrorKind, PruneReport, SnapshotInfo,
+    Timeouts, ToClientAccess, VolumeInfo,
 };
 pub use deltavol_schemas::wire::ErrorCode;
 pub use server::{

@@ -2,7 +2,7 @@
 //! The command line and the config file are [`deltavol_dataplane::cli`].
 
 use anyhow::Context;
-use deltavol_dataplane::cli::{Cli, Command, CredentialsAction};
+use deltavol_dataplane::cli::{Cli, Command, CredentialsAction, TlsAction};
 use deltavol_dataplane::credentials::{CredentialFile, FileLock, Grant, Role};
 use deltavol_dataplane::store::tools;
 
@@ -16,6 +16,25 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = Cli::load()?;
     match args.command {
+        Some(Command::Tls {
+            action:
+                TlsAction::Init {
+                    ref dir,
+                    ref hosts,
+                    ref clients,
+                },
+        }) => {
+            let g = deltavol_dataplane::tls::generate(dir, hosts, clients)?;
+            for f in &g.files {
+                println!("{}", f.display());
+            }
+            eprintln!(
+                "serve with --tls-cert {0}/server.pem --tls-key {0}/server.key; give {0}/ca.pem \
+                 to the compute nodes (--tls-ca) and keep {0}/ca.key offline",
+                dir.display()
+            );
+            Ok(())
+        }
         Some(Command::Credentials {
             action,
             credentials_file,
@@ -216,6 +235,13 @@ fn serve(args: Cli) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(std::sync::Arc::new(
+            deltavol_dataplane::tls::ServerTls::load(cert, key, args.tls_client_ca.as_deref())?,
+        )),
+        (None, None) => None,
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    };
     let backend = args.store.backend_config()?;
     args.compaction.tuning().apply();
     // Bound first: a bad --metrics-listen fails before the store is opened.
@@ -230,6 +256,8 @@ fn serve(args: Cli) -> anyhow::Result<()> {
             threads,
             auth_token: token,
             credentials: args.credentials_file.clone(),
+            tls,
+            insecure: args.insecure,
             limits: args.limits.clone(),
         },
         &backend,

@@ -43,8 +43,7 @@ use deltavol_schemas::{
     FrameError, CHECKSUM_BLOCKS_MAX, ERROR_MESSAGE_MAX_BYTES, FRAME_EXTENTS_MAX,
     FRAME_LEN_PREFIX_BYTES, FRAME_PAYLOAD_MAX_BYTES, LIST_PAGE_SNAPSHOTS_MAX, PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_uring::buf::BoundedBuf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::auth;
 use crate::credentials::{Access, Authorized, CredentialStore};
@@ -52,6 +51,7 @@ use crate::store::format::VolumeId;
 use crate::store::{
     self, BeginOutcome, PlanSrc, StoreError, StoreErrorKind, Upload, Volume, VolumeSummary,
 };
+use crate::tls::{ServerTls, ServerTransport, UringTls};
 
 /// Default time a new connection has to finish hello / challenge / auth.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
@@ -95,6 +95,11 @@ pub struct ServerConfig {
     pub auth_token: Vec<u8>,
     /// The per-volume credentials file (`--credentials-file`), if any.
     pub credentials: Option<PathBuf>,
+    /// TLS on every connection (`--tls-cert`, `--tls-key`, `--tls-client-ca`); `None`: plain
+    /// TCP, which [`start`] allows only on a loopback address or with `insecure`.
+    pub tls: Option<Arc<ServerTls>>,
+    /// Serve plain TCP on a non-loopback address (`--insecure`): logged at start.
+    pub insecure: bool,
     /// Connection caps and deadlines (`ConnLimits::default()` for a production server).
     pub limits: ConnLimits,
 }
@@ -311,6 +316,8 @@ impl ServerHandle {
 #[derive(Debug)]
 struct Handoff {
     stream: std::net::TcpStream,
+    /// The TLS session the handshake ran in (the owner shard goes on with it).
+    tls: Option<rustls::ServerConnection>,
     volume: String,
     /// The generation the client authenticated with.
     generation: u64,
@@ -471,6 +478,26 @@ pub fn start_with_backend(
                 .into(),
         ));
     }
+    match (&cfg.tls, cfg.listen.ip().is_loopback(), cfg.insecure) {
+        (Some(tls), _, _) => tracing::info!(
+            client_certificates = tls.requires_client_cert(),
+            "TLS on every connection"
+        ),
+        (None, true, _) => {}
+        (None, false, true) => tracing::warn!(
+            listen = %cfg.listen,
+            "serving PLAIN TCP on a non-loopback address (--insecure): snapshots cross the \
+             network unencrypted and unauthenticated after the handshake"
+        ),
+        (None, false, false) => {
+            return Err(ServerError::Config(format!(
+                "refusing plain TCP on {} (not a loopback address): give --tls-cert and \
+                 --tls-key (`deltavol-dataplane tls init` makes them), or --insecure to serve \
+                 unencrypted anyway",
+                cfg.listen
+            )))
+        }
+    }
     let credentials = match &cfg.credentials {
         Some(path) => {
             let store =
@@ -535,6 +562,7 @@ pub fn start_with_backend(
             volumes_dir: volumes_dir.clone(),
             token: Arc::clone(&token),
             credentials: credentials.clone(),
+            tls: cfg.tls.clone(),
             senders: Arc::clone(&senders),
             shutdown: shutdown_rx.clone(),
             registry: Arc::clone(&registry),
@@ -606,6 +634,7 @@ struct ShardInit {
     volumes_dir: store::backend::Backend,
     token: Arc<[u8]>,
     credentials: Option<Arc<CredentialStore>>,
+    tls: Option<Arc<ServerTls>>,
     senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     stats: Arc<ServerStats>,
@@ -623,6 +652,8 @@ struct Shard {
     token: Arc<[u8]>,
     /// Per-volume credentials, when the server has a credentials file.
     credentials: Option<Arc<CredentialStore>>,
+    /// TLS on every connection, when configured.
+    tls: Option<Arc<ServerTls>>,
     senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
     stats: Arc<ServerStats>,
     volumes: RefCell<HashMap<String, Rc<Volume>>>,
@@ -737,6 +768,7 @@ async fn shard_main(
         volumes_dir: init.volumes_dir,
         token: init.token,
         credentials: init.credentials,
+        tls: init.tls,
         senders: init.senders,
         stats: init.stats,
         volumes: RefCell::new(HashMap::new()),
@@ -1053,7 +1085,7 @@ impl Out {
 // ---------------------------------------------------------------------------------------
 
 async fn read_frame_tokio(
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     hdr: &mut Vec<u8>,
 ) -> Result<(), ReqError> {
     let mut prefix = [0u8; FRAME_LEN_PREFIX_BYTES];
@@ -1091,7 +1123,7 @@ type Authenticated = (String, u64, Option<VolumeId>, Authorized);
 /// Hello → Challenge → Auth. Returns the authenticated volume name, generation and id.
 async fn run_handshake(
     shard: &Shard,
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     out: &mut Out,
 ) -> Result<Authenticated, ReqError> {
     let mut hdr = Vec::new();
@@ -1123,10 +1155,12 @@ async fn run_handshake(
         },
     );
     out.finish(wire::Message::Challenge, body.as_union_value(), &[]);
-    stream
-        .write_all(&out.buf)
-        .await
-        .map_err(|e| ReqError::fatal(wire::ErrorCode::Io, format!("write: {e}")))?;
+    // flush: a TLS stream holds what it was given until then.
+    let written = match stream.write_all(&out.buf).await {
+        Ok(()) => stream.flush().await,
+        Err(e) => Err(e),
+    };
+    written.map_err(|e| ReqError::fatal(wire::ErrorCode::Io, format!("write: {e}")))?;
 
     read_frame_tokio(stream, &mut hdr).await?;
     let f = decode_header(&hdr).map_err(frame_error)?;
@@ -1185,16 +1219,89 @@ async fn run_handshake(
     Ok((volume.to_string(), a.generation(), volume_id, authorized))
 }
 
+/// A connection during its handshake: plain TCP, or TLS once that handshake is done.
+enum HandshakeStream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl AsyncRead for HandshakeStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            HandshakeStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            HandshakeStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for HandshakeStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            HandshakeStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            HandshakeStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            HandshakeStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            HandshakeStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            HandshakeStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            HandshakeStream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 async fn handshake(
     entry: HandshakeEntry,
-    mut stream: tokio::net::TcpStream,
+    stream: tokio::net::TcpStream,
     peer: SocketAddr,
     slot: ConnSlot,
 ) {
     let shard = Rc::clone(&entry.shard);
     let mut out = Out::new();
     let deadline = Duration::from_millis(shard.limits.handshake_timeout_ms);
-    let res = tokio::time::timeout(deadline, run_handshake(&shard, &mut stream, &mut out))
+    let started = tokio::time::Instant::now();
+    // TLS first (inside the same deadline as the rest of the handshake).
+    let mut stream = match &shard.tls {
+        None => HandshakeStream::Plain(stream),
+        Some(tls) => match tokio::time::timeout(deadline, tls.accept(stream)).await {
+            Ok(Ok(s)) => HandshakeStream::Tls(Box::new(s)),
+            Ok(Err(e)) => {
+                tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                shard
+                    .stats
+                    .timed_out
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(peer = %peer, "TLS handshake not finished in time");
+                return;
+            }
+        },
+    };
+    let left = deadline.saturating_sub(started.elapsed());
+    let res = tokio::time::timeout(left, run_handshake(&shard, &mut stream, &mut out))
         .await
         .unwrap_or_else(|_| {
             shard
@@ -1217,9 +1324,20 @@ async fn handshake(
             tracing::info!(peer = %peer, code = ?e.code, error = %e.msg, "handshake refused");
             out.error(e.code, &e.msg);
             // The error frame is small; a peer that does not take it is not waited for long.
-            let write = stream.write_all(&out.buf);
+            let write = async {
+                stream.write_all(&out.buf).await?;
+                stream.flush().await?;
+                stream.shutdown().await
+            };
             let _ = tokio::time::timeout(deadline, write).await;
             return;
+        }
+    };
+    let (stream, tls) = match stream {
+        HandshakeStream::Plain(s) => (s, None),
+        HandshakeStream::Tls(s) => {
+            let (s, conn) = s.into_inner();
+            (s, Some(conn))
         }
     };
     let std_stream = match stream
@@ -1245,6 +1363,7 @@ async fn handshake(
     }
     let h = Handoff {
         stream: std_stream,
+        tls,
         volume,
         generation,
         volume_id,
@@ -1275,7 +1394,7 @@ struct Conn {
     auth: Authorized,
     /// The credentials' generation `auth` was read at.
     auth_seen: u64,
-    stream: tokio_uring::net::TcpStream,
+    stream: ServerTransport,
     hdr: Vec<u8>,
     payload: Vec<u8>,
     out: Out,
@@ -1283,37 +1402,6 @@ struct Conn {
     rec_buf: Vec<u8>,
     read_payload: Vec<u8>,
     read_extents: Vec<wire::Extent>,
-}
-
-/// Reads exactly `n` bytes into `buf` (replacing its contents).
-async fn read_exact_uring(
-    stream: &tokio_uring::net::TcpStream,
-    mut buf: Vec<u8>,
-    n: usize,
-) -> (io::Result<()>, Vec<u8>) {
-    buf.clear();
-    buf.reserve(n);
-    while buf.len() < n {
-        let have = buf.len();
-        let (res, slice) = stream.read(buf.slice(have..n)).await;
-        buf = slice.into_inner();
-        match res {
-            Ok(0) => {
-                let e = if have == 0 {
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed")
-                } else {
-                    io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("truncated frame: {have} of {n} bytes"),
-                    )
-                };
-                return (Err(e), buf);
-            }
-            Ok(_) => {}
-            Err(e) => return (Err(e), buf),
-        }
-    }
-    (Ok(()), buf)
 }
 
 enum Next {
@@ -1433,24 +1521,22 @@ impl Conn {
     async fn read_frame(&mut self) -> Result<Next, ReqError> {
         let hdr = std::mem::take(&mut self.hdr);
         let idle = Duration::from_millis(self.shard.limits.idle_timeout_ms);
-        let (res, hdr) = match tokio::time::timeout(
-            idle,
-            read_exact_uring(&self.stream, hdr, FRAME_LEN_PREFIX_BYTES),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => {
-                self.count_timeout();
-                return Err(ReqError::fatal(
-                    wire::ErrorCode::Protocol,
-                    format!(
-                        "idle timeout: no request within {} ms",
-                        self.shard.limits.idle_timeout_ms
-                    ),
-                ));
-            }
-        };
+        let (res, hdr) =
+            match tokio::time::timeout(idle, self.stream.read_exact(hdr, FRAME_LEN_PREFIX_BYTES))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    self.count_timeout();
+                    return Err(ReqError::fatal(
+                        wire::ErrorCode::Protocol,
+                        format!(
+                            "idle timeout: no request within {} ms",
+                            self.shard.limits.idle_timeout_ms
+                        ),
+                    ));
+                }
+            };
         self.hdr = hdr;
         match res {
             Ok(()) => {}
@@ -1479,8 +1565,7 @@ impl Conn {
         };
         let hdr = std::mem::take(&mut self.hdr);
         let (res, hdr) =
-            match tokio::time::timeout_at(deadline, read_exact_uring(&self.stream, hdr, len)).await
-            {
+            match tokio::time::timeout_at(deadline, self.stream.read_exact(hdr, len)).await {
                 Ok(r) => r,
                 Err(_) => return Err(timed_out(self)),
             };
@@ -1490,15 +1575,13 @@ impl Conn {
         })?;
         let payload_len = decode_header(&self.hdr).map_err(frame_error)?.payload_len() as usize;
         let payload = std::mem::take(&mut self.payload);
-        let (res, payload) = match tokio::time::timeout_at(
-            deadline,
-            read_exact_uring(&self.stream, payload, payload_len),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => return Err(timed_out(self)),
-        };
+        let (res, payload) =
+            match tokio::time::timeout_at(deadline, self.stream.read_exact(payload, payload_len))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => return Err(timed_out(self)),
+            };
         self.payload = payload;
         res.map_err(|e| {
             ReqError::fatal(
@@ -2267,7 +2350,11 @@ impl Conn {
 
 async fn serve(shard: Rc<Shard>, h: Handoff) {
     let peer = h.peer;
-    let stream = tokio_uring::net::TcpStream::from_std(h.stream);
+    let tcp = tokio_uring::net::TcpStream::from_std(h.stream);
+    let stream = match h.tls {
+        Some(session) => ServerTransport::Tls(UringTls::new(tcp, session)),
+        None => ServerTransport::Plain(tcp),
+    };
     let _ = stream.set_nodelay(true);
     let mut conn = Conn {
         shard,
@@ -2293,21 +2380,21 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
         let msg = format!("volume {} cannot be loaded: {why}", conn.volume_name);
         conn.out.error(wire::ErrorCode::Damaged, &msg);
         let _ = conn.send().await;
-        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        conn.stream.shutdown().await;
         return;
     }
     if let Err(msg) = claim_volume(&conn.shard, &conn.volume_name).await {
         tracing::info!(peer = %peer, volume = %conn.volume_name, error = %msg, "volume refused");
         conn.out.error(wire::ErrorCode::Io, &msg);
         let _ = conn.send().await;
-        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        conn.stream.shutdown().await;
         return;
     }
     if let Err(e) = conn.check_identity() {
         tracing::info!(peer = %peer, volume = %conn.volume_name, error = %e.msg, "volume refused: another volume's id");
         conn.out.error(e.code, &e.msg);
         let _ = conn.send().await;
-        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        conn.stream.shutdown().await;
         return;
     }
     let summary = conn.volume().map(|v| v.summary());
@@ -2339,7 +2426,7 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
     }
     // Dropping the connection drops an unfinished upload: nothing of it becomes visible.
     drop(conn.upload.take());
-    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+    conn.stream.shutdown().await;
 }
 
 /// Several servers on one object store: takes (or keeps) this server's lease on `name` and,

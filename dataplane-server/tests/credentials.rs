@@ -498,6 +498,8 @@ fn a_server_with_credentials_only_takes_no_token_and_admin_credentials_recover()
         threads: 2,
         auth_token: Vec::new(),
         credentials: Some(creds.clone()),
+        tls: None,
+        insecure: false,
         limits: Default::default(),
     })
     .expect("starts with credentials only");

@@ -1032,6 +1032,8 @@ fn slots_are_given_back_on_every_path() {
         threads: 2,
         auth_token: TOKEN.to_vec(),
         credentials: None,
+        tls: None,
+        insecure: false,
         limits: ConnLimits {
             max_connections: 40,
             max_handshakes: 8,

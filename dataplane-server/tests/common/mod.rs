@@ -29,6 +29,8 @@ pub fn in_process(data_dir: &Path, threads: usize) -> ServerHandle {
         threads,
         auth_token: TOKEN.to_vec(),
         credentials: None,
+        tls: None,
+        insecure: false,
         limits: Default::default(),
     })
     .expect("server starts")
