@@ -143,9 +143,12 @@ pub enum Cmd {
     /// plane to commit it, then holds the flush thread (applications keep writing, into the
     /// SSD cache) while it reads the backing file and compares the crc32c of every 4 KiB
     /// block with the one the data plane computes for that snapshot (only checksums cross the
-    /// network). If the SSD cache fills while the flush is held, writes wait
-    /// (backpressure) until verify ends. A difference means the backing disk or the data plane
-    /// holds damaged data. Refused while the volume is still hydrating.
+    /// network). An encrypted volume is compared on its data instead (the data plane's
+    /// checksums are of ciphertext): each block of the snapshot is read, opened with the
+    /// volume's key and compared byte for byte, so the whole volume crosses the network; a
+    /// block that does not open counts as differing. If the SSD cache fills while the flush is
+    /// held, writes wait (backpressure) until verify ends. A difference means the backing disk
+    /// or the data plane holds damaged data. Refused while the volume is still hydrating.
     Verify {
         /// Volume name (attached, with a data plane).
         name: String,
@@ -176,6 +179,20 @@ pub enum Cmd {
         /// The image file to write (created or truncated).
         #[arg(long)]
         output: PathBuf,
+        /// The volume's key, when it is encrypted on the data plane (its blocks are opened
+        /// here; a block that does not open stops the export, naming it).
+        #[arg(long, value_name = "FILE")]
+        encryption_key_file: Option<PathBuf>,
+    },
+    /// Make a new key for client-side encryption (`--encryption-key-file` of `add`, `recover`,
+    /// `clone`, `export`): 32 random bytes as 64 hex digits in a new file of mode 0600; prints
+    /// its key id. Never overwrites a file. Keep a copy somewhere safe: without the key, an
+    /// encrypted volume's snapshots can never be read again.
+    Keygen {
+        /// The key file to create.
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -399,6 +416,14 @@ pub struct DeviceArgs {
     /// the backing file, on the same disk).
     #[arg(long, requires = "dataplane")]
     pub outbox_dir: Option<PathBuf>,
+    /// Client-side encryption: the volume's key (a file of 64 hex digits, mode 0600, as
+    /// `deltavol keygen` makes). Every block is sealed on this node (XChaCha20-Poly1305)
+    /// before it is shipped and opened after it is read back, so the data plane and its object
+    /// store never hold plaintext; the key is never sent. Chosen when a volume is created (a
+    /// new volume, or `recover`/`clone` of an encrypted one); every later attach needs the
+    /// same key, and a volume created without one cannot be given one.
+    #[arg(long, value_name = "FILE", requires = "dataplane")]
+    pub encryption_key_file: Option<PathBuf>,
     /// Retention policy of the volume's snapshots on the data plane, set at each attach:
     /// `last=N,hourly=N,daily=N,weekly=N,monthly=N` (any subset; `none` keeps all). The data
     /// plane applies it after every commit. Unset: the data plane's policy stays as it is
@@ -479,7 +504,17 @@ impl AddArgs {
                         parent.join(format!("{}.outbox", self.name))
                     }
                 };
+                let codec = crate::crypt::BlockCodec::from_key_file(
+                    self.dev
+                        .encryption_key_file
+                        .as_deref()
+                        .map(absolute)
+                        .transpose()?
+                        .as_deref(),
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
                 Some(crate::ship::ShipConfig {
+                    codec,
                     addrs: addr.clone(),
                     token,
                     outbox_dir,
@@ -687,7 +722,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
         } => clone(&spec, &name, &dp, dev, wait),
         Cmd::Snapshots(a) => snapshots_cmd(a),
-        Cmd::Export { spec, dp, output } => export(&spec, &dp, &output),
+        Cmd::Export {
+            spec,
+            dp,
+            output,
+            encryption_key_file,
+        } => export(&spec, &dp, &output, encryption_key_file.as_deref()),
+        Cmd::Keygen { file, json } => keygen(&file, json),
         Cmd::Volume {
             cmd: VolumeCmd::Info { name, dp, json },
         } => volume_info(&name, &dp, json),
@@ -907,14 +948,26 @@ fn verify(name: &str, timeout_ms: u64, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&v)?);
     } else if r.ok() {
         println!(
-            "{name}: permanent storage matches snapshot {} ({} blocks compared, {} ms)",
-            r.snapshot, r.blocks_compared, r.duration_ms
+            "{name}: permanent storage matches snapshot {} ({} blocks compared{}, {} ms)",
+            r.snapshot,
+            r.blocks_compared,
+            compared_by(&r),
+            r.duration_ms
         );
     } else {
         println!(
-            "{name}: {} blocks differ from snapshot {} ({} blocks compared):",
-            r.blocks_differing, r.snapshot, r.blocks_compared
+            "{name}: {} blocks differ from snapshot {} ({} blocks compared{}):",
+            r.blocks_differing,
+            r.snapshot,
+            r.blocks_compared,
+            compared_by(&r)
         );
+        if r.blocks_refused > 0 {
+            println!(
+                "  {} of them do not open on the data plane (tampered or damaged there)",
+                r.blocks_refused
+            );
+        }
         for d in &r.ranges {
             println!(
                 "  blocks {}..{} ({} blocks, bytes {}..{})",
@@ -933,6 +986,14 @@ fn verify(name: &str, timeout_ms: u64, json: bool) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// ` by decrypted data` for an encrypted volume's verify (` by checksums` otherwise).
+fn compared_by(r: &crate::verify::VerifyReport) -> String {
+    match r.compared_by.as_str() {
+        "" => String::new(),
+        how => format!(" by {how}"),
+    }
 }
 
 /// `NAME@SNAPSHOT_ID` or `NAME@TIME` (see [`crate::when::parse_time`]).
@@ -1052,6 +1113,16 @@ fn recover(
             Some(ms) => Some(resolve_at(&mut c, name, ms)?),
             None => None,
         };
+        let size = crate::crypt::device_size_bytes(&info);
+        let mut cfg = from_dataplane(name, dp, dev, None, Some(size))?;
+        // The key (or its absence) must fit the volume before anything is created or fenced.
+        check_key(
+            &cfg,
+            &mut c,
+            name,
+            &info,
+            target.unwrap_or(info.latest_snap_id),
+        )?;
         // Fence the old machine first: from now on it can ship nothing.
         let generation = c
             .new_generation()
@@ -1078,10 +1149,11 @@ fn recover(
             volume_id,
         };
         eprintln!(
-            "recovering {name} from snapshot {from} ({}), generation {generation}",
-            format_size(info.size_bytes)
+            "recovering {name} from snapshot {from} ({}{}), generation {generation}",
+            format_size(size),
+            encryption_note(&cfg)
         );
-        let mut cfg = from_dataplane(name, dp, dev, Some(ca), Some(info.size_bytes))?;
+        cfg.volume.cache.create_as = Some(ca);
         if from != head {
             roll_back(&cfg, from, head)?;
             // The daemon reattaches the volume made here (hydration resumes).
@@ -1147,8 +1219,8 @@ fn clone(
 ) -> anyhow::Result<()> {
     parse_spec(spec)?;
     crate::cache::validate_name(new).map_err(|e| anyhow::anyhow!("{e}"))?;
-    daemon::check_driver()?;
     let cfg = if holds_volume(&absolute(&dev.cache_dir)?) {
+        daemon::check_driver()?;
         eprintln!(
             "{} already holds volume {new}: reattaching",
             dev.cache_dir.display()
@@ -1157,6 +1229,14 @@ fn clone(
     } else {
         let (src, snap) = spec_snapshot(spec, dp)?;
         let src = src.as_str();
+        let mut cfg = from_dataplane(new, dp, dev, None, None)?;
+        // A clone shares its source's blocks, so its key: checked before the clone exists.
+        {
+            let mut s = dp.connect(src)?;
+            let sinfo = s.volume_info().context("volume info")?;
+            check_key(&cfg, &mut s, src, &sinfo, snap)?;
+        }
+        daemon::check_driver()?;
         // A clone is a new volume: a new id, which the data plane records for it.
         let volume_id: [u8; 16] = rand::random();
         let mut c = dp.connect_as(new, Some(volume_id))?;
@@ -1171,15 +1251,65 @@ fn clone(
             hydrate: true,
             volume_id,
         };
+        let size = crate::crypt::device_size_bytes(&info);
         eprintln!(
-            "cloned {src}@{snap} as {new} ({}) on the data plane (metadata only)",
-            format_size(info.size_bytes)
+            "cloned {src}@{snap} as {new} ({}{}) on the data plane (metadata only)",
+            format_size(size),
+            encryption_note(&cfg)
         );
-        from_dataplane(new, dp, dev, Some(ca), Some(info.size_bytes))?
+        cfg.volume.cache.size_bytes = Some(size);
+        cfg.volume.cache.create_as = Some(ca);
+        cfg
     };
     daemon::add(cfg)?;
     if wait {
         wait_hydrated(new)?;
+    }
+    Ok(())
+}
+
+/// Checks the key of `cfg` (or its absence) against the data plane's volume `volume` (`c` is
+/// connected to it, `info` describes it) and its snapshot `snap`: an encrypted volume without
+/// a key, a key for an unencrypted volume, and another key are refused here, before anything
+/// is created or changed ([`crate::crypt::BlockCodec::check_remote`]).
+fn check_key(
+    cfg: &AddConfig,
+    c: &mut deltavol_dataplane::Client,
+    volume: &str,
+    info: &deltavol_dataplane::VolumeInfo,
+    snap: u64,
+) -> anyhow::Result<()> {
+    let codec = cfg
+        .volume
+        .ship
+        .as_ref()
+        .map(|s| s.codec.clone())
+        .unwrap_or_default();
+    codec
+        .check_remote(c, volume, info, snap)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// `, encrypted: key id …` for a volume with a key, else nothing.
+fn encryption_note(cfg: &AddConfig) -> String {
+    match cfg.volume.ship.as_ref().and_then(|s| s.codec.key_id()) {
+        Some(id) => format!(", encrypted: key id {}", crate::crypt::key_id_hex(&id)),
+        None => String::new(),
+    }
+}
+
+/// `deltavol keygen FILE`.
+fn keygen(file: &Path, json: bool) -> anyhow::Result<()> {
+    let k = crate::crypt::VolumeKey::generate(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let id = crate::crypt::key_id_hex(&k.key_id());
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"file": file, "key_id": id, "cipher": crate::crypt::CIPHER_NAME})
+        );
+    } else {
+        println!("{}: new key, key id {id}", file.display());
+        eprintln!("keep a copy of it somewhere safe: without it, the snapshots of a volume encrypted with it can never be read again");
     }
     Ok(())
 }
@@ -1498,8 +1628,11 @@ fn volume_json(i: &deltavol_dataplane::VolumeInfo) -> serde_json::Value {
         "name": i.name,
         "exists": i.exists,
         "volume_id": i.volume_id.as_ref().map(deltavol_schemas::volume_id_hex),
-        "size_bytes": i.size_bytes,
+        "size_bytes": crate::crypt::device_size_bytes(i),
         "block_size": i.block_size,
+        "stored_size_bytes": i.size_bytes,
+        // Client-side encryption, as the block size tells (the key never reaches the data plane).
+        "encrypted": crate::crypt::is_sealed_block_size(i.block_size),
         "latest_snap_id": i.latest_snap_id,
         "latest_commit_unix_ms": i.latest_commit_ms,
         "snapshot_count": i.snapshot_count,
@@ -1526,11 +1659,17 @@ fn volume_info(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<()>
         .as_ref()
         .map_or_else(|| "unknown".into(), deltavol_schemas::volume_id_hex);
     println!("volume:        {name} ({id})");
-    println!(
-        "size:          {} ({} bytes)",
-        format_size(i.size_bytes),
-        i.size_bytes
-    );
+    let size = crate::crypt::device_size_bytes(&i);
+    println!("size:          {} ({size} bytes)", format_size(size));
+    if crate::crypt::is_sealed_block_size(i.block_size) {
+        println!(
+            "encryption:    client-side, {} envelopes ({}-byte blocks on the data plane; give --encryption-key-file to read it)",
+            crate::crypt::CIPHER_NAME,
+            i.block_size
+        );
+    } else {
+        println!("encryption:    none");
+    }
     let age = if i.latest_commit_ms == 0 {
         "none".to_string()
     } else {
@@ -1601,11 +1740,22 @@ fn volume_delete(name: &str, id: &str, dp: &DataPlaneArgs, json: bool) -> anyhow
     Ok(())
 }
 
-fn export(spec: &str, dp: &DataPlaneArgs, output: &Path) -> anyhow::Result<()> {
+fn export(
+    spec: &str,
+    dp: &DataPlaneArgs,
+    output: &Path,
+    key_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let codec =
+        crate::crypt::BlockCodec::from_key_file(key_file).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (name, snap) = spec_snapshot(spec, dp)?;
     let name = name.as_str();
     let mut c = dp.connect(name)?;
-    let size = c.volume_info().context("volume info")?.size_bytes;
+    let info = c.volume_info().context("volume info")?;
+    codec
+        .check_remote(&mut c, name, &info, snap)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let size = crate::crypt::device_size_bytes(&info);
     let f = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -1617,11 +1767,13 @@ fn export(spec: &str, dp: &DataPlaneArgs, output: &Path) -> anyhow::Result<()> {
     let mut buf = vec![0u8; (CHUNK_BLOCKS * 4096) as usize];
     let nblocks = size / 4096;
     let (mut lba, mut last_pct, t0) = (0u64, u64::MAX, Instant::now());
+    let mut scratch = Vec::new();
     use std::os::unix::fs::FileExt;
     while lba < nblocks {
         let n = (nblocks - lba).min(CHUNK_BLOCKS);
         let b = &mut buf[..(n * 4096) as usize];
-        c.read_extents(snap, lba, n, b)
+        codec
+            .read_exact(&mut c, snap, lba, b, &mut scratch)
             .with_context(|| format!("read snapshot {snap} at block {lba}"))?;
         for (i, blk) in b.chunks(4096).enumerate() {
             if blk.iter().any(|&x| x != 0) {
@@ -1685,6 +1837,9 @@ fn print_status(v: &serde_json::Value) {
         u("depth")
     );
     println!("size:          {}", format_size(u("size_bytes")));
+    if let Some(e) = v.get("encryption").and_then(|x| x.as_str()) {
+        println!("encryption:    {e}");
+    }
     if let Some(m) = v.get("metrics_url").and_then(|x| x.as_str()) {
         println!("metrics:       {m}");
     }

@@ -275,6 +275,18 @@ impl Daemon {
                 if let (Some(a), Some(o)) = (self.metrics_addr, v.as_object_mut()) {
                     o.insert("metrics_url".into(), format!("http://{a}/metrics").into());
                 }
+                // Client-side encryption: `none`, or `xchacha20poly1305 (key id …)`.
+                if let Some(o) = v.as_object_mut() {
+                    let id = self.volume.key_id.as_ref();
+                    o.insert(
+                        "encryption".into(),
+                        crate::crypt::describe_key_id(id).into(),
+                    );
+                    o.insert(
+                        "encryption_key_id".into(),
+                        id.map(crate::crypt::key_id_hex).into(),
+                    );
+                }
                 // The daemon's resident memory, and how much of it is not the read cache.
                 if let (Ok(m), Some(o)) = (crate::procmem::resident(), v.as_object_mut()) {
                     let cache = o

@@ -31,6 +31,17 @@
 //! run fetched before: 0 unless a backing write failed or a read trailed far behind) and
 //! `fetches_shared` (reads answered by a fetch made for another read or the background).
 //!
+//! ## A block that does not open
+//! The data plane's blocks reach the fetcher through the volume's codec (`ShipConfig::codec`,
+//! [`crate::crypt::BlockCodec`]): plain, or opened from their envelopes for an encrypted
+//! volume. A block that fails to open (tampered or damaged on the data plane, or sealed under
+//! another key) is never installed and never handed to a read: the other blocks of its extent
+//! are installed, the reads waiting for the extent fail with EIO (a read of one of those other
+//! blocks succeeds from then on, from the backing file), and `status` counts the block in
+//! `blocks_refused` with the reason. Hydration cannot complete while such a block is not
+//! local: after a pass it looks again every [`HYDRATE_RESCAN_SECS`] s (the data plane may be
+//! repaired), and a write of the block by the application makes it local like any other.
+//!
 //! ## Never overwrite a write
 //! A write marks its blocks local once its mirror write completed (before its epoch can be
 //! cut). Hydration writes a block only if it is not local, checked and written under the
@@ -90,6 +101,8 @@ const MAP_FLAG_SPARSE_START: u32 = 1;
 /// How often background hydration syncs the backing file and persists the map.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// After a pass that left blocks that would not open, how long before the next pass.
+pub const HYDRATE_RESCAN_SECS: u64 = 30;
 
 /// The result of one extent fetch: its data, or a negative errno.
 pub type FetchResult = std::result::Result<Arc<Vec<u8>>, i32>;
@@ -353,6 +366,9 @@ pub struct HydrateStatus {
     /// Reads of a missing extent answered by a fetch made for another read or by the
     /// background (in flight when they asked, or installed since), without one of their own.
     pub fetches_shared: u64,
+    /// Blocks fetched that would not open (an encrypted volume: tampered or damaged on the
+    /// data plane, or sealed under another key): never installed, reads of them fail (EIO).
+    pub blocks_refused: u64,
     pub last_error: Option<String>,
 }
 
@@ -364,6 +380,7 @@ struct Shared {
     extents_fetched: AtomicU64,
     extents_refetched: AtomicU64,
     shared: AtomicU64,
+    refused: AtomicU64,
     rate: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
@@ -392,6 +409,7 @@ impl Hydrator {
             extents_fetched: AtomicU64::new(0),
             extents_refetched: AtomicU64::new(0),
             shared: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             rate: AtomicU64::new(0),
             last_error: Mutex::new(None),
         });
@@ -457,6 +475,7 @@ fn status_of(sh: &Shared) -> HydrateStatus {
         extents_fetched: sh.extents_fetched.load(SeqCst),
         extents_refetched: sh.extents_refetched.load(SeqCst),
         fetches_shared: sh.shared.load(SeqCst),
+        blocks_refused: sh.refused.load(SeqCst),
         last_error: sh
             .last_error
             .lock()
@@ -487,6 +506,28 @@ struct Worker {
     window_start: Instant,
     window_bytes: u64,
     last_persist: Instant,
+    /// Data-plane blocks as they arrive (sealed ones are opened from here); reused.
+    scratch: Vec<u8>,
+    /// A pass ended with blocks that would not open: the next one starts then.
+    rescan_at: Option<Instant>,
+}
+
+/// What one fetch brought: the extents' blocks, and those of them that did not open (their
+/// bytes are zeros and never used).
+struct Fetched {
+    data: Vec<u8>,
+    refused: Vec<crate::crypt::CryptError>,
+}
+
+impl Fetched {
+    /// The refused blocks in `[lba, lba + n)`.
+    fn refused_in(&self, lba: u64, n: u64) -> Vec<u64> {
+        self.refused
+            .iter()
+            .filter_map(|e| e.lba())
+            .filter(|b| (lba..lba + n).contains(b))
+            .collect()
+    }
 }
 
 impl Worker {
@@ -506,6 +547,8 @@ impl Worker {
             window_start: Instant::now(),
             window_bytes: 0,
             last_persist: Instant::now(),
+            scratch: Vec::new(),
+            rescan_at: None,
         }
     }
 
@@ -640,6 +683,13 @@ impl Worker {
                 self.sh.cfg.generation,
                 Some(self.sh.cache.volume_id),
             )?;
+            // Encrypted there and no key here (or the other way round): said in `status`,
+            // and nothing is read.
+            self.sh
+                .cfg
+                .ship
+                .codec
+                .check_geometry(&self.sh.cache.name, c.info())?;
             self.client = Some(c);
             self.backoff = Duration::from_millis(50);
             self.retry_at = None;
@@ -650,19 +700,23 @@ impl Worker {
     }
 
     /// Fetches extent `ext` from the data plane as of the hydration snapshot.
-    fn fetch(&mut self, ext: u64) -> Result<Vec<u8>> {
+    fn fetch(&mut self, ext: u64) -> Result<Fetched> {
         self.fetch_extents(ext, 1)
     }
 
-    /// Fetches `count` consecutive extents from `first` on, in one request.
-    fn fetch_extents(&mut self, first: u64, count: u64) -> Result<Vec<u8>> {
+    /// Fetches `count` consecutive extents from `first` on, in one request, through the
+    /// volume's codec (opened from their envelopes when the volume is encrypted).
+    fn fetch_extents(&mut self, first: u64, count: u64) -> Result<Fetched> {
         let c = self.sh.cache.clone();
         let lba = first * HYDRATE_EXTENT_BLOCKS;
         let n = (c.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS * count.max(1));
         let snap = c.hydration.as_ref().map_or(0, |h| h.snap);
         let mut buf = vec![0u8; (n * BLOCK_SIZE) as usize];
-        let r = self.client()?.read_extents(snap, lba, n, &mut buf);
-        r.map_err(|e| {
+        let codec = self.sh.cfg.ship.codec.clone();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = codec.read_blocks(self.client()?, snap, lba, &mut buf, &mut scratch);
+        self.scratch = scratch;
+        let refused = r.map_err(|e| {
             Error::new(
                 ErrorKind::Io,
                 format!("data plane read of blocks {lba}+{n} as of snapshot {snap}: {e}"),
@@ -675,7 +729,15 @@ impl Worker {
                 self.sh.extents_refetched.fetch_add(1, SeqCst);
             }
         }
-        Ok(buf)
+        if let Some(e) = refused.first() {
+            self.sh.refused.fetch_add(refused.len() as u64, SeqCst);
+            tracing::error!(volume = %c.name, snapshot = snap, blocks = refused.len(), error = %e, "hydration: blocks from the data plane do not open; they are never installed, and reads of them fail (EIO)");
+            *self.sh.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                "{} block(s) of snapshot {snap} refused: {e}",
+                refused.len()
+            ));
+        }
+        Ok(Fetched { data: buf, refused })
     }
 
     /// Installs a fetched extent (see [`Worker::write_missing`]), then notes how a read taken
@@ -687,7 +749,7 @@ impl Worker {
         data: &[u8],
         keep: impl FnOnce() -> Arc<Vec<u8>>,
     ) -> Result<u64> {
-        let written = self.write_missing(ext, data)?;
+        let written = self.write_missing(ext, data, &[])?;
         if written == (data.len() as u64) >> BLOCK_SHIFT {
             self.clean.set_range(ext, 1);
         } else {
@@ -699,8 +761,9 @@ impl Worker {
         Ok(written)
     }
 
-    /// Writes the blocks of a fetched extent that are still not local, and marks them local.
-    fn write_missing(&self, ext: u64, data: &[u8]) -> Result<u64> {
+    /// Writes the blocks of a fetched extent that are still not local, and marks them local;
+    /// never the blocks in `refused` (they did not open: their bytes are not data).
+    fn write_missing(&self, ext: u64, data: &[u8], refused: &[u64]) -> Result<u64> {
         let c = &self.sh.cache;
         let Some(h) = &c.hydration else { return Ok(0) };
         let lba = ext * HYDRATE_EXTENT_BLOCKS;
@@ -708,13 +771,14 @@ impl Worker {
         let _g = c.backing_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut written = 0;
         let mut i = 0;
+        let skip = |b: u64| h.local.get(b) || refused.contains(&b);
         while i < n {
-            if h.local.get(lba + i) {
+            if skip(lba + i) {
                 i += 1;
                 continue;
             }
             let mut j = i + 1;
-            while j < n && !h.local.get(lba + j) {
+            while j < n && !skip(lba + j) {
                 j += 1;
             }
             let off = (lba + i) << BLOCK_SHIFT;
@@ -752,8 +816,18 @@ impl Worker {
             }
         }
         match self.fetch(ext) {
-            Ok(data) => {
-                let data = Arc::new(data);
+            Ok(f) if !f.refused.is_empty() => {
+                // Never data: the blocks that opened are installed (a read of them succeeds
+                // from now on), the reads waiting for the extent fail.
+                let (lba, n) = self.extent_blocks(ext);
+                if let Err(e) = self.write_missing(ext, &f.data, &f.refused_in(lba, n)) {
+                    tracing::error!(volume = %self.sh.cache.name, error = %e, "hydration: cannot write the backing file");
+                }
+                self.sh.on_demand.fetch_add(1, SeqCst);
+                self.answer(ext, &Err(-libc::EIO), true);
+            }
+            Ok(f) => {
+                let data = Arc::new(f.data);
                 let res: FetchResult = match self.install(ext, &data, || data.clone()) {
                     Ok(_) => Ok(data),
                     Err(e) => {
@@ -800,6 +874,22 @@ impl Worker {
             self.cursor += 1;
         }
         if self.cursor >= total {
+            let missing = c.nblocks - h.local.count();
+            if missing > 0 {
+                // Blocks that would not open were passed over: look again later.
+                if self.rescan_at.is_none() {
+                    tracing::error!(volume = %c.name, blocks = missing, "hydration cannot complete: blocks of the snapshot do not open (see blocks_refused); looking again every {HYDRATE_RESCAN_SECS} s");
+                    let _ = persist_local(&c);
+                    self.rescan_at =
+                        Some(Instant::now() + Duration::from_secs(HYDRATE_RESCAN_SECS));
+                } else if self.rescan_at.is_some_and(|t| Instant::now() >= t) {
+                    self.rescan_at = None;
+                    self.cursor = 0;
+                } else if let Ok(r) = self.rx.recv_timeout(Duration::from_millis(100)) {
+                    self.take(r);
+                }
+                return;
+            }
             match persist_local(&c).and_then(|_| c.finish_hydration()) {
                 Ok(()) => {
                     tracing::info!(volume = %c.name, "hydration complete: the volume is an ordinary volume")
@@ -849,11 +939,19 @@ impl Worker {
             count += 1;
         }
         match self.fetch_extents(ext, count) {
-            Ok(data) => {
+            Ok(f) => {
                 let mut failed = None;
-                for (i, chunk) in data.chunks(ext_bytes as usize).enumerate() {
-                    if let Err(e) = self.install(ext + i as u64, chunk, || Arc::new(chunk.to_vec()))
-                    {
+                for (i, chunk) in f.data.chunks(ext_bytes as usize).enumerate() {
+                    let e = ext + i as u64;
+                    let (lba, n) = self.extent_blocks(e);
+                    let refused = f.refused_in(lba, n);
+                    let r = if refused.is_empty() {
+                        self.install(e, chunk, || Arc::new(chunk.to_vec()))
+                    } else {
+                        // Passed over (see the module doc): never clean, never kept.
+                        self.write_missing(e, chunk, &refused)
+                    };
+                    if let Err(e) = r {
                         failed = Some(e);
                         break;
                     }

@@ -6,11 +6,14 @@
 //! bitmaps, read cache) → [`flush`] (cut, write back, ship deltas). [`ring`] is the one place
 //! that pushes io_uring SQEs. [`volume`] ties a volume's parts together; [`daemon`] and
 //! [`cli`] are the edge, [`metrics`] exports [`volume::Volume::status`] to Prometheus.
+//! [`crypt`] seals what crosses to the data plane for an encrypted volume, and opens what
+//! comes back.
 
 pub mod agent;
 pub mod cache;
 pub mod cli;
 pub mod control;
+pub mod crypt;
 pub mod daemon;
 pub mod error;
 pub mod fault;

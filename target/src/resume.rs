@@ -62,6 +62,7 @@ struct Remote {
     head: u64,
     generation: u64,
     is_clone: bool,
+    info: deltavol_dataplane::VolumeInfo,
 }
 
 fn remote(sc: &ShipConfig, l: &Label) -> Result<Remote> {
@@ -72,6 +73,7 @@ fn remote(sc: &ShipConfig, l: &Label) -> Result<Remote> {
         head: i.latest_snap_id,
         generation: i.generation,
         is_clone: !i.clone_source_volume.is_empty(),
+        info: i.clone(),
     })
 }
 
@@ -128,6 +130,10 @@ pub fn plan(cfg: &VolumeConfig) -> Result<Option<Resume>> {
             None
         }
     };
+    if let Some(r) = &remote {
+        // Encrypted there and no key here (or the other way round): refused before anything.
+        sc.codec.check_geometry(&l.name, &r.info)?;
+    }
     let mixed = !matches!(l.state, BackingState::Clean(_));
     if let (true, Some(r)) = (mixed, &remote) {
         if outbox > r.head && r.generation <= l.generation {
@@ -303,11 +309,17 @@ pub fn zero_backing(path: &Path, size_bytes: u64) -> Result<()> {
 /// crc32c equals the one the data plane has for it in snapshot `hydrate_snap` counts as
 /// already restored (checksum-only reads: no data crosses the network), so hydration fetches
 /// only the blocks that differ. Reads the backing once, sequentially. Returns the blocks kept.
+/// An encrypted volume keeps none: the data plane's checksums are of ciphertext, which never
+/// equals the backing's plaintext, so every block is fetched (and opened).
 pub fn seed_from_checksums(cache: &crate::cache::Cache, sc: &ShipConfig) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     let Some(h) = cache.hydrating() else {
         return Ok(0);
     };
+    if sc.codec.is_encrypted() {
+        tracing::info!(volume = %cache.name, "encrypted volume: the data plane's checksums are of ciphertext, so the kept backing is not compared; every block is fetched");
+        return Ok(0);
+    }
     let (mut c, _) = sc.connect_as(&cache.name, cache.generation(), Some(cache.volume_id))?;
     let bs = meta::BLOCK_SIZE;
     let chunk = deltavol_schemas::CHECKSUM_BLOCKS_MAX;
@@ -350,7 +362,10 @@ pub fn seed_from_checksums(cache: &crate::cache::Cache, sc: &ShipConfig) -> Resu
 /// This writes those blocks into the volume (a fresh one, hydrating from `target`, not yet
 /// live) through the same handler the queues use, then FLUSHes: they are in its first epoch,
 /// and hydration never overwrites a written block. Compares checksums (`ReadChecksums`) and
-/// fetches only the blocks that differ. Returns how many.
+/// fetches only the blocks that differ. Returns how many. For an encrypted volume the
+/// checksums are of the stored envelopes: equal ones are the same stored block (the same
+/// data); a block rewritten with equal data has a new nonce, so it differs and is written
+/// back too, harmlessly. What is fetched is opened, and a block that does not open stops it.
 pub fn write_rollback(
     vol: &crate::volume::Volume,
     sc: &ShipConfig,
@@ -369,6 +384,7 @@ pub fn write_rollback(
     let bs = meta::BLOCK_SIZE;
     let sectors = bs / 512;
     let mut buf = vec![0u8; (RUN_BLOCKS_MAX * bs) as usize];
+    let mut scratch = Vec::new();
     let chunk = deltavol_schemas::CHECKSUM_BLOCKS_MAX;
     let (mut lba, mut written) = (0u64, 0u64);
     let t0 = std::time::Instant::now();
@@ -388,7 +404,9 @@ pub fn write_rollback(
             }
             let k = j - i;
             let part = &mut buf[..(k * bs) as usize];
-            client.read_extents(target, lba + i, k, part).map_err(dp)?;
+            sc.codec
+                .read_exact(&mut client, target, lba + i, part, &mut scratch)
+                .map_err(|e| Error::new(ErrorKind::Io, format!("data plane: {e}")))?;
             let r = smol::block_on(vol.handle(
                 &ring,
                 UBLK_IO_OP_WRITE,

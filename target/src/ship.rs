@@ -32,8 +32,16 @@
 //! `magic u32 | kind u32 (0 data, 1 zero) | lba u64 | nblocks u64 | data_crc u32 | hdr_crc u32`
 //! each followed by its data, then `trailer (32 B): magic "DVOUTEND" | records u64 |
 //! data_bytes u64 | pad u32 | crc32c u32`. Every part is checked before anything is sent.
+//!
+//! ## An encrypted volume
+//! Its blocks cross to the data plane sealed ([`crate::crypt`]): each extent is sealed right
+//! before `put_extent` (the outbox, on this node's backing disk, holds plaintext like the
+//! backing file), and the volume exists there with the envelopes' block size and the same
+//! block count. A base after a gap is then shipped whole: the data plane's checksums are of
+//! ciphertext, so they cannot tell which blocks equal the backing file's.
 
 use crate::cache::meta::{VolumeId, BLOCK_SIZE};
+use crate::crypt::{BlockCodec, RemoteError};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fault::{FaultFile, FaultOp, FaultPlan};
 use crate::flush::DeltaSink;
@@ -247,6 +255,10 @@ pub struct ShipConfig {
     /// The retention policy to set on the data plane at each connection (`add --retention`);
     /// `None` leaves the data plane's as it is.
     pub retention: Option<deltavol_dataplane::retention::Policy>,
+    /// How blocks cross to and from the data plane: plain, or sealed under the volume's key
+    /// (`--encryption-key-file`). Every path that ships or reads data-plane blocks goes
+    /// through it.
+    pub codec: BlockCodec,
 }
 
 impl ShipConfig {
@@ -388,6 +400,16 @@ fn client_err(e: ClientError) -> Error {
     Error::new(ErrorKind::Io, format!("data plane: {e}"))
 }
 
+/// An error of a sealed (or plain) exchange through the codec.
+fn remote_err(e: RemoteError) -> Error {
+    match e {
+        RemoteError::DataPlane(e) => client_err(e),
+        RemoteError::Crypt(e) => {
+            Error::new(ErrorKind::Io, format!("sealing for the data plane: {e}"))
+        }
+    }
+}
+
 fn is_fence(e: &Error) -> bool {
     e.kind() == ErrorKind::Mismatch && e.to_string().starts_with("fenced: ")
 }
@@ -421,13 +443,22 @@ impl Shared {
             )
             .map_err(client_err)?;
             c.count_sent_bytes(self.bytes_sent.clone());
+            let codec = &self.cfg.codec;
+            // Encrypted there and not here (or the other way round): said plainly, never
+            // shipped (the data plane would refuse the geometry anyway).
+            codec.check_geometry(&self.volume, c.info())?;
             let info = c
-                .create_volume(self.size_bytes, BLOCK_SIZE as u32)
+                .create_volume(
+                    codec.dp_size_bytes(self.size_bytes),
+                    codec.dp_block_size(),
+                )
                 .map_err(client_err)?;
-            if info.size_bytes != self.size_bytes {
+            if crate::crypt::device_size_bytes(&info) != self.size_bytes {
                 return Err(Error::mismatch(format!(
                     "the data plane at {addr} holds volume {:?} with {} bytes, this volume has {}",
-                    self.volume, info.size_bytes, self.size_bytes
+                    self.volume,
+                    crate::crypt::device_size_bytes(&info),
+                    self.size_bytes
                 )));
             }
             if let Some(p) = self.cfg.retention.filter(|p| *p != info.retention) {
@@ -513,6 +544,9 @@ enum Mode {
 pub struct DataPlaneSink {
     shared: Arc<Shared>,
     mode: Mode,
+    /// Where extents are sealed before they are sent (an encrypted volume); kept between
+    /// extents.
+    seal_buf: Vec<u8>,
     shipper: Option<JoinHandle<()>>,
     /// The backing label in the outbox dir ([`crate::label`]).
     label: LabelWriter,
@@ -600,6 +634,7 @@ impl DataPlaneSink {
         Ok(DataPlaneSink {
             shared,
             mode: Mode::Idle,
+            seal_buf: Vec::new(),
             shipper: Some(shipper),
             label,
         })
@@ -630,6 +665,11 @@ pub struct ShipHandle {
 }
 
 impl ShipHandle {
+    /// How this volume's blocks cross to and from the data plane (plain or sealed).
+    pub fn codec(&self) -> &BlockCodec {
+        &self.shared.cfg.codec
+    }
+
     /// A new connection to the data plane for this volume (reads: scrub, tests).
     pub fn connect(&self) -> Result<Client> {
         let sh = &self.shared;
@@ -734,7 +774,8 @@ impl DeltaSink for DataPlaneSink {
         if st.outbox.is_empty() {
             if let Some(mut c) = sh.take_client(&mut st) {
                 drop(st);
-                match c.begin_snapshot_cut_at(snap, parent, volume_size, cut_unix_ms) {
+                let dp_size = sh.cfg.codec.dp_size_bytes(volume_size);
+                match c.begin_snapshot_cut_at(snap, parent, dp_size, cut_unix_ms) {
                     Ok(BeginOutcome::Started) => {
                         self.mode = Mode::Direct {
                             client: Box::new(c),
@@ -770,13 +811,19 @@ impl DeltaSink for DataPlaneSink {
             Mode::Skip => return Ok(()),
             Mode::Spool { w } => return w.record(lba, nblocks, data),
             Mode::Direct { client } => match data {
-                Some(d) => client.put_extent(lba, nblocks as u32, d),
-                None => client.put_zero_extent(lba, nblocks),
+                Some(d) => self
+                    .shared
+                    .cfg
+                    .codec
+                    .put_extent(client, lba, d, &mut self.seal_buf),
+                None => client
+                    .put_zero_extent(lba, nblocks)
+                    .map_err(RemoteError::from),
             },
         };
         r.map_err(|e| {
             self.mode = Mode::Idle;
-            self.fail_direct(client_err(e))
+            self.fail_direct(remote_err(e))
         })
     }
 
@@ -819,9 +866,11 @@ impl DeltaSink for DataPlaneSink {
 
     fn base_parent(&mut self) -> Option<u64> {
         let mut st = self.shared.lock();
-        st.base_parent
-            .take()
-            .filter(|p| *p > 0 && *p == st.head && st.outbox.is_empty())
+        let p = st.base_parent.take();
+        // Sealed: the data plane's checksums are of ciphertext, never equal to the backing
+        // file's; the base goes whole (see the module doc).
+        p.filter(|p| *p > 0 && *p == st.head && st.outbox.is_empty())
+            .filter(|_| !self.shared.cfg.codec.is_encrypted())
     }
 
     fn parent_checksums(&mut self, snap: u64, lba: u64, n: u64) -> Result<Vec<u32>> {
@@ -1169,7 +1218,8 @@ fn ship_to_branch(sh: &Shared, path: &Path) -> Result<String> {
     if !c.info().exists {
         let rd = OutboxReader::open(path, &sh.volume_id)?;
         if rd.parent == 0 || rd.full {
-            c.create_volume(sh.size_bytes, BLOCK_SIZE as u32)
+            let codec = &sh.cfg.codec;
+            c.create_volume(codec.dp_size_bytes(sh.size_bytes), codec.dp_block_size())
                 .map_err(client_err)?;
         } else {
             c.clone_volume(&sh.volume, rd.parent).map_err(client_err)?;
@@ -1201,7 +1251,9 @@ fn ship_entry_as(
         // A full snapshot is self-contained: chain it onto the data plane's head.
         parent = info.latest_snap_id;
     }
-    match c.begin_snapshot_cut_at(rd.snap, parent, rd.volume_size, rd.cut_unix_ms) {
+    let codec = &sh.cfg.codec;
+    let dp_size = codec.dp_size_bytes(rd.volume_size);
+    match c.begin_snapshot_cut_at(rd.snap, parent, dp_size, rd.cut_unix_ms) {
         Ok(BeginOutcome::AlreadyCommitted(i)) => return Ok(i),
         Ok(BeginOutcome::Started) => {}
         Err(e) if e.server_code() == Some(ErrorCode::BadParent) => {
@@ -1216,13 +1268,15 @@ fn ship_entry_as(
         Err(e) => return Err(client_err(e)),
     }
     let mut buf = Vec::new();
+    let mut sealed = Vec::new();
     while let Some((lba, n, data)) = rd.next(&mut buf)? {
-        let r = if data {
-            c.put_extent(lba, n as u32, &buf)
+        if data {
+            codec
+                .put_extent(c, lba, &buf, &mut sealed)
+                .map_err(remote_err)?;
         } else {
-            c.put_zero_extent(lba, n)
-        };
-        r.map_err(client_err)?;
+            c.put_zero_extent(lba, n).map_err(client_err)?;
+        }
     }
     c.commit().map_err(client_err)
 }

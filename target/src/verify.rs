@@ -15,6 +15,12 @@
 //!    with the one the data plane computes for snapshot N (`ReadChecksums`: 4 bytes a block
 //!    cross the network, not the data), and reports differing blocks as LBA ranges.
 //!
+//! An encrypted volume ([`crate::crypt`]) is compared on its data instead: the data plane's
+//! checksums are of ciphertext, which says nothing about the plaintext, so verify reads the
+//! snapshot's blocks, opens them, and compares them with the backing file's byte for byte
+//! (the whole volume crosses the network). A block that does not open (tampered or damaged
+//! on the data plane) differs, and is counted in `blocks_refused`.
+//!
 //! A volume still hydrating is refused (its backing file is not complete yet).
 
 use crate::cache::meta::{BLOCK_SHIFT, BLOCK_SIZE};
@@ -45,6 +51,14 @@ pub struct VerifyReport {
     /// More ranges differ than are listed.
     pub truncated: bool,
     pub duration_ms: u64,
+    /// How blocks were compared: `checksums` (crc32c, only checksums crossed the network) or
+    /// `decrypted data` (an encrypted volume: each block read, opened and compared).
+    #[serde(default)]
+    pub compared_by: String,
+    /// Of the differing blocks, those whose envelope on the data plane did not open
+    /// (tampered, damaged, or another key's).
+    #[serde(default)]
+    pub blocks_refused: u64,
 }
 
 impl VerifyReport {
@@ -95,6 +109,7 @@ pub fn verify(vol: &Volume, commit_timeout: Duration) -> Result<VerifyReport> {
     }
     let mut client = ship.connect()?;
     let mut local = vec![0u8; (VERIFY_EXTENT_BLOCKS * BLOCK_SIZE) as usize];
+    let codec = ship.codec().clone();
     let mut rep = VerifyReport {
         snapshot: snap,
         blocks_compared: 0,
@@ -102,24 +117,66 @@ pub fn verify(vol: &Volume, commit_timeout: Duration) -> Result<VerifyReport> {
         ranges: Vec::new(),
         truncated: false,
         duration_ms: 0,
+        compared_by: if codec.is_encrypted() {
+            "decrypted data"
+        } else {
+            "checksums"
+        }
+        .into(),
+        blocks_refused: 0,
     };
+    // An encrypted volume: the snapshot's blocks, opened (see the module doc).
+    let mut remote_data = if codec.is_encrypted() {
+        vec![0u8; local.len()]
+    } else {
+        Vec::new()
+    };
+    let mut scratch = Vec::new();
     let mut lba = 0u64;
     while lba < c.nblocks {
         let n = (c.nblocks - lba).min(VERIFY_EXTENT_BLOCKS);
         let len = (n << BLOCK_SHIFT) as usize;
         crate::hydrate::read_backing(c, lba, &mut local[..len])?;
-        let remote = client.read_checksums(snap, lba, n).map_err(|e| {
+        let dp = |e: deltavol_dataplane::ClientError| {
             Error::new(
                 ErrorKind::Io,
-                format!("data plane checksums of blocks {lba}+{n} of snapshot {snap}: {e}"),
+                format!("data plane read of blocks {lba}+{n} of snapshot {snap}: {e}"),
             )
-        })?;
-        for (i, theirs) in (0..n).zip(remote) {
+        };
+        let (remote, refused) = if codec.is_encrypted() {
+            let refused = codec
+                .read_blocks(
+                    &mut client,
+                    snap,
+                    lba,
+                    &mut remote_data[..len],
+                    &mut scratch,
+                )
+                .map_err(dp)?;
+            let refused: Vec<u64> = refused.iter().filter_map(|e| e.lba()).collect();
+            if let Some(b) = refused.first() {
+                tracing::error!(volume = %c.name, snapshot = snap, block = b, blocks = refused.len(), "verify: blocks of the snapshot do not open (tampered or damaged on the data plane)");
+            }
+            (None, refused)
+        } else {
+            (
+                Some(client.read_checksums(snap, lba, n).map_err(dp)?),
+                Vec::new(),
+            )
+        };
+        for i in 0..n {
             let r = ((i << BLOCK_SHIFT) as usize)..(((i + 1) << BLOCK_SHIFT) as usize);
-            if crc32c::crc32c(&local[r]) == theirs {
+            let same = match &remote {
+                Some(crcs) => crcs.get(i as usize) == Some(&crc32c::crc32c(&local[r.clone()])),
+                None => !refused.contains(&(lba + i)) && local[r.clone()] == remote_data[r],
+            };
+            if same {
                 continue;
             }
             rep.blocks_differing += 1;
+            if refused.contains(&(lba + i)) {
+                rep.blocks_refused += 1;
+            }
             let b = lba + i;
             let full = rep.ranges.len() >= DIFF_RANGES_MAX;
             match rep.ranges.last_mut() {

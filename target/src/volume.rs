@@ -38,6 +38,8 @@ pub struct Volume {
     pub hydrator: Option<Hydrator>,
     /// How the volume was resumed after its SSD cache was lost ([`crate::resume`]), if it was.
     pub resumed: Option<String>,
+    /// The key id of an encrypted volume (client-side encryption, [`crate::crypt`]).
+    pub key_id: Option<crate::crypt::KeyId>,
 }
 
 /// A point-in-time view of a volume for `deltavol status`.
@@ -88,6 +90,7 @@ impl Volume {
         if cfg.flush_interval.is_zero() {
             return Err(Error::invalid("flush interval must be at least 1 ms"));
         }
+        let key_id = check_encryption(cfg)?;
         // A lost SSD cache over a kept backing: resume the volume under its own identity.
         let resumed = crate::resume::plan(cfg)?;
         // A recover or clone onto a backing that already holds data (the same volume's, kept):
@@ -186,6 +189,7 @@ impl Volume {
             ship,
             hydrator,
             resumed,
+            key_id,
         })
     }
 
@@ -287,5 +291,38 @@ impl Volume {
             hydration: self.hydrator.as_ref().map(|h| h.status()),
             resumed: self.resumed.clone(),
         }
+    }
+}
+
+/// Client-side encryption is chosen when a volume is created: records the key id of a volume
+/// about to be created in its cache dir (before anything else of it exists there), and
+/// refuses to attach an existing volume without its key, with another key, or with a key
+/// when it was created without one. Returns the key id in use.
+fn check_encryption(cfg: &VolumeConfig) -> Result<Option<crate::crypt::KeyId>> {
+    use crate::crypt::key_id_hex;
+    let dir = &cfg.cache.cache_dir;
+    let name = &cfg.cache.name;
+    let given = cfg.ship.as_ref().and_then(|s| s.codec.key_id());
+    if !crate::cache::holds_volume(dir) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create cache dir", dir, e))?;
+        meta::write_key_record(dir, given.as_ref())?;
+        return Ok(given);
+    }
+    let recorded = meta::read_key_record(dir)?;
+    match (recorded, given) {
+        (Some(r), None) => Err(Error::mismatch(format!(
+            "volume {name:?} is encrypted (key id {}, recorded in {}): give --dataplane, --auth-token-file and --encryption-key-file with its key",
+            key_id_hex(&r),
+            dir.join(meta::KEY_RECORD_FILE).display()
+        ))),
+        (Some(r), Some(g)) if r != g => Err(Error::mismatch(format!(
+            "volume {name:?} is encrypted with key id {}, but the key given (--encryption-key-file) has key id {}: give the key it was created with",
+            key_id_hex(&r),
+            key_id_hex(&g)
+        ))),
+        (None, Some(_)) => Err(Error::mismatch(format!(
+            "volume {name:?} was created without encryption: leave out --encryption-key-file (encryption is chosen when a volume is created; to encrypt its data, copy it into a new volume created with the key)"
+        ))),
+        _ => Ok(given),
     }
 }

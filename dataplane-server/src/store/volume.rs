@@ -404,9 +404,17 @@ pub(super) fn stale_generation(volume: &str, current: u64, writer: u64) -> Store
     )
 }
 
+/// Checks a new volume's geometry. Its block size is a power of two in
+/// `BLOCK_SIZE_MIN_BYTES..=BLOCK_SIZE_MAX_BYTES`, or such a power of two plus
+/// `ENVELOPE_BYTES` (64): a volume encrypted on its compute node stores each block as an
+/// envelope (header + ciphertext, `deltavol::crypt::ENVELOPE_BYTES`), which this server keeps
+/// like any other block without being able to read it.
 fn check_geometry(size_bytes: u64, block_size: u32) -> Result<(), StoreError> {
-    let ok = block_size.is_power_of_two()
-        && (BLOCK_SIZE_MIN_BYTES..=BLOCK_SIZE_MAX_BYTES).contains(&block_size)
+    /// Bytes a client-side encryption envelope adds to a block (`deltavol::crypt`).
+    const ENVELOPE_BYTES: u32 = 64;
+    let pow2 =
+        |b: u32| b.is_power_of_two() && (BLOCK_SIZE_MIN_BYTES..=BLOCK_SIZE_MAX_BYTES).contains(&b);
+    let ok = (pow2(block_size) || block_size.checked_sub(ENVELOPE_BYTES).is_some_and(pow2))
         && size_bytes > 0
         && size_bytes <= VOLUME_SIZE_MAX_BYTES
         && size_bytes % u64::from(block_size) == 0;
@@ -416,8 +424,9 @@ fn check_geometry(size_bytes: u64, block_size: u32) -> Result<(), StoreError> {
         Err(StoreError::new(
             StoreErrorKind::Invalid,
             format!(
-                "invalid geometry: size {size_bytes} bytes, block size {block_size} (power of two in \
-                 {BLOCK_SIZE_MIN_BYTES}..={BLOCK_SIZE_MAX_BYTES}, size a multiple of it, at most {VOLUME_SIZE_MAX_BYTES})"
+                "invalid geometry: size {size_bytes} bytes, block size {block_size} (a power of two in \
+                 {BLOCK_SIZE_MIN_BYTES}..={BLOCK_SIZE_MAX_BYTES}, or one plus {ENVELOPE_BYTES} for an encrypted \
+                 volume's envelopes; size a positive multiple of it, at most {VOLUME_SIZE_MAX_BYTES})"
             ),
         ))
     }

@@ -26,6 +26,14 @@
 //! epoch number that must be persisted (see `cache::Cache::open` for how the live epochs are
 //! derived from it and from the map pages).
 //!
+//! ## Encryption record (`encryption`)
+//! Present only in the cache dir of a volume encrypted on the data plane (client-side,
+//! `crate::crypt`): `magic[8] "DVOLCRYP" | version u32 | cipher u32 (1: XChaCha20-Poly1305
+//! envelopes) | key_id [8] | reserved [40] | crc32c u32` (64 bytes). Written when the volume
+//! is created, before its superblock (temp file, fsync, rename, fsync dir), so a volume never
+//! exists here without it; from then on every attach must give the key with this id, and a
+//! volume without the record (unencrypted) refuses a key. The key itself is never here.
+//!
 //! ## Epoch maps (`map.0`, `map.1`)
 //! One file per mirror slot. Page `i` of slot `s` covers blocks `[i * PAGE_BITS, (i+1) *
 //! PAGE_BITS)` and has two copies (at `2i * 4096` and `(2i+1) * 4096`). A page carries the
@@ -55,6 +63,80 @@ pub const PAGE_BITS: u64 = ((MAP_PAGE_BYTES - MAP_HDR_BYTES) * 8) as u64;
 const PAGE_WORDS: usize = (MAP_PAGE_BYTES - MAP_HDR_BYTES) / 8;
 
 pub type VolumeId = [u8; 16];
+
+/// The encryption record's file in the cache dir (see the module doc).
+pub const KEY_RECORD_FILE: &str = "encryption";
+const KEY_RECORD_MAGIC: &[u8; 8] = b"DVOLCRYP";
+const KEY_RECORD_VERSION: u32 = 1;
+/// Cipher 1: 4096-byte blocks sealed in 64-byte XChaCha20-Poly1305 envelopes.
+const KEY_RECORD_CIPHER_XCHACHA: u32 = 1;
+const KEY_RECORD_BYTES: usize = 64;
+
+/// The key id an encrypted volume's cache dir records; `None` for an unencrypted volume (no
+/// record). A record that fails its checks is refused, never taken for "unencrypted".
+pub fn read_key_record(cache_dir: &Path) -> Result<Option<[u8; 8]>> {
+    let path = cache_dir.join(KEY_RECORD_FILE);
+    let b = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("read", &path, e)),
+    };
+    let bad = |why: &str| {
+        Error::corrupt(format!(
+            "{} (the record that this volume is encrypted, and under which key id) {why}: restore it from a copy of the cache dir, or recover the volume onto a new --cache-dir with its key",
+            path.display()
+        ))
+    };
+    if b.len() != KEY_RECORD_BYTES || &b[0..8] != KEY_RECORD_MAGIC {
+        return Err(bad("is not an encryption record"));
+    }
+    let le32 = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+    if le32(KEY_RECORD_BYTES - 4) != crc32c::crc32c(&b[..KEY_RECORD_BYTES - 4]) {
+        return Err(bad("fails its checksum"));
+    }
+    if le32(8) != KEY_RECORD_VERSION || le32(12) != KEY_RECORD_CIPHER_XCHACHA {
+        return Err(Error::corrupt(format!(
+            "{}: version {} / cipher {} unknown to this deltavol (knows version {KEY_RECORD_VERSION}, cipher {KEY_RECORD_CIPHER_XCHACHA}): written by a newer deltavol; use that release",
+            path.display(),
+            le32(8),
+            le32(12)
+        )));
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&b[16..24]);
+    Ok(Some(id))
+}
+
+/// Records (`Some`) or removes (`None`) the key id of the volume about to be created in
+/// `cache_dir`, durably.
+pub fn write_key_record(cache_dir: &Path, key_id: Option<&[u8; 8]>) -> Result<()> {
+    let path = cache_dir.join(KEY_RECORD_FILE);
+    let sync_dir = || {
+        File::open(cache_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("fsync", cache_dir, e))
+    };
+    let Some(id) = key_id else {
+        return match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &path, e)),
+        };
+    };
+    let mut b = [0u8; KEY_RECORD_BYTES];
+    b[0..8].copy_from_slice(KEY_RECORD_MAGIC);
+    b[8..12].copy_from_slice(&KEY_RECORD_VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&KEY_RECORD_CIPHER_XCHACHA.to_le_bytes());
+    b[16..24].copy_from_slice(id);
+    let crc = crc32c::crc32c(&b[..KEY_RECORD_BYTES - 4]);
+    b[KEY_RECORD_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+    let tmp = cache_dir.join(format!("{KEY_RECORD_FILE}.tmp"));
+    std::fs::write(&tmp, b)
+        .and_then(|_| File::open(&tmp)?.sync_all())
+        .map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &tmp, e))?;
+    sync_dir()
+}
 
 /// The durable identity and progress of a volume's cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +460,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("truncated"));
+    }
+
+    #[test]
+    fn key_record_roundtrip_and_damage_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_key_record(dir.path()).unwrap(), None);
+        write_key_record(dir.path(), Some(&[1, 2, 3, 4, 5, 6, 7, 8])).unwrap();
+        assert_eq!(
+            read_key_record(dir.path()).unwrap(),
+            Some([1, 2, 3, 4, 5, 6, 7, 8])
+        );
+        let p = dir.path().join(KEY_RECORD_FILE);
+        let mut b = std::fs::read(&p).unwrap();
+        b[17] ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        let e = read_key_record(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
+        write_key_record(dir.path(), None).unwrap();
+        assert_eq!(read_key_record(dir.path()).unwrap(), None);
+        write_key_record(dir.path(), None).unwrap();
     }
 
     #[test]

@@ -103,6 +103,7 @@ pub fn ship_cfg(dir: &Path, addr: &str) -> ShipConfig {
         outbox_dir: dir.join("outbox"),
         connect_timeout: Duration::from_millis(500),
         io_timeout: Duration::from_secs(5),
+        codec: Default::default(),
     }
 }
 

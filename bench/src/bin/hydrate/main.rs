@@ -16,6 +16,11 @@
 //!    * `copy`: [`copy`], the source's backing file streamed over 127.0.0.1 in extent-sized
 //!      chunks into a file, fsynced.
 //!
+//! With `--encrypt`, a second source holds the same data encrypted client-side
+//! (`deltavol::crypt`: sealed as it is shipped, opened as it is fetched), and every latency
+//! phase and hydration run is made on both, interleaved (`held-back-enc`, `hydrate-enc`, ...):
+//! the cost of encryption is `hydrate-enc` over `hydrate`, measured in the same run.
+//!
 //! Before each timed run the page cache is synced and, unless `--warm`, the source side's
 //! files (the data plane's data directory, the source backing file) are dropped from it, so
 //! both hydration and copy read their source from disk. Every read is compared with the
@@ -54,7 +59,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use data::{Data, BLOCK_BYTES};
 use report::{LatencyRun, Machine, Params, Report, Run};
 use server::ServerProcess;
-use volume::{Plane, EXTENT_BYTES};
+use volume::{Plane, Variant, EXTENT_BYTES};
 
 /// How long a hydration may take before the bench gives up on it.
 const HYDRATE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -110,6 +115,10 @@ struct Args {
     /// CI smoke test: tiny sizes, one repeat; still fails on any error.
     #[arg(long)]
     quick: bool,
+    /// Also measure a source encrypted client-side (same data), interleaved with the plain
+    /// one, and report encrypted / plain.
+    #[arg(long)]
+    encrypt: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -122,7 +131,8 @@ struct Bench {
     nblocks: u64,
     data: Data,
     plane: Plane,
-    snap: u64,
+    /// The sources to recover from (the plain one first) and their snapshots.
+    sources: Vec<(Variant, u64)>,
     base: PathBuf,
     /// Files whose page cache is dropped before each timed run (the source side).
     source_files: Vec<PathBuf>,
@@ -212,26 +222,41 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.dp_threads,
         base.path().display()
     );
-    let src_dir = base.path().join("source");
-    let source = volume::make_source(&src_dir, size, &plane, &data)
-        .with_context(|| server.failure("making the source volume failed"))?;
-    server.check_alive()?;
-    eprintln!(
-        "source: {} blocks written in {:.2} s, cut_and_flush {:.2} s, committed on the data plane {:.2} s later: snapshot {}",
-        source.blocks_written, source.fill_s, source.cut_and_flush_s, source.ship_commit_s, source.snapshot
-    );
-    let source_backing = src_dir.join("backing.img");
+    let mut variants = vec![Variant::plain()];
+    if args.encrypt {
+        variants.push(Variant::encrypted());
+    }
+    let mut made = Vec::new();
+    for v in &variants {
+        let src_dir = base.path().join(format!("source{}", v.suffix()));
+        let source = volume::make_source(&src_dir, size, &plane, v, &data)
+            .with_context(|| server.failure("making the source volume failed"))?;
+        server.check_alive()?;
+        eprintln!(
+            "source{}: {} blocks written in {:.2} s, cut_and_flush {:.2} s, committed on the data plane {:.2} s later: snapshot {}",
+            v.suffix(), source.blocks_written, source.fill_s, source.cut_and_flush_s, source.ship_commit_s, source.snapshot
+        );
+        made.push((src_dir.join("backing.img"), source));
+    }
+    let source_backing = made[0].0.clone();
     let bench = Bench {
         size,
         nblocks: size / BLOCK_BYTES as u64,
         data,
         plane,
-        snap: source.snapshot,
+        sources: variants
+            .iter()
+            .cloned()
+            .zip(made.iter().map(|m| m.1.snapshot))
+            .collect(),
         base: base.path().to_path_buf(),
-        source_files: vec![source_backing.clone()],
+        source_files: made.iter().map(|m| m.0.clone()).collect(),
         data_dir,
         cold: !args.warm,
     };
+    let mut made = made.into_iter().map(|m| m.1);
+    let source = made.next().context("the plain source")?;
+    let source_encrypted = made.next();
     // The source's backing file is what the copy streams: it must be the snapshot's bytes.
     let n = compare_file(&source_backing, &data, size).context("checking the source")?;
     eprintln!("source: backing file checked ({n} blocks)");
@@ -239,12 +264,23 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0x0068_7964_7261_7465);
     let mut latency_runs = Vec::with_capacity(repeats);
     let mut runs = Vec::with_capacity(2 * repeats);
+    let mut modes = Vec::new();
+    for (v, _) in &bench.sources {
+        for (mode, _) in LATENCY_MODES {
+            modes.push(format!("{mode}{}", v.suffix()));
+        }
+    }
     for repeat in 0..repeats {
-        for (mode, rate) in LATENCY_MODES {
-            let l =
-                latency_phase(&bench, mode, rate, repeat, reads, &mut rng).with_context(|| {
-                    server.failure(&format!("latency phase {mode}, run {}", repeat + 1))
-                })?;
+        for (si, (mode, rate)) in bench
+            .sources
+            .iter()
+            .enumerate()
+            .flat_map(|(si, _)| LATENCY_MODES.map(|m| (si, m)))
+        {
+            let mode = format!("{mode}{}", bench.sources[si].0.suffix());
+            let l = latency_phase(&bench, si, &mode, rate, repeat, reads, &mut rng).with_context(
+                || server.failure(&format!("latency phase {mode}, run {}", repeat + 1)),
+            )?;
             eprintln!(
                 "[{}/{repeats}] latency {mode}: open {:.1} ms, first read {:.0} µs; {} reads: median {:.0} µs, p99 {:.0} µs, max {:.0} µs ({} fetched on demand, {:.1} MiB local at the end)",
                 repeat + 1,
@@ -261,21 +297,24 @@ fn run(args: Args) -> anyhow::Result<()> {
             server.check_alive()?;
         }
 
-        let h = hydrate_run(&bench, &server, repeat, &mut rng)
-            .with_context(|| server.failure(&format!("hydration, run {}", repeat + 1)))?;
-        eprintln!(
-            "[{}/{repeats}] hydrate: {:.1} MiB in {:.3} s = {:.1} MB/s (open {:.1} ms, server CPU {}), {} blocks verified",
-            repeat + 1,
-            h.bytes as f64 / f64::from(1 << 20),
-            h.wall_s,
-            h.mb_s,
-            h.open_ms.unwrap_or(f64::NAN),
-            h.server_cpu_s
-                .map_or("?".into(), |c| format!("{c:.2} s")),
-            h.verified_blocks
-        );
-        runs.push(h);
-        server.check_alive()?;
+        for si in 0..bench.sources.len() {
+            let h = hydrate_run(&bench, si, &server, repeat, &mut rng)
+                .with_context(|| server.failure(&format!("hydration, run {}", repeat + 1)))?;
+            eprintln!(
+                "[{}/{repeats}] {}: {:.1} MiB in {:.3} s = {:.1} MB/s (open {:.1} ms, server CPU {}), {} blocks verified",
+                repeat + 1,
+                h.config,
+                h.bytes as f64 / f64::from(1 << 20),
+                h.wall_s,
+                h.mb_s,
+                h.open_ms.unwrap_or(f64::NAN),
+                h.server_cpu_s
+                    .map_or("?".into(), |c| format!("{c:.2} s")),
+                h.verified_blocks
+            );
+            runs.push(h);
+            server.check_alive()?;
+        }
 
         let c = copy_run(&bench, &source_backing, repeat)
             .with_context(|| format!("copy, run {}", repeat + 1))?;
@@ -291,8 +330,19 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     server.check_alive()?;
 
-    let summaries = report::summarise(&["hydrate", "copy"], &runs);
+    let configs: Vec<String> = bench
+        .sources
+        .iter()
+        .map(|(v, _)| format!("hydrate{}", v.suffix()))
+        .chain(["copy".to_string()])
+        .collect();
+    let configs: Vec<&str> = configs.iter().map(String::as_str).collect();
+    let summaries = report::summarise(&configs, &runs);
     let ratio = summaries[0].ratio_vs_copy;
+    let ratio_encrypted_vs_plain = summaries
+        .iter()
+        .find(|s| s.config == "hydrate-enc")
+        .map(|s| s.mb_s_median / summaries[0].mb_s_median);
     let report = Report {
         bench: "hydrate",
         command: std::env::args().collect(),
@@ -309,9 +359,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
         quick: args.quick,
         source,
-        latency: report::summarise_latency(&LATENCY_MODES.map(|m| m.0), &latency_runs),
+        source_encrypted,
+        latency: report::summarise_latency(
+            &modes.iter().map(String::as_str).collect::<Vec<_>>(),
+            &latency_runs,
+        ),
         summaries,
         ratio_hydrate_vs_copy: ratio,
+        ratio_encrypted_vs_plain,
         latency_runs,
         runs,
     };
@@ -372,23 +427,30 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens a volume recovered from the source snapshot in `dir`; returns it and the open's
-/// wall time.
-fn open_recovered(b: &Bench, dir: &Path, rate: u64) -> anyhow::Result<(Volume, Duration)> {
-    let cfg = volume::recovered_config(dir, b.size, &b.plane, b.snap, rate)?;
+/// Opens a volume recovered from the snapshot of source `si` in `dir`; returns it and the
+/// open's wall time.
+fn open_recovered(
+    b: &Bench,
+    si: usize,
+    dir: &Path,
+    rate: u64,
+) -> anyhow::Result<(Volume, Duration)> {
+    let (v, snap) = &b.sources[si];
+    let cfg = volume::recovered_config(dir, b.size, &b.plane, v, *snap, rate)?;
     let t0 = Instant::now();
     let vol = Volume::open(&cfg).context("opening a recovered volume")?;
     let open = t0.elapsed();
     ensure!(
         vol.cache.hydrating().is_some(),
-        "a volume recovered from snapshot {} is not hydrating",
-        b.snap
+        "a volume recovered from snapshot {snap} of {} is not hydrating",
+        v.name
     );
     Ok((vol, open))
 }
 
 fn latency_phase(
     b: &Bench,
+    si: usize,
     mode: &str,
     rate: u64,
     repeat: usize,
@@ -405,7 +467,7 @@ fn latency_phase(
     if order.is_empty() {
         order.push(0);
     }
-    let (vol, open) = open_recovered(b, &dir, rate)?;
+    let (vol, open) = open_recovered(b, si, &dir, rate)?;
     let ring = vol.host_ring(0).context("a host ring")?;
     let mut buf = vec![0u8; BLOCK_BYTES];
     let mut scratch = vec![0u8; BLOCK_BYTES];
@@ -458,15 +520,17 @@ fn latency_phase(
 
 fn hydrate_run(
     b: &Bench,
+    si: usize,
     server: &ServerProcess,
     repeat: usize,
     rng: &mut StdRng,
 ) -> anyhow::Result<Run> {
-    let dir = b.run_dir(&format!("hydrate-{repeat}"))?;
+    let config = format!("hydrate{}", b.sources[si].0.suffix());
+    let dir = b.run_dir(&format!("{config}-{repeat}"))?;
     b.settle()?;
     let cpu0 = server.cpu_seconds();
     let t0 = Instant::now();
-    let (vol, open) = open_recovered(b, &dir, 0)?;
+    let (vol, open) = open_recovered(b, si, &dir, 0)?;
     while vol.cache.hydrating().is_some() {
         if t0.elapsed() > HYDRATE_TIMEOUT {
             bail!(
@@ -505,7 +569,7 @@ fn hydrate_run(
     std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
     let wall_s = wall.as_secs_f64();
     Ok(Run {
-        config: "hydrate".into(),
+        config,
         repeat,
         bytes: b.size,
         wall_s,

@@ -100,10 +100,14 @@ pub struct Report {
     pub params: Params,
     pub quick: bool,
     pub source: crate::volume::Source,
+    /// `--encrypt`: the encrypted source (same data, sealed client-side).
+    pub source_encrypted: Option<crate::volume::Source>,
     pub latency: Vec<LatencySummary>,
     pub summaries: Vec<Summary>,
     /// Hydration over the copy (medians).
     pub ratio_hydrate_vs_copy: f64,
+    /// `--encrypt`: hydration of the encrypted source over the plain one (medians).
+    pub ratio_encrypted_vs_plain: Option<f64>,
     pub latency_runs: Vec<LatencyRun>,
     pub runs: Vec<Run>,
 }
@@ -184,6 +188,9 @@ pub fn table(r: &Report) -> String {
             "| {} | {:.1} | {:.1} – {:.1} | {} | {:.2}× |\n",
             s.config, s.mb_s_median, s.mb_s_min, s.mb_s_max, s.runs, s.ratio_vs_copy
         ));
+    }
+    if let Some(x) = r.ratio_encrypted_vs_plain {
+        t.push_str(&format!("\nhydration, encrypted / plain: {x:.2}×\n"));
     }
     t.push_str(&format!(
         "\nhydration / copy: {:.2}×\n\n\

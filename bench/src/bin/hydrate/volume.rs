@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use deltavol::cache::io::{UBLK_IO_OP_READ, UBLK_IO_OP_WRITE};
 use deltavol::cache::{CacheConfig, CreateAs};
+use deltavol::crypt::{BlockCodec, VolumeKey};
 use deltavol::hydrate::HYDRATE_EXTENT_BLOCKS;
 use deltavol::ring::HostRing;
 use deltavol::ship::ShipConfig;
@@ -16,6 +17,43 @@ use crate::data::{Data, BLOCK_BYTES};
 
 /// The volume name on the data plane (the source and every recovered copy).
 pub const VOLUME_NAME: &str = "bench-hydrate";
+/// The encrypted source's name (`--encrypt`): the same data, sealed.
+pub const VOLUME_NAME_ENC: &str = "bench-hydrate-enc";
+
+/// Which source a volume is made from or recovers: the plain one, or the encrypted one
+/// (client-side encryption, `deltavol::crypt`), with its codec.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: &'static str,
+    pub codec: BlockCodec,
+}
+
+impl Variant {
+    pub fn plain() -> Variant {
+        Variant {
+            name: VOLUME_NAME,
+            codec: BlockCodec::plain(),
+        }
+    }
+
+    /// The encrypted source, under a fixed key (the bench measures sealing and opening, not
+    /// key handling).
+    pub fn encrypted() -> Variant {
+        Variant {
+            name: VOLUME_NAME_ENC,
+            codec: BlockCodec::sealed(VolumeKey::from_bytes(&[0x5e; 32])),
+        }
+    }
+
+    /// The suffix of the configurations measured on it: `""` or `"-enc"`.
+    pub fn suffix(&self) -> &'static str {
+        if self.codec.is_encrypted() {
+            "-enc"
+        } else {
+            ""
+        }
+    }
+}
 /// Bytes of one fetch and one background-hydration step (the hydrator's extent).
 pub const EXTENT_BYTES: usize = HYDRATE_EXTENT_BLOCKS as usize * BLOCK_BYTES;
 /// Sectors per block.
@@ -32,7 +70,7 @@ pub struct Plane {
 }
 
 impl Plane {
-    fn ship(&self, dir: &Path) -> ShipConfig {
+    fn ship(&self, dir: &Path, v: &Variant) -> ShipConfig {
         ShipConfig {
             retention: None,
             addrs: deltavol::ship::DataPlaneAddrs::one(self.addr.clone()),
@@ -40,16 +78,17 @@ impl Plane {
             outbox_dir: dir.join("outbox"),
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(60),
+            codec: v.codec.clone(),
         }
     }
 
-    /// The id of the bench volume on the data plane (a recovered copy keeps it).
-    fn volume_id(&self) -> anyhow::Result<[u8; 16]> {
+    /// The id of a bench volume on the data plane (a recovered copy keeps it).
+    fn volume_id(&self, name: &str) -> anyhow::Result<[u8; 16]> {
         let t = deltavol_dataplane::Timeouts {
             connect: Duration::from_secs(5),
             io: Duration::from_secs(60),
         };
-        let c = deltavol_dataplane::Client::connect(&self.addr, &self.token, VOLUME_NAME, t)
+        let c = deltavol_dataplane::Client::connect(&self.addr, &self.token, name, t)
             .context("connect to the data plane")?;
         c.info()
             .volume_id
@@ -57,10 +96,10 @@ impl Plane {
     }
 }
 
-fn config(dir: &Path, size_bytes: u64, plane: &Plane) -> VolumeConfig {
+fn config(dir: &Path, size_bytes: u64, plane: &Plane, v: &Variant) -> VolumeConfig {
     VolumeConfig {
         cache: CacheConfig {
-            name: VOLUME_NAME.into(),
+            name: v.name.into(),
             size_bytes: Some(size_bytes),
             cache_dir: dir.join("cache"),
             backing: dir.join("backing.img"),
@@ -72,7 +111,7 @@ fn config(dir: &Path, size_bytes: u64, plane: &Plane) -> VolumeConfig {
             create_as: None,
         },
         flush_interval: FLUSH_INTERVAL,
-        ship: Some(plane.ship(dir)),
+        ship: Some(plane.ship(dir, v)),
         hydrate_rate_bytes_per_s: 0,
         fetch_timeout: Duration::from_secs(30),
     }
@@ -84,10 +123,11 @@ pub fn recovered_config(
     dir: &Path,
     size_bytes: u64,
     plane: &Plane,
+    v: &Variant,
     snap: u64,
     rate: u64,
 ) -> anyhow::Result<VolumeConfig> {
-    let mut cfg = config(dir, size_bytes, plane);
+    let mut cfg = config(dir, size_bytes, plane, v);
     cfg.hydrate_rate_bytes_per_s = rate;
     cfg.cache.create_as = Some(CreateAs {
         flushed_epoch: snap,
@@ -95,7 +135,7 @@ pub fn recovered_config(
         generation: 0,
         hydrate_snap: snap,
         hydrate: true,
-        volume_id: plane.volume_id()?,
+        volume_id: plane.volume_id(v.name)?,
     });
     Ok(cfg)
 }
@@ -144,9 +184,10 @@ pub fn make_source(
     dir: &Path,
     size_bytes: u64,
     plane: &Plane,
+    v: &Variant,
     data: &Data,
 ) -> anyhow::Result<Source> {
-    let cfg = config(dir, size_bytes, plane);
+    let cfg = config(dir, size_bytes, plane, v);
     let vol = Volume::open(&cfg).context("opening the source volume")?;
     let ring = vol.host_ring(0).context("a host ring")?;
     let nblocks = size_bytes / BLOCK_BYTES as u64;

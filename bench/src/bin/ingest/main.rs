@@ -6,7 +6,12 @@
 //! directory in `--dir` (default `/var/tmp`, a real disk: fsync must mean something):
 //! * `sink`: [`sink`], one fsync per snapshot;
 //! * `dp-Nt`: the real `deltavol-dataplane` binary with `--threads N` ([`server`]), the client
-//!   volumes named so that they spread over the shards.
+//!   volumes named so that they spread over the shards;
+//! * `dp-Nt-enc` (with `--encrypt`): the same, every extent sealed on the client as an
+//!   encrypted volume's ship path seals it (`deltavol::crypt`: 64-byte XChaCha20-Poly1305
+//!   envelopes per 4 KiB block, the volume stored with 4160-byte blocks), so the cost of
+//!   client-side encryption is `dp-Nt-enc` over `dp-Nt`, measured in the same run. Rates count
+//!   the volume's (plaintext) bytes; the wire and the disk carry 64/4096 more.
 //!
 //! Every run ships the same [`workload`] over the same number of connections and is checked
 //! afterwards (every byte acknowledged, one seeded extent per client read back and compared);
@@ -32,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
+use deltavol::crypt::{BlockCodec, VolumeKey};
 use deltavol::size::parse_size;
 use deltavol_dataplane::server::shard_of;
 use deltavol_dataplane::{Client, Timeouts};
@@ -88,6 +94,15 @@ struct Args {
     /// CI smoke test: tiny sizes, one repeat; still fails on any error.
     #[arg(long)]
     quick: bool,
+    /// Also measure every data-plane configuration with client-side encryption
+    /// (`dp-Nt-enc`, interleaved with the others) and report encrypted / plain.
+    #[arg(long)]
+    encrypt: bool,
+}
+
+/// The key of the `-enc` runs (a fixed one: the bench measures sealing, not key handling).
+fn bench_codec() -> BlockCodec {
+    BlockCodec::sealed(VolumeKey::from_bytes(&[0x5e; 32]))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -167,7 +182,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         .map(|c| ClientData::generate(&w, c))
         .collect();
     let mut configs = vec!["sink".to_string()];
-    configs.extend(args.threads.iter().map(|t| format!("dp-{t}t")));
+    for t in &args.threads {
+        configs.push(format!("dp-{t}t"));
+        if args.encrypt {
+            configs.push(format!("dp-{t}t-enc"));
+        }
+    }
     eprintln!(
         "ingest: {} clients x {} snapshots x {} extents of {} KiB = {:.1} MiB per run; {} runs each of {}; temp dir {}",
         w.clients,
@@ -193,8 +213,18 @@ fn run(args: Args) -> anyhow::Result<()> {
                     .with_context(|| format!("{config}, run {}", repeat + 1))?;
                 (t, None)
             } else {
-                let threads = args.threads[ci - 1];
-                run_dataplane(&w, &datas, &dir, threads, &server_bin, repeat)
+                let threads: usize = config
+                    .trim_start_matches("dp-")
+                    .trim_end_matches("-enc")
+                    .trim_end_matches('t')
+                    .parse()
+                    .context("thread count of a configuration")?;
+                let codec = if config.ends_with("-enc") {
+                    bench_codec()
+                } else {
+                    BlockCodec::plain()
+                };
+                run_dataplane(&w, &codec, &datas, &dir, threads, &server_bin, repeat)
                     .with_context(|| format!("{config}, run {}", repeat + 1))?
             };
             let wall_s = timing.wall.as_secs_f64();
@@ -232,6 +262,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     let ratio_2_threads_vs_1 = median_of("dp-2t")
         .zip(median_of("dp-1t"))
         .map(|(two, one)| two / one);
+    let encrypted_vs_plain = args
+        .threads
+        .iter()
+        .filter_map(|t| {
+            let enc = median_of(&format!("dp-{t}t-enc"))?;
+            let plain = median_of(&format!("dp-{t}t"))?;
+            Some(report::EncryptedRatio {
+                threads: *t,
+                ratio: enc / plain,
+            })
+        })
+        .collect();
     let report = Report {
         bench: "ingest",
         command: std::env::args().collect(),
@@ -242,6 +284,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         quick: args.quick,
         summaries,
         ratio_2_threads_vs_1,
+        encrypted_vs_plain,
         runs,
     };
     print!("{}", report::table(&report));
@@ -358,6 +401,7 @@ fn volume_name(c: usize, threads: usize) -> String {
 
 fn run_dataplane(
     w: &Workload,
+    codec: &BlockCodec,
     datas: &[ClientData],
     dir: &Path,
     threads: usize,
@@ -391,12 +435,17 @@ fn run_dataplane(
         let mut client = Client::connect(server.addr(), &token, &name, timeouts)
             .with_context(|| server.failure(&format!("client {c} could not connect")))?;
         client
-            .create_volume(w.volume_size_bytes(), BLOCK_SIZE_BYTES)
+            .create_volume(
+                codec.dp_size_bytes(w.volume_size_bytes()),
+                codec.dp_block_size(),
+            )
             .with_context(|| format!("creating volume {name}"))?;
         clients.push(client);
     }
     let cpu_before = server.cpu_seconds();
-    let timing = timed(w, datas, &mut clients, workload::ship_dataplane);
+    let timing = timed(w, datas, &mut clients, |w, data, client, start| {
+        workload::ship_dataplane(w, codec, data, client, start)
+    });
     let cpu = server
         .cpu_seconds()
         .zip(cpu_before)
@@ -417,8 +466,14 @@ fn run_dataplane(
         let s = (i / w.extents_per_snapshot as usize) as u32;
         let blocks = (w.extent_bytes / BLOCK_SIZE_BYTES as usize) as u64;
         let mut buf = vec![0u8; w.extent_bytes];
-        client
-            .read_extents(workload::snap_id(s), i as u64 * blocks, blocks, &mut buf)
+        codec
+            .read_exact(
+                client,
+                workload::snap_id(s),
+                i as u64 * blocks,
+                &mut buf,
+                &mut Vec::new(),
+            )
             .with_context(|| format!("client {c}: reading back extent {i}"))?;
         if buf != data.extent(i) {
             bail!("data plane: extent {i} of client {c} reads back different from what was sent");

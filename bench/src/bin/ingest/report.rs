@@ -47,7 +47,16 @@ pub struct Report {
     pub summaries: Vec<Summary>,
     /// The data plane with two threads over one thread (medians), when both ran.
     pub ratio_2_threads_vs_1: Option<f64>,
+    /// `--encrypt`: per thread count, the encrypted configuration over the plain one (medians).
+    pub encrypted_vs_plain: Vec<EncryptedRatio>,
     pub runs: Vec<Run>,
+}
+
+/// Client-side encryption's cost at one thread count: `dp-Nt-enc` over `dp-Nt`.
+#[derive(Debug, Serialize)]
+pub struct EncryptedRatio {
+    pub threads: usize,
+    pub ratio: f64,
 }
 
 /// Summaries of `configs` (the first is the baseline), in that order.
@@ -90,6 +99,12 @@ pub fn table(r: &Report) -> String {
     }
     if let Some(x) = r.ratio_2_threads_vs_1 {
         t.push_str(&format!("\ndata plane, 2 threads / 1 thread: {x:.2}×\n"));
+    }
+    for e in &r.encrypted_vs_plain {
+        t.push_str(&format!(
+            "data plane, {} thread(s), encrypted / plain: {:.2}×\n",
+            e.threads, e.ratio
+        ));
     }
     t
 }

@@ -19,6 +19,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use deltavol::crypt::BlockCodec;
 use deltavol_dataplane::{BeginOutcome, Client};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -111,14 +112,18 @@ pub fn snap_id(s: u32) -> u64 {
 }
 
 /// Ships every snapshot of one client to the data plane; returns when its last commit is
-/// durable. `client` is connected, authenticated and its volume created.
+/// durable. `client` is connected, authenticated and its volume created (with `codec`'s
+/// geometry). Each extent goes through `codec`, as the volume's ship path sends it: as it is,
+/// or sealed (client-side encryption) right before `put_extent`.
 pub fn ship_dataplane(
     w: &Workload,
+    codec: &BlockCodec,
     data: &ClientData,
     client: &mut Client,
     start: &Barrier,
 ) -> anyhow::Result<Shipped> {
-    let volume_size = w.volume_size_bytes();
+    let volume_size = codec.dp_size_bytes(w.volume_size_bytes());
+    let mut sealed = Vec::new();
     start.wait();
     let mut commit_wait = Duration::ZERO;
     for s in 0..w.snapshots_per_client {
@@ -135,8 +140,8 @@ pub fn ship_dataplane(
         for k in 0..w.extents_per_snapshot {
             let i = s as usize * w.extents_per_snapshot as usize + k as usize;
             let lba = i as u64 * u64::from(w.extent_blocks());
-            client
-                .put_extent(lba, w.extent_blocks(), data.extent(i))
+            codec
+                .put_extent(client, lba, data.extent(i), &mut sealed)
                 .with_context(|| format!("put extent {i} of snapshot {id}"))?;
         }
         let t = Instant::now();
@@ -144,10 +149,10 @@ pub fn ship_dataplane(
             .commit()
             .with_context(|| format!("commit snapshot {id}"))?;
         commit_wait += t.elapsed();
+        let stored = codec.dp_size_bytes(w.snapshot_bytes());
         ensure!(
-            info.bytes == w.snapshot_bytes() && info.parent_id == id - 1,
-            "snapshot {id} committed as {info:?}, {} bytes on parent {} expected",
-            w.snapshot_bytes(),
+            info.bytes == stored && info.parent_id == id - 1,
+            "snapshot {id} committed as {info:?}, {stored} bytes on parent {} expected",
             id - 1
         );
     }
