@@ -320,9 +320,38 @@ fn check_encryption(cfg: &VolumeConfig) -> Result<Option<crate::crypt::KeyId>> {
             key_id_hex(&r),
             key_id_hex(&g)
         ))),
+        (None, Some(g)) if encrypted_remotely(cfg)? => {
+            // The cache dir was made without the key while the data plane was away (a lost
+            // SSD resumed without --encryption-key-file): the data plane says the volume is
+            // encrypted under this very key, so the record is repaired. What waits in the
+            // outbox is plaintext, and is sealed as it is shipped.
+            tracing::warn!(volume = %name, key_id = %key_id_hex(&g), "the volume is encrypted on the data plane under this key but its cache dir had no record of it: recorded now");
+            meta::write_key_record(dir, Some(&g))?;
+            Ok(given)
+        }
         (None, Some(_)) => Err(Error::mismatch(format!(
             "volume {name:?} was created without encryption: leave out --encryption-key-file (encryption is chosen when a volume is created; to encrypt its data, copy it into a new volume created with the key)"
         ))),
         _ => Ok(given),
     }
+}
+
+/// Whether the data plane holds the volume encrypted under the key of `cfg` (checked on a
+/// block of its newest snapshot); `false` when it does not, or cannot be asked.
+fn encrypted_remotely(cfg: &VolumeConfig) -> Result<bool> {
+    let Some(sc) = &cfg.ship else {
+        return Ok(false);
+    };
+    // Read-only, by name: generation 0 writes nothing a fence applies to.
+    let Ok((mut c, _)) = sc.connect_as(&cfg.cache.name, 0, None) else {
+        return Ok(false);
+    };
+    let info = c.info().clone();
+    if !info.exists || !crate::crypt::is_sealed_block_size(info.block_size) {
+        return Ok(false);
+    }
+    // Another key is refused here, naming both ids.
+    sc.codec
+        .check_remote(&mut c, &cfg.cache.name, &info, info.latest_snap_id)?;
+    Ok(true)
 }

@@ -637,6 +637,27 @@ fn a_wrong_key_is_refused_naming_both_key_ids() {
         )),
         "{e}"
     );
+    // A cache dir that lost its record (made without the key while the data plane was away):
+    // the data plane's envelopes decide; another key is still refused, the right one
+    // repairs the record.
+    let src = dir.path().join("src");
+    std::fs::remove_file(src.join("cache/encryption")).unwrap();
+    let e = Volume::open(&volume_cfg(&src, "testvol", &dp.addr, Some(&other)))
+        .err()
+        .expect("refused");
+    assert!(
+        e.to_string().contains(&format!(
+            "encrypted with key id {right}, but the key given (--encryption-key-file) has key id {wrong}"
+        )),
+        "{e}"
+    );
+    close(Volume::open(&volume_cfg(&src, "testvol", &dp.addr, Some(&key))).unwrap());
+    assert!(src.join("cache/encryption").exists(), "the record is back");
+    let e = Volume::open(&volume_cfg(&src, "testvol", &dp.addr, None))
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("is encrypted (key id"), "{e}");
+
     // keygen makes a private key file and names its id; it never overwrites one.
     let fresh = dir.path().join("fresh.key");
     let (code, out, err) = deltavol(&["keygen", fresh.to_str().unwrap()]);
