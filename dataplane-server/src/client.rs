@@ -65,6 +65,21 @@ impl ClientAccess {
         self
     }
 
+    /// The name the server's certificate must carry, when set.
+    pub fn server_name(&self) -> Option<&str> {
+        self.server_name.as_deref()
+    }
+
+    /// This access with `name` as the server's certificate name, unless one is set already
+    /// (an address's host name is the default a caller gives).
+    pub fn server_name_or(&self, name: &str) -> ClientAccess {
+        let mut a = self.clone();
+        if a.server_name.is_none() && a.tls.is_some() {
+            a.server_name = Some(name.to_string());
+        }
+        a
+    }
+
     /// Allows plain TCP to addresses that are not loopback (`--insecure`).
     pub fn insecure(mut self, yes: bool) -> ClientAccess {
         self.insecure = yes;

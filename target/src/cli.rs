@@ -316,12 +316,106 @@ pub struct DataPlaneArgs {
     /// others in order, until one serves the volume.
     #[arg(long, value_parser = parse_dataplane)]
     pub dataplane: DataPlaneAddrs,
-    /// File holding the shared secret of the data plane.
+    /// File holding this node's credential (`dvc1.…`, from `deltavol-dataplane credentials
+    /// issue`) or the data plane's admin token.
     #[arg(long)]
     pub auth_token_file: PathBuf,
+    /// TLS: the CA certificate (PEM) the data plane's certificate must chain to. Without it,
+    /// plain TCP, to a loopback address only unless --insecure.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the data plane's certificate must carry (default: the host of --dataplane).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
+    /// Mutual TLS: this node's certificate (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Plain TCP to a data plane that is not on loopback (unencrypted).
+    #[arg(long, conflicts_with = "tls_ca")]
+    pub insecure: bool,
+}
+
+/// How connections to the data plane are protected.
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsArgs {
+    /// TLS: the CA certificate (PEM) the data plane's certificate must chain to (`ca.pem` of
+    /// `deltavol-dataplane tls init`). Without it, plain TCP, to a loopback address only
+    /// unless --insecure.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the data plane's certificate must carry (default: the host of --dataplane).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
+    /// Mutual TLS: this node's certificate (PEM), for a data plane with --tls-client-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Plain TCP to a data plane that is not on loopback: snapshots and hydration cross the
+    /// network unencrypted (`status` says so).
+    #[arg(long, conflicts_with = "tls_ca")]
+    pub insecure: bool,
+}
+
+impl TlsArgs {
+    /// The client's access: `secret` (a credential or the admin token) with this TLS.
+    pub fn access(&self, secret: &[u8]) -> anyhow::Result<deltavol_dataplane::ClientAccess> {
+        let access = deltavol_dataplane::ClientAccess::new(secret).insecure(self.insecure);
+        let Some(ca) = &self.tls_ca else {
+            return Ok(access);
+        };
+        let ca = absolute(ca)?;
+        let client = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((absolute(c)?, absolute(k)?)),
+            _ => None,
+        };
+        let tls = deltavol_dataplane::tls::ClientTls::load(
+            &ca,
+            client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        )?;
+        Ok(access.with_tls(tls, self.tls_server_name.clone()))
+    }
+
+    /// These flags as arguments again (for the agent's daemons).
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        let mut push = |flag: &str, v: &Option<PathBuf>| {
+            if let Some(v) = v {
+                a.push(flag.into());
+                a.push(v.into());
+            }
+        };
+        push("--tls-ca", &self.tls_ca);
+        push("--tls-cert", &self.tls_cert);
+        push("--tls-key", &self.tls_key);
+        if let Some(n) = &self.tls_server_name {
+            a.push("--tls-server-name".into());
+            a.push(n.into());
+        }
+        if self.insecure {
+            a.push("--insecure".into());
+        }
+        a
+    }
 }
 
 impl DataPlaneArgs {
+    /// The TLS flags (inline here: clap does not see a nested flatten in the optional
+    /// `snapshots` arguments).
+    pub fn tls(&self) -> TlsArgs {
+        TlsArgs {
+            tls_ca: self.tls_ca.clone(),
+            tls_server_name: self.tls_server_name.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            insecure: self.insecure,
+        }
+    }
+
     /// A connection that reads `volume` by name (no identity: any volume of that name).
     pub(crate) fn connect(&self, volume: &str) -> anyhow::Result<deltavol_dataplane::Client> {
         self.connect_as(volume, None)
@@ -335,6 +429,7 @@ impl DataPlaneArgs {
     ) -> anyhow::Result<deltavol_dataplane::Client> {
         let token =
             crate::ship::read_token(&self.auth_token_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let access = self.tls().access(&token)?;
         let t = deltavol_dataplane::Timeouts {
             connect: Duration::from_secs(5),
             io: Duration::from_secs(60),
@@ -343,7 +438,8 @@ impl DataPlaneArgs {
         let (c, addr) = self
             .dataplane
             .connect(volume, |addr| {
-                deltavol_dataplane::Client::connect_as(addr, &token, volume, t, 0, volume_id)
+                let access = crate::ship::access_for(&access, addr);
+                deltavol_dataplane::Client::connect_as(addr, &access, volume, t, 0, volume_id)
                     .map_err(|e| {
                         crate::error::Error::new(crate::error::ErrorKind::Io, e.to_string())
                     })
@@ -381,9 +477,12 @@ pub struct AddArgs {
     /// server answering that another holds the volume, the next is tried.
     #[arg(long, requires = "auth_token_file", value_parser = parse_dataplane)]
     pub dataplane: Option<DataPlaneAddrs>,
-    /// File holding the data plane's shared secret (with --dataplane).
+    /// File holding this node's credential (`dvc1.…`, from `deltavol-dataplane credentials
+    /// issue`) or the data plane's admin token (with --dataplane).
     #[arg(long, requires = "dataplane")]
     pub auth_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }
@@ -481,6 +580,9 @@ impl AddArgs {
                 bail!("--size {s} must be a positive multiple of 4KiB");
             }
         }
+        if self.dataplane.is_none() && (self.tls.tls_ca.is_some() || self.tls.insecure) {
+            bail!("--tls-ca and --insecure say how to reach the data plane: give --dataplane too");
+        }
         if self.dev.retention.is_some() && self.dataplane.is_none() {
             bail!("--retention is the policy of the volume's snapshots on the data plane: give --dataplane too");
         }
@@ -516,7 +618,7 @@ impl AddArgs {
                 Some(crate::ship::ShipConfig {
                     codec,
                     addrs: addr.clone(),
-                    token,
+                    access: self.tls.access(&token)?,
                     outbox_dir,
                     connect_timeout: Duration::from_secs(2),
                     io_timeout: Duration::from_secs(10),
@@ -1064,6 +1166,7 @@ fn from_dataplane(
         size,
         dataplane: Some(dp.dataplane.clone()),
         auth_token_file: Some(dp.auth_token_file.clone()),
+        tls: dp.tls(),
         dev,
     };
     let mut cfg = args.to_config()?;
@@ -1839,6 +1942,9 @@ fn print_status(v: &serde_json::Value) {
     println!("size:          {}", format_size(u("size_bytes")));
     if let Some(e) = v.get("encryption").and_then(|x| x.as_str()) {
         println!("encryption:    {e}");
+    }
+    if let Some(t) = v.get("dataplane_transport").and_then(|x| x.as_str()) {
+        println!("data plane:    {t}");
     }
     if let Some(m) = v.get("metrics_url").and_then(|x| x.as_str()) {
         println!("metrics:       {m}");

@@ -275,6 +275,10 @@ impl Daemon {
                 if let (Some(a), Some(o)) = (self.metrics_addr, v.as_object_mut()) {
                     o.insert("metrics_url".into(), format!("http://{a}/metrics").into());
                 }
+                // TLS, plain TCP to loopback, or plain TCP allowed by --insecure.
+                if let (Some(ship), Some(o)) = (&self.volume.ship, v.as_object_mut()) {
+                    o.insert("dataplane_transport".into(), ship.transport().into());
+                }
                 // Client-side encryption: `none`, or `xchacha20poly1305 (key id …)`.
                 if let Some(o) = v.as_object_mut() {
                     let id = self.volume.key_id.as_ref();

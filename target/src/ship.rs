@@ -46,7 +46,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::fault::{FaultFile, FaultOp, FaultPlan};
 use crate::flush::DeltaSink;
 use crate::label::{BackingState, LabelWriter};
-use deltavol_dataplane::{BeginOutcome, Client, ClientError, ErrorCode, SnapshotInfo, Timeouts};
+use deltavol_dataplane::{
+    BeginOutcome, Client, ClientAccess, ClientError, ErrorCode, SnapshotInfo, Timeouts,
+};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::fs::File;
@@ -218,16 +220,39 @@ impl DataPlaneAddrs {
     /// volume with identity `volume_id` (the data plane refuses another volume's name).
     pub fn connect_client(
         &self,
-        token: &[u8],
+        access: &ClientAccess,
         volume: &str,
         timeouts: Timeouts,
         generation: u64,
         volume_id: Option<VolumeId>,
     ) -> Result<(Client, String)> {
         self.connect(volume, |addr| {
-            Client::connect_as(addr, token, volume, timeouts, generation, volume_id)
+            let access = access_for(access, addr);
+            Client::connect_as(addr, &access, volume, timeouts, generation, volume_id)
                 .map_err(client_err)
         })
+    }
+}
+
+/// `access` for the server at `addr` (`HOST:PORT`): over TLS, its certificate must name
+/// HOST unless `--tls-server-name` named another.
+pub fn access_for(access: &ClientAccess, addr: &str) -> ClientAccess {
+    let host = match addr.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => addr,
+    };
+    access.server_name_or(host)
+}
+
+/// How a node's connections to the data plane are protected, for `status` and the log:
+/// `tls`, `plain (loopback)`, or `INSECURE plain TCP (--insecure)`.
+pub fn transport_label(access: &ClientAccess) -> &'static str {
+    if access.is_tls() {
+        "tls"
+    } else if access.is_insecure() {
+        "INSECURE plain TCP (--insecure)"
+    } else {
+        "plain TCP (loopback only)"
     }
 }
 
@@ -248,7 +273,8 @@ impl std::str::FromStr for DataPlaneAddrs {
 #[derive(Debug, Clone)]
 pub struct ShipConfig {
     pub addrs: DataPlaneAddrs,
-    pub token: Vec<u8>,
+    /// The node's credential (or the admin token) and TLS.
+    pub access: ClientAccess,
     pub outbox_dir: PathBuf,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
@@ -280,7 +306,7 @@ impl ShipConfig {
         volume_id: Option<VolumeId>,
     ) -> Result<(Client, String)> {
         self.addrs
-            .connect_client(&self.token, volume, self.timeouts(), generation, volume_id)
+            .connect_client(&self.access, volume, self.timeouts(), generation, volume_id)
     }
 }
 
@@ -433,9 +459,10 @@ impl Shared {
     fn connect(&self) -> Result<(Client, String)> {
         let t = self.cfg.timeouts();
         self.cfg.addrs.connect(&self.volume, |addr| {
+            let access = access_for(&self.cfg.access, addr);
             let mut c = Client::connect_as(
                 addr,
-                &self.cfg.token,
+                &access,
                 &self.volume,
                 t,
                 self.generation,
@@ -565,6 +592,9 @@ impl DataPlaneSink {
         generation: u64,
         backing: BackingState,
     ) -> Result<DataPlaneSink> {
+        if cfg.access.is_insecure() {
+            tracing::warn!(volume, dataplane = %cfg.addrs, "snapshots go to the data plane over PLAIN TCP (--insecure): unencrypted on the network");
+        }
         std::fs::create_dir_all(&cfg.outbox_dir)
             .map_err(|e| Error::io("create outbox", &cfg.outbox_dir, e))?;
         let mut label = LabelWriter::open(&cfg.outbox_dir, volume_id, volume, size_bytes)?;
@@ -665,6 +695,11 @@ pub struct ShipHandle {
 }
 
 impl ShipHandle {
+    /// How the connections to the data plane are protected ([`transport_label`]).
+    pub fn transport(&self) -> &'static str {
+        transport_label(&self.shared.cfg.access)
+    }
+
     /// How this volume's blocks cross to and from the data plane (plain or sealed).
     pub fn codec(&self) -> &BlockCodec {
         &self.shared.cfg.codec

@@ -738,6 +738,11 @@ fn attach_arguments_are_what_deltavol_takes() {
             mode,
             paths: paths.clone(),
             dataplane: Some(("127.0.0.1:7070".into(), "/etc/deltavol/token".into())),
+            tls: deltavol::cli::TlsArgs {
+                tls_ca: Some("/etc/deltavol/tls/ca.pem".into()),
+                tls_server_name: Some("dp.example".into()),
+                ..Default::default()
+            },
             flush_interval_ms: Some(2000),
             cache_limit: Some(1 << 30),
             read_cache: Some(16 << 20),
@@ -755,6 +760,11 @@ fn attach_arguments_are_what_deltavol_takes() {
             "{dbg}"
         );
         assert!(dbg.contains("last=50,hourly=24"), "{dbg}");
+        assert!(
+            dbg.contains("tls_ca: Some(\"/etc/deltavol/tls/ca.pem\")")
+                && dbg.contains("tls_server_name: Some(\"dp.example\")"),
+            "the daemon gets the agent's TLS: {dbg}"
+        );
     }
 }
 

@@ -23,9 +23,13 @@ pub struct AgentArgs {
     /// (a volume's `-o dataplane=` overrides it). Without one, volumes are local only.
     #[arg(long)]
     pub dataplane: Option<String>,
-    /// File holding the data plane's shared secret.
+    /// File holding the node's credential (`deltavol-dataplane credentials issue --write
+    /// ...`, covering the names of the node's volumes) or the data plane's admin token.
     #[arg(long)]
     pub auth_token_file: Option<PathBuf>,
+    /// How the node's volumes reach the data plane: TLS (--tls-ca ...) or --insecure.
+    #[command(flatten)]
+    pub tls: crate::cli::TlsArgs,
     /// The agent's own state (the record of volumes and mounts).
     /// [default: /var/lib/deltavol/agent]
     #[arg(long)]
@@ -80,6 +84,11 @@ pub struct AgentArgs {
 struct FileConfig {
     dataplane: Option<String>,
     auth_token_file: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_server_name: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    insecure: Option<bool>,
     state_dir: Option<PathBuf>,
     cache_root: Option<PathBuf>,
     backing_root: Option<PathBuf>,
@@ -100,6 +109,8 @@ struct FileConfig {
 pub struct AgentConfig {
     pub dataplane: Option<String>,
     pub auth_token_file: Option<PathBuf>,
+    /// TLS to the data plane (or insecure plain TCP), passed to every volume's daemon.
+    pub tls: crate::cli::TlsArgs,
     pub state_dir: PathBuf,
     pub cache_root: PathBuf,
     pub backing_root: PathBuf,
@@ -127,6 +138,7 @@ impl Default for AgentConfig {
         AgentConfig {
             dataplane: None,
             auth_token_file: None,
+            tls: crate::cli::TlsArgs::default(),
             state_dir: "/var/lib/deltavol/agent".into(),
             cache_root: "/var/lib/deltavol/cache".into(),
             backing_root: "/var/lib/deltavol/backing".into(),
@@ -206,6 +218,13 @@ impl AgentArgs {
         let cfg = AgentConfig {
             dataplane: pick_s(&self.dataplane, f.dataplane),
             auth_token_file: self.auth_token_file.clone().or(f.auth_token_file),
+            tls: crate::cli::TlsArgs {
+                tls_ca: self.tls.tls_ca.clone().or(f.tls_ca),
+                tls_server_name: pick_s(&self.tls.tls_server_name, f.tls_server_name),
+                tls_cert: self.tls.tls_cert.clone().or(f.tls_cert),
+                tls_key: self.tls.tls_key.clone().or(f.tls_key),
+                insecure: self.tls.insecure || f.insecure.unwrap_or(false),
+            },
             state_dir: pick_p(&self.state_dir, f.state_dir, d.state_dir),
             cache_root: pick_p(&self.cache_root, f.cache_root, d.cache_root),
             backing_root: pick_p(&self.backing_root, f.backing_root, d.backing_root),
@@ -237,6 +256,17 @@ impl AgentArgs {
         };
         if cfg.dataplane.is_some() != cfg.auth_token_file.is_some() {
             bail!("dataplane and auth_token_file go together: give both (flags or the config file) or neither");
+        }
+        if cfg.tls.tls_ca.is_some() && cfg.tls.insecure {
+            bail!("tls_ca and insecure exclude each other: TLS, or plain TCP (insecure)");
+        }
+        if cfg.tls.tls_cert.is_some() != cfg.tls.tls_key.is_some() {
+            bail!("tls_cert and tls_key go together");
+        }
+        if (cfg.tls.tls_cert.is_some() || cfg.tls.tls_server_name.is_some())
+            && cfg.tls.tls_ca.is_none()
+        {
+            bail!("tls_cert and tls_server_name need tls_ca (the data plane's CA)");
         }
         if let Some(dp) = &cfg.dataplane {
             crate::ship::DataPlaneAddrs::parse(dp)
@@ -287,6 +317,41 @@ mod tests {
         let c = a.resolve().unwrap();
         assert_eq!(c.cache_root, PathBuf::from("/other"));
         assert_eq!(c.flush_interval_ms, Some(250));
+    }
+
+    #[test]
+    fn tls_keys_from_the_file_and_their_mistakes() {
+        let (_d, a) = with_file(
+            "dataplane = \"dp.example:7070\"\nauth_token_file = \"/etc/deltavol/node.cred\"\ntls_ca = \"/etc/deltavol/ca.pem\"\ntls_server_name = \"dp.example\"\n",
+        );
+        let c = a.resolve().unwrap();
+        assert_eq!(c.tls.tls_ca, Some(PathBuf::from("/etc/deltavol/ca.pem")));
+        assert_eq!(c.tls.tls_server_name.as_deref(), Some("dp.example"));
+        let args: Vec<String> = c
+            .tls
+            .to_args()
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "--tls-ca",
+                "/etc/deltavol/ca.pem",
+                "--tls-server-name",
+                "dp.example"
+            ]
+        );
+        for (body, needle) in [
+            ("tls_ca = \"/c\"\ninsecure = true\n", "exclude each other"),
+            ("tls_ca = \"/c\"\ntls_cert = \"/n\"\n", "go together"),
+            ("tls_cert = \"/n\"\ntls_key = \"/k\"\n", "need tls_ca"),
+            ("insecure = \"yes\"\n", "insecure"),
+        ] {
+            let (_d, a) = with_file(body);
+            let e = format!("{:#}", a.resolve().unwrap_err());
+            assert!(e.contains(needle), "{body:?}: {e}");
+        }
     }
 
     #[test]

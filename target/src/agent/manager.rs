@@ -153,6 +153,7 @@ impl<R: Runtime> VolumeManager<R> {
             mode,
             paths: self.paths(&r.name),
             dataplane: self.dataplane(o),
+            tls: self.cfg.tls.clone(),
             flush_interval_ms: o.flush_interval_ms.or(self.cfg.flush_interval_ms),
             cache_limit: o.cache_limit.or(self.cfg.cache_limit),
             read_cache: o.read_cache.or(self.cfg.read_cache),

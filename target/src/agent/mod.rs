@@ -117,7 +117,7 @@ fn serve_api<R: Runtime + 'static>(
 /// when it stops.
 pub fn run(cfg: config::AgentConfig) -> anyhow::Result<()> {
     crate::daemon::check_driver()?;
-    let rt = runtime::SystemRuntime::new()?;
+    let rt = runtime::SystemRuntime::new(cfg.tls.clone())?;
     let plugin = cfg.plugin_socket.clone();
     let api = cfg.api_socket.clone();
     let every = cfg.supervise_every;

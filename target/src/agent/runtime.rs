@@ -41,6 +41,8 @@ pub struct AttachRequest {
     pub paths: VolumePaths,
     /// `HOST:PORT[,...]` and the token file.
     pub dataplane: Option<(String, PathBuf)>,
+    /// TLS to the data plane (or insecure plain TCP), with `dataplane`.
+    pub tls: crate::cli::TlsArgs,
     pub flush_interval_ms: Option<u64>,
     pub cache_limit: Option<u64>,
     pub read_cache: Option<u64>,
@@ -91,6 +93,12 @@ impl AttachRequest {
                 "--auth-token-file".into(),
                 p(tok),
             ]);
+            a.extend(
+                self.tls
+                    .to_args()
+                    .into_iter()
+                    .map(|s| s.to_string_lossy().into_owned()),
+            );
         }
         let mut opt = |flag: &str, v: Option<u64>| {
             if let Some(v) = v {
@@ -172,12 +180,15 @@ pub trait Runtime: Send + Sync {
 pub struct SystemRuntime {
     /// The `deltavol` binary (this one).
     pub exe: PathBuf,
+    /// TLS to the data plane, for the agent's own look-ups there.
+    pub tls: crate::cli::TlsArgs,
 }
 
 impl SystemRuntime {
-    pub fn new() -> anyhow::Result<SystemRuntime> {
+    pub fn new(tls: crate::cli::TlsArgs) -> anyhow::Result<SystemRuntime> {
         Ok(SystemRuntime {
             exe: std::env::current_exe().context("find the deltavol binary")?,
+            tls,
         })
     }
 
@@ -277,6 +288,11 @@ impl Runtime for SystemRuntime {
             dataplane: crate::ship::DataPlaneAddrs::parse(dataplane)
                 .map_err(|e| anyhow!("dataplane {dataplane:?}: {e}"))?,
             auth_token_file: token.to_path_buf(),
+            tls_ca: self.tls.tls_ca.clone(),
+            tls_server_name: self.tls.tls_server_name.clone(),
+            tls_cert: self.tls.tls_cert.clone(),
+            tls_key: self.tls.tls_key.clone(),
+            insecure: self.tls.insecure,
         };
         let mut c = dp.connect(name)?;
         let i = c.volume_info().context("volume info")?;

@@ -53,6 +53,11 @@ pub struct Dp {
 
 impl Dp {
     pub fn start(data_dir: &Path, listen: &str) -> Dp {
+        Self::start_with(data_dir, listen, &[])
+    }
+
+    /// [`Dp::start`] with more flags (TLS, credentials).
+    pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Dp {
         std::fs::create_dir_all(data_dir).unwrap();
         let tok = data_dir.with_extension("token");
         std::fs::write(&tok, TOKEN).unwrap();
@@ -67,6 +72,7 @@ impl Dp {
                 "--auth-token-file",
                 tok.to_str().unwrap(),
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -99,7 +105,7 @@ pub fn ship_cfg(dir: &Path, addr: &str) -> ShipConfig {
     ShipConfig {
         retention: None,
         addrs: deltavol::ship::DataPlaneAddrs::parse(addr).expect("data-plane address"),
-        token: TOKEN.to_vec(),
+        access: deltavol_dataplane::ClientAccess::new(TOKEN),
         outbox_dir: dir.join("outbox"),
         connect_timeout: Duration::from_millis(500),
         io_timeout: Duration::from_secs(5),

@@ -74,7 +74,7 @@ impl Plane {
         ShipConfig {
             retention: None,
             addrs: deltavol::ship::DataPlaneAddrs::one(self.addr.clone()),
-            token: self.token.clone(),
+            access: deltavol_dataplane::ClientAccess::new(&self.token),
             outbox_dir: dir.join("outbox"),
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(60),
