@@ -204,8 +204,14 @@ pub struct SnapshotsArgs {
     /// Volume name (lists its snapshots).
     #[arg(required = true)]
     pub name: Option<String>,
+    /// Data-plane server address(es), HOST:PORT[,HOST:PORT...].
+    #[arg(long, value_parser = parse_dataplane)]
+    pub dataplane: Option<DataPlaneAddrs>,
+    /// File holding this node's credential or the data plane's admin token.
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
     #[command(flatten)]
-    pub dp: Option<DataPlaneArgs>,
+    pub tls: TlsArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -320,22 +326,8 @@ pub struct DataPlaneArgs {
     /// issue`) or the data plane's admin token.
     #[arg(long)]
     pub auth_token_file: PathBuf,
-    /// TLS: the CA certificate (PEM) the data plane's certificate must chain to. Without it,
-    /// plain TCP, to a loopback address only unless --insecure.
-    #[arg(long, value_name = "FILE")]
-    pub tls_ca: Option<PathBuf>,
-    /// The name the data plane's certificate must carry (default: the host of --dataplane).
-    #[arg(long, value_name = "NAME", requires = "tls_ca")]
-    pub tls_server_name: Option<String>,
-    /// Mutual TLS: this node's certificate (PEM).
-    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
-    pub tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Plain TCP to a data plane that is not on loopback (unencrypted).
-    #[arg(long, conflicts_with = "tls_ca")]
-    pub insecure: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// How connections to the data plane are protected.
@@ -404,18 +396,6 @@ impl TlsArgs {
 }
 
 impl DataPlaneArgs {
-    /// The TLS flags (inline here: clap does not see a nested flatten in the optional
-    /// `snapshots` arguments).
-    pub fn tls(&self) -> TlsArgs {
-        TlsArgs {
-            tls_ca: self.tls_ca.clone(),
-            tls_server_name: self.tls_server_name.clone(),
-            tls_cert: self.tls_cert.clone(),
-            tls_key: self.tls_key.clone(),
-            insecure: self.insecure,
-        }
-    }
-
     /// A connection that reads `volume` by name (no identity: any volume of that name).
     pub(crate) fn connect(&self, volume: &str) -> anyhow::Result<deltavol_dataplane::Client> {
         self.connect_as(volume, None)
@@ -429,7 +409,7 @@ impl DataPlaneArgs {
     ) -> anyhow::Result<deltavol_dataplane::Client> {
         let token =
             crate::ship::read_token(&self.auth_token_file).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let access = self.tls().access(&token)?;
+        let access = self.tls.access(&token)?;
         let t = deltavol_dataplane::Timeouts {
             connect: Duration::from_secs(5),
             io: Duration::from_secs(60),
@@ -1166,7 +1146,7 @@ fn from_dataplane(
         size,
         dataplane: Some(dp.dataplane.clone()),
         auth_token_file: Some(dp.auth_token_file.clone()),
-        tls: dp.tls(),
+        tls: dp.tls.clone(),
         dev,
     };
     let mut cfg = args.to_config()?;
@@ -1476,8 +1456,15 @@ const COMMIT_SHOWN_AFTER_MS: u64 = 5_000;
 fn snapshots_cmd(a: SnapshotsArgs) -> anyhow::Result<()> {
     match a.cmd {
         None => {
-            let (Some(name), Some(dp)) = (a.name, a.dp) else {
+            let (Some(name), Some(dataplane), Some(auth_token_file)) =
+                (a.name, a.dataplane, a.auth_token_file)
+            else {
                 bail!("name a volume: deltavol snapshots NAME --dataplane HOST:PORT --auth-token-file F");
+            };
+            let dp = DataPlaneArgs {
+                dataplane,
+                auth_token_file,
+                tls: a.tls,
             };
             list_snapshots(&name, &dp, a.json)
         }

@@ -288,11 +288,7 @@ impl Runtime for SystemRuntime {
             dataplane: crate::ship::DataPlaneAddrs::parse(dataplane)
                 .map_err(|e| anyhow!("dataplane {dataplane:?}: {e}"))?,
             auth_token_file: token.to_path_buf(),
-            tls_ca: self.tls.tls_ca.clone(),
-            tls_server_name: self.tls.tls_server_name.clone(),
-            tls_cert: self.tls.tls_cert.clone(),
-            tls_key: self.tls.tls_key.clone(),
-            insecure: self.tls.insecure,
+            tls: self.tls.clone(),
         };
         let mut c = dp.connect(name)?;
         let i = c.volume_info().context("volume info")?;
