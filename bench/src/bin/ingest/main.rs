@@ -12,6 +12,9 @@
 //!   envelopes per 4 KiB block, the volume stored with 4160-byte blocks), so the cost of
 //!   client-side encryption is `dp-Nt-enc` over `dp-Nt`, measured in the same run. Rates count
 //!   the volume's (plaintext) bytes; the wire and the disk carry 64/4096 more.
+//! * `dp-Nt-tls` (with `--tls`): the same as `dp-Nt` over TLS (the server with a certificate
+//!   of a CA made for the run, `deltavol_dataplane::tls::generate`; the clients verify it), so
+//!   the cost of TLS is `dp-Nt-tls` over `dp-Nt`, measured in the same run.
 //!
 //! Every run ships the same [`workload`] over the same number of connections and is checked
 //! afterwards (every byte acknowledged, one seeded extent per client read back and compared);
@@ -40,7 +43,7 @@ use clap::Parser;
 use deltavol::crypt::{BlockCodec, VolumeKey};
 use deltavol::size::parse_size;
 use deltavol_dataplane::server::shard_of;
-use deltavol_dataplane::{Client, Timeouts};
+use deltavol_dataplane::{Client, ClientAccess, Timeouts};
 use rand::RngCore;
 
 use report::{Machine, Report, Run};
@@ -98,6 +101,10 @@ struct Args {
     /// (`dp-Nt-enc`, interleaved with the others) and report encrypted / plain.
     #[arg(long)]
     encrypt: bool,
+    /// Also measure every data-plane configuration over TLS (`dp-Nt-tls`, interleaved with
+    /// the others) and report TLS / plain TCP.
+    #[arg(long)]
+    tls: bool,
 }
 
 /// The key of the `-enc` runs (a fixed one: the bench measures sealing, not key handling).
@@ -187,6 +194,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         if args.encrypt {
             configs.push(format!("dp-{t}t-enc"));
         }
+        if args.tls {
+            configs.push(format!("dp-{t}t-tls"));
+        }
+    }
+    // One CA and server certificate for every `-tls` run.
+    let certs = base.path().join("tls");
+    if args.tls {
+        deltavol_dataplane::tls::generate(&certs, &["127.0.0.1".to_string()], &[])
+            .context("making the TLS certificates")?;
     }
     eprintln!(
         "ingest: {} clients x {} snapshots x {} extents of {} KiB = {:.1} MiB per run; {} runs each of {}; temp dir {}",
@@ -216,6 +232,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let threads: usize = config
                     .trim_start_matches("dp-")
                     .trim_end_matches("-enc")
+                    .trim_end_matches("-tls")
                     .trim_end_matches('t')
                     .parse()
                     .context("thread count of a configuration")?;
@@ -224,7 +241,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                 } else {
                     BlockCodec::plain()
                 };
-                run_dataplane(&w, &codec, &datas, &dir, threads, &server_bin, repeat)
+                let tls = config.ends_with("-tls").then_some(certs.as_path());
+                run_dataplane(&w, &codec, tls, &datas, &dir, threads, &server_bin, repeat)
                     .with_context(|| format!("{config}, run {}", repeat + 1))?
             };
             let wall_s = timing.wall.as_secs_f64();
@@ -274,6 +292,18 @@ fn run(args: Args) -> anyhow::Result<()> {
             })
         })
         .collect();
+    let tls_vs_plain = args
+        .threads
+        .iter()
+        .filter_map(|t| {
+            let tls = median_of(&format!("dp-{t}t-tls"))?;
+            let plain = median_of(&format!("dp-{t}t"))?;
+            Some(report::EncryptedRatio {
+                threads: *t,
+                ratio: tls / plain,
+            })
+        })
+        .collect();
     let report = Report {
         bench: "ingest",
         command: std::env::args().collect(),
@@ -285,6 +315,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         summaries,
         ratio_2_threads_vs_1,
         encrypted_vs_plain,
+        tls_vs_plain,
         runs,
     };
     print!("{}", report::table(&report));
@@ -399,9 +430,12 @@ fn volume_name(c: usize, threads: usize) -> String {
         .expect("some name lands on every shard")
 }
 
+/// One run against the real server; `tls`: the directory of its certificates (TLS on).
+#[allow(clippy::too_many_arguments)]
 fn run_dataplane(
     w: &Workload,
     codec: &BlockCodec,
+    tls: Option<&Path>,
     datas: &[ClientData],
     dir: &Path,
     threads: usize,
@@ -419,12 +453,21 @@ fn run_dataplane(
         .and_then(|mut f| f.write_all(&token))
         .with_context(|| format!("write {}", token_file.display()))?;
     let data_dir = dir.join("data");
-    let mut server = ServerProcess::start(
-        bin,
-        &server::serve_args(&data_dir, threads, &token_file),
-        &dir.join("server.log"),
-        server::START_TIMEOUT,
-    )?;
+    let mut serve = server::serve_args(&data_dir, threads, &token_file);
+    let mut access = ClientAccess::new(&token);
+    if let Some(certs) = tls {
+        serve.extend([
+            "--tls-cert".into(),
+            certs.join("server.pem").into(),
+            "--tls-key".into(),
+            certs.join("server.key").into(),
+        ]);
+        let client_tls = deltavol_dataplane::tls::ClientTls::load(&certs.join("ca.pem"), None)
+            .context("loading the run's CA")?;
+        access = access.with_tls(client_tls, None);
+    }
+    let mut server =
+        ServerProcess::start(bin, &serve, &dir.join("server.log"), server::START_TIMEOUT)?;
     let timeouts = Timeouts {
         connect: Duration::from_secs(5),
         io: Duration::from_secs(CLIENT_IO_TIMEOUT_S),
@@ -432,7 +475,7 @@ fn run_dataplane(
     let mut clients = Vec::with_capacity(w.clients);
     for c in 0..w.clients {
         let name = volume_name(c, threads);
-        let mut client = Client::connect(server.addr(), &token, &name, timeouts)
+        let mut client = Client::connect(server.addr(), &access, &name, timeouts)
             .with_context(|| server.failure(&format!("client {c} could not connect")))?;
         client
             .create_volume(

@@ -49,10 +49,13 @@ pub struct Report {
     pub ratio_2_threads_vs_1: Option<f64>,
     /// `--encrypt`: per thread count, the encrypted configuration over the plain one (medians).
     pub encrypted_vs_plain: Vec<EncryptedRatio>,
+    /// `--tls`: per thread count, the configuration over TLS over the plain one (medians).
+    pub tls_vs_plain: Vec<EncryptedRatio>,
     pub runs: Vec<Run>,
 }
 
-/// Client-side encryption's cost at one thread count: `dp-Nt-enc` over `dp-Nt`.
+/// Client-side encryption's (or TLS's) cost at one thread count: `dp-Nt-enc` (`dp-Nt-tls`)
+/// over `dp-Nt`.
 #[derive(Debug, Serialize)]
 pub struct EncryptedRatio {
     pub threads: usize,
@@ -103,6 +106,12 @@ pub fn table(r: &Report) -> String {
     for e in &r.encrypted_vs_plain {
         t.push_str(&format!(
             "data plane, {} thread(s), encrypted / plain: {:.2}×\n",
+            e.threads, e.ratio
+        ));
+    }
+    for e in &r.tls_vs_plain {
+        t.push_str(&format!(
+            "data plane, {} thread(s), TLS / plain TCP: {:.2}×\n",
             e.threads, e.ratio
         ));
     }
