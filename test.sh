@@ -88,7 +88,7 @@ check_step "benchmark smoke: long life under retention (--quick)" build/release/
 
 drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/crash.sh tests/drills/snapshots.sh
         tests/drills/recovery.sh tests/drills/clone.sh tests/drills/restart.sh tests/drills/verify.sh
-        tests/drills/identity.sh tests/drills/recover-at.sh tests/drills/docker.sh)
+        tests/drills/identity.sh tests/drills/recover-at.sh tests/drills/secure.sh tests/drills/docker.sh)
 declare -A result
 vm_passed=0 vm_failed=0
 for k in 7 6.12; do
