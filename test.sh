@@ -81,8 +81,8 @@ scripts/build-release
 
 check_step "the .deb: build and inspect (scripts/build-deb --no-build --fast, scripts/check-deb)" \
     bash -c 'scripts/build-deb --no-build --fast && scripts/check-deb'
-check_step "benchmark smoke: ingest vs a TCP sink (--quick)" build/release/deltavol-bench-ingest --quick
-check_step "benchmark smoke: hydration vs a plain copy (--quick)" build/release/deltavol-bench-hydrate --quick
+check_step "benchmark smoke: ingest vs a TCP sink, with TLS and encryption (--quick --tls --encrypt)" build/release/deltavol-bench-ingest --quick --tls --encrypt
+check_step "benchmark smoke: hydration vs a plain copy, with encryption (--quick --encrypt)" build/release/deltavol-bench-hydrate --quick --encrypt
 check_step "benchmark smoke: engine vs raw io_uring (--quick)" build/release/deltavol-bench-engine --quick
 check_step "benchmark smoke: long life under retention (--quick)" build/release/deltavol-bench-longlife --quick
 
