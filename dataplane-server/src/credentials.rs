@@ -327,10 +327,12 @@ impl CredentialFile {
         Ok(f)
     }
 
-    /// Writes the file atomically (a temporary file, fsync, rename, fsync of the directory),
-    /// mode 0600.
+    /// Writes the file atomically (a temporary file, fsync, rename, fsync of the directory).
+    /// A new file is mode 0600; a replaced one keeps its owner, group and mode (so that a
+    /// file made readable to the server's user, e.g. `chgrp deltavol` and `0640`, stays so
+    /// after every `credentials` command run as root).
     pub fn save(&self, path: &Path) -> Result<(), CredError> {
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
@@ -348,6 +350,13 @@ impl CredentialFile {
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| io("cannot create its temporary file", e))?;
+        if let Ok(old) = std::fs::metadata(path) {
+            std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid()))
+                .and_then(|()| {
+                    f.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o7777))
+                })
+                .map_err(|e| io("cannot give the new copy the file's owner and mode", e))?;
+        }
         f.write_all(text.as_bytes())
             .and_then(|()| f.write_all(b"\n"))
             .and_then(|()| f.sync_all())
@@ -880,6 +889,14 @@ mod tests {
         let r = store.authenticate(&c.id, b"n2", "db", &c.proof(b"n2", "db"));
         assert!(r.unwrap_err().0.contains("revoked"));
         assert!(store.current(&e.id).is_none());
+
+        // A replaced file keeps the mode it was given (e.g. 0640 for the server's group).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        f.save(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
 
         // A damaged file keeps the last table (the revocation stays in force).
         std::fs::write(&path, b"{ not json").unwrap();
