@@ -1624,6 +1624,7 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
     let mut c = dp.connect(name)?;
     let snaps = c.list_snapshots().context("list snapshots")?;
     let retention = c.info().retention;
+    let block_size = c.info().block_size;
     let tl = crate::when::timeline(&snaps);
     if json {
         let v: Vec<_> = snaps
@@ -1645,7 +1646,9 @@ fn list_snapshots(name: &str, dp: &DataPlaneArgs, json: bool) -> anyhow::Result<
                     "own_bytes": s.own_bytes,
                     "shared_bytes": s.shared_bytes,
                     "extents": s.extent_count,
-                    "volume_size": s.volume_size,
+                    // The device's size (an encrypted volume's envelopes taken out); the
+                    // byte counts above are as stored.
+                    "volume_size": crate::crypt::device_bytes(block_size, s.volume_size),
                     "generation": s.generation,
                     "pinned": s.pinned,
                     "label": s.label,

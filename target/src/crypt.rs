@@ -623,11 +623,16 @@ pub fn describe_key_id(id: Option<&KeyId>) -> String {
 /// The size of the device of a data-plane volume: its stored size, less the envelopes of an
 /// encrypted one (the same block count, each block 64 bytes smaller).
 pub fn device_size_bytes(info: &VolumeInfo) -> u64 {
-    let bs = info.block_size;
-    if is_sealed_block_size(bs) {
-        info.size_bytes / u64::from(bs) * u64::from(bs - ENVELOPE_BYTES)
+    device_bytes(info.block_size, info.size_bytes)
+}
+
+/// `dp_bytes` of a data-plane volume of block size `block_size` as the device's bytes: the
+/// same for a plain volume, without the envelopes for an encrypted one.
+pub fn device_bytes(block_size: u32, dp_bytes: u64) -> u64 {
+    if is_sealed_block_size(block_size) {
+        dp_bytes / u64::from(block_size) * u64::from(block_size - ENVELOPE_BYTES)
     } else {
-        info.size_bytes
+        dp_bytes
     }
 }
 

@@ -240,6 +240,21 @@ fn the_data_plane_never_holds_the_plaintext_nor_the_key() {
         out.contains("encryption:    client-side, xchacha20poly1305"),
         "{out}"
     );
+    // The listing gives the device's size too (the byte counts stay as stored).
+    let (code, out, err) = deltavol(&[
+        "snapshots",
+        "testvol",
+        "--json",
+        "--dataplane",
+        &dp.addr,
+        "--auth-token-file",
+        &token_file(dir.path()),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for snap in v.as_array().unwrap() {
+        assert_eq!(snap["volume_size"], 4194304, "{snap}");
+    }
 
     // A snapshot that waited in the outbox while the data plane was away is sealed too.
     let mut dp = dp;
