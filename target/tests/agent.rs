@@ -188,6 +188,20 @@ impl Runtime for Fake {
     }
 }
 
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn cfg(dir: &Path, with_dp: bool) -> AgentConfig {
     AgentConfig {
         state_dir: dir.join("state"),
@@ -351,6 +365,32 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
     assert!(err_of(&create("db1", json!({"dataplane": "nohost"}))).contains("dataplane="));
     assert!(err_of(&create("../etc", json!({}))).contains("name"));
     assert!(err_of(&create("db1", json!({"at": "-1h"}))).contains("recover="));
+    // A key file: absolute, a real key (never written into the record), and a data plane.
+    assert!(
+        err_of(&create("db1", json!({"encryption-key-file": "db1.key"}))).contains("absolute path")
+    );
+    let missing = d.path().join("no.key");
+    assert!(err_of(&create(
+        "db1",
+        json!({"encryption-key-file": missing.to_str().unwrap()})
+    ))
+    .contains("encryption-key-file="));
+    let bad = d.path().join("bad.key");
+    std::fs::write(&bad, "not hex\n").unwrap();
+    assert!(err_of(&create(
+        "db1",
+        json!({"encryption-key-file": bad.to_str().unwrap()})
+    ))
+    .contains("encryption-key-file="));
+    let good = d.path().join("db1.key");
+    deltavol::crypt::VolumeKey::generate(&good).unwrap();
+    let no_dp = VolumeManager::open(cfg(&d.path().join("nodp"), false), Fake::default()).unwrap();
+    let e = err_of(&call(
+        &no_dp,
+        "/VolumeDriver.Create",
+        json!({"Name": "db1", "Opts": {"encryption-key-file": good.to_str().unwrap()}}),
+    ));
+    assert!(e.contains("needs a data plane"), "{e}");
     // Bodies that are not the protocol.
     assert!(err_of(&handle(&m, "/VolumeDriver.Create", b"{not json")).contains("bad request"));
     assert!(err_of(&handle(&m, "/VolumeDriver.Mount", b"{\"Name\": 5}")).contains("bad request"));
@@ -370,6 +410,21 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
     );
     assert!(fake.n().log.is_empty(), "{:?}", fake.n().log);
     assert!(m.list().is_empty());
+    // A good key file: the record keeps its path, never the key.
+    ok(&create(
+        "enc1",
+        json!({"encryption-key-file": good.to_str().unwrap()}),
+    ));
+    let key_hex = std::fs::read_to_string(&good).unwrap();
+    let mut recorded = String::new();
+    for e in walk(&d.path().join("state")) {
+        recorded.push_str(&String::from_utf8_lossy(&std::fs::read(e).unwrap()));
+    }
+    assert!(recorded.contains(good.to_str().unwrap()), "{recorded}");
+    assert!(
+        !recorded.contains(key_hex.trim()),
+        "the key is not in the record"
+    );
     // A different create of an existing volume.
     ok(&create("db1", json!({"size": "1GiB"})));
     assert!(err_of(&create("db1", json!({"size": "2GiB"}))).contains("exists already"));
@@ -750,6 +805,7 @@ fn attach_arguments_are_what_deltavol_takes() {
             queues: Some(2),
             depth: Some(128),
             retention: Some("last=50,hourly=24".into()),
+            encryption_key_file: Some("/etc/deltavol/keys/db1.key".into()),
         };
         let mut argv = vec!["deltavol".to_string()];
         argv.extend(req.args());
@@ -764,6 +820,10 @@ fn attach_arguments_are_what_deltavol_takes() {
             dbg.contains("tls_ca: Some(\"/etc/deltavol/tls/ca.pem\")")
                 && dbg.contains("tls_server_name: Some(\"dp.example\")"),
             "the daemon gets the agent's TLS: {dbg}"
+        );
+        assert!(
+            dbg.contains("encryption_key_file: Some(\"/etc/deltavol/keys/db1.key\")"),
+            "the daemon gets the volume's key file: {dbg}"
         );
     }
 }

@@ -34,6 +34,7 @@ pub const OPTIONS: &[&str] = &[
     "read-cache",
     "hydrate-rate",
     "retention",
+    "encryption-key-file",
 ];
 
 /// A volume as the front-ends show it.
@@ -161,6 +162,7 @@ impl<R: Runtime> VolumeManager<R> {
             queues: None,
             depth: None,
             retention: o.retention.clone().or_else(|| self.cfg.retention.clone()),
+            encryption_key_file: o.encryption_key_file.clone(),
         }
     }
 
@@ -237,7 +239,21 @@ impl<R: Runtime> VolumeManager<R> {
                         .map_err(|e| anyhow!("retention={r:?}: {e}"))
                 })
                 .transpose()?,
+            encryption_key_file: get("encryption-key-file").map(PathBuf::from),
         };
+        if let Some(k) = &options.encryption_key_file {
+            if !k.is_absolute() {
+                bail!(
+                    "encryption-key-file={}: give the key file's absolute path on this node",
+                    k.display()
+                );
+            }
+            crate::crypt::VolumeKey::load(k)
+                .map_err(|e| anyhow!("encryption-key-file={}: {e}", k.display()))?;
+            if self.dataplane(&options).is_none() {
+                bail!("encryption-key-file= seals what the volume ships: it needs a data plane (dataplane in the agent's config, or -o dataplane=)");
+            }
+        }
         if let Some(dp) = &options.dataplane {
             crate::ship::DataPlaneAddrs::parse(dp).map_err(|e| anyhow!("dataplane={dp:?}: {e}"))?;
             if self.cfg.auth_token_file.is_none() {

@@ -51,6 +51,8 @@ pub struct AttachRequest {
     pub depth: Option<u16>,
     /// Retention policy of its snapshots on the data plane (`--retention`).
     pub retention: Option<String>,
+    /// Client-side encryption (`--encryption-key-file`).
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 impl AttachRequest {
@@ -113,6 +115,9 @@ impl AttachRequest {
         opt("--depth", self.depth.map(u64::from));
         if let (Some(r), Some(_)) = (&self.retention, &self.dataplane) {
             a.extend(["--retention".into(), r.clone()]);
+        }
+        if let (Some(k), Some(_)) = (&self.encryption_key_file, &self.dataplane) {
+            a.extend(["--encryption-key-file".into(), p(k)]);
         }
         // A daemon that dies leaves its device waiting (I/O blocks, no error reaches the
         // filesystem) until the agent's restart takes it over.

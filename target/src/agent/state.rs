@@ -77,6 +77,9 @@ pub struct VolumeOptions {
     /// Retention policy of its snapshots (`last=50,hourly=24,...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<String>,
+    /// Client-side encryption: the key file on this node (the path, never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
