@@ -316,6 +316,21 @@ impl Collector for ServerStatsCollector {
         )?;
         counter(
             &mut enc,
+            "auth_refused",
+            "Handshakes refused: a wrong secret, an unknown or revoked credential, no role on the \
+             volume, or a TLS handshake that did not complete.",
+            l,
+            get(&s.auth_refused),
+        )?;
+        counter(
+            &mut enc,
+            "requests_forbidden",
+            "Requests refused because the connection's credential lacks the role (Forbidden).",
+            l,
+            get(&s.forbidden),
+        )?;
+        counter(
+            &mut enc,
             "ingest_bytes",
             "Extent data bytes received in PutExtents frames.",
             l,

@@ -244,6 +244,11 @@ pub struct ServerStats {
     pub handshakes_evicted: std::sync::atomic::AtomicU64,
     /// Connections closed by a deadline (handshake, idle, frame or write).
     pub timed_out: std::sync::atomic::AtomicU64,
+    /// Handshakes refused: authentication failed (wrong secret, unknown or revoked
+    /// credential, no role on the volume) or the TLS handshake did not complete.
+    pub auth_refused: std::sync::atomic::AtomicU64,
+    /// Requests refused because the connection's credential lacks the role (`Forbidden`).
+    pub forbidden: std::sync::atomic::AtomicU64,
     /// Extent data bytes received in `PutExtents` payloads (of uploads committed or not).
     pub ingest_bytes: std::sync::atomic::AtomicU64,
     /// Snapshots committed (durable).
@@ -1287,6 +1292,10 @@ async fn handshake(
         Some(tls) => match tokio::time::timeout(deadline, tls.accept(stream)).await {
             Ok(Ok(s)) => HandshakeStream::Tls(Box::new(s)),
             Ok(Err(e)) => {
+                shard
+                    .stats
+                    .auth_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
                 return;
             }
@@ -1321,7 +1330,15 @@ async fn handshake(
     let (volume, generation, volume_id, auth) = match res {
         Ok(v) => v,
         Err(e) => {
-            tracing::info!(peer = %peer, code = ?e.code, error = %e.msg, "handshake refused");
+            if e.code == wire::ErrorCode::Unauthorized {
+                shard
+                    .stats
+                    .auth_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(peer = %peer, error = %e.msg, "authentication refused");
+            } else {
+                tracing::info!(peer = %peer, code = ?e.code, error = %e.msg, "handshake refused");
+            }
             out.error(e.code, &e.msg);
             // The error frame is small; a peer that does not take it is not waited for long.
             let write = async {
@@ -1455,6 +1472,10 @@ impl Conn {
         if have >= level {
             return Ok(());
         }
+        self.shard
+            .stats
+            .forbidden
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Err(ReqError::new(
             wire::ErrorCode::Forbidden,
             format!(
@@ -1663,6 +1684,10 @@ impl Conn {
             let source = m.source_volume().unwrap_or_default().to_string();
             self.need(Access::Write, "create the volume as a clone")?;
             if self.auth.access(&source) < Access::Read {
+                self.shard
+                    .stats
+                    .forbidden
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(ReqError::new(
                     wire::ErrorCode::Forbidden,
                     format!(

@@ -508,7 +508,21 @@ fn a_server_with_credentials_only_takes_no_token_and_admin_credentials_recover()
     assert_eq!(e.server_code(), Some(wire::ErrorCode::Unauthorized));
     assert!(e.to_string().contains("credentials only"), "{e}");
 
+    let stats = srv.stats_shared();
+    let count = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        count(&stats.auth_refused),
+        1,
+        "the refused token is counted"
+    );
     let mut w = connect_with(addr, &writer, "db").expect("writer");
+    assert_eq!(code(w.new_generation()), wire::ErrorCode::Forbidden);
+    assert_eq!(
+        count(&stats.forbidden),
+        1,
+        "the forbidden request is counted"
+    );
+    assert_eq!(count(&stats.auth_refused), 1);
     w.create_volume(SIZE, BS as u32).expect("create");
     w.begin_snapshot(1, 0, SIZE).expect("begin");
     w.put_extent(5, 1, &[9u8; BS]).expect("put");

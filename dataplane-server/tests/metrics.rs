@@ -33,6 +33,14 @@ fn scrape_counts_connections_ingest_and_commits() {
     );
     assert!(before.trim_end().ends_with("# EOF"), "{before}");
     assert_eq!(sample(&before, "deltavol_dataplane_volumes"), 0.0);
+    assert_eq!(
+        sample(&before, "deltavol_dataplane_auth_refused_total"),
+        0.0
+    );
+    assert_eq!(
+        sample(&before, "deltavol_dataplane_requests_forbidden_total"),
+        0.0
+    );
 
     let mut c = connect(server.local_addr(), "vol-m");
     c.create_volume(64 * BS as u64, BS as u32).expect("create");
