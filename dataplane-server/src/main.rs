@@ -236,9 +236,11 @@ fn serve(args: Cli) -> anyhow::Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(std::sync::Arc::new(
-            deltavol_dataplane::tls::ServerTls::load(cert, key, args.tls_client_ca.as_deref())?,
-        )),
+        (Some(cert), Some(key)) => Some(deltavol_dataplane::tls::ServerTlsFiles::open(
+            cert,
+            key,
+            args.tls_client_ca.as_deref(),
+        )?),
         (None, None) => None,
         _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     };

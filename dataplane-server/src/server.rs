@@ -51,7 +51,7 @@ use crate::store::format::VolumeId;
 use crate::store::{
     self, BeginOutcome, PlanSrc, StoreError, StoreErrorKind, Upload, Volume, VolumeSummary,
 };
-use crate::tls::{ServerTls, ServerTransport, UringTls};
+use crate::tls::{ServerTlsFiles, ServerTransport, UringTls};
 
 /// Default time a new connection has to finish hello / challenge / auth.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
@@ -95,9 +95,10 @@ pub struct ServerConfig {
     pub auth_token: Vec<u8>,
     /// The per-volume credentials file (`--credentials-file`), if any.
     pub credentials: Option<PathBuf>,
-    /// TLS on every connection (`--tls-cert`, `--tls-key`, `--tls-client-ca`); `None`: plain
-    /// TCP, which [`start`] allows only on a loopback address or with `insecure`.
-    pub tls: Option<Arc<ServerTls>>,
+    /// TLS on every connection (`--tls-cert`, `--tls-key`, `--tls-client-ca`), re-read when
+    /// the files change; `None`: plain TCP, which [`start`] allows only on a loopback address
+    /// or with `insecure`.
+    pub tls: Option<Arc<ServerTlsFiles>>,
     /// Serve plain TCP on a non-loopback address (`--insecure`): logged at start.
     pub insecure: bool,
     /// Connection caps and deadlines (`ConnLimits::default()` for a production server).
@@ -484,10 +485,13 @@ pub fn start_with_backend(
         ));
     }
     match (&cfg.tls, cfg.listen.ip().is_loopback(), cfg.insecure) {
-        (Some(tls), _, _) => tracing::info!(
-            client_certificates = tls.requires_client_cert(),
-            "TLS on every connection"
-        ),
+        (Some(tls), _, _) => {
+            tls.watch().map_err(io_err("spawn the TLS reloader"))?;
+            tracing::info!(
+                client_certificates = tls.requires_client_cert(),
+                "TLS on every connection"
+            )
+        }
         (None, true, _) => {}
         (None, false, true) => tracing::warn!(
             listen = %cfg.listen,
@@ -639,7 +643,7 @@ struct ShardInit {
     volumes_dir: store::backend::Backend,
     token: Arc<[u8]>,
     credentials: Option<Arc<CredentialStore>>,
-    tls: Option<Arc<ServerTls>>,
+    tls: Option<Arc<ServerTlsFiles>>,
     senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     stats: Arc<ServerStats>,
@@ -658,7 +662,7 @@ struct Shard {
     /// Per-volume credentials, when the server has a credentials file.
     credentials: Option<Arc<CredentialStore>>,
     /// TLS on every connection, when configured.
-    tls: Option<Arc<ServerTls>>,
+    tls: Option<Arc<ServerTlsFiles>>,
     senders: Arc<Vec<tokio::sync::mpsc::Sender<Handoff>>>,
     stats: Arc<ServerStats>,
     volumes: RefCell<HashMap<String, Rc<Volume>>>,
@@ -1289,7 +1293,7 @@ async fn handshake(
     // TLS first (inside the same deadline as the rest of the handshake).
     let mut stream = match &shard.tls {
         None => HandshakeStream::Plain(stream),
-        Some(tls) => match tokio::time::timeout(deadline, tls.accept(stream)).await {
+        Some(tls) => match tokio::time::timeout(deadline, tls.current().accept(stream)).await {
             Ok(Ok(s)) => HandshakeStream::Tls(Box::new(s)),
             Ok(Err(e)) => {
                 shard

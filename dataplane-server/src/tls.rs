@@ -455,6 +455,131 @@ impl ServerTls {
     }
 }
 
+/// The server's TLS read from its files, and read again when they change: a renewed
+/// certificate (a new `server.pem` and `server.key`, e.g. from cert-manager or an ACME client)
+/// is served to every new connection within [`RELOAD_INTERVAL`], without a restart; sessions
+/// already open go on with the old one. A change that does not load (a key replaced before its
+/// certificate, a broken file) keeps the configuration that works, logs why once, and is tried
+/// again at the next look.
+pub struct ServerTlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    current: std::sync::RwLock<Arc<ServerTls>>,
+    /// The files as last loaded, and as last refused (to log a refusal once).
+    stamps: std::sync::Mutex<(Vec<Option<FileStamp>>, Vec<Option<FileStamp>>)>,
+}
+
+/// How often [`ServerTlsFiles::watch`] looks at the files.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    mtime_ns: i128,
+    len: u64,
+    ino: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        len: m.len(),
+        ino: m.ino(),
+    })
+}
+
+impl fmt::Debug for ServerTlsFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTlsFiles")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("client_ca", &self.client_ca)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTlsFiles {
+    /// Loads the files ([`ServerTls::load`]); an error here stops the server's start.
+    pub fn open(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+    ) -> Result<Arc<ServerTlsFiles>, TlsError> {
+        let files = ServerTlsFiles {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            client_ca: client_ca.map(Path::to_path_buf),
+            current: std::sync::RwLock::new(Arc::new(ServerTls::load(cert, key, client_ca)?)),
+            stamps: std::sync::Mutex::new((Vec::new(), Vec::new())),
+        };
+        let now = files.stamps_now();
+        files.stamps.lock().unwrap_or_else(|p| p.into_inner()).0 = now;
+        Ok(Arc::new(files))
+    }
+
+    fn stamps_now(&self) -> Vec<Option<FileStamp>> {
+        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|p| stamp(p))
+            .collect()
+    }
+
+    /// The configuration new connections get.
+    pub fn current(&self) -> Arc<ServerTls> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether clients must present a certificate (mutual TLS).
+    pub fn requires_client_cert(&self) -> bool {
+        self.client_ca.is_some()
+    }
+
+    /// Loads the files again if any of them changed since they last loaded; returns whether
+    /// new connections now get a new configuration.
+    pub fn refresh(&self) -> bool {
+        let now = self.stamps_now();
+        let mut stamps = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        if stamps.0 == now {
+            return false;
+        }
+        match ServerTls::load(&self.cert, &self.key, self.client_ca.as_deref()) {
+            Ok(tls) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tls);
+                stamps.0 = now;
+                tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded: new connections get it");
+                true
+            }
+            Err(e) => {
+                if stamps.1 != now {
+                    tracing::warn!(error = %e, "TLS files changed but do not load: still serving the previous certificate (tried again every second)");
+                    stamps.1 = now;
+                }
+                false
+            }
+        }
+    }
+
+    /// Looks at the files every [`RELOAD_INTERVAL`] on a thread of its own, until dropped.
+    pub fn watch(self: &Arc<Self>) -> io::Result<()> {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("dp-tls-reload".into())
+            .spawn(move || loop {
+                std::thread::sleep(RELOAD_INTERVAL);
+                match weak.upgrade() {
+                    Some(s) => {
+                        s.refresh();
+                    }
+                    None => return,
+                }
+            })
+            .map(|_| ())
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Client configuration and stream
 // ---------------------------------------------------------------------------------------

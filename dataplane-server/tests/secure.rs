@@ -6,16 +6,15 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 
 use common::*;
-use deltavol_dataplane::tls::{generate, ClientTls, ServerTls};
+use deltavol_dataplane::tls::{generate, ClientTls, ServerTlsFiles};
 use deltavol_dataplane::{start, Client, ClientAccess, ServerConfig, ServerHandle};
 
 const BS: usize = 4096;
 
 fn tls_server(dir: &Path, certs: &Path, client_ca: bool) -> ServerHandle {
-    let tls = ServerTls::load(
+    let tls = ServerTlsFiles::open(
         &certs.join("server.pem"),
         &certs.join("server.key"),
         client_ca.then(|| certs.join("ca.pem")).as_deref(),
@@ -27,7 +26,7 @@ fn tls_server(dir: &Path, certs: &Path, client_ca: bool) -> ServerHandle {
         threads: 2,
         auth_token: TOKEN.to_vec(),
         credentials: None,
-        tls: Some(Arc::new(tls)),
+        tls: Some(tls),
         insecure: false,
         limits: Default::default(),
     })
@@ -254,4 +253,43 @@ fn tls_init_writes_certificates_the_server_serves_with() {
     );
     let mut cl = Client::connect(srv.addr, &access(&certs, None), "cli", timeouts()).expect("TLS");
     cl.create_volume(1 << 20, BS as u32).expect("create");
+}
+
+#[test]
+fn a_renewed_certificate_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = certs(dir.path(), "tls", &[]);
+    let renewed = certs(dir.path(), "renewed", &[]);
+    let srv = tls_server(dir.path(), &c, false);
+    let addr = srv.local_addr();
+    let mut open = Client::connect(addr, &access(&c, None), "r", timeouts()).expect("old CA");
+    open.create_volume(1 << 20, BS as u32).expect("create");
+
+    // A half-done renewal (the new key before its certificate) does not load: the server
+    // keeps serving the certificate that works.
+    std::fs::copy(renewed.join("server.key"), c.join("server.key.new")).expect("copy");
+    std::fs::rename(c.join("server.key.new"), c.join("server.key")).expect("rename");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    Client::connect(addr, &access(&c, None), "r", timeouts())
+        .expect("the old certificate is still served");
+
+    // The certificate follows: new connections get it within the reload interval.
+    std::fs::copy(renewed.join("server.pem"), c.join("server.pem.new")).expect("copy");
+    std::fs::rename(c.join("server.pem.new"), c.join("server.pem")).expect("rename");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Client::connect(addr, &access(&renewed, None), "r", timeouts()) {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => panic!("the renewed certificate was not served within 10 s: {e}"),
+        }
+    }
+    let e = Client::connect(addr, &access(&c, None), "r", timeouts()).unwrap_err();
+    assert!(e.to_string().contains("not trusted"), "{e}");
+    // The session opened before goes on.
+    open.volume_info().expect("the open connection still works");
+    srv.shutdown();
 }
