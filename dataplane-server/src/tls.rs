@@ -467,8 +467,11 @@ pub struct ServerTlsFiles {
     client_ca: Option<PathBuf>,
     current: std::sync::RwLock<Arc<ServerTls>>,
     /// The files as last loaded, and as last refused (to log a refusal once).
-    stamps: std::sync::Mutex<(Vec<Option<FileStamp>>, Vec<Option<FileStamp>>)>,
+    stamps: std::sync::Mutex<(Stamps, Stamps)>,
 }
+
+/// The state of each file (missing: `None`).
+type Stamps = Vec<Option<FileStamp>>;
 
 /// How often [`ServerTlsFiles::watch`] looks at the files.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
@@ -519,7 +522,7 @@ impl ServerTlsFiles {
         Ok(Arc::new(files))
     }
 
-    fn stamps_now(&self) -> Vec<Option<FileStamp>> {
+    fn stamps_now(&self) -> Stamps {
         [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
             .into_iter()
             .flatten()
