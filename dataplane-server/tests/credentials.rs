@@ -544,3 +544,73 @@ fn a_server_with_credentials_only_takes_no_token_and_admin_credentials_recover()
     assert!(e.to_string().contains("damaged credential"), "{e}");
     srv.shutdown();
 }
+
+/// Every request type, as the committed fuzz seeds hold one valid frame of each: a credential
+/// of A gets no request through on B (the handshake is refused and the connection closed, the
+/// request after it goes nowhere), and B's reader gets `Forbidden` for each request that
+/// changes anything; B is the same afterwards.
+#[test]
+fn every_request_type_of_a_credential_of_a_is_refused_on_b() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (srv, creds) = server(dir.path());
+    seed(srv.addr, "vol-a", 0x10);
+    let model_b = seed(srv.addr, "vol-b", 0x60);
+    let writer_a = issue(&creds, &["--write", "vol-a"]);
+    let reader_b = issue(&creds, &["--read", "vol-b"]);
+    let corpus = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/frame_decode");
+    let changing = [
+        "create_volume",
+        "begin_snapshot",
+        "put_extents",
+        "commit",
+        "delete_snapshot",
+        "new_generation",
+        "clone_volume",
+        "delete_volume",
+        "set_retention",
+        "pin_snapshot",
+        "prune",
+    ];
+    let reading = [
+        "get_volume_info",
+        "list_snapshots",
+        "read_extents",
+        "read_checksums",
+    ];
+    let mut admin = connect(srv.addr, "vol-b");
+    let before = admin.list_snapshots().expect("list");
+    let info_before = admin.volume_info().expect("info");
+    for name in changing.iter().chain(&reading) {
+        let f = std::fs::read(corpus.join(name)).expect("the seed frame");
+        let (mut s, reply) = raw_auth(srv.addr, &writer_a, "vol-b");
+        assert_eq!(
+            reply.expect("a refusal").1,
+            Some(wire::ErrorCode::Unauthorized),
+            "{name}"
+        );
+        let _ = s.write_all(&f);
+        assert!(closed(&mut s), "{name}: the refused connection is closed");
+
+        let (mut s, reply) = raw_auth(srv.addr, &reader_b, "vol-b");
+        assert_eq!(reply.expect("auth").0, wire::Message::AuthOk, "{name}");
+        s.write_all(&f).expect("send");
+        let code = read_reply(&mut s).expect("a reply").1;
+        if changing.contains(name) {
+            assert_eq!(code, Some(wire::ErrorCode::Forbidden), "{name}");
+        } else {
+            assert_ne!(code, Some(wire::ErrorCode::Forbidden), "{name}");
+        }
+    }
+    assert_eq!(admin.list_snapshots().expect("list"), before);
+    let info = admin.volume_info().expect("info");
+    assert_eq!(
+        (info.generation, info.volume_id, info.retention),
+        (
+            info_before.generation,
+            info_before.volume_id,
+            info_before.retention
+        )
+    );
+    assert_eq!(read_all(&mut admin, 2), model_b);
+}
