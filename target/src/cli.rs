@@ -204,7 +204,9 @@ pub struct SnapshotsArgs {
     /// Volume name (lists its snapshots).
     #[arg(required = true)]
     pub name: Option<String>,
-    /// Data-plane server address(es), HOST:PORT[,HOST:PORT...].
+    /// Data-plane server address, HOST:PORT; or several, comma-separated (servers sharing one
+    /// object store with --multi-server): the one that worked last is tried first, then the
+    /// others in order, until one serves the volume.
     #[arg(long, value_parser = parse_dataplane)]
     pub dataplane: Option<DataPlaneAddrs>,
     /// File holding this node's credential or the data plane's admin token.
