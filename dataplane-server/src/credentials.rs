@@ -38,6 +38,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
+
+use crate::filewatch::{stamp, FileStamp};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -588,23 +590,6 @@ struct Loaded {
     by_id: BTreeMap<String, (Entry, [u8; 32])>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    mtime_ns: i128,
-    len: u64,
-    ino: u64,
-}
-
-fn stamp(path: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        len: m.len(),
-        ino: m.ino(),
-    })
-}
-
 /// Why a credential was refused (the message the client gets).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused(pub String);
@@ -721,17 +706,7 @@ impl CredentialStore {
     /// Re-reads the file every [`REFRESH_INTERVAL`] on a thread of its own, until the store
     /// is dropped.
     pub fn watch(self: &Arc<Self>) -> std::io::Result<()> {
-        let weak = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("dp-credentials".into())
-            .spawn(move || loop {
-                std::thread::sleep(REFRESH_INTERVAL);
-                match weak.upgrade() {
-                    Some(s) => s.refresh(),
-                    None => return,
-                }
-            })
-            .map(|_| ())
+        crate::filewatch::every("dp-credentials", REFRESH_INTERVAL, self, Self::refresh)
     }
 }
 

@@ -51,6 +51,7 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod credentials;
+pub mod filewatch;
 pub mod metrics;
 pub mod notify;
 pub mod retention;

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::filewatch::{stamp, FileStamp};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -476,23 +477,6 @@ type Stamps = Vec<Option<FileStamp>>;
 /// How often [`ServerTlsFiles::watch`] looks at the files.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    mtime_ns: i128,
-    len: u64,
-    ino: u64,
-}
-
-fn stamp(path: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        len: m.len(),
-        ino: m.ino(),
-    })
-}
-
 impl fmt::Debug for ServerTlsFiles {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerTlsFiles")
@@ -567,19 +551,9 @@ impl ServerTlsFiles {
 
     /// Looks at the files every [`RELOAD_INTERVAL`] on a thread of its own, until dropped.
     pub fn watch(self: &Arc<Self>) -> io::Result<()> {
-        let weak = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("dp-tls-reload".into())
-            .spawn(move || loop {
-                std::thread::sleep(RELOAD_INTERVAL);
-                match weak.upgrade() {
-                    Some(s) => {
-                        s.refresh();
-                    }
-                    None => return,
-                }
-            })
-            .map(|_| ())
+        crate::filewatch::every("dp-tls-reload", RELOAD_INTERVAL, self, |s| {
+            s.refresh();
+        })
     }
 }
 
