@@ -873,6 +873,52 @@ no_create_probe = true
     }
 
     #[test]
+    fn security_keys_from_the_file_for_the_server_and_the_credentials_command() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(
+            dir.path(),
+            "credentials_file = \"creds.json\"\ntls_cert = \"tls/server.pem\"\ntls_key = \"tls/server.key\"\ninsecure = true\n",
+        );
+        let cli = load(&[], &path).expect("loads");
+        // Relative paths are relative to the file's directory.
+        assert_eq!(cli.credentials_file, Some(dir.path().join("creds.json")));
+        assert_eq!(cli.tls_cert, Some(dir.path().join("tls/server.pem")));
+        assert_eq!(cli.tls_key, Some(dir.path().join("tls/server.key")));
+        assert!(cli.insecure);
+        let cli = load(&["credentials", "list"], &path).expect("loads");
+        let Some(Command::Credentials {
+            credentials_file, ..
+        }) = &cli.command
+        else {
+            panic!("{cli:?}");
+        };
+        assert_eq!(
+            credentials_file.as_deref(),
+            Some(dir.path().join("creds.json").as_path())
+        );
+        // The flag wins over the file.
+        let cli = load(
+            &["credentials", "--credentials-file", "/x.json", "list"],
+            &path,
+        )
+        .expect("loads");
+        let Some(Command::Credentials {
+            credentials_file, ..
+        }) = &cli.command
+        else {
+            panic!("{cli:?}");
+        };
+        assert_eq!(credentials_file.as_deref(), Some(Path::new("/x.json")));
+        // The certificate without its key is a command-line error.
+        assert!(load(&["--tls-cert", "/c.pem"], Path::new(NONE)).is_err());
+        assert!(load(
+            &["--tls-cert", "/c", "--tls-key", "/k", "--insecure"],
+            Path::new(NONE)
+        )
+        .is_err());
+    }
+
+    #[test]
     fn compaction_settings_from_flags_and_file_with_bad_values_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cli = load(&[], Path::new(NONE)).expect("defaults");
