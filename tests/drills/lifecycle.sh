@@ -88,8 +88,10 @@ fi
 if "$DV" status "$NAME" 2>&1 | grep -qx "metrics: *http://$METRICS/metrics"; then pass status-metrics-url; else
     fail status-metrics-url "$("$DV" status "$NAME" 2>&1 | head -c 300)"; fi
 # ... and the daemon's resident memory, with the part that is not the read cache.
-rss=$(dv_status "$NAME" 2>&1 | json_get rss_bytes)
-beyond=$(dv_status "$NAME" 2>&1 | json_get rss_beyond_read_cache_bytes)
+# Both from one status: resident memory moves between two calls.
+st=$(dv_status "$NAME" 2>&1)
+rss=$(echo "$st" | json_get rss_bytes)
+beyond=$(echo "$st" | json_get rss_beyond_read_cache_bytes)
 if [ "${rss:-0}" -gt 0 ] 2>/dev/null && [ "${beyond:-x}" -le "$rss" ] 2>/dev/null &&
     "$DV" status "$NAME" 2>&1 | grep -q "^memory: .* resident (peak .*), of it .* read cache and .* beyond it$"; then
     pass status-memory
