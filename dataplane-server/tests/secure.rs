@@ -14,6 +14,15 @@ use deltavol_dataplane::{start, Client, ClientAccess, ServerConfig, ServerHandle
 const BS: usize = 4096;
 
 fn tls_server(dir: &Path, certs: &Path, client_ca: bool) -> ServerHandle {
+    tls_server_with(dir, certs, client_ca, Default::default())
+}
+
+fn tls_server_with(
+    dir: &Path,
+    certs: &Path,
+    client_ca: bool,
+    limits: deltavol_dataplane::ConnLimits,
+) -> ServerHandle {
     let tls = ServerTlsFiles::open(
         &certs.join("server.pem"),
         &certs.join("server.key"),
@@ -28,7 +37,7 @@ fn tls_server(dir: &Path, certs: &Path, client_ca: bool) -> ServerHandle {
         credentials: None,
         tls: Some(tls),
         insecure: false,
-        limits: Default::default(),
+        limits,
     })
     .expect("server starts")
 }
@@ -291,5 +300,83 @@ fn a_renewed_certificate_is_served_without_a_restart() {
     assert!(e.to_string().contains("not trusted"), "{e}");
     // The session opened before goes on.
     open.volume_info().expect("the open connection still works");
+    srv.shutdown();
+}
+
+/// True when the server closes the connection (after an alert, maybe) within the read
+/// timeout.
+fn ends(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 512];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+#[test]
+fn garbage_and_silent_clients_on_the_tls_port_are_dropped_and_good_ones_served() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = certs(dir.path(), "tls", &[]);
+    let limits = deltavol_dataplane::ConnLimits {
+        handshake_timeout_ms: 500,
+        ..Default::default()
+    };
+    let srv = tls_server_with(dir.path(), &c, false, limits);
+    let addr = srv.local_addr();
+    let raw = || {
+        let s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        s
+    };
+    // Garbage instead of a ClientHello: the connection is closed.
+    let mut g = raw();
+    g.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0x00, 0x13, 0x37])
+        .expect("send");
+    g.write_all(&[0xa5; 4096]).expect("send");
+    assert!(ends(&mut g), "garbage is dropped");
+    // A plain deltavol Hello on the TLS port: dropped too.
+    let mut p = raw();
+    let mut fbb = deltavol_schemas::flatbuffers::FlatBufferBuilder::new();
+    let body = deltavol_schemas::wire::Hello::create(
+        &mut fbb,
+        &deltavol_schemas::wire::HelloArgs {
+            protocol_version: deltavol_schemas::PROTOCOL_VERSION,
+            client_name: None,
+        },
+    );
+    let f = frame(
+        &mut fbb,
+        deltavol_schemas::wire::Message::Hello,
+        body.as_union_value(),
+        &[],
+    );
+    p.write_all(&f).expect("send");
+    assert!(ends(&mut p), "a plain client is dropped");
+    // Silent sockets (a slow loris of the TLS handshake) are closed at the deadline, while a
+    // good client is served meanwhile.
+    let mut silent: Vec<_> = (0..8).map(|_| raw()).collect();
+    let mut good = Client::connect(addr, &access(&c, None), "g", timeouts()).expect("served");
+    good.create_volume(1 << 20, BS as u32).expect("create");
+    for s in &mut silent {
+        assert!(
+            closed(s),
+            "a silent socket is closed at the handshake deadline"
+        );
+    }
+    let refused = srv
+        .stats()
+        .auth_refused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        refused >= 2,
+        "the failed TLS handshakes are counted: {refused}"
+    );
+    good.volume_info().expect("the good client goes on");
     srv.shutdown();
 }
