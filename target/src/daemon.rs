@@ -459,13 +459,32 @@ fn takeover_candidate(name: &str) -> Option<(u32, u16, u16)> {
     }
     init_ctrl_ring().ok()?;
     let c = UblkCtrl::new_simple(info.dev_id as i32).ok()?;
-    let di = c.dev_info();
-    (u32::from(di.state) == sys::UBLK_S_DEV_QUIESCED).then_some((
-        info.dev_id,
-        di.nr_hw_queues,
-        di.queue_depth,
-    ))
+    // The kernel quiesces a device whose daemon died when it notices: at once on newer kernels
+    // (the char device's release), within its daemon monitor's period (5 s) on older ones such
+    // as 6.12. A recoverable device still LIVE is waited for, not removed as stale: removing
+    // it would fail the I/O waiting in it (seen in the Docker drill on 6.12, where the agent
+    // restarted the daemon within a second of the kill).
+    let deadline = std::time::Instant::now() + TAKEOVER_QUIESCE_WAIT;
+    loop {
+        let di = c.dev_info();
+        if u32::from(di.state) == sys::UBLK_S_DEV_QUIESCED {
+            return Some((info.dev_id, di.nr_hw_queues, di.queue_depth));
+        }
+        let recoverable = di.flags & u64::from(sys::UBLK_F_USER_RECOVERY) != 0;
+        if !recoverable
+            || u32::from(di.state) != sys::UBLK_S_DEV_LIVE
+            || std::time::Instant::now() >= deadline
+        {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        c.read_dev_info().ok()?;
+    }
 }
+
+/// How long a successor waits for the kernel to quiesce a dead daemon's recoverable device
+/// (twice the monitor period of kernels that notice a dead daemon only through it).
+const TAKEOVER_QUIESCE_WAIT: Duration = Duration::from_secs(12);
 
 fn remove_stale_in_background(name: &str) {
     let Some(info) = dead_daemon(name) else {
