@@ -1413,6 +1413,9 @@ struct Conn {
     volume_id: Option<VolumeId>,
     /// What the connection's credential may do (re-read when the credentials change).
     auth: Authorized,
+    /// `auth`'s role on this connection's volume, worked out once per change of `auth` (not
+    /// per request: the grants' patterns are matched here, off the per-frame path).
+    access: Access,
     /// The credentials' generation `auth` was read at.
     auth_seen: u64,
     stream: ServerTransport,
@@ -1459,6 +1462,7 @@ impl Conn {
         }
         match store.current(id) {
             Some(a) => {
+                self.access = a.access(&self.volume_name);
                 self.auth = a;
                 self.auth_seen = seen;
                 Ok(())
@@ -1472,7 +1476,7 @@ impl Conn {
 
     /// Refuses the request (`Forbidden`) unless the credential has `level` on this volume.
     fn need(&self, level: Access, what: &str) -> Result<(), ReqError> {
-        let have = self.auth.access(&self.volume_name);
+        let have = self.access;
         if have >= level {
             return Ok(());
         }
@@ -2379,6 +2383,7 @@ impl Conn {
 
 async fn serve(shard: Rc<Shard>, h: Handoff) {
     let peer = h.peer;
+    let access = h.auth.access(&h.volume);
     let tcp = tokio_uring::net::TcpStream::from_std(h.stream);
     let stream = match h.tls {
         Some(session) => ServerTransport::Tls(UringTls::new(tcp, session)),
@@ -2393,6 +2398,7 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
         // Never a generation: the first request re-reads the credential (it may have been
         // revoked between the handshake and here).
         auth_seen: u64::MAX,
+        access,
         auth: h.auth,
         stream,
         hdr: Vec::new(),
