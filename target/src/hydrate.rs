@@ -4,19 +4,40 @@
 //! While hydrating, the cache keeps a *local* bitmap: blocks whose data is in the backing file
 //! (hydrated) or that were written here. A read of a block that is neither in an epoch nor
 //! local is served from the data plane: the queue hands the block's extent
-//! ([`HYDRATE_EXTENT_BLOCKS`] blocks) to the fetcher thread and awaits it (a queue thread never
-//! blocks: it sends a request and parks the read on a completion); the fetcher writes the
+//! ([`HYDRATE_EXTENT_BLOCKS`] blocks) to the hydration worker and awaits it (a queue thread
+//! never blocks: it sends a request and parks the read on a completion); the worker writes the
 //! extent's non-local blocks to the backing file, marks them local, and hands the data to the
-//! waiting reads. Between requests the same thread hydrates the rest in LBA order, at most
+//! waiting reads. Meanwhile the same worker hydrates the rest in LBA order, at most
 //! `rate_bytes_per_s`.
 //!
+//! ## Pipelined
+//! Two threads, each with its own data-plane connection:
+//! - the **worker** decides everything: which extents are fetched, and it alone installs them
+//!   (writes the backing file, marks blocks local) and answers reads; it fetches on its own
+//!   connection only for a read that waits for an extent nobody is fetching;
+//! - the **prefetcher** fetches the batches the worker hands it, one after the other, on its
+//!   connection, and hands the data back; it never writes anything.
+//!
+//! The worker keeps up to [`HYDRATE_PIPELINE_BATCHES`] background batches
+//! ([`HYDRATE_BATCH_EXTENTS`] extents each) with the prefetcher, so the next batch is read by
+//! the data plane and crosses the network while the worker installs the last one or persists
+//! the map. Batch buffers are reused (a read fills every byte, so none is zeroed again).
+//!
+//! **Readahead.** A read of a missing extent that follows the last one asked for, or reaches
+//! the end of the last readahead window, or waits for an extent of a window still in flight,
+//! is sequential: the next [`HYDRATE_READAHEAD_EXTENTS`] extents not local are handed to the
+//! prefetcher at once (at most two windows in flight; the rate limit does not apply, the
+//! application waits for them), while the read's own extent is fetched on the worker's
+//! connection. Reads of a region in order then find it local, or in flight.
+//!
 //! ## Each missing extent is fetched once
-//! One thread does every fetch, so one fetch at a time is in flight, and a request arriving
-//! meanwhile waits in the channel for it. A request is only looked at when the fetcher takes
-//! its turn, and the extent is checked again then, because the read looked at the local bitmap
-//! before it asked, and since then the extent may have been installed (by a background batch
-//! that was in flight, or by another read's fetch):
-//! - an extent already asked for joins that request (one fetch answers every waiting read);
+//! The worker records every extent it handed the prefetcher until that batch is installed
+//! (or failed), and takes requests one at a time. A request is only looked at when the worker
+//! takes it, and the extent is checked again then, because the read looked at the local bitmap
+//! before it asked, and since then the extent may have been installed (by a batch, or by
+//! another read's fetch):
+//! - an extent already asked for (by another read, the background or readahead) joins that
+//!   fetch (one fetch answers every waiting read);
 //! - an extent all local now is answered from what was installed, never fetched again: from
 //!   the backing file (read under `backing_lock`) when its install wrote every block of it —
 //!   the backing then holds the snapshot's data or a newer write flushed since, either right
@@ -24,12 +45,15 @@
 //!   block may not be in the backing file yet) from the installed data itself, kept for the
 //!   last [`HYDRATE_RECENT_EXTENTS`] such installs; past those, it is fetched again (counted
 //!   in `extents_refetched`);
-//! - the background picks its batch from the local bitmap just before fetching it, so it never
-//!   fetches an extent a read's fetch has installed.
+//! - the background and readahead pick their extents from the local bitmap when they hand
+//!   them over, skipping extents in flight, so they never fetch an extent a read's fetch has
+//!   installed or is fetching. A batch that fails is forgotten: its extents are asked for
+//!   again (by the pass, or by the reads waiting for them, each on its own).
 //!
 //! `status` counts `extents_fetched` (from the data plane), `extents_refetched` (extents this
-//! run fetched before: 0 unless a backing write failed or a read trailed far behind) and
-//! `fetches_shared` (reads answered by a fetch made for another read or the background).
+//! run fetched before: 0 unless a backing write failed or a read trailed far behind),
+//! `fetches_shared` (reads answered by a fetch made for another read, readahead or the
+//! background) and `extents_read_ahead`.
 //!
 //! ## A block that does not open
 //! The data plane's blocks reach the fetcher through the volume's codec (`ShipConfig::codec`,
@@ -89,6 +113,15 @@ pub const HYDRATE_EXTENT_BLOCKS: u64 = 64;
 /// data plane per batch rather than per extent. An on-demand read arriving meanwhile waits
 /// for at most one batch.
 pub const HYDRATE_BATCH_EXTENTS: u64 = 8;
+/// Background batches in flight at once (the default of [`Hydrator::tune`]): the prefetcher
+/// fetches the next ones on its own connection while the worker installs the last one and
+/// persists the map, so the data plane's read, the network and the local write overlap.
+pub const HYDRATE_PIPELINE_BATCHES: u64 = 3;
+/// Extents fetched ahead of a reader that reads blocks not yet local in order (2 MiB; the
+/// default of [`Hydrator::tune`]).
+pub const HYDRATE_READAHEAD_EXTENTS: u64 = 8;
+/// Readahead windows in flight at once.
+const READAHEAD_WINDOWS: u64 = 2;
 /// Installs whose data the fetcher keeps for a read that asked before the install but is
 /// taken after it, when the backing file cannot answer for the extent (a write to one of its
 /// blocks came first): at most 4 MiB, and only while such installs happen.
@@ -319,9 +352,33 @@ struct FetchReq {
     done: Arc<Completion<FetchResult>>,
 }
 
+/// What reaches the worker: a read's request, or a batch the prefetcher fetched.
+enum Msg {
+    Read(FetchReq),
+    Batch(Batch),
+}
+
+/// A fetch the worker hands the prefetcher: `count` extents from `first` on, into `buf` (a
+/// buffer the worker reuses: a read fills every byte of it, so it is never zeroed again).
+struct Job {
+    first: u64,
+    count: u64,
+    /// Asked for a sequential reader (readahead), not by the background pass.
+    readahead: bool,
+    buf: Vec<u8>,
+}
+
+/// A job done: its extents' data (the job's buffer, filled), or why not.
+struct Batch {
+    first: u64,
+    count: u64,
+    readahead: bool,
+    result: Result<Fetched>,
+}
+
 /// How queues reach the fetcher.
 pub struct FetchHandle {
-    tx: Mutex<Sender<FetchReq>>,
+    tx: Mutex<Sender<Msg>>,
 }
 
 impl FetchHandle {
@@ -334,10 +391,10 @@ impl FetchHandle {
             .tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .send(FetchReq {
+            .send(Msg::Read(FetchReq {
                 extent,
                 done: done.clone(),
-            })
+            }))
             .is_err()
         {
             done.complete(Err(-libc::EIO));
@@ -358,14 +415,17 @@ pub struct HydrateStatus {
     pub eta_s: Option<u64>,
     /// Extents fetched for reads of blocks not yet local.
     pub fetched_on_demand: u64,
-    /// Extents read from the data plane (for reads and in the background).
+    /// Extents read from the data plane (for reads, ahead of them and in the background).
     pub extents_fetched: u64,
     /// Of those, extents this run had fetched already (0 unless a backing write failed or a
     /// read was taken long after its extent was installed; see the module doc).
     pub extents_refetched: u64,
-    /// Reads of a missing extent answered by a fetch made for another read or by the
-    /// background (in flight when they asked, or installed since), without one of their own.
+    /// Reads of a missing extent answered by a fetch made for another read, ahead of them or
+    /// by the background (in flight when they asked, or installed since), without one of
+    /// their own.
     pub fetches_shared: u64,
+    /// Extents fetched ahead of a reader reading blocks not yet local in order (readahead).
+    pub extents_read_ahead: u64,
     /// Blocks fetched that would not open (an encrypted volume: tampered or damaged on the
     /// data plane, or sealed under another key): never installed, reads of them fail (EIO).
     pub blocks_refused: u64,
@@ -376,10 +436,15 @@ struct Shared {
     cache: Arc<Cache>,
     cfg: HydrateConfig,
     stop: AtomicU64,
+    /// Background batches the prefetcher may have at once ([`Hydrator::tune`]).
+    depth: AtomicU64,
+    /// Extents fetched ahead of a sequential reader, 0 = no readahead ([`Hydrator::tune`]).
+    readahead: AtomicU64,
     on_demand: AtomicU64,
     extents_fetched: AtomicU64,
     extents_refetched: AtomicU64,
     shared: AtomicU64,
+    read_ahead: AtomicU64,
     refused: AtomicU64,
     rate: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -392,31 +457,51 @@ pub struct Hydrator {
 }
 
 impl Hydrator {
-    /// Starts the thread if the volume is hydrating; `None` otherwise.
+    /// Starts the threads if the volume is hydrating; `None` otherwise.
     pub fn start(cache: Arc<Cache>, cfg: HydrateConfig) -> Result<Option<Hydrator>> {
         let Some(h) = cache.hydrating() else {
             return Ok(None);
         };
         let (tx, rx) = channel();
-        if h.fetch.set(FetchHandle { tx: Mutex::new(tx) }).is_err() {
+        if h.fetch
+            .set(FetchHandle {
+                tx: Mutex::new(tx.clone()),
+            })
+            .is_err()
+        {
             return Err(Error::invalid("hydrator already started"));
         }
         let shared = Arc::new(Shared {
             cache: cache.clone(),
             cfg,
             stop: AtomicU64::new(0),
+            depth: AtomicU64::new(HYDRATE_PIPELINE_BATCHES),
+            readahead: AtomicU64::new(HYDRATE_READAHEAD_EXTENTS),
             on_demand: AtomicU64::new(0),
             extents_fetched: AtomicU64::new(0),
             extents_refetched: AtomicU64::new(0),
             shared: AtomicU64::new(0),
+            read_ahead: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             rate: AtomicU64::new(0),
             last_error: Mutex::new(None),
         });
+        let (job_tx, job_rx) = channel();
+        let pre = Prefetcher {
+            sh: shared.clone(),
+            jobs: job_rx,
+            out: tx,
+            client: None,
+            scratch: Vec::new(),
+        };
+        let prefetcher = std::thread::Builder::new()
+            .name(format!("dv-prefetch-{}", cache.name))
+            .spawn(move || pre.run())
+            .map_err(|e| Error::io("start hydration prefetcher for", &cache.name, e))?;
         let s2 = shared.clone();
         let t = std::thread::Builder::new()
             .name(format!("dv-hydrate-{}", cache.name))
-            .spawn(move || Worker::new(s2, rx).run())
+            .spawn(move || Worker::new(s2, rx, job_tx, prefetcher).run())
             .map_err(|e| Error::io("start hydrator for", &cache.name, e))?;
         Ok(Some(Hydrator {
             shared,
@@ -428,12 +513,20 @@ impl Hydrator {
         status_of(&self.shared)
     }
 
-    /// Stops the thread (the map is persisted; hydration resumes on the next attach).
+    /// Tuning, taken at the worker's next turn: `depth` background batches in flight at once
+    /// (1 = stop-and-wait; default [`HYDRATE_PIPELINE_BATCHES`]) and `readahead_extents`
+    /// fetched ahead of a sequential reader (0 = none; default [`HYDRATE_READAHEAD_EXTENTS`]).
+    pub fn tune(&self, depth: u64, readahead_extents: u64) {
+        self.shared.depth.store(depth.max(1), SeqCst);
+        self.shared.readahead.store(readahead_extents, SeqCst);
+    }
+
+    /// Stops the threads (the map is persisted; hydration resumes on the next attach).
     pub fn stop(&self) {
         self.halt(1);
     }
 
-    /// Stops the thread without persisting anything more, as a crash would (tests).
+    /// Stops the threads without persisting anything more, as a crash would (tests).
     pub fn abort(&self) {
         self.halt(2);
     }
@@ -475,12 +568,104 @@ fn status_of(sh: &Shared) -> HydrateStatus {
         extents_fetched: sh.extents_fetched.load(SeqCst),
         extents_refetched: sh.extents_refetched.load(SeqCst),
         fetches_shared: sh.shared.load(SeqCst),
+        extents_read_ahead: sh.read_ahead.load(SeqCst),
         blocks_refused: sh.refused.load(SeqCst),
         last_error: sh
             .last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone(),
+    }
+}
+
+/// Connects to the data plane as the volume (the shipper's failover: the address that worked
+/// last first, then the others) and checks the geometry: encrypted there and no key here (or
+/// the other way round) is said in `status`, and nothing is read.
+fn connect(sh: &Shared) -> Result<Client> {
+    let (c, _addr) =
+        sh.cfg
+            .ship
+            .connect_as(&sh.cache.name, sh.cfg.generation, Some(sh.cache.volume_id))?;
+    sh.cfg.ship.codec.check_geometry(&sh.cache.name, c.info())?;
+    Ok(c)
+}
+
+/// Reads `count` consecutive extents from `first` on into `buf` (resized, not cleared: the
+/// read fills every byte), in one request, through the volume's codec (opened from their
+/// envelopes when the volume is encrypted). Connects first if `client` is `None`.
+fn read_batch(
+    sh: &Shared,
+    client: &mut Option<Client>,
+    first: u64,
+    count: u64,
+    mut buf: Vec<u8>,
+    scratch: &mut Vec<u8>,
+) -> Result<Fetched> {
+    let c = &sh.cache;
+    let lba = first * HYDRATE_EXTENT_BLOCKS;
+    let n = (c.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS * count.max(1));
+    let snap = c.hydration.as_ref().map_or(0, |h| h.snap);
+    buf.resize((n * BLOCK_SIZE) as usize, 0);
+    if client.is_none() {
+        *client = Some(connect(sh)?);
+    }
+    let cl = client
+        .as_mut()
+        .ok_or_else(|| Error::new(ErrorKind::Io, "no data-plane client"))?;
+    let refused = sh
+        .cfg
+        .ship
+        .codec
+        .read_blocks(cl, snap, lba, &mut buf, scratch)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("data plane read of blocks {lba}+{n} as of snapshot {snap}: {e}"),
+            )
+        })?;
+    Ok(Fetched { data: buf, refused })
+}
+
+/// The prefetcher: fetches the worker's jobs one after the other on a connection of its own,
+/// so the next batch is on its way while the worker installs the last one (and persists the
+/// map, or fetches for a read on its own connection). It never writes anything: the worker
+/// installs every batch.
+struct Prefetcher {
+    sh: Arc<Shared>,
+    jobs: Receiver<Job>,
+    out: Sender<Msg>,
+    client: Option<Client>,
+    scratch: Vec<u8>,
+}
+
+impl Prefetcher {
+    fn run(mut self) {
+        while let Ok(j) = self.jobs.recv() {
+            if self.sh.stop.load(SeqCst) != 0 {
+                break;
+            }
+            let result = read_batch(
+                &self.sh,
+                &mut self.client,
+                j.first,
+                j.count,
+                j.buf,
+                &mut self.scratch,
+            );
+            if result.is_err() {
+                // Reconnect for the next job (the worker backs off first).
+                self.client = None;
+            }
+            let b = Batch {
+                first: j.first,
+                count: j.count,
+                readahead: j.readahead,
+                result,
+            };
+            if self.out.send(Msg::Batch(b)).is_err() {
+                break;
+            }
+        }
     }
 }
 
@@ -491,21 +676,37 @@ struct Pending {
 
 struct Worker {
     sh: Arc<Shared>,
-    rx: Receiver<FetchReq>,
+    rx: Receiver<Msg>,
     client: Option<Client>,
+    /// The prefetcher's job queue and thread (`None` once it is gone: jobs are then fetched
+    /// here, one at a time).
+    jobs: Option<Sender<Job>>,
+    prefetcher: Option<JoinHandle<()>>,
     retry_at: Option<Instant>,
     backoff: Duration,
     pending: BTreeMap<u64, Pending>,
+    /// Extents the prefetcher was asked for and that are not installed yet (`true`: for a
+    /// sequential reader): a read of one waits for that batch instead of fetching it again.
+    inflight: BTreeMap<u64, bool>,
+    background_batches: u64,
+    readahead_batches: u64,
+    /// Buffers of installed batches, for the next jobs.
+    pool: Vec<Vec<u8>>,
     /// Extents fetched in this run (for `extents_refetched`).
     fetched: Bitmap,
     /// Extents whose install wrote every block: the backing file answers for them.
     clean: Bitmap,
     /// The data of the last installs that were not clean (see the module doc).
     recent: VecDeque<(u64, Arc<Vec<u8>>)>,
+    /// The background pass: the next extent it looks at.
     cursor: u64,
     window_start: Instant,
     window_bytes: u64,
     last_persist: Instant,
+    /// Readahead: the extent the last read asked for, and the first extent past the last
+    /// readahead window.
+    last_demand: Option<u64>,
+    ra_next: u64,
     /// Data-plane blocks as they arrive (sealed ones are opened from here); reused.
     scratch: Vec<u8>,
     /// A pass ended with blocks that would not open: the next one starts then.
@@ -531,7 +732,12 @@ impl Fetched {
 }
 
 impl Worker {
-    fn new(sh: Arc<Shared>, rx: Receiver<FetchReq>) -> Worker {
+    fn new(
+        sh: Arc<Shared>,
+        rx: Receiver<Msg>,
+        jobs: Sender<Job>,
+        prefetcher: JoinHandle<()>,
+    ) -> Worker {
         let nextents = sh.cache.nblocks.div_ceil(HYDRATE_EXTENT_BLOCKS);
         Worker {
             fetched: Bitmap::new(nextents),
@@ -540,13 +746,21 @@ impl Worker {
             sh,
             rx,
             client: None,
+            jobs: Some(jobs),
+            prefetcher: Some(prefetcher),
             retry_at: None,
             backoff: Duration::from_millis(50),
             pending: BTreeMap::new(),
+            inflight: BTreeMap::new(),
+            background_batches: 0,
+            readahead_batches: 0,
+            pool: Vec::new(),
             cursor: 0,
             window_start: Instant::now(),
             window_bytes: 0,
             last_persist: Instant::now(),
+            last_demand: None,
+            ra_next: 0,
             scratch: Vec::new(),
             rescan_at: None,
         }
@@ -556,19 +770,27 @@ impl Worker {
         self.sh.cache.nblocks.div_ceil(HYDRATE_EXTENT_BLOCKS)
     }
 
-    /// Takes a read's request: it joins a fetch of its extent already asked for, or is
-    /// answered from what is installed if the extent became local since the read looked, or
-    /// waits for a fetch of its own.
+    fn on_msg(&mut self, m: Msg) {
+        match m {
+            Msg::Read(r) => self.take(r),
+            Msg::Batch(b) => self.on_batch(b),
+        }
+    }
+
+    /// Takes a read's request: it joins a fetch of its extent already asked for (by another
+    /// read, the background or readahead), or is answered from what is installed if the
+    /// extent became local since the read looked, or waits for a fetch of its own.
     fn take(&mut self, r: FetchReq) {
         if r.extent >= self.nextents() {
             r.done.complete(Err(-libc::EIO));
             return;
         }
+        self.read_ahead_of(r.extent);
         if let Some(p) = self.pending.get_mut(&r.extent) {
             p.waiters.push(r.done);
             return;
         }
-        if self.extent_local(r.extent) {
+        if !self.inflight.contains_key(&r.extent) && self.extent_local(r.extent) {
             if let Some(res) = self.installed(r.extent) {
                 self.sh.shared.fetch_add(1, SeqCst);
                 r.done.complete(res);
@@ -582,6 +804,42 @@ impl Worker {
                 since: Instant::now(),
             },
         );
+    }
+
+    /// Readahead: a read of extent `ext` that follows the last one, or reaches the end of the
+    /// last readahead window, or waits for an extent of a window still in flight (the reader
+    /// caught up with it), is sequential: the next window of extents not local is fetched
+    /// on the prefetcher's connection while the read's own extent is fetched on the worker's.
+    /// At most [`READAHEAD_WINDOWS`] windows are in flight; the rate limit does not apply
+    /// (the application is waiting for these blocks).
+    fn read_ahead_of(&mut self, ext: u64) {
+        let ra = self.sh.readahead.load(SeqCst);
+        let prev = self.last_demand.replace(ext);
+        if ra == 0 || self.backing_off() || self.readahead_batches >= READAHEAD_WINDOWS {
+            return;
+        }
+        let sequential = prev.is_some_and(|p| ext == p + 1)
+            || ext == self.ra_next
+            || self.inflight.get(&ext) == Some(&true);
+        if !sequential {
+            return;
+        }
+        let start = if self.ra_next > ext && self.ra_next <= ext + 2 * ra {
+            self.ra_next
+        } else {
+            ext + 1
+        };
+        let end = (start + ra).min(self.nextents());
+        self.ra_next = start + ra;
+        let free = |w: &Worker, e: u64| !w.inflight.contains_key(&e) && !w.extent_local(e);
+        let Some(first) = (start..end).find(|&e| free(self, e)) else {
+            return;
+        };
+        let mut count = 1;
+        while first + count < end && free(self, first + count) {
+            count += 1;
+        }
+        self.dispatch(first, count, true);
     }
 
     /// Blocks `[lba, lba + n)` of extent `ext`.
@@ -633,24 +891,37 @@ impl Worker {
             if self.sh.stop.load(SeqCst) != 0 {
                 break;
             }
-            while let Ok(r) = self.rx.try_recv() {
-                self.take(r);
+            while let Ok(m) = self.rx.try_recv() {
+                self.on_msg(m);
             }
             let hydrated = self.sh.cache.hydrating().is_none();
-            if self.pending.is_empty() && (hydrated || self.backing_off()) {
-                // Idle (or waiting out a data-plane outage): block for a request.
-                match self.rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(r) => self.take(r),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
+            if !hydrated && !self.backing_off() {
+                self.issue_background();
+            }
+            // A read waiting for an extent nobody is fetching: fetched on this connection.
+            let own = self
+                .pending
+                .keys()
+                .find(|e| !self.inflight.contains_key(e))
+                .copied();
+            if let Some(ext) = own {
+                self.serve_on_demand(ext);
                 continue;
             }
-            if let Some((&ext, _)) = self.pending.iter().next() {
-                self.serve_on_demand(ext);
-            } else if !hydrated {
-                self.background_step();
+            if !hydrated && self.pass_done() && self.end_pass() {
+                continue;
             }
+            // Nothing to do before a read or a batch arrives (or the rate window turns).
+            match self.rx.recv_timeout(self.idle_wait()) {
+                Ok(m) => self.on_msg(m),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // The prefetcher ends after the job it is on (if any); nothing it fetched is installed.
+        self.jobs = None;
+        if let Some(t) = self.prefetcher.take() {
+            let _ = t.join();
         }
         if self.sh.stop.load(SeqCst) == 1 {
             let _ = persist_local(&self.sh.cache);
@@ -659,6 +930,19 @@ impl Worker {
             for w in p.waiters {
                 w.complete(Err(-libc::EIO));
             }
+        }
+    }
+
+    /// How long the worker may wait for a message: until the rate window turns when the
+    /// background is held back by the rate limit, else a while (stop is looked at then).
+    fn idle_wait(&self) -> Duration {
+        let rate = self.sh.cfg.rate_bytes_per_s;
+        if rate > 0 && self.window_bytes >= rate {
+            Duration::from_secs(1)
+                .saturating_sub(self.window_start.elapsed())
+                .clamp(Duration::from_millis(1), Duration::from_millis(50))
+        } else {
+            Duration::from_millis(100)
         }
     }
 
@@ -674,70 +958,208 @@ impl Worker {
         self.backoff = (self.backoff * 2).min(RETRY_BACKOFF_MAX);
     }
 
-    fn client(&mut self) -> Result<&mut Client> {
-        if self.client.is_none() {
-            // The same failover as the shipper's: the address that worked last first, then
-            // the others (several servers on one store; one holds the volume's lease).
-            let (c, _addr) = self.sh.cfg.ship.connect_as(
-                &self.sh.cache.name,
-                self.sh.cfg.generation,
-                Some(self.sh.cache.volume_id),
-            )?;
-            // Encrypted there and no key here (or the other way round): said in `status`,
-            // and nothing is read.
-            self.sh
-                .cfg
-                .ship
-                .codec
-                .check_geometry(&self.sh.cache.name, c.info())?;
-            self.client = Some(c);
-            self.backoff = Duration::from_millis(50);
-            self.retry_at = None;
-        }
-        self.client
-            .as_mut()
-            .ok_or_else(|| Error::new(ErrorKind::Io, "no data-plane client"))
+    /// A fetch worked: the data plane is back.
+    fn note_success(&mut self) {
+        self.backoff = Duration::from_millis(50);
+        self.retry_at = None;
     }
 
-    /// Fetches extent `ext` from the data plane as of the hydration snapshot.
-    fn fetch(&mut self, ext: u64) -> Result<Fetched> {
-        self.fetch_extents(ext, 1)
-    }
-
-    /// Fetches `count` consecutive extents from `first` on, in one request, through the
-    /// volume's codec (opened from their envelopes when the volume is encrypted).
-    fn fetch_extents(&mut self, first: u64, count: u64) -> Result<Fetched> {
-        let c = self.sh.cache.clone();
-        let lba = first * HYDRATE_EXTENT_BLOCKS;
-        let n = (c.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS * count.max(1));
-        let snap = c.hydration.as_ref().map_or(0, |h| h.snap);
-        let mut buf = vec![0u8; (n * BLOCK_SIZE) as usize];
-        let codec = self.sh.cfg.ship.codec.clone();
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let r = codec.read_blocks(self.client()?, snap, lba, &mut buf, &mut scratch);
-        self.scratch = scratch;
-        let refused = r.map_err(|e| {
-            Error::new(
-                ErrorKind::Io,
-                format!("data plane read of blocks {lba}+{n} as of snapshot {snap}: {e}"),
-            )
-        })?;
-        let exts = n.div_ceil(HYDRATE_EXTENT_BLOCKS);
+    /// Counts a fetch of `exts` extents from `first` on, and logs the blocks that did not open.
+    fn account(&mut self, first: u64, exts: u64, f: &Fetched) {
         self.sh.extents_fetched.fetch_add(exts, SeqCst);
         for e in first..first + exts {
             if self.fetched.set_range(e, 1) == 0 {
                 self.sh.extents_refetched.fetch_add(1, SeqCst);
             }
         }
-        if let Some(e) = refused.first() {
-            self.sh.refused.fetch_add(refused.len() as u64, SeqCst);
-            tracing::error!(volume = %c.name, snapshot = snap, blocks = refused.len(), error = %e, "hydration: blocks from the data plane do not open; they are never installed, and reads of them fail (EIO)");
+        if let Some(e) = f.refused.first() {
+            let c = &self.sh.cache;
+            let snap = c.hydration.as_ref().map_or(0, |h| h.snap);
+            self.sh.refused.fetch_add(f.refused.len() as u64, SeqCst);
+            tracing::error!(volume = %c.name, snapshot = snap, blocks = f.refused.len(), error = %e, "hydration: blocks from the data plane do not open; they are never installed, and reads of them fail (EIO)");
             *self.sh.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
                 "{} block(s) of snapshot {snap} refused: {e}",
-                refused.len()
+                f.refused.len()
             ));
         }
-        Ok(Fetched { data: buf, refused })
+    }
+
+    /// Fetches extent `ext` on the worker's own connection, for a waiting read.
+    fn fetch(&mut self, ext: u64) -> Result<Fetched> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = read_batch(&self.sh, &mut self.client, ext, 1, Vec::new(), &mut scratch);
+        self.scratch = scratch;
+        let f = r?;
+        self.note_success();
+        self.account(ext, 1, &f);
+        Ok(f)
+    }
+
+    /// Hands `count` extents from `first` on to the prefetcher (or, if it is gone, fetches
+    /// them here), recording them as in flight until their batch is installed.
+    fn dispatch(&mut self, first: u64, count: u64, readahead: bool) {
+        for e in first..first + count {
+            self.inflight.insert(e, readahead);
+        }
+        if readahead {
+            self.readahead_batches += 1;
+        } else {
+            self.background_batches += 1;
+        }
+        let buf = self.pool.pop().unwrap_or_default();
+        let job = Job {
+            first,
+            count,
+            readahead,
+            buf,
+        };
+        let job = match &self.jobs {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => job,
+        };
+        if self.jobs.take().is_some() {
+            tracing::warn!(volume = %self.sh.cache.name, "hydration: the prefetcher is gone; fetching one batch at a time");
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = read_batch(
+            &self.sh,
+            &mut self.client,
+            first,
+            count,
+            job.buf,
+            &mut scratch,
+        );
+        self.scratch = scratch;
+        self.on_batch(Batch {
+            first,
+            count,
+            readahead,
+            result,
+        });
+    }
+
+    /// The background pass: keeps up to `depth` batches in flight, each the extents from the
+    /// cursor on that miss a block and nobody is fetching, up to [`HYDRATE_BATCH_EXTENTS`] and
+    /// no more than the rate window has room for. Chosen from the local bitmap when the batch
+    /// is asked for: an extent a read's fetch installed is skipped.
+    fn issue_background(&mut self) {
+        let depth = self.sh.depth.load(SeqCst).max(1);
+        let total = self.nextents();
+        let ext_bytes = HYDRATE_EXTENT_BLOCKS * BLOCK_SIZE;
+        let rate = self.sh.cfg.rate_bytes_per_s;
+        while self.background_batches < depth {
+            let elapsed = self.window_start.elapsed();
+            if elapsed >= Duration::from_secs(1) {
+                self.sh.rate.store(
+                    (self.window_bytes as f64 / elapsed.as_secs_f64()) as u64,
+                    SeqCst,
+                );
+                self.window_start = Instant::now();
+                self.window_bytes = 0;
+            } else if rate > 0 && self.window_bytes >= rate {
+                return;
+            }
+            while self.cursor < total
+                && (self.inflight.contains_key(&self.cursor) || self.extent_local(self.cursor))
+            {
+                self.cursor += 1;
+            }
+            if self.cursor >= total {
+                return;
+            }
+            let ext = self.cursor;
+            let room = if rate > 0 {
+                (rate.saturating_sub(self.window_bytes) / ext_bytes).max(1)
+            } else {
+                u64::MAX
+            };
+            let mut count = 1;
+            while count < HYDRATE_BATCH_EXTENTS.min(room)
+                && ext + count < total
+                && !self.inflight.contains_key(&(ext + count))
+                && !self.extent_local(ext + count)
+            {
+                count += 1;
+            }
+            self.cursor = ext + count;
+            let (lba, _) = self.extent_blocks(ext);
+            self.window_bytes +=
+                (self.sh.cache.nblocks - lba).min(count * HYDRATE_EXTENT_BLOCKS) * BLOCK_SIZE;
+            self.dispatch(ext, count, false);
+        }
+    }
+
+    /// A batch is back: its extents are installed and the reads waiting for them answered.
+    fn on_batch(&mut self, b: Batch) {
+        for e in b.first..b.first + b.count {
+            self.inflight.remove(&e);
+        }
+        if b.readahead {
+            self.readahead_batches = self.readahead_batches.saturating_sub(1);
+        } else {
+            self.background_batches = self.background_batches.saturating_sub(1);
+        }
+        let f = match b.result {
+            Ok(f) => f,
+            Err(e) => {
+                // Looked at again by the pass; reads waiting for them fetch on their own.
+                self.cursor = self.cursor.min(b.first);
+                self.note_error(&e);
+                return;
+            }
+        };
+        self.note_success();
+        let ext_bytes = (HYDRATE_EXTENT_BLOCKS * BLOCK_SIZE) as usize;
+        let exts = f.data.len().div_ceil(ext_bytes) as u64;
+        self.account(b.first, exts, &f);
+        if b.readahead {
+            self.sh.read_ahead.fetch_add(exts, SeqCst);
+        }
+        for (i, chunk) in f.data.chunks(ext_bytes).enumerate() {
+            let e = b.first + i as u64;
+            let (lba, n) = self.extent_blocks(e);
+            let refused = f.refused_in(lba, n);
+            if !refused.is_empty() {
+                // Passed over (see the module doc): never clean, never kept, never handed out.
+                if let Err(err) = self.write_missing(e, chunk, &refused) {
+                    tracing::error!(volume = %self.sh.cache.name, error = %err, "hydration: cannot write the backing file");
+                }
+                self.answer(e, &Err(-libc::EIO), false);
+                continue;
+            }
+            let data = self
+                .pending
+                .contains_key(&e)
+                .then(|| Arc::new(chunk.to_vec()));
+            let keep = data.clone();
+            match self.install(e, chunk, || {
+                keep.unwrap_or_else(|| Arc::new(chunk.to_vec()))
+            }) {
+                Ok(_) => {
+                    if let Some(d) = data {
+                        self.answer(e, &Ok(d), false);
+                    }
+                }
+                Err(err) => {
+                    self.answer(e, &Err(err.errno()), false);
+                    self.cursor = self.cursor.min(e);
+                    self.note_error(&err);
+                    break;
+                }
+            }
+        }
+        if self.pool.len() < HYDRATE_PIPELINE_BATCHES as usize + READAHEAD_WINDOWS as usize {
+            self.pool.push(f.data);
+        }
+        if self.last_persist.elapsed() >= PERSIST_EVERY {
+            if let Err(e) = persist_local(&self.sh.cache) {
+                self.note_error(&e);
+            }
+            self.last_persist = Instant::now();
+        }
     }
 
     /// Installs a fetched extent (see [`Worker::write_missing`]), then notes how a read taken
@@ -860,115 +1282,39 @@ impl Worker {
         }
     }
 
-    fn background_step(&mut self) {
+    /// Whether the background pass has looked at every extent and nothing is in flight.
+    fn pass_done(&self) -> bool {
+        self.cursor >= self.nextents() && self.inflight.is_empty()
+    }
+
+    /// The end of a pass: hydration is complete if every block is local; else (blocks that
+    /// would not open were passed over) another pass is made later. Returns whether the
+    /// worker should look again at once.
+    fn end_pass(&mut self) -> bool {
         let c = self.sh.cache.clone();
-        let Some(h) = c.hydrating() else { return };
-        // Next extent with a block that is not local.
-        let total = self.nextents();
-        while self.cursor < total {
-            let lba = self.cursor * HYDRATE_EXTENT_BLOCKS;
-            let n = (c.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS);
-            if (lba..lba + n).any(|b| !h.local.get(b)) {
-                break;
+        let Some(h) = c.hydrating() else { return false };
+        let missing = c.nblocks - h.local.count();
+        if missing > 0 {
+            if self.rescan_at.is_none() {
+                tracing::error!(volume = %c.name, blocks = missing, "hydration cannot complete: blocks of the snapshot do not open (see blocks_refused); looking again every {HYDRATE_RESCAN_SECS} s");
+                let _ = persist_local(&c);
+                self.rescan_at = Some(Instant::now() + Duration::from_secs(HYDRATE_RESCAN_SECS));
+            } else if self.rescan_at.is_some_and(|t| Instant::now() >= t) {
+                self.rescan_at = None;
+                self.cursor = 0;
+                return true;
             }
-            self.cursor += 1;
+            return false;
         }
-        if self.cursor >= total {
-            let missing = c.nblocks - h.local.count();
-            if missing > 0 {
-                // Blocks that would not open were passed over: look again later.
-                if self.rescan_at.is_none() {
-                    tracing::error!(volume = %c.name, blocks = missing, "hydration cannot complete: blocks of the snapshot do not open (see blocks_refused); looking again every {HYDRATE_RESCAN_SECS} s");
-                    let _ = persist_local(&c);
-                    self.rescan_at =
-                        Some(Instant::now() + Duration::from_secs(HYDRATE_RESCAN_SECS));
-                } else if self.rescan_at.is_some_and(|t| Instant::now() >= t) {
-                    self.rescan_at = None;
-                    self.cursor = 0;
-                } else if let Ok(r) = self.rx.recv_timeout(Duration::from_millis(100)) {
-                    self.take(r);
-                }
-                return;
+        match persist_local(&c).and_then(|_| c.finish_hydration()) {
+            Ok(()) => {
+                tracing::info!(volume = %c.name, "hydration complete: the volume is an ordinary volume");
+                true
             }
-            match persist_local(&c).and_then(|_| c.finish_hydration()) {
-                Ok(()) => {
-                    tracing::info!(volume = %c.name, "hydration complete: the volume is an ordinary volume")
-                }
-                Err(e) => self.note_error(&e),
-            }
-            return;
-        }
-        // Rate limit over a one-second window.
-        let rate = self.sh.cfg.rate_bytes_per_s;
-        let elapsed = self.window_start.elapsed();
-        if elapsed >= Duration::from_secs(1) {
-            self.sh.rate.store(
-                (self.window_bytes as f64 / elapsed.as_secs_f64()) as u64,
-                SeqCst,
-            );
-            self.window_start = Instant::now();
-            self.window_bytes = 0;
-        } else if rate > 0 && self.window_bytes >= rate {
-            // Over the rate: wait on the request queue (not a sleep), so an on-demand read
-            // arriving meanwhile is served at once.
-            let wait = Duration::from_secs(1)
-                .saturating_sub(elapsed)
-                .min(Duration::from_millis(50));
-            if let Ok(r) = self.rx.recv_timeout(wait) {
-                self.take(r);
-            }
-            return;
-        }
-        // A batch: the extents from the cursor on that still miss a block, up to
-        // HYDRATE_BATCH_EXTENTS, and no more than the rate window has room for. Chosen from the
-        // local bitmap now, just before the fetch: an extent a read's fetch installed is skipped.
-        let ext = self.cursor;
-        let ext_bytes = HYDRATE_EXTENT_BLOCKS * BLOCK_SIZE;
-        let mut count = 1;
-        let room = if rate > 0 {
-            (rate.saturating_sub(self.window_bytes) / ext_bytes).max(1)
-        } else {
-            u64::MAX
-        };
-        while count < HYDRATE_BATCH_EXTENTS.min(room) && ext + count < total {
-            let lba = (ext + count) * HYDRATE_EXTENT_BLOCKS;
-            let n = (c.nblocks - lba).min(HYDRATE_EXTENT_BLOCKS);
-            if !(lba..lba + n).any(|b| !h.local.get(b)) {
-                break;
-            }
-            count += 1;
-        }
-        match self.fetch_extents(ext, count) {
-            Ok(f) => {
-                let mut failed = None;
-                for (i, chunk) in f.data.chunks(ext_bytes as usize).enumerate() {
-                    let e = ext + i as u64;
-                    let (lba, n) = self.extent_blocks(e);
-                    let refused = f.refused_in(lba, n);
-                    let r = if refused.is_empty() {
-                        self.install(e, chunk, || Arc::new(chunk.to_vec()))
-                    } else {
-                        // Passed over (see the module doc): never clean, never kept.
-                        self.write_missing(e, chunk, &refused)
-                    };
-                    if let Err(e) = r {
-                        failed = Some(e);
-                        break;
-                    }
-                    self.window_bytes += chunk.len() as u64;
-                    self.cursor += 1;
-                }
-                if let Some(e) = failed {
-                    self.note_error(&e);
-                }
-            }
-            Err(e) => self.note_error(&e),
-        }
-        if self.last_persist.elapsed() >= PERSIST_EVERY {
-            if let Err(e) = persist_local(&c) {
+            Err(e) => {
                 self.note_error(&e);
+                false
             }
-            self.last_persist = Instant::now();
         }
     }
 }

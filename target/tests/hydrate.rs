@@ -228,3 +228,80 @@ fn data_plane_away_during_hydration() {
     drop(d);
     vol.shutdown();
 }
+
+/// Reads of blocks not yet local, in order, are read ahead: after the first, the extents they
+/// reach are fetched before they ask (a few reads fetch on demand, not one per extent); reads
+/// far apart are not; and with readahead off (`Hydrator::tune(_, 0)`) every extent read is a
+/// fetch of its own. Every read is byte-exact.
+#[test]
+fn reads_in_order_are_read_ahead() {
+    use deltavol::cache::io::UBLK_IO_OP_READ;
+    use deltavol::hydrate::{HYDRATE_EXTENT_BLOCKS as EXT, HYDRATE_PIPELINE_BATCHES};
+    let seed = seed("reads_in_order_are_read_ahead");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
+    let nblocks = 4096u64; // 64 extents
+    let mut model = vec![0u64; nblocks as usize];
+    let snap = make_source(dir.path(), &dp.addr, &mut model, &mut rng);
+    // Extents 8..56, read in 128 KiB reads: in order, or 12 apart (never next to the last).
+    let in_order: Vec<u64> = (8 * EXT..56 * EXT).step_by(32).collect();
+    let apart: Vec<u64> = (0..12)
+        .flat_map(|i| (0..4).map(move |k| (8 + i + 12 * k) * EXT))
+        .collect();
+    for (case, blocks, readahead) in [
+        ("in order", &in_order, true),
+        ("apart", &apart, true),
+        ("in order, no readahead", &in_order, false),
+    ] {
+        let run = dir
+            .path()
+            .join(format!("run-{}", case.replace([' ', ','], "-")));
+        // Background hydration held back (one extent a second, from extent 0).
+        let vol = Volume::open(&recovered_cfg(&run, &dp.addr, nblocks, snap, 1)).unwrap();
+        if !readahead {
+            vol.hydrator
+                .as_ref()
+                .unwrap()
+                .tune(HYDRATE_PIPELINE_BATCHES, 0);
+        }
+        let ring = vol.host_ring(0).unwrap();
+        let mut buf = vec![0u8; 32 * BS];
+        for &b in blocks {
+            let r = smol::block_on(vol.handle(&ring, UBLK_IO_OP_READ, 0, b * 8, 32 * 8, &mut buf));
+            assert_eq!(r, buf.len() as i32, "seed {seed} {case}: read of {b}+32");
+            for i in 0..32 {
+                assert_eq!(
+                    tag_of(&buf[i * BS..(i + 1) * BS]),
+                    Some(model[(b + i as u64) as usize]),
+                    "seed {seed} {case}: block {}",
+                    b + i as u64
+                );
+            }
+        }
+        let st = vol.status().hydration.unwrap();
+        let extents = blocks
+            .iter()
+            .map(|b| b / EXT)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u64;
+        eprintln!("{case}: {extents} extents read: {st:?}");
+        assert_eq!(st.extents_refetched, 0, "seed {seed} {case}: {st:?}");
+        match case {
+            "in order" => assert!(
+                st.extents_read_ahead > 0 && st.fetched_on_demand <= extents / 4,
+                "seed {seed} {case}: reads in order fetch on demand rarely: {st:?}"
+            ),
+            "apart" => assert_eq!(
+                st.extents_read_ahead, 0,
+                "seed {seed} {case}: reads far apart are not read ahead: {st:?}"
+            ),
+            _ => assert!(
+                st.extents_read_ahead == 0 && st.fetched_on_demand >= extents - 8,
+                "seed {seed} {case}: without readahead each extent is fetched for its read: {st:?}"
+            ),
+        }
+        drop(ring);
+        vol.shutdown();
+    }
+}

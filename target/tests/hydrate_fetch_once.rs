@@ -90,7 +90,26 @@ fn frontier(vol: &Volume) -> Option<u64> {
 /// exactly once.
 #[test]
 fn each_missing_extent_is_fetched_once() {
-    let seed = seed("each_missing_extent_is_fetched_once");
+    fetched_once("each_missing_extent_is_fetched_once", 8 << 20, false);
+}
+
+/// The same race at full speed, with the background's batches pipelined (several in flight on
+/// the prefetcher's connection while the worker installs) and two of the readers reading in
+/// order (so readahead windows are in flight too): still every extent is fetched exactly once,
+/// every read is byte-exact and every write survives.
+#[test]
+fn each_missing_extent_is_fetched_once_pipelined_with_readahead() {
+    fetched_once(
+        "each_missing_extent_is_fetched_once_pipelined_with_readahead",
+        0,
+        true,
+    );
+}
+
+/// `rate`: the background's limit (0 = none); `sequential`: readers 0 and 1 read in order from
+/// their own starting points instead of at random.
+fn fetched_once(name: &str, rate: u64, sequential: bool) {
+    let seed = seed(name);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
@@ -104,7 +123,7 @@ fn each_missing_extent_is_fetched_once() {
     // several threads overlap.
     let proxy = Proxy::start(&dp.addr);
     proxy.set_mode(Mode::Stall(Duration::from_millis(2)));
-    let cfg = recovered_cfg(dir.path(), &dp.addr, &proxy.addr, nblocks, snap, 8 << 20);
+    let cfg = recovered_cfg(dir.path(), &dp.addr, &proxy.addr, nblocks, snap, rate);
     let vol = Volume::open(&cfg).unwrap();
     let stop = AtomicBool::new(false);
     let reads = AtomicU64::new(0);
@@ -156,10 +175,20 @@ fn each_missing_extent_is_fetched_once() {
                 let ring = vol.host_ring(q).unwrap();
                 let mut buf = vec![0u8; 32 * BS];
                 let mut step = 0u64;
+                // A reader in order starts half-way (reader 0) or three quarters in (1).
+                let in_order = sequential && q < 2;
+                let mut next = nblocks / 4 * (q as u64 + 2);
                 while !stop.load(SeqCst) {
                     let Some(f) = frontier(vol) else { break };
                     let n = rng.gen_range(1..=32u64);
-                    let b = match rng.gen_range(0..4) {
+                    let b = if in_order {
+                        if next + n > nblocks {
+                            next = 0;
+                        }
+                        next += n;
+                        next - n
+                    } else {
+                        match rng.gen_range(0..4) {
                         // At or just ahead of the background's frontier: its batch in flight,
                         // the next one, or an extent it has just installed.
                         0 | 1 => {
@@ -168,6 +197,7 @@ fn each_missing_extent_is_fetched_once() {
                         // Right before the frontier: installed a moment ago.
                         2 => f.saturating_sub(rng.gen_range(0..2 * HYDRATE_EXTENT_BLOCKS)),
                         _ => rng.gen_range(0..nblocks),
+                        }
                     }
                     .min(nblocks - n);
                     let len = (n as usize) * BS;
@@ -204,7 +234,9 @@ fn each_missing_extent_is_fetched_once() {
                     }
                     reads.fetch_add(1, SeqCst);
                     step += 1;
-                    std::thread::sleep(Duration::from_millis(rng.gen_range(5..40)));
+                    if !in_order {
+                        std::thread::sleep(Duration::from_millis(rng.gen_range(5..40)));
+                    }
                 }
             });
         }
@@ -280,6 +312,12 @@ fn each_missing_extent_is_fetched_once() {
         st.fetches_shared > 0,
         "seed {seed}: no read shared a fetch: {st:?}"
     );
+    if sequential {
+        assert!(
+            st.extents_read_ahead > 0,
+            "seed {seed}: the readers in order had nothing read ahead: {st:?}"
+        );
+    }
     drop(d);
     vol.shutdown();
 }

@@ -13,6 +13,11 @@
 //!    * `hydrate`: a volume recovered with no rate limit, timed from the open until
 //!      `hydrating()` is `None` (the hydrator's last map persist and the superblock update
 //!      included);
+//!    * `hydrate-serial`: the same with one batch in flight at a time (`Hydrator::tune(1, 0)`,
+//!      stop-and-wait as before the pipeline): what pipelining gains, in the same run;
+//!    * `seq-read`, `seq-read-no-ra`: a volume recovered with background hydration held back,
+//!      read in order in 128 KiB reads from a quarter of the way in, with readahead (the
+//!      default) and without (`Hydrator::tune(_, 0)`); MB/s of the reads' own time;
 //!    * `copy`: [`copy`], the source's backing file streamed over 127.0.0.1 in extent-sized
 //!      chunks into a file, fsynced.
 //!
@@ -74,6 +79,10 @@ const LATENCY_MODES: [(&str, u64); 2] = [("held-back", 1), ("full-speed", 0)];
 const VERIFY_SAMPLE_BLOCKS: usize = 256;
 /// Bytes read at a time when comparing whole files.
 const VERIFY_CHUNK_BYTES: usize = 4 << 20;
+/// The sequential reads' size (the kernel's default readahead for a block device).
+const SEQ_READ_BYTES: usize = 128 << 10;
+/// At most this much is read in order in a `seq-read` run.
+const SEQ_READ_MAX: u64 = 64 << 20;
 
 /// Hydration of a recovered volume against a plain sequential copy over the same loopback,
 /// and the latency of reads that must be fetched, in the same run.
@@ -297,8 +306,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             server.check_alive()?;
         }
 
-        for si in 0..bench.sources.len() {
-            let h = hydrate_run(&bench, si, &server, repeat, &mut rng)
+        let hydrations = (0..bench.sources.len())
+            .map(|si| (si, false))
+            .chain([(0, true)]);
+        for (si, serial) in hydrations {
+            let h = hydrate_run(&bench, si, serial, &server, repeat, &mut rng)
                 .with_context(|| server.failure(&format!("hydration, run {}", repeat + 1)))?;
             eprintln!(
                 "[{}/{repeats}] {}: {:.1} MiB in {:.3} s = {:.1} MB/s (open {:.1} ms, server CPU {}), {} blocks verified",
@@ -313,6 +325,23 @@ fn run(args: Args) -> anyhow::Result<()> {
                 h.verified_blocks
             );
             runs.push(h);
+            server.check_alive()?;
+        }
+
+        for readahead in [true, false] {
+            let s = seq_read_run(&bench, readahead, repeat).with_context(|| {
+                server.failure(&format!("sequential reads, run {}", repeat + 1))
+            })?;
+            eprintln!(
+                "[{}/{repeats}] {}: {:.1} MiB in {:.3} s of reads = {:.1} MB/s, {} blocks verified",
+                repeat + 1,
+                s.config,
+                s.bytes as f64 / f64::from(1 << 20),
+                s.wall_s,
+                s.mb_s,
+                s.verified_blocks
+            );
+            runs.push(s);
             server.check_alive()?;
         }
 
@@ -334,7 +363,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .sources
         .iter()
         .map(|(v, _)| format!("hydrate{}", v.suffix()))
-        .chain(["copy".to_string()])
+        .chain(["hydrate-serial", "seq-read", "seq-read-no-ra", "copy"].map(String::from))
         .collect();
     let configs: Vec<&str> = configs.iter().map(String::as_str).collect();
     let summaries = report::summarise(&configs, &runs);
@@ -343,6 +372,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .find(|s| s.config == "hydrate-enc")
         .map(|s| s.mb_s_median / summaries[0].mb_s_median);
+    let median_of = |c: &str| {
+        summaries
+            .iter()
+            .find(|s| s.config == c)
+            .map_or(f64::NAN, |s| s.mb_s_median)
+    };
+    let ratio_pipelined_vs_serial = median_of("hydrate") / median_of("hydrate-serial");
+    let ratio_readahead = median_of("seq-read") / median_of("seq-read-no-ra");
     let report = Report {
         bench: "hydrate",
         command: std::env::args().collect(),
@@ -367,6 +404,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         summaries,
         ratio_hydrate_vs_copy: ratio,
         ratio_encrypted_vs_plain,
+        ratio_pipelined_vs_serial,
+        ratio_readahead,
         latency_runs,
         runs,
     };
@@ -521,16 +560,28 @@ fn latency_phase(
 fn hydrate_run(
     b: &Bench,
     si: usize,
+    serial: bool,
     server: &ServerProcess,
     repeat: usize,
     rng: &mut StdRng,
 ) -> anyhow::Result<Run> {
-    let config = format!("hydrate{}", b.sources[si].0.suffix());
+    let config = if serial {
+        "hydrate-serial".to_string()
+    } else {
+        format!("hydrate{}", b.sources[si].0.suffix())
+    };
     let dir = b.run_dir(&format!("{config}-{repeat}"))?;
     b.settle()?;
     let cpu0 = server.cpu_seconds();
     let t0 = Instant::now();
     let (vol, open) = open_recovered(b, si, &dir, 0)?;
+    if serial {
+        // Taken at the worker's next turn: the first batches may still go in parallel.
+        vol.hydrator
+            .as_ref()
+            .context("a hydrating volume has a hydrator")?
+            .tune(1, 0);
+    }
     while vol.cache.hydrating().is_some() {
         if t0.elapsed() > HYDRATE_TIMEOUT {
             bail!(
@@ -577,6 +628,64 @@ fn hydrate_run(
         open_ms: Some(open.as_secs_f64() * 1e3),
         server_cpu_s: cpu,
         verified_blocks: sample.len() as u64 + n,
+    })
+}
+
+/// Reads the plain source's volume, recovered with background hydration held back, in order
+/// from a quarter of the way in: `SEQ_READ_MAX` (at most half the volume) in 128 KiB reads,
+/// with or without readahead. Times the reads only; every read is compared with the source.
+fn seq_read_run(b: &Bench, readahead: bool, repeat: usize) -> anyhow::Result<Run> {
+    let config = if readahead {
+        "seq-read"
+    } else {
+        "seq-read-no-ra"
+    };
+    let dir = b.run_dir(&format!("{config}-{repeat}"))?;
+    b.settle()?;
+    let (vol, _open) = open_recovered(b, 0, &dir, 1)?;
+    let h = vol
+        .hydrator
+        .as_ref()
+        .context("a hydrating volume has a hydrator")?;
+    if !readahead {
+        h.tune(deltavol::hydrate::HYDRATE_PIPELINE_BATCHES, 0);
+    }
+    let ring = vol.host_ring(0).context("a host ring")?;
+    let per_read = (SEQ_READ_BYTES / BLOCK_BYTES) as u64;
+    let start = (b.nblocks / 4) / per_read * per_read;
+    let bytes = SEQ_READ_MAX.min(b.size / 2) / SEQ_READ_BYTES as u64 * SEQ_READ_BYTES as u64;
+    ensure!(bytes > 0, "the volume is too small for sequential reads");
+    let mut buf = vec![0u8; SEQ_READ_BYTES];
+    let mut scratch = vec![0u8; BLOCK_BYTES];
+    let mut busy = Duration::ZERO;
+    let mut block = start;
+    while block < start + bytes / BLOCK_BYTES as u64 {
+        let t0 = Instant::now();
+        volume::io(&vol, &ring, UBLK_IO_OP_READ, block, &mut buf)?;
+        busy += t0.elapsed();
+        if let Some(bad) = b.data.first_mismatch(block, &buf, &mut scratch) {
+            bail!("{config}: a read of block {bad} differs from the source");
+        }
+        block += per_read;
+    }
+    let st = vol.status().hydration.unwrap_or_default();
+    if readahead && st.extents_read_ahead == 0 {
+        bail!("{config}: nothing was read ahead: {st:?}");
+    }
+    drop(ring);
+    vol.shutdown();
+    drop(vol);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    let wall_s = busy.as_secs_f64();
+    Ok(Run {
+        config: config.into(),
+        repeat,
+        bytes,
+        wall_s,
+        mb_s: bytes as f64 / 1e6 / wall_s,
+        open_ms: None,
+        server_cpu_s: None,
+        verified_blocks: bytes / BLOCK_BYTES as u64,
     })
 }
 

@@ -35,7 +35,7 @@ pub struct LatencyRun {
 /// One timed hydration or copy.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
-    /// `hydrate` or `copy`.
+    /// `hydrate`, `hydrate-enc`, `hydrate-serial`, `seq-read`, `seq-read-no-ra` or `copy`.
     pub config: String,
     /// 0-based repeat index; runs were interleaved (hydrate, copy, hydrate, ...).
     pub repeat: usize,
@@ -108,6 +108,10 @@ pub struct Report {
     pub ratio_hydrate_vs_copy: f64,
     /// `--encrypt`: hydration of the encrypted source over the plain one (medians).
     pub ratio_encrypted_vs_plain: Option<f64>,
+    /// Hydration with batches pipelined (the default) over one batch at a time (medians).
+    pub ratio_pipelined_vs_serial: f64,
+    /// Sequential reads of blocks not yet local with readahead over without (medians).
+    pub ratio_readahead: f64,
     pub latency_runs: Vec<LatencyRun>,
     pub runs: Vec<Run>,
 }
@@ -192,6 +196,11 @@ pub fn table(r: &Report) -> String {
     if let Some(x) = r.ratio_encrypted_vs_plain {
         t.push_str(&format!("\nhydration, encrypted / plain: {x:.2}×\n"));
     }
+    t.push_str(&format!(
+        "\nhydration, pipelined / one batch at a time: {:.2}×\n\
+         sequential reads of blocks not yet local, readahead / none: {:.2}×\n",
+        r.ratio_pipelined_vs_serial, r.ratio_readahead
+    ));
     t.push_str(&format!(
         "\nhydration / copy: {:.2}×\n\n\
          | recovered volume, background hydration | `Volume::open` | first read | open + first read | 4k reads not local | median | p99 | max |\n\
