@@ -515,6 +515,10 @@ pub struct DeviceArgs {
     /// the volume hydrates after `recover` or `clone`.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     pub hydrate_rate: u64,
+    /// While the volume hydrates: how much is fetched ahead of reads of blocks not yet local
+    /// that come in order (a multiple of 256KiB, at most 64MiB; 0 = no readahead).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "2MiB")]
+    pub hydrate_readahead: u64,
     /// Kernel user recovery: if the daemon dies, the device stays and its I/O waits until
     /// `deltavol add` of the same volume takes it over (a mounted filesystem carries on).
     /// Without a successor that I/O waits forever; `del` then fails it.
@@ -551,6 +555,13 @@ impl AddArgs {
             bail!(
                 "--depth {} is out of range: use 1 to {DEPTH_MAX}",
                 self.dev.depth
+            );
+        }
+        let ext_bytes = crate::hydrate::HYDRATE_EXTENT_BLOCKS * crate::cache::meta::BLOCK_SIZE;
+        if self.dev.hydrate_readahead % ext_bytes != 0 || self.dev.hydrate_readahead > 64 << 20 {
+            bail!(
+                "--hydrate-readahead {} is not a multiple of 256KiB up to 64MiB (0 turns readahead off)",
+                self.dev.hydrate_readahead
             );
         }
         if self.dev.flush_interval_ms == 0 {
@@ -632,6 +643,7 @@ impl AddArgs {
                 },
                 flush_interval: Duration::from_millis(self.dev.flush_interval_ms),
                 hydrate_rate_bytes_per_s: self.dev.hydrate_rate,
+                hydrate_readahead_bytes: self.dev.hydrate_readahead,
                 fetch_timeout: crate::volume::FETCH_TIMEOUT_DEFAULT,
             },
             user_recovery: self.dev.user_recovery,
@@ -2086,8 +2098,9 @@ fn print_status(v: &serde_json::Value) {
                 g("fetched_on_demand")
             );
             println!(
-                "               {} extents fetched, {} refetched, {} reads answered by a fetch already under way",
+                "               {} extents fetched ({} read ahead of reads in order), {} refetched, {} reads answered by a fetch already under way",
                 g("extents_fetched"),
+                g("extents_read_ahead"),
                 g("extents_refetched"),
                 g("fetches_shared")
             );

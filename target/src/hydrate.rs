@@ -146,6 +146,8 @@ pub struct HydrateConfig {
     pub generation: u64,
     /// Background hydration rate limit (bytes per second; 0 = unlimited).
     pub rate_bytes_per_s: u64,
+    /// Extents fetched ahead of reads in order (0 = no readahead).
+    pub readahead_extents: u64,
     /// How long a read of a missing block retries an unreachable data plane before EIO.
     pub fetch_timeout: Duration,
 }
@@ -471,12 +473,13 @@ impl Hydrator {
         {
             return Err(Error::invalid("hydrator already started"));
         }
+        let readahead = cfg.readahead_extents;
         let shared = Arc::new(Shared {
             cache: cache.clone(),
             cfg,
             stop: AtomicU64::new(0),
             depth: AtomicU64::new(HYDRATE_PIPELINE_BATCHES),
-            readahead: AtomicU64::new(HYDRATE_READAHEAD_EXTENTS),
+            readahead: AtomicU64::new(readahead),
             on_demand: AtomicU64::new(0),
             extents_fetched: AtomicU64::new(0),
             extents_refetched: AtomicU64::new(0),

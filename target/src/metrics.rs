@@ -326,7 +326,7 @@ impl Collector for VolumeCollector {
         c(
             e,
             "hydration_extents_fetched",
-            "Extents read from the data plane (for reads and in the background).",
+            "Extents read from the data plane (for reads, ahead of them and in the background).",
             &|s| Some(s.hydration.as_ref()?.extents_fetched),
         )?;
         c(
@@ -334,6 +334,12 @@ impl Collector for VolumeCollector {
             "hydration_fetched_on_demand",
             "Extents fetched for reads of blocks not yet local.",
             &|s| Some(s.hydration.as_ref()?.fetched_on_demand),
+        )?;
+        c(
+            e,
+            "hydration_extents_read_ahead",
+            "Extents fetched ahead of reads of blocks not yet local in order (readahead).",
+            &|s| Some(s.hydration.as_ref()?.extents_read_ahead),
         )?;
         Ok(())
     }

@@ -25,11 +25,18 @@ pub struct VolumeConfig {
     pub ship: Option<ShipConfig>,
     /// Background hydration rate limit, bytes per second (0 = unlimited).
     pub hydrate_rate_bytes_per_s: u64,
+    /// Readahead while hydrating: bytes fetched ahead of reads of blocks not yet local in
+    /// order (whole extents; 0 = none; default [`HYDRATE_READAHEAD_BYTES`]).
+    pub hydrate_readahead_bytes: u64,
     /// How long a read of a not-yet-hydrated block retries an unreachable data plane.
     pub fetch_timeout: Duration,
 }
 
 pub const FETCH_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// The default of [`VolumeConfig::hydrate_readahead_bytes`]: 2 MiB.
+pub const HYDRATE_READAHEAD_BYTES: u64 = crate::hydrate::HYDRATE_READAHEAD_EXTENTS
+    * crate::hydrate::HYDRATE_EXTENT_BLOCKS
+    * meta::BLOCK_SIZE;
 
 pub struct Volume {
     pub cache: Arc<Cache>,
@@ -179,6 +186,8 @@ impl Volume {
                     ship: sc.clone(),
                     generation: cache.generation(),
                     rate_bytes_per_s: cfg.hydrate_rate_bytes_per_s,
+                    readahead_extents: cfg.hydrate_readahead_bytes
+                        / (crate::hydrate::HYDRATE_EXTENT_BLOCKS * meta::BLOCK_SIZE),
                     fetch_timeout: cfg.fetch_timeout,
                 },
             )?,

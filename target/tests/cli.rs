@@ -23,6 +23,14 @@ fn add_rejects_bad_arguments_before_touching_anything() {
             "--depth 5000 is out of range",
         ),
         (&["--size", "1G", "--flush-interval-ms", "0"], "at least 1"),
+        (
+            &["--size", "1G", "--hydrate-readahead", "100KiB"],
+            "--hydrate-readahead 102400 is not a multiple of 256KiB",
+        ),
+        (
+            &["--size", "1G", "--hydrate-readahead", "128MiB"],
+            "up to 64MiB",
+        ),
         (&["--size", "1G", "--cache-limit", "lots"], "invalid value"),
         (
             &["--size", "1G", "--metrics-listen", "localhost"],

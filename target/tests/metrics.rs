@@ -215,6 +215,10 @@ fn scrape_shows_hydration_progress_and_on_demand_fetches() {
         g("deltavol_hydration_extents_fetched_total") >= 1.0,
         "{text}"
     );
+    assert!(
+        text.contains("deltavol_hydration_extents_read_ahead_total{"),
+        "{text}"
+    );
     drop(d);
     drop(metrics);
     vol.shutdown();

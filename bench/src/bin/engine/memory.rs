@@ -113,6 +113,7 @@ pub fn measure(
         flush_interval: Duration::from_secs(24 * 3600),
         ship: None,
         hydrate_rate_bytes_per_s: 0,
+        hydrate_readahead_bytes: deltavol::volume::HYDRATE_READAHEAD_BYTES,
         fetch_timeout: Duration::from_secs(5),
     };
     let vol = Volume::open_with_sink(&cfg, Box::new(NullSink)).context("open the volume")?;

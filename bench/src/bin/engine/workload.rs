@@ -213,6 +213,7 @@ pub fn setup(
         flush_interval: FLUSH_INTERVAL,
         ship: None,
         hydrate_rate_bytes_per_s: 0,
+        hydrate_readahead_bytes: deltavol::volume::HYDRATE_READAHEAD_BYTES,
         fetch_timeout: Duration::from_secs(5),
     };
     let vol = Volume::open_with_sink(&cfg, Box::new(NullSink)).context("open the volume")?;

@@ -113,6 +113,7 @@ fn config(dir: &Path, size_bytes: u64, plane: &Plane, v: &Variant) -> VolumeConf
         flush_interval: FLUSH_INTERVAL,
         ship: Some(plane.ship(dir, v)),
         hydrate_rate_bytes_per_s: 0,
+        hydrate_readahead_bytes: deltavol::volume::HYDRATE_READAHEAD_BYTES,
         fetch_timeout: Duration::from_secs(30),
     }
 }
