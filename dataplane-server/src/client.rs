@@ -18,7 +18,7 @@ use deltavol_schemas::flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset
 use deltavol_schemas::{
     append_frame, check_extents, decode_header, finish_header, header_len_from_prefix,
     valid_volume_name, wire, AUTH_NONCE_BYTES, FRAME_EXTENTS_MAX, FRAME_LEN_PREFIX_BYTES,
-    FRAME_PAYLOAD_MAX_BYTES, PROTOCOL_VERSION,
+    FRAME_PAYLOAD_MAX_BYTES, HEAT_BYTES_MAX, PROTOCOL_VERSION,
 };
 
 use crate::auth;
@@ -615,6 +615,25 @@ impl Client {
         self.fbb.reset();
         r?;
         let r = self.write_all(true, &[]);
+        self.poison(r)
+    }
+
+    /// Sends a frame with a payload (at most `FRAME_PAYLOAD_MAX_BYTES`).
+    fn send_with_payload(
+        &mut self,
+        ty: wire::Message,
+        body: WIPOffset<UnionWIPOffset>,
+        payload: &[u8],
+    ) -> Result<(), ClientError> {
+        self.check_usable()?;
+        self.out.clear();
+        let r = finish_header(&mut self.fbb, ty, body, payload.len())
+            .and_then(|h| append_frame(&mut self.out, h, &[]))
+            .map_err(|e| usage(format!("request over the frame caps: {e}")));
+        self.fbb.reset();
+        r?;
+        // `append_frame` wrote the prefix and header only; the payload follows.
+        let r = self.write_all(true, payload);
         self.poison(r)
     }
 
@@ -1279,6 +1298,124 @@ impl Client {
             Some(d) if d.snap_id() == snap_id => Ok(d.merged_into()),
             _ => self.poison(Err(protocol("expected Deleted"))),
         }
+    }
+
+    /// Stores the volume's heat map, replacing the one stored (durable when this returns).
+    /// `region_blocks`: blocks per entry (a power of two, at least 1); `heat.len()` must be the
+    /// volume's block count divided by `region_blocks`, rounded up, and at most
+    /// `deltavol_schemas::HEAT_BYTES_MAX`.
+    ///
+    /// The server checks the shape against the volume's current size (`Malformed`, or
+    /// `TooLarge` over the cap: nothing stored); it needs the write role (`Forbidden`) and the
+    /// current generation (`StaleGeneration`). Not while a snapshot is being uploaded on this
+    /// connection. The map crosses the wire in pieces of at most `FRAME_PAYLOAD_MAX_BYTES`.
+    pub fn put_heat(&mut self, region_blocks: u32, heat: &[u8]) -> Result<(), ClientError> {
+        if heat.len() > HEAT_BYTES_MAX {
+            return Err(usage(format!(
+                "put_heat: heat map of {} bytes exceeds the cap of {HEAT_BYTES_MAX}",
+                heat.len()
+            )));
+        }
+        if self.upload.is_some() {
+            return Err(usage("put_heat while a snapshot is being uploaded"));
+        }
+        let total_bytes = heat.len() as u32;
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + FRAME_PAYLOAD_MAX_BYTES).min(heat.len());
+            let body = wire::PutHeat::create(
+                &mut self.fbb,
+                &wire::PutHeatArgs {
+                    region_blocks,
+                    total_bytes,
+                    offset: offset as u32,
+                },
+            );
+            self.send_with_payload(
+                wire::Message::PutHeat,
+                body.as_union_value(),
+                &heat[offset..end],
+            )?;
+            self.recv()?;
+            let ack = {
+                let f = self.frame()?;
+                f.body_as_heat_stored()
+                    .map(|a| (a.received_bytes(), a.stored()))
+            };
+            let last = end == heat.len();
+            match ack {
+                Some((received, stored)) if received as usize == end && stored == last => {}
+                _ => return self.poison(Err(protocol("expected HeatStored for the piece sent"))),
+            }
+            if last {
+                return Ok(());
+            }
+            offset = end;
+        }
+    }
+
+    /// The volume's stored heat map: `Some((region_blocks, heat))`, or `None` if none was
+    /// stored. Needs the read role.
+    pub fn get_heat(&mut self) -> Result<Option<(u32, Vec<u8>)>, ClientError> {
+        if self.upload.is_some() {
+            return Err(usage("get_heat while a snapshot is being uploaded"));
+        }
+        let body = wire::GetHeat::create(&mut self.fbb, &wire::GetHeatArgs { reserved: 0 });
+        self.send(wire::Message::GetHeat, body.as_union_value())?;
+        let mut heat: Vec<u8> = Vec::new();
+        let mut first: Option<(bool, u32, u32)> = None;
+        loop {
+            self.recv()?;
+            let r = self.take_heat_frame(&mut first, &mut heat);
+            if self.poison(r)? {
+                break;
+            }
+        }
+        match first {
+            Some((true, region_blocks, _)) => Ok(Some((region_blocks, heat))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Checks one Heat frame (against the first one's present / region_blocks / total) and
+    /// appends its bytes to `heat`; returns whether it was the last.
+    fn take_heat_frame(
+        &self,
+        first: &mut Option<(bool, u32, u32)>,
+        heat: &mut Vec<u8>,
+    ) -> Result<bool, ClientError> {
+        let f = self.frame()?;
+        let h = f.body_as_heat().ok_or_else(|| protocol("expected Heat"))?;
+        let this = (h.present(), h.region_blocks(), h.total_bytes());
+        if this.2 as usize > HEAT_BYTES_MAX || (!this.0 && this.2 != 0) {
+            return Err(protocol(format!(
+                "heat map of {} bytes from the data plane (cap {HEAT_BYTES_MAX})",
+                this.2
+            )));
+        }
+        match first {
+            None => {
+                *first = Some(this);
+                heat.reserve_exact(this.2 as usize);
+            }
+            Some(f) if *f == this => {}
+            Some(_) => return Err(protocol("Heat frames of different maps")),
+        }
+        let end = h.offset() as usize + self.payload.len();
+        if h.offset() as usize != heat.len() || end > this.2 as usize {
+            return Err(protocol(format!(
+                "heat map piece at offset {} of {} bytes, offset {} of {} expected",
+                h.offset(),
+                self.payload.len(),
+                heat.len(),
+                this.2
+            )));
+        }
+        heat.extend_from_slice(&self.payload);
+        if h.last() != (end == this.2 as usize) {
+            return Err(protocol("heat map ended early or late"));
+        }
+        Ok(h.last())
     }
 }
 

@@ -36,10 +36,22 @@
 //! | `Prune{dry_run}` | `Pruned{deleted, kept, kept_for, dry_run}` |
 //! | `NewGeneration{}` | `VolumeInfo` with the new generation (durable); older writers are fenced |
 //! | `CloneVolume{source_volume, source_snap_id}` | `VolumeInfo` of the new clone (`VolumeExists`, `NoSuchVolume`, `NoSuchSnapshot`) |
+//! | `DeleteVolume{volume_id}` | `VolumeInfo` (`exists` false; `InUse` while a clone depends on it) |
+//! | `ReadChecksums{snap_id, lba, nblocks}` | `Checksums{snap_id, lba, crcs}` (≤ `CHECKSUM_BLOCKS_MAX` blocks) |
+//! | `PutHeat{region_blocks, total_bytes, offset}` + a piece of the heat map as payload (≤ 1 MiB), in order | `HeatStored{received_bytes, stored}` per piece; `stored` on the last, once durable (write role; `Malformed` / `TooLarge` for a bad shape, nothing stored) |
+//! | `GetHeat{}` | `Heat{region_blocks, present, total_bytes, offset, last}` + a piece as payload, repeated until `last` (read role) |
 //!
 //! Generations: a connection writes as the generation it authenticated with (or got from its
-//! own `NewGeneration`); `BeginSnapshot`, `PutExtents`, `Commit` and `DeleteSnapshot` of a
-//! generation older than the volume's are refused with `StaleGeneration`, reads are not.
+//! own `NewGeneration`); `BeginSnapshot`, `PutExtents`, `Commit`, `DeleteSnapshot` and
+//! `PutHeat` of a generation older than the volume's are refused with `StaleGeneration`, reads
+//! are not.
+//!
+//! Heat map: one byte per region of `region_blocks` blocks (a power of two) of the volume,
+//! 0 = cold .. 255 = hottest, ceil(volume blocks / region_blocks) bytes, at most
+//! `HEAT_BYTES_MAX` (4 MiB): the compute node's record of what the application reads most, so
+//! that a recovery hydrates it first. One per volume, replaced by every complete `PutHeat`, not
+//! part of any snapshot (retention and compaction never touch it); deleted with the volume; a
+//! clone starts without one. `PutHeat` of a fenced generation is `StaleGeneration`.
 //!
 //! Clones: reads as of a clone's snapshot fall through, for blocks its own chain never wrote,
 //! to the source as of the source snapshot; `ReadExtents{snap_id: 0}` on a clone reads its

@@ -41,7 +41,8 @@ use deltavol_schemas::flatbuffers::FlatBufferBuilder;
 use deltavol_schemas::{
     append_frame, decode_header, finish_header, header_len_from_prefix, valid_volume_name, wire,
     FrameError, CHECKSUM_BLOCKS_MAX, ERROR_MESSAGE_MAX_BYTES, FRAME_EXTENTS_MAX,
-    FRAME_LEN_PREFIX_BYTES, FRAME_PAYLOAD_MAX_BYTES, LIST_PAGE_SNAPSHOTS_MAX, PROTOCOL_VERSION,
+    FRAME_LEN_PREFIX_BYTES, FRAME_PAYLOAD_MAX_BYTES, HEAT_BYTES_MAX, LIST_PAGE_SNAPSHOTS_MAX,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -1426,11 +1427,28 @@ struct Conn {
     rec_buf: Vec<u8>,
     read_payload: Vec<u8>,
     read_extents: Vec<wire::Extent>,
+    heat_upload: Option<HeatUpload>,
 }
 
 enum Next {
     Frame,
     Closed,
+}
+
+/// A `PutHeat` frame's fields.
+#[derive(Debug, Clone, Copy)]
+struct HeatPiece {
+    region_blocks: u32,
+    total_bytes: u32,
+    offset: u32,
+}
+
+/// A heat map being received in pieces (at most `HEAT_BYTES_MAX`, checked against the volume
+/// before the buffer is sized).
+struct HeatUpload {
+    region_blocks: u32,
+    total_bytes: u32,
+    heat: Vec<u8>,
 }
 
 impl Conn {
@@ -1631,10 +1649,13 @@ impl Conn {
     async fn dispatch(&mut self, hdr: &[u8]) -> Result<(), ReqError> {
         let f = decode_header(hdr).map_err(frame_error)?;
         let ty = f.body_type();
-        if ty != wire::Message::PutExtents && !self.payload.is_empty() {
+        if ty != wire::Message::PutExtents
+            && ty != wire::Message::PutHeat
+            && !self.payload.is_empty()
+        {
             return Err(ReqError::fatal(
                 wire::ErrorCode::Protocol,
-                "only PutExtents frames carry a payload",
+                "only PutExtents and PutHeat frames carry a payload",
             ));
         }
         self.recheck_credential()?;
@@ -1771,6 +1792,23 @@ impl Conn {
                 .finish(wire::Message::Pruned, body.as_union_value(), &[]);
             return self.send_reply().await;
         }
+        if let Some(m) = f.body_as_put_heat() {
+            // Any refusal drops the map being received: nothing of it is stored.
+            let piece = HeatPiece {
+                region_blocks: m.region_blocks(),
+                total_bytes: m.total_bytes(),
+                offset: m.offset(),
+            };
+            let res = self.put_heat(piece).await;
+            if res.is_err() {
+                self.heat_upload = None;
+            }
+            return res;
+        }
+        if f.body_as_get_heat().is_some() {
+            self.need(Access::Read, "read the heat map")?;
+            return self.get_heat().await;
+        }
         if let Some(m) = f.body_as_delete_snapshot() {
             self.need(Access::Write, "delete snapshots")?;
             let v = self.require_own_volume()?;
@@ -1799,6 +1837,130 @@ impl Conn {
                 ty.variant_name().unwrap_or("?")
             ),
         ))
+    }
+
+    /// One piece of a `PutHeat`: checked against the volume and the pieces before it; the
+    /// last one stores the map.
+    async fn put_heat(&mut self, p: HeatPiece) -> Result<(), ReqError> {
+        use wire::ErrorCode as C;
+        self.need(Access::Write, "store the heat map")?;
+        let v = self.require_own_volume()?;
+        v.check_generation(self.generation)?;
+        let s = v.summary();
+        let volume_blocks = s.size_bytes / u64::from(s.block_size.max(1));
+        store::check_heat(volume_blocks, p.region_blocks, u64::from(p.total_bytes))?;
+        let piece_len = self.payload.len() as u64;
+        let end = u64::from(p.offset) + piece_len;
+        if end > u64::from(p.total_bytes) {
+            return Err(ReqError::new(
+                C::Malformed,
+                format!(
+                    "heat map piece of {piece_len} bytes at offset {} is past its total of {} bytes",
+                    p.offset, p.total_bytes
+                ),
+            ));
+        }
+        if piece_len == 0 && end < u64::from(p.total_bytes) {
+            return Err(ReqError::new(
+                C::Malformed,
+                "heat map piece without bytes before the end of the map",
+            ));
+        }
+        if p.offset == 0 {
+            self.heat_upload = Some(HeatUpload {
+                region_blocks: p.region_blocks,
+                total_bytes: p.total_bytes,
+                heat: Vec::with_capacity(p.total_bytes as usize),
+            });
+        }
+        let Some(up) = self.heat_upload.as_mut() else {
+            return Err(ReqError::new(
+                C::Malformed,
+                format!(
+                    "heat map piece at offset {} without the pieces before it (start at 0)",
+                    p.offset
+                ),
+            ));
+        };
+        if up.region_blocks != p.region_blocks
+            || up.total_bytes != p.total_bytes
+            || up.heat.len() as u64 != u64::from(p.offset)
+        {
+            return Err(ReqError::new(
+                C::Malformed,
+                format!(
+                    "heat map piece at offset {} (region_blocks {}, total {}) does not follow \
+                     the {} bytes received (region_blocks {}, total {}): start again at 0",
+                    p.offset,
+                    p.region_blocks,
+                    p.total_bytes,
+                    up.heat.len(),
+                    up.region_blocks,
+                    up.total_bytes
+                ),
+            ));
+        }
+        up.heat.extend_from_slice(&self.payload);
+        let received_bytes = up.heat.len() as u32;
+        let stored = end == u64::from(p.total_bytes);
+        if stored {
+            let up = self.heat_upload.take().expect("checked above");
+            v.put_heat(up.region_blocks, &up.heat).await?;
+        }
+        let body = wire::HeatStored::create(
+            &mut self.out.fbb,
+            &wire::HeatStoredArgs {
+                received_bytes,
+                stored,
+            },
+        );
+        self.out
+            .finish(wire::Message::HeatStored, body.as_union_value(), &[]);
+        self.send_reply().await
+    }
+
+    /// Answers `GetHeat`: the stored map in `Heat` frames of at most a frame payload each.
+    async fn get_heat(&mut self) -> Result<(), ReqError> {
+        let v = self.require_volume()?;
+        let stored = v.get_heat().await?;
+        let (region_blocks, heat) = match stored {
+            Some((r, h)) if h.len() <= HEAT_BYTES_MAX => (r, Some(h)),
+            Some(_) => {
+                return Err(ReqError::new(
+                    wire::ErrorCode::Damaged,
+                    "stored heat map over its cap",
+                ))
+            }
+            None => (0, None),
+        };
+        let present = heat.is_some();
+        let heat = heat.unwrap_or_default();
+        let total_bytes = heat.len() as u32;
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + FRAME_PAYLOAD_MAX_BYTES).min(heat.len());
+            let last = end == heat.len();
+            let body = wire::Heat::create(
+                &mut self.out.fbb,
+                &wire::HeatArgs {
+                    region_blocks,
+                    present,
+                    total_bytes,
+                    offset: offset as u32,
+                    last,
+                },
+            );
+            self.out.finish(
+                wire::Message::Heat,
+                body.as_union_value(),
+                &heat[offset..end],
+            );
+            self.send_reply().await?;
+            if last {
+                return Ok(());
+            }
+            offset = end;
+        }
     }
 
     async fn send_reply(&mut self) -> Result<(), ReqError> {
@@ -2408,6 +2570,7 @@ async fn serve(shard: Rc<Shard>, h: Handoff) {
         rec_buf: Vec::new(),
         read_payload: Vec::new(),
         read_extents: Vec::new(),
+        heat_upload: None,
     };
     tracing::debug!(peer = %peer, volume = %conn.volume_name, shard = conn.shard.id, "connection authenticated");
     let broken = conn.shard.broken.borrow().get(&conn.volume_name).cloned();

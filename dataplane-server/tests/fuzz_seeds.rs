@@ -413,6 +413,47 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
         frame(&mut fbb, M::Pruned, b.as_union_value(), &[]),
     );
 
+    let heat: Vec<u8> = (0..64u32).map(|i| (i * 37) as u8).collect();
+    let b = wire::PutHeat::create(
+        &mut fbb,
+        &wire::PutHeatArgs {
+            region_blocks: 16,
+            total_bytes: 64,
+            offset: 0,
+        },
+    );
+    push(
+        "put_heat",
+        frame(&mut fbb, M::PutHeat, b.as_union_value(), &heat),
+    );
+    let b = wire::HeatStored::create(
+        &mut fbb,
+        &wire::HeatStoredArgs {
+            received_bytes: 64,
+            stored: true,
+        },
+    );
+    push(
+        "heat_stored",
+        frame(&mut fbb, M::HeatStored, b.as_union_value(), &[]),
+    );
+    let b = wire::GetHeat::create(&mut fbb, &wire::GetHeatArgs { reserved: 0 });
+    push(
+        "get_heat",
+        frame(&mut fbb, M::GetHeat, b.as_union_value(), &[]),
+    );
+    let b = wire::Heat::create(
+        &mut fbb,
+        &wire::HeatArgs {
+            region_blocks: 16,
+            present: true,
+            total_bytes: 64,
+            offset: 0,
+            last: true,
+        },
+    );
+    push("heat", frame(&mut fbb, M::Heat, b.as_union_value(), &heat));
+
     // A connection's worth: hello, auth, begin, put, commit, read, in one stream.
     let stream: Vec<u8> = [
         "hello",

@@ -375,6 +375,11 @@ pub fn check_extents<'a>(
 /// header).
 pub const CHECKSUM_BLOCKS_MAX: u64 = 8192;
 
+/// Cap on a volume's heat map (`PutHeat`, `Heat`): one byte per region, so a 16 TiB volume of
+/// 4 KiB blocks fits it with regions of 1024 blocks (4 MiB). The map crosses the wire in
+/// payload pieces of at most [`FRAME_PAYLOAD_MAX_BYTES`].
+pub const HEAT_BYTES_MAX: usize = 4 << 20;
+
 /// Bytes of a volume id (random at a volume's creation, never reused).
 pub const VOLUME_ID_BYTES: usize = 16;
 
@@ -624,6 +629,24 @@ fn fuzz_read_message(h: wire::Frame<'_>, payload: &[u8]) {
                     str_len(Some(s));
                 }
             }
+        }
+        M::PutHeat => {
+            let m = h.body_as_put_heat().expect("verified PutHeat");
+            let (region, total, offset) = (m.region_blocks(), m.total_bytes(), m.offset());
+            let _ = (region.is_power_of_two(), total as usize <= HEAT_BYTES_MAX);
+            let _ = u64::from(offset).checked_add(payload.len() as u64);
+        }
+        M::HeatStored => {
+            let m = h.body_as_heat_stored().expect("verified HeatStored");
+            let _ = (m.received_bytes(), m.stored());
+        }
+        M::GetHeat => {
+            let _ = h.body_as_get_heat().expect("verified GetHeat").reserved();
+        }
+        M::Heat => {
+            let m = h.body_as_heat().expect("verified Heat");
+            let _ = (m.region_blocks(), m.present(), m.total_bytes(), m.last());
+            let _ = u64::from(m.offset()).checked_add(payload.len() as u64);
         }
         // `decode_header` refuses NONE and unknown members.
         other => panic!("decode_header accepted message type {}", other.0),

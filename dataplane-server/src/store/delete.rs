@@ -18,12 +18,13 @@ impl Volume {
     /// Crash-safe: local, the directory is renamed to a hidden tombstone (`.deleted-…`,
     /// never a valid volume name) and the parent synced before it is removed, so the volume
     /// is either whole or gone; a tombstone left by a crash is removed at the next start.
-    /// Object store: the manifest trim floor, then every manifest but the newest, then the newest (from
+    /// Object store: the heat map, the manifest trim floor, then every manifest but the newest, then the newest (from
     /// then on the volume does not exist), then the segments; a crash leaves either the
     /// volume at its newest state or unreferenced segments that a repeated delete or `gc`
     /// removes.
     pub async fn delete_volume(&self, confirm_id: &VolumeId) -> Result<(), StoreError> {
         let _guard = self.meta_lock.lock().await;
+        let _heat = self.heat_lock.lock().await;
         let summary = self.summary();
         if &summary.volume_id != confirm_id {
             return Err(StoreError::new(
@@ -54,7 +55,10 @@ impl Volume {
                 }
             }
             Backend::Object(obj) => {
-                // The trim floor first: a new volume of this name starts numbering at 1.
+                // The heat map before the manifests: once the newest manifest is gone, only
+                // unreferenced segments may be left.
+                self.delete_heat_obj().await?;
+                // Then the trim floor: a new volume of this name starts numbering at 1.
                 obj.delete(&obj.key(&backend::floor_rel(&self.name)))
                     .await?;
                 let mut manifests: Vec<(u64, object_store::path::Path)> = obj

@@ -29,6 +29,7 @@
 //! * `read_plan.rs`: a read as of a snapshot ([`Volume::plan_read`], [`ReadPlan`]).
 //! * `clones.rs`: a clone's view of its source; finding the clones of a volume.
 //! * `delete.rs`: deleting a whole volume.
+//! * `heat.rs`: the volume's read heat map (not part of any snapshot).
 //! * `local.rs`: the local backend's file names, atomic replace, removal of stray files.
 //! * `error.rs`: [`StoreError`] and its [`StoreErrorKind`].
 //! * [`mod@layer`]: one snapshot's in-memory index; [`mod@format`]: the on-disk formats;
@@ -52,6 +53,7 @@ mod chain;
 mod clones;
 mod delete;
 mod error;
+mod heat;
 mod local;
 mod manifest;
 mod read_plan;
@@ -65,6 +67,7 @@ pub use clones::{find_any_clone_of, CLONE_DEPTH_MAX};
 pub use compaction::{CompactOutcome, COMPACT_ID_BIT};
 pub use delete::{remove_deleted_leftovers, DELETED_PREFIX};
 pub use error::{StoreError, StoreErrorKind};
+pub use heat::{check_heat, decode_heat, encode_heat, heat_entries, heat_rel};
 pub use manifest::{
     latest_obj_manifest, read_floor, read_manifest, read_manifest_full, trim_manifests, Trimmed,
     KEEP_MANIFESTS, TRIM_EVERY,

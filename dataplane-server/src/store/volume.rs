@@ -116,6 +116,8 @@ pub struct Volume {
     pub(super) dir: PathBuf,
     pub(super) backend: Backend,
     pub(super) meta_lock: tokio::sync::Mutex<()>,
+    /// Serialises heat map writes (and a deletion against them); taken after `meta_lock`.
+    pub(super) heat_lock: tokio::sync::Mutex<()>,
     /// The upload in progress, if any.
     pub(super) upload: Cell<Option<ActiveUpload>>,
     /// Epoch of the last upload started (numbers temp files, identifies the current upload).
@@ -239,6 +241,7 @@ impl Volume {
             dir,
             backend: backend.clone(),
             meta_lock: tokio::sync::Mutex::new(()),
+            heat_lock: tokio::sync::Mutex::new(()),
             upload: Cell::new(None),
             upload_epoch: Cell::new(0),
             state: RefCell::new(VolumeState {
@@ -281,6 +284,7 @@ impl Volume {
             dir,
             backend: backend.clone(),
             meta_lock: tokio::sync::Mutex::new(()),
+            heat_lock: tokio::sync::Mutex::new(()),
             upload: Cell::new(None),
             upload_epoch: Cell::new(0),
             state: RefCell::new(state),

@@ -276,10 +276,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_MESSAGE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE: u8 = 30;
+pub const ENUM_MAX_MESSAGE: u8 = 34;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE: [Message; 31] = [
+pub const ENUM_VALUES_MESSAGE: [Message; 35] = [
   Message::NONE,
   Message::Hello,
   Message::Challenge,
@@ -311,6 +311,10 @@ pub const ENUM_VALUES_MESSAGE: [Message; 31] = [
   Message::Pinned,
   Message::Prune,
   Message::Pruned,
+  Message::PutHeat,
+  Message::HeatStored,
+  Message::GetHeat,
+  Message::Heat,
 ];
 
 /// Append-only: new members go at the end.
@@ -350,9 +354,13 @@ impl Message {
   pub const Pinned: Self = Self(28);
   pub const Prune: Self = Self(29);
   pub const Pruned: Self = Self(30);
+  pub const PutHeat: Self = Self(31);
+  pub const HeatStored: Self = Self(32);
+  pub const GetHeat: Self = Self(33);
+  pub const Heat: Self = Self(34);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 30;
+  pub const ENUM_MAX: u8 = 34;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -385,6 +393,10 @@ impl Message {
     Self::Pinned,
     Self::Prune,
     Self::Pruned,
+    Self::PutHeat,
+    Self::HeatStored,
+    Self::GetHeat,
+    Self::Heat,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -420,6 +432,10 @@ impl Message {
       Self::Pinned => Some("Pinned"),
       Self::Prune => Some("Prune"),
       Self::Pruned => Some("Pruned"),
+      Self::PutHeat => Some("PutHeat"),
+      Self::HeatStored => Some("HeatStored"),
+      Self::GetHeat => Some("GetHeat"),
+      Self::Heat => Some("Heat"),
       _ => None,
     }
   }
@@ -4757,6 +4773,523 @@ impl ::core::fmt::Debug for Pruned<'_> {
       ds.finish()
   }
 }
+pub enum PutHeatOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request: store the volume's read heat map, replacing the stored one: one byte per region
+/// of `region_blocks` blocks (a power of two), 0 = cold .. 255 = hottest, for
+/// ceil(volume blocks / region_blocks) regions (at most `HEAT_BYTES_MAX` bytes). The map is the
+/// payload, sent in pieces of at most `FRAME_PAYLOAD_MAX_BYTES`, in order, one `PutHeat` each:
+/// `offset` is where the piece starts in the map, `total_bytes` the whole map's length (the
+/// same in every piece; a piece at offset 0 starts over). Every piece is answered by
+/// `HeatStored`; the last one (offset + payload = total_bytes) once the map is durable. Not
+/// part of any snapshot. Needs the write role; a fenced generation is refused.
+pub struct PutHeat<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PutHeat<'a> {
+  type Inner = PutHeat<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PutHeat<'a> {
+  pub const VT_REGION_BLOCKS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TOTAL_BYTES: ::flatbuffers::VOffsetT = 6;
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PutHeat { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PutHeatArgs
+  ) -> ::flatbuffers::WIPOffset<PutHeat<'bldr>> {
+    let mut builder = PutHeatBuilder::new(_fbb);
+    builder.add_offset(args.offset);
+    builder.add_total_bytes(args.total_bytes);
+    builder.add_region_blocks(args.region_blocks);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn region_blocks(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(PutHeat::VT_REGION_BLOCKS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn total_bytes(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(PutHeat::VT_TOTAL_BYTES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn offset(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(PutHeat::VT_OFFSET, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PutHeat<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("region_blocks", Self::VT_REGION_BLOCKS, false)?
+     .visit_field::<u32>("total_bytes", Self::VT_TOTAL_BYTES, false)?
+     .visit_field::<u32>("offset", Self::VT_OFFSET, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PutHeatArgs {
+    pub region_blocks: u32,
+    pub total_bytes: u32,
+    pub offset: u32,
+}
+impl<'a> Default for PutHeatArgs {
+  #[inline]
+  fn default() -> Self {
+    PutHeatArgs {
+      region_blocks: 0,
+      total_bytes: 0,
+      offset: 0,
+    }
+  }
+}
+
+pub struct PutHeatBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PutHeatBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_region_blocks(&mut self, region_blocks: u32) {
+    self.fbb_.push_slot::<u32>(PutHeat::VT_REGION_BLOCKS, region_blocks, 0);
+  }
+  #[inline]
+  pub fn add_total_bytes(&mut self, total_bytes: u32) {
+    self.fbb_.push_slot::<u32>(PutHeat::VT_TOTAL_BYTES, total_bytes, 0);
+  }
+  #[inline]
+  pub fn add_offset(&mut self, offset: u32) {
+    self.fbb_.push_slot::<u32>(PutHeat::VT_OFFSET, offset, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PutHeatBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PutHeatBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PutHeat<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PutHeat<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PutHeat");
+      ds.field("region_blocks", &self.region_blocks());
+      ds.field("total_bytes", &self.total_bytes());
+      ds.field("offset", &self.offset());
+      ds.finish()
+  }
+}
+pub enum HeatStoredOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Answer to PutHeat: `received_bytes` of the map so far; `stored` on the last piece, once
+/// the whole map is durable.
+pub struct HeatStored<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for HeatStored<'a> {
+  type Inner = HeatStored<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> HeatStored<'a> {
+  pub const VT_RECEIVED_BYTES: ::flatbuffers::VOffsetT = 4;
+  pub const VT_STORED: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    HeatStored { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args HeatStoredArgs
+  ) -> ::flatbuffers::WIPOffset<HeatStored<'bldr>> {
+    let mut builder = HeatStoredBuilder::new(_fbb);
+    builder.add_received_bytes(args.received_bytes);
+    builder.add_stored(args.stored);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn received_bytes(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(HeatStored::VT_RECEIVED_BYTES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn stored(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(HeatStored::VT_STORED, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for HeatStored<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("received_bytes", Self::VT_RECEIVED_BYTES, false)?
+     .visit_field::<bool>("stored", Self::VT_STORED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct HeatStoredArgs {
+    pub received_bytes: u32,
+    pub stored: bool,
+}
+impl<'a> Default for HeatStoredArgs {
+  #[inline]
+  fn default() -> Self {
+    HeatStoredArgs {
+      received_bytes: 0,
+      stored: false,
+    }
+  }
+}
+
+pub struct HeatStoredBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeatStoredBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_received_bytes(&mut self, received_bytes: u32) {
+    self.fbb_.push_slot::<u32>(HeatStored::VT_RECEIVED_BYTES, received_bytes, 0);
+  }
+  #[inline]
+  pub fn add_stored(&mut self, stored: bool) {
+    self.fbb_.push_slot::<bool>(HeatStored::VT_STORED, stored, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HeatStoredBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    HeatStoredBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<HeatStored<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for HeatStored<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("HeatStored");
+      ds.field("received_bytes", &self.received_bytes());
+      ds.field("stored", &self.stored());
+      ds.finish()
+  }
+}
+pub enum GetHeatOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request: the volume's stored heat map. Answered by `Heat` frames until `last`.
+pub struct GetHeat<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GetHeat<'a> {
+  type Inner = GetHeat<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GetHeat<'a> {
+  pub const VT_RESERVED: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GetHeat { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GetHeatArgs
+  ) -> ::flatbuffers::WIPOffset<GetHeat<'bldr>> {
+    let mut builder = GetHeatBuilder::new(_fbb);
+    builder.add_reserved(args.reserved);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn reserved(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GetHeat::VT_RESERVED, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GetHeat<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("reserved", Self::VT_RESERVED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GetHeatArgs {
+    pub reserved: u32,
+}
+impl<'a> Default for GetHeatArgs {
+  #[inline]
+  fn default() -> Self {
+    GetHeatArgs {
+      reserved: 0,
+    }
+  }
+}
+
+pub struct GetHeatBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GetHeatBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_reserved(&mut self, reserved: u32) {
+    self.fbb_.push_slot::<u32>(GetHeat::VT_RESERVED, reserved, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GetHeatBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GetHeatBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GetHeat<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GetHeat<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GetHeat");
+      ds.field("reserved", &self.reserved());
+      ds.finish()
+  }
+}
+pub enum HeatOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Answer to GetHeat, repeated until `last`: the payload is the map's bytes at `offset` (pieces
+/// of at most `FRAME_PAYLOAD_MAX_BYTES`, in order). `present` false: no map is stored (one
+/// frame, `last`, no payload).
+pub struct Heat<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Heat<'a> {
+  type Inner = Heat<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Heat<'a> {
+  pub const VT_REGION_BLOCKS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PRESENT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TOTAL_BYTES: ::flatbuffers::VOffsetT = 8;
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 10;
+  pub const VT_LAST: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Heat { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args HeatArgs
+  ) -> ::flatbuffers::WIPOffset<Heat<'bldr>> {
+    let mut builder = HeatBuilder::new(_fbb);
+    builder.add_offset(args.offset);
+    builder.add_total_bytes(args.total_bytes);
+    builder.add_region_blocks(args.region_blocks);
+    builder.add_last(args.last);
+    builder.add_present(args.present);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn region_blocks(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Heat::VT_REGION_BLOCKS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn present(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Heat::VT_PRESENT, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn total_bytes(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Heat::VT_TOTAL_BYTES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn offset(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Heat::VT_OFFSET, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn last(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Heat::VT_LAST, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Heat<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("region_blocks", Self::VT_REGION_BLOCKS, false)?
+     .visit_field::<bool>("present", Self::VT_PRESENT, false)?
+     .visit_field::<u32>("total_bytes", Self::VT_TOTAL_BYTES, false)?
+     .visit_field::<u32>("offset", Self::VT_OFFSET, false)?
+     .visit_field::<bool>("last", Self::VT_LAST, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct HeatArgs {
+    pub region_blocks: u32,
+    pub present: bool,
+    pub total_bytes: u32,
+    pub offset: u32,
+    pub last: bool,
+}
+impl<'a> Default for HeatArgs {
+  #[inline]
+  fn default() -> Self {
+    HeatArgs {
+      region_blocks: 0,
+      present: false,
+      total_bytes: 0,
+      offset: 0,
+      last: false,
+    }
+  }
+}
+
+pub struct HeatBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeatBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_region_blocks(&mut self, region_blocks: u32) {
+    self.fbb_.push_slot::<u32>(Heat::VT_REGION_BLOCKS, region_blocks, 0);
+  }
+  #[inline]
+  pub fn add_present(&mut self, present: bool) {
+    self.fbb_.push_slot::<bool>(Heat::VT_PRESENT, present, false);
+  }
+  #[inline]
+  pub fn add_total_bytes(&mut self, total_bytes: u32) {
+    self.fbb_.push_slot::<u32>(Heat::VT_TOTAL_BYTES, total_bytes, 0);
+  }
+  #[inline]
+  pub fn add_offset(&mut self, offset: u32) {
+    self.fbb_.push_slot::<u32>(Heat::VT_OFFSET, offset, 0);
+  }
+  #[inline]
+  pub fn add_last(&mut self, last: bool) {
+    self.fbb_.push_slot::<bool>(Heat::VT_LAST, last, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HeatBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    HeatBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Heat<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Heat<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Heat");
+      ds.field("region_blocks", &self.region_blocks());
+      ds.field("present", &self.present());
+      ds.field("total_bytes", &self.total_bytes());
+      ds.field("offset", &self.offset());
+      ds.field("last", &self.last());
+      ds.finish()
+  }
+}
 pub enum ErrorOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -5379,6 +5912,66 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_put_heat(&self) -> Option<PutHeat<'a>> {
+    if self.body_type() == Message::PutHeat {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { PutHeat::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_heat_stored(&self) -> Option<HeatStored<'a>> {
+    if self.body_type() == Message::HeatStored {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { HeatStored::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_get_heat(&self) -> Option<GetHeat<'a>> {
+    if self.body_type() == Message::GetHeat {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { GetHeat::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_heat(&self) -> Option<Heat<'a>> {
+    if self.body_type() == Message::Heat {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Heat::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -5419,6 +6012,10 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Message::Pinned => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Pinned>>("Message::Pinned", pos),
           Message::Prune => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Prune>>("Message::Prune", pos),
           Message::Pruned => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Pruned>>("Message::Pruned", pos),
+          Message::PutHeat => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PutHeat>>("Message::PutHeat", pos),
+          Message::HeatStored => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<HeatStored>>("Message::HeatStored", pos),
+          Message::GetHeat => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GetHeat>>("Message::GetHeat", pos),
+          Message::Heat => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Heat>>("Message::Heat", pos),
           _ => Ok(()),
         }
      })?
@@ -5685,6 +6282,34 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Message::Pruned => {
           if let Some(x) = self.body_as_pruned() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::PutHeat => {
+          if let Some(x) = self.body_as_put_heat() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::HeatStored => {
+          if let Some(x) = self.body_as_heat_stored() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::GetHeat => {
+          if let Some(x) = self.body_as_get_heat() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::Heat => {
+          if let Some(x) = self.body_as_heat() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
