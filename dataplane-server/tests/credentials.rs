@@ -571,12 +571,14 @@ fn every_request_type_of_a_credential_of_a_is_refused_on_b() {
         "set_retention",
         "pin_snapshot",
         "prune",
+        "put_heat",
     ];
     let reading = [
         "get_volume_info",
         "list_snapshots",
         "read_extents",
         "read_checksums",
+        "get_heat",
     ];
     let mut admin = connect(srv.addr, "vol-b");
     let before = admin.list_snapshots().expect("list");
@@ -613,4 +615,5 @@ fn every_request_type_of_a_credential_of_a_is_refused_on_b() {
         )
     );
     assert_eq!(read_all(&mut admin, 2), model_b);
+    assert_eq!(admin.get_heat().expect("get"), None, "no heat map was stored");
 }

@@ -228,6 +228,23 @@ fn heat_map_on_s3() {
     drop(c);
     let mut c = connect(addr, "big");
     assert_eq!(c.get_heat().expect("get"), None);
+    drop((c, _server));
+
+    // gc removes the heat map of a volume that does not exist (no manifest), past its grace
+    // period, and leaves the others.
+    obj.block_on(obj.put(&obj.key(&heat_rel("gone")), encode_heat(&other_id, 1, &[1])))
+        .expect("put an orphan map");
+    let mut args: Vec<String> = ["gc", "--min-age-secs", "0", "--data-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(dir.path().join("gc").display().to_string());
+    args.extend(moto.store_args(&bucket));
+    let (code, out, err) = moto::run_tool(&args);
+    assert_eq!(code, 0, "gc:\n{out}\n{err}");
+    assert!(out.contains("gone/heat.dvh"), "{out}");
+    assert!(get("gone").is_none(), "orphan removed");
+    assert!(get("big").is_some(), "a live volume's map stays");
 }
 
 #[test]

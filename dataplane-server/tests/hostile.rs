@@ -1,7 +1,7 @@
 //! Bad input against a real server on 127.0.0.1: wrong token, another volume's name on an
 //! authenticated connection, truncated / oversized / garbage frames, LBAs past the end — each
 //! gets a clear error and its connection closes, while a well-behaved client is served; bad
-//! pin, delete, retention and snapshot-id values are refused and change nothing.
+//! pin, delete, retention, snapshot-id and heat map values are refused and change nothing.
 
 mod common;
 
@@ -387,4 +387,147 @@ fn retention_pin_and_delete_requests_with_bad_values_change_nothing() {
     for (i, m) in models.iter().enumerate() {
         check_snapshot(&mut c, i as u64 + 1, m, BS, &mut rng);
     }
+}
+
+/// Sends one `PutHeat` piece on `s` and returns the reply: (message type, error code, message).
+fn heat_piece(
+    s: &mut std::net::TcpStream,
+    region_blocks: u32,
+    total_bytes: u32,
+    offset: u32,
+    payload: &[u8],
+) -> (wire::Message, Option<ErrorCode>, String) {
+    let mut fbb = FlatBufferBuilder::new();
+    let body = wire::PutHeat::create(
+        &mut fbb,
+        &wire::PutHeatArgs {
+            region_blocks,
+            total_bytes,
+            offset,
+        },
+    );
+    let f = frame(
+        &mut fbb,
+        wire::Message::PutHeat,
+        body.as_union_value(),
+        payload,
+    );
+    s.write_all(&f).expect("send");
+    read_reply(s).expect("a reply")
+}
+
+#[test]
+fn heat_maps_with_bad_values_are_refused_and_store_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = in_process(dir.path(), 2);
+    let addr = server.local_addr();
+    let mut c = connect(addr, "hv");
+    c.create_volume(SIZE, BS as u32).expect("create");
+    // 256 blocks in regions of 16: 16 entries.
+    let (mut s, _) = raw_auth(addr, TOKEN, "hv");
+    let e = ErrorCode::Malformed;
+    for (what, region, total, offset, len, want) in [
+        ("region_blocks 0", 0, 16, 0, 16, e),
+        ("region_blocks 3", 3, 86, 0, 86, e),
+        ("region_blocks u32::MAX", u32::MAX, 1, 0, 1, e),
+        ("a total one short", 16, 15, 0, 15, e),
+        ("a total one long", 16, 17, 0, 17, e),
+        (
+            "a total over the cap",
+            16,
+            u32::MAX,
+            0,
+            16,
+            ErrorCode::TooLarge,
+        ),
+        ("a piece past its total", 16, 16, 0, 17, e),
+        ("a piece without its start", 16, 16, 8, 8, e),
+        ("an offset at u32::MAX", 16, 16, u32::MAX, 8, e),
+        ("an empty map", 16, 0, 0, 0, e),
+    ] {
+        let (_, code, msg) = heat_piece(&mut s, region, total, offset, &vec![0xab; len]);
+        assert_eq!(code, Some(want), "{what}: {msg}");
+        assert!(msg.contains("heat map"), "{what}: {msg}");
+    }
+    // A first piece is taken; then an overlapping one, and after that refusal even the piece
+    // that would have followed, is refused: the map is dropped, nothing stored.
+    let (ty, code, msg) = heat_piece(&mut s, 16, 16, 0, &[1; 8]);
+    assert_eq!((ty, code), (wire::Message::HeatStored, None), "{msg}");
+    let (_, code, msg) = heat_piece(&mut s, 16, 16, 4, &[2; 8]);
+    assert_eq!(code, Some(e), "overlap: {msg}");
+    let (_, code, msg) = heat_piece(&mut s, 16, 16, 8, &[3; 8]);
+    assert_eq!(code, Some(e), "after a refusal: {msg}");
+    // Another region size in the middle of a map, and an empty piece before its end.
+    heat_piece(&mut s, 16, 16, 0, &[1; 8]);
+    let (_, code, msg) = heat_piece(&mut s, 32, 8, 8, &[]);
+    assert_eq!(code, Some(e), "another map's piece: {msg}");
+    heat_piece(&mut s, 16, 16, 0, &[1; 8]);
+    let (_, code, msg) = heat_piece(&mut s, 16, 16, 8, &[]);
+    assert_eq!(code, Some(e), "an empty piece: {msg}");
+    assert_eq!(c.get_heat().expect("get"), None, "nothing stored");
+
+    // A stored map stays as it was through refusals.
+    let good: Vec<u8> = (0..16u8).collect();
+    c.put_heat(16, &good).expect("put");
+    let (_, code, _) = heat_piece(&mut s, 16, 16, 0, &[9; 15]);
+    assert_eq!(code, None, "a first piece");
+    let (_, code, _) = heat_piece(&mut s, 16, 16, 15, &[9; 2]);
+    assert_eq!(code, Some(e), "past the end");
+    assert_eq!(c.get_heat().expect("get"), Some((16, good.clone())));
+
+    // A payload on GetHeat is a protocol violation: the connection closes.
+    let mut fbb = FlatBufferBuilder::new();
+    let body = wire::GetHeat::create(&mut fbb, &wire::GetHeatArgs { reserved: 0 });
+    let f = frame(
+        &mut fbb,
+        wire::Message::GetHeat,
+        body.as_union_value(),
+        &[1, 2, 3],
+    );
+    s.write_all(&f).expect("send");
+    let (_, code, msg) = read_reply(&mut s).expect("a reply");
+    assert_eq!(code, Some(ErrorCode::Protocol), "{msg}");
+    assert!(closed(&mut s));
+
+    // A piece over the frame payload cap is refused before its payload is read: the header
+    // alone announces it, the connection closes.
+    let (mut s, _) = raw_auth(addr, TOKEN, "hv");
+    let mut fbb = FlatBufferBuilder::new();
+    let body = wire::PutHeat::create(
+        &mut fbb,
+        &wire::PutHeatArgs {
+            region_blocks: 16,
+            total_bytes: 16,
+            offset: 0,
+        },
+    );
+    let root = wire::Frame::create(
+        &mut fbb,
+        &wire::FrameArgs {
+            body_type: wire::Message::PutHeat,
+            body: Some(body.as_union_value()),
+            payload_len: (deltavol_schemas::FRAME_PAYLOAD_MAX_BYTES + 1) as u32,
+        },
+    );
+    wire::finish_frame_buffer(&mut fbb, root);
+    let h = fbb.finished_data();
+    let mut f = (h.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(h);
+    s.write_all(&f).expect("send");
+    let (_, code, msg) = read_reply(&mut s).expect("a reply");
+    assert_eq!(code, Some(ErrorCode::TooLarge), "{msg}");
+    assert!(closed(&mut s));
+
+    // On a volume that does not exist: refused, and nothing appears.
+    let (mut s, _) = raw_auth(addr, TOKEN, "no-such-volume");
+    let (_, code, msg) = heat_piece(&mut s, 1, 1, 0, &[1]);
+    assert_eq!(code, Some(ErrorCode::NoSuchVolume), "{msg}");
+    let (code, msg) = ask(&mut s, wire::Message::GetHeat, |fbb| {
+        wire::GetHeat::create(fbb, &wire::GetHeatArgs { reserved: 0 }).as_union_value()
+    });
+    assert_eq!(code, Some(ErrorCode::NoSuchVolume), "{msg}");
+    assert!(dir.path().join("volumes/hv").is_dir());
+    assert!(!dir.path().join("volumes/no-such-volume").exists());
+    assert_eq!(c.get_heat().expect("get"), Some((16, good)));
+    server.shutdown();
 }

@@ -10,7 +10,8 @@
 //! * **gc** (object store) removes what no committed manifest references: segments of
 //!   uploads that never committed (a lost race, a crash mid-upload, a fenced writer) once
 //!   older than a grace period (segments compaction replaced: once retired for that long),
-//!   volumes whose creation never committed, probe leftovers, and
+//!   volumes whose creation never committed, the heat map of a volume without a manifest,
+//!   probe leftovers, and
 //!   manifests older than the newest few (the volume's trim floor is raised first, so loads
 //!   list from it and a stale writer's create of a deleted number is taken back).
 //!   The newest manifest is never touched, and a segment is removed only if the newest
@@ -662,6 +663,18 @@ async fn gc_object(obj: &Arc<ObjBackend>, opts: &GcOptions) -> Result<GcReport, 
                     continue;
                 }
                 remove(obj, &m, opts, &mut report).await?;
+            }
+        }
+        // The heat map of a volume that does not exist (no manifest): never served (it names
+        // another volume id than any later volume of the name), removed once old enough.
+        if latest.is_none() {
+            let key = obj.key(&super::heat_rel(&name));
+            if let Some(m) = obj.head(&key).await? {
+                if old_enough(&m) {
+                    remove(obj, &m, opts, &mut report).await?;
+                } else {
+                    report.young_left += 1;
+                }
             }
         }
         // Old lease epochs: only the newest matters; two more are kept for the record.
