@@ -81,7 +81,7 @@ seq_read() {
     mbps $((SEQ_COUNT * 131072)) "$_sr_s" >>"$DRILL_TMP/$_sr_mode"
     [ "$(sha256sum <"$DRILL_TMP/seq.out" | cut -d' ' -f1)" = "$(cat "$DRILL_TMP/seq.sum")" ] \
         || fail "data-$_sr_mode.$i" "the recovered volume's bytes differ from the source"
-    log "$_sr_mode run $i: usable in ${_sr_usable}s, 64 MiB in order in ${_sr_s}s; $(dv_status "$NAME" | tr -d '\n' | grep -o '"fetched_on_demand":[0-9]*,"extents_fetched":[0-9]*' | head -n 1) $(dv_status "$NAME" | tr -d '\n' | grep -o '"extents_read_ahead":[0-9]*' | head -n 1)"
+    log "$_sr_mode run $i: usable in ${_sr_usable}s, 64 MiB in order in ${_sr_s}s; $(dv_status "$NAME" | tr -d ' \n' | grep -o '"fetched_on_demand":[0-9]*\|"extents_fetched":[0-9]*\|"extents_read_ahead":[0-9]*' | tr '\n' ' ')"
     rm -f "$DRILL_TMP/seq.out"
     dv_del "$NAME" >/dev/null || fail "del-$_sr_mode" "del failed"
     rm -rf "$_sr_dir"

@@ -470,6 +470,15 @@ pub struct AddArgs {
 }
 
 /// The local side of a volume: where it lives and how its device is served.
+/// The order of background hydration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HydrateOrder {
+    /// The regions read most first (the heat map), then the rest in block order.
+    HotFirst,
+    /// Block order.
+    Lba,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
     /// Directory on fast SSD for the writeback cache (created if missing).
@@ -519,6 +528,16 @@ pub struct DeviceArgs {
     /// that come in order (a multiple of 256KiB, at most 64MiB; 0 = no readahead).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "2MiB")]
     pub hydrate_readahead: u64,
+    /// While the volume hydrates: `hot-first` fills the regions its heat map (shipped to the
+    /// data plane from the volume's earlier life) says were read most first, then the rest in
+    /// order; `lba` fills in block order only.
+    #[arg(long, value_enum, default_value = "hot-first")]
+    pub hydrate_order: HydrateOrder,
+    /// How often the volume's read heat map (which regions are read most) goes to the data
+    /// plane, in seconds, for a later recovery to hydrate those first; 0 = keep none. Never
+    /// for an encrypted volume.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub heat_interval_s: u64,
     /// Kernel user recovery: if the daemon dies, the device stays and its I/O waits until
     /// `deltavol add` of the same volume takes it over (a mounted filesystem carries on).
     /// Without a successor that I/O waits forever; `del` then fails it.
@@ -644,6 +663,8 @@ impl AddArgs {
                 flush_interval: Duration::from_millis(self.dev.flush_interval_ms),
                 hydrate_rate_bytes_per_s: self.dev.hydrate_rate,
                 hydrate_readahead_bytes: self.dev.hydrate_readahead,
+                hydrate_hot_first: self.dev.hydrate_order == HydrateOrder::HotFirst,
+                heat_interval: Duration::from_secs(self.dev.heat_interval_s),
                 fetch_timeout: crate::volume::FETCH_TIMEOUT_DEFAULT,
             },
             user_recovery: self.dev.user_recovery,

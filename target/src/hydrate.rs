@@ -148,6 +148,9 @@ pub struct HydrateConfig {
     pub rate_bytes_per_s: u64,
     /// Extents fetched ahead of reads in order (0 = no readahead).
     pub readahead_extents: u64,
+    /// Hydrate the regions the volume's heat map (on the data plane) says were read most
+    /// first ([`crate::heat`]); else in LBA order.
+    pub hot_first: bool,
     /// How long a read of a missing block retries an unreachable data plane before EIO.
     pub fetch_timeout: Duration,
 }
@@ -701,7 +704,9 @@ struct Worker {
     clean: Bitmap,
     /// The data of the last installs that were not clean (see the module doc).
     recent: VecDeque<(u64, Arc<Vec<u8>>)>,
-    /// The background pass: the next extent it looks at.
+    /// The background pass: the extents of the hottest regions first (from the heat map),
+    /// then the LBA pass from `cursor`.
+    hot: VecDeque<u64>,
     cursor: u64,
     window_start: Instant,
     window_bytes: u64,
@@ -758,6 +763,7 @@ impl Worker {
             background_batches: 0,
             readahead_batches: 0,
             pool: Vec::new(),
+            hot: VecDeque::new(),
             cursor: 0,
             window_start: Instant::now(),
             window_bytes: 0,
@@ -890,6 +896,9 @@ impl Worker {
 
     fn run(mut self) {
         tracing::info!(volume = %self.sh.cache.name, "hydration started");
+        if self.sh.cfg.hot_first {
+            self.load_heat();
+        }
         loop {
             if self.sh.stop.load(SeqCst) != 0 {
                 break;
@@ -932,6 +941,42 @@ impl Worker {
         for (_, p) in std::mem::take(&mut self.pending) {
             for w in p.waiters {
                 w.complete(Err(-libc::EIO));
+            }
+        }
+    }
+
+    /// Fetches the volume's heat map and queues the extents of its regions, hottest first,
+    /// ahead of the LBA pass. Without one (never shipped, an encrypted volume, an older data
+    /// plane, or one that does not fit the volume) hydration goes in LBA order.
+    fn load_heat(&mut self) {
+        let c = self.sh.cache.clone();
+        let r = match &mut self.client {
+            Some(cl) => cl.get_heat(),
+            None => match connect(&self.sh) {
+                Ok(cl) => self.client.insert(cl).get_heat(),
+                Err(e) => {
+                    tracing::info!(volume = %c.name, error = %e, "hydration: no heat map (data plane unavailable); in LBA order");
+                    return;
+                }
+            },
+        };
+        match r {
+            Ok(Some((rb, map))) => match crate::heat::hot_order(rb, &map, self.nextents()) {
+                Some(order) => {
+                    tracing::info!(volume = %c.name, extents = order.len(), "hydration: the regions read most first (heat map)");
+                    self.hot = order.into();
+                }
+                None => {
+                    tracing::warn!(volume = %c.name, region_blocks = rb, entries = map.len(), "hydration: the heat map does not fit the volume; ignored")
+                }
+            },
+            Ok(None) => {
+                tracing::info!(volume = %c.name, "hydration: no heat map on the data plane; in LBA order")
+            }
+            Err(e) => {
+                // An older data plane, or a failed exchange: the connection is not reused.
+                self.client = None;
+                tracing::info!(volume = %c.name, error = %e, "hydration: no heat map; in LBA order");
             }
         }
     }
@@ -1065,29 +1110,52 @@ impl Worker {
             } else if rate > 0 && self.window_bytes >= rate {
                 return;
             }
-            while self.cursor < total
-                && (self.inflight.contains_key(&self.cursor) || self.extent_local(self.cursor))
-            {
-                self.cursor += 1;
-            }
-            if self.cursor >= total {
-                return;
-            }
-            let ext = self.cursor;
             let room = if rate > 0 {
                 (rate.saturating_sub(self.window_bytes) / ext_bytes).max(1)
             } else {
                 u64::MAX
             };
-            let mut count = 1;
-            while count < HYDRATE_BATCH_EXTENTS.min(room)
-                && ext + count < total
-                && !self.inflight.contains_key(&(ext + count))
-                && !self.extent_local(ext + count)
+            let max = HYDRATE_BATCH_EXTENTS.min(room);
+            // The hottest regions first: consecutive extents of the hot queue in one batch.
+            while self
+                .hot
+                .front()
+                .is_some_and(|&e| self.inflight.contains_key(&e) || self.extent_local(e))
             {
-                count += 1;
+                self.hot.pop_front();
             }
-            self.cursor = ext + count;
+            let (ext, count) = if let Some(ext) = self.hot.pop_front() {
+                let mut count = 1;
+                while count < max
+                    && self.hot.front() == Some(&(ext + count))
+                    && !self.inflight.contains_key(&(ext + count))
+                    && !self.extent_local(ext + count)
+                {
+                    self.hot.pop_front();
+                    count += 1;
+                }
+                (ext, count)
+            } else {
+                while self.cursor < total
+                    && (self.inflight.contains_key(&self.cursor) || self.extent_local(self.cursor))
+                {
+                    self.cursor += 1;
+                }
+                if self.cursor >= total {
+                    return;
+                }
+                let ext = self.cursor;
+                let mut count = 1;
+                while count < max
+                    && ext + count < total
+                    && !self.inflight.contains_key(&(ext + count))
+                    && !self.extent_local(ext + count)
+                {
+                    count += 1;
+                }
+                self.cursor = ext + count;
+                (ext, count)
+            };
             let (lba, _) = self.extent_blocks(ext);
             self.window_bytes +=
                 (self.sh.cache.nblocks - lba).min(count * HYDRATE_EXTENT_BLOCKS) * BLOCK_SIZE;
@@ -1287,7 +1355,7 @@ impl Worker {
 
     /// Whether the background pass has looked at every extent and nothing is in flight.
     fn pass_done(&self) -> bool {
-        self.cursor >= self.nextents() && self.inflight.is_empty()
+        self.cursor >= self.nextents() && self.hot.is_empty() && self.inflight.is_empty()
     }
 
     /// The end of a pass: hydration is complete if every block is local; else (blocks that

@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod error;
 pub mod fault;
 pub mod flush;
+pub mod heat;
 pub mod hydrate;
 pub mod label;
 pub mod metrics;

@@ -394,6 +394,10 @@ struct State {
     /// Set by `base_needed` when it learned the data plane's head just now (and the outbox is
     /// empty): a base may be shipped as the blocks that differ from that snapshot.
     base_parent: Option<u64>,
+    /// When the heat map is next due (`None`: not scheduled yet); `heat_off`: the data plane
+    /// keeps none (an older server), so it is not sent again.
+    heat_at: Option<Instant>,
+    heat_off: bool,
 }
 
 struct Shared {
@@ -411,6 +415,8 @@ struct Shared {
     /// Called once when this writer learns it is fenced (the volume makes its device
     /// read-only); argument: a generation newer than this writer's.
     on_fenced: std::sync::OnceLock<FenceHook>,
+    /// The read heat map and how often it is shipped ([`crate::heat`]).
+    heat: std::sync::OnceLock<(Arc<crate::heat::HeatMap>, Duration)>,
 }
 
 /// What the layer above does when the volume is fenced.
@@ -648,10 +654,13 @@ impl DataPlaneSink {
                 stop: false,
                 check_head: true,
                 base_parent: None,
+                heat_at: None,
+                heat_off: false,
             }),
             cv: Condvar::new(),
             faults: std::sync::OnceLock::new(),
             on_fenced: std::sync::OnceLock::new(),
+            heat: std::sync::OnceLock::new(),
         });
         let s2 = shared.clone();
         let shipper = std::thread::Builder::new()
@@ -668,6 +677,15 @@ impl DataPlaneSink {
             shipper: Some(shipper),
             label,
         })
+    }
+
+    /// Ships `heat` to the data plane every `every` (the first time `every` from now), when
+    /// no snapshot is waiting to be shipped.
+    pub fn ship_heat(&self, heat: Arc<crate::heat::HeatMap>, every: Duration) {
+        if self.shared.heat.set((heat, every)).is_ok() {
+            self.shared.lock().heat_at = Some(Instant::now() + every);
+            self.shared.cv.notify_all();
+        }
     }
 
     /// A handle for status and snapshot waits.
@@ -1316,6 +1334,44 @@ fn ship_entry_as(
     c.commit().map_err(client_err)
 }
 
+/// Sends the heat map (summed over the queues, then faded: see [`crate::heat`]) on the
+/// shipper's connection, and schedules the next. Nothing read since the last one: nothing sent.
+fn ship_heat(sh: &Shared, mut st: std::sync::MutexGuard<'_, State>) {
+    let Some((heat, every)) = sh.heat.get() else {
+        st.heat_at = None;
+        return;
+    };
+    st.heat_at = Some(Instant::now() + *every);
+    let Some(map) = heat.take() else {
+        return;
+    };
+    let Some(mut c) = sh.take_client(&mut st) else {
+        return;
+    };
+    drop(st);
+    let r = c.put_heat(heat.region_blocks(), &map);
+    let mut st = sh.lock();
+    match r {
+        Ok(()) => {
+            tracing::debug!(volume = %sh.volume, regions = map.len(), "heat map shipped");
+            if st.client.is_none() {
+                st.client = Some(c);
+            }
+        }
+        Err(e) if e.server_code().is_some() => {
+            // The data plane answered (the connection is not reused after a refusal).
+            if matches!(
+                e.server_code(),
+                Some(ErrorCode::Malformed | ErrorCode::Protocol)
+            ) {
+                st.heat_off = true;
+            }
+            tracing::warn!(volume = %sh.volume, error = %e, "the data plane did not take the heat map (a later recovery hydrates in block order)");
+        }
+        Err(e) => sh.note_failure(&mut st, &client_err(e)),
+    }
+}
+
 fn run_shipper(sh: Arc<Shared>) {
     loop {
         let mut st = sh.lock();
@@ -1327,11 +1383,18 @@ fn run_shipper(sh: Arc<Shared>) {
             if !st.outbox.is_empty() && due {
                 break;
             }
+            let heat_at = st
+                .heat_at
+                .filter(|_| st.outbox.is_empty() && !st.fenced && !st.heat_off);
+            if due && heat_at.is_some_and(|t| Instant::now() >= t) {
+                break;
+            }
             let wait = st
                 .retry_at
+                .or(heat_at)
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(1))
-                .max(Duration::from_millis(10));
+                .clamp(Duration::from_millis(10), Duration::from_secs(1));
             st = sh
                 .cv
                 .wait_timeout(st, wait)
@@ -1339,6 +1402,8 @@ fn run_shipper(sh: Arc<Shared>) {
                 .0;
         }
         let Some(front) = st.outbox.front().map(|q| q.path.clone()) else {
+            // Nothing to ship: the heat map is due.
+            ship_heat(&sh, st);
             continue;
         };
         if st.fenced {

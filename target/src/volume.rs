@@ -28,11 +28,18 @@ pub struct VolumeConfig {
     /// Readahead while hydrating: bytes fetched ahead of reads of blocks not yet local in
     /// order (whole extents; 0 = none; default [`HYDRATE_READAHEAD_BYTES`]).
     pub hydrate_readahead_bytes: u64,
+    /// While hydrating: the regions the volume's heat map says were read most first.
+    pub hydrate_hot_first: bool,
+    /// How often the read heat map goes to the data plane ([`crate::heat`]); zero: no heat
+    /// map is kept. Only with a data plane, never for an encrypted volume.
+    pub heat_interval: Duration,
     /// How long a read of a not-yet-hydrated block retries an unreachable data plane.
     pub fetch_timeout: Duration,
 }
 
 pub const FETCH_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// The default of [`VolumeConfig::heat_interval`].
+pub const HEAT_INTERVAL_DEFAULT: Duration = Duration::from_secs(300);
 /// The default of [`VolumeConfig::hydrate_readahead_bytes`]: 2 MiB.
 pub const HYDRATE_READAHEAD_BYTES: u64 = crate::hydrate::HYDRATE_READAHEAD_EXTENTS
     * crate::hydrate::HYDRATE_EXTENT_BLOCKS
@@ -43,6 +50,8 @@ pub struct Volume {
     pub flusher: Flusher,
     pub ship: Option<ShipHandle>,
     pub hydrator: Option<Hydrator>,
+    /// The read heat map, shipped to the data plane ([`crate::heat`]).
+    pub heat: Option<Arc<crate::heat::HeatMap>>,
     /// How the volume was resumed after its SSD cache was lost ([`crate::resume`]), if it was.
     pub resumed: Option<String>,
     /// The key id of an encrypted volume (client-side encryption, [`crate::crypt`]).
@@ -136,6 +145,16 @@ impl Volume {
             }
         }
         let mut ship = None;
+        let heat = cfg
+            .ship
+            .as_ref()
+            .filter(|sc| !cfg.heat_interval.is_zero() && !sc.codec.is_encrypted())
+            .map(|_| {
+                Arc::new(crate::heat::HeatMap::new(
+                    cache.nblocks,
+                    cfg.cache.nr_queues,
+                ))
+            });
         let sink: Box<dyn DeltaSink> = match (sink, &cfg.ship) {
             (Some(s), _) => s,
             (None, Some(sc)) => {
@@ -161,6 +180,9 @@ impl Volume {
                     cache.fenced.load(SeqCst),
                 );
                 ship = Some(h);
+                if let Some(hm) = &heat {
+                    s.ship_heat(hm.clone(), cfg.heat_interval);
+                }
                 Box::new(s)
             }
             (None, None) => Box::new(NullSink),
@@ -188,6 +210,7 @@ impl Volume {
                     rate_bytes_per_s: cfg.hydrate_rate_bytes_per_s,
                     readahead_extents: cfg.hydrate_readahead_bytes
                         / (crate::hydrate::HYDRATE_EXTENT_BLOCKS * meta::BLOCK_SIZE),
+                    hot_first: cfg.hydrate_hot_first,
                     fetch_timeout: cfg.fetch_timeout,
                 },
             )?,
@@ -197,12 +220,13 @@ impl Volume {
             flusher,
             ship,
             hydrator,
+            heat,
             resumed,
             key_id,
         })
     }
 
-    /// Serves one block request (see [`Cache::handle`]).
+    /// Serves one block request (see [`Cache::handle`]); a read counts in the heat map.
     pub async fn handle<R: Ring>(
         &self,
         ring: &R,
@@ -212,6 +236,11 @@ impl Volume {
         nr_sectors: u32,
         buf: &mut [u8],
     ) -> i32 {
+        if op == crate::cache::io::UBLK_IO_OP_READ {
+            if let Some(h) = &self.heat {
+                h.record(ring.queue_index(), start_sector >> (meta::BLOCK_SHIFT - 9));
+            }
+        }
         self.cache
             .handle(ring, op, flags, start_sector, nr_sectors, buf)
             .await

@@ -35,6 +35,8 @@ pub fn config(dir: &Path, size_bytes: u64, nr_queues: usize) -> VolumeConfig {
         ship: None,
         hydrate_rate_bytes_per_s: 0,
         hydrate_readahead_bytes: deltavol::volume::HYDRATE_READAHEAD_BYTES,
+        hydrate_hot_first: true,
+        heat_interval: deltavol::volume::HEAT_INTERVAL_DEFAULT,
         fetch_timeout: Duration::from_secs(5),
     }
 }

@@ -214,6 +214,8 @@ pub fn setup(
         ship: None,
         hydrate_rate_bytes_per_s: 0,
         hydrate_readahead_bytes: deltavol::volume::HYDRATE_READAHEAD_BYTES,
+        hydrate_hot_first: true,
+        heat_interval: deltavol::volume::HEAT_INTERVAL_DEFAULT,
         fetch_timeout: Duration::from_secs(5),
     };
     let vol = Volume::open_with_sink(&cfg, Box::new(NullSink)).context("open the volume")?;

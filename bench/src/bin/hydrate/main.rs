@@ -18,6 +18,11 @@
 //!    * `seq-read`, `seq-read-no-ra`: a volume recovered with background hydration held back,
 //!      read in order in 128 KiB reads from a quarter of the way in, with readahead (the
 //!      default) and without (`Hydrator::tune(_, 0)`); MB/s of the reads' own time;
+//!    * `hot-set`, `hot-set-lba`: the source read a working set (one region of 2 MiB in
+//!      16) and its heat map went to the data plane; a volume recovered at full speed reads
+//!      that working set at once (4k reads at random in its regions): how many reads find
+//!      their block local, their latency, and the time until all are done, with the hottest
+//!      regions hydrated first (the default) and in block order (`hydrate_hot_first` off);
 //!    * `copy`: [`copy`], the source's backing file streamed over 127.0.0.1 in extent-sized
 //!      chunks into a file, fsynced.
 //!
@@ -83,6 +88,10 @@ const VERIFY_CHUNK_BYTES: usize = 4 << 20;
 const SEQ_READ_BYTES: usize = 128 << 10;
 /// At most this much is read in order in a `seq-read` run.
 const SEQ_READ_MAX: u64 = 64 << 20;
+/// One region in this many is in the source's working set.
+const HOT_ONE_IN: u64 = 16;
+/// 4k reads of each working-set region in a `hot-set` run.
+const HOT_READS_PER_REGION: usize = 32;
 
 /// Hydration of a recovered volume against a plain sequential copy over the same loopback,
 /// and the latency of reads that must be fetched, in the same run.
@@ -235,10 +244,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.encrypt {
         variants.push(Variant::encrypted());
     }
+    // The working set the source reads (and its heat map records): one region in 16.
+    let region_bytes = u64::from(deltavol::heat::region_blocks_for(size / BLOCK_BYTES as u64))
+        * BLOCK_BYTES as u64;
+    let nregions = size.div_ceil(region_bytes);
+    let mut hot: Vec<u64> = (0..nregions).collect();
+    hot.shuffle(&mut StdRng::seed_from_u64(args.seed ^ 0x686f74));
+    hot.truncate((nregions / HOT_ONE_IN).max(1) as usize);
+    hot.sort_unstable();
     let mut made = Vec::new();
     for v in &variants {
         let src_dir = base.path().join(format!("source{}", v.suffix()));
-        let source = volume::make_source(&src_dir, size, &plane, v, &data)
+        let source = volume::make_source(&src_dir, size, &plane, v, &data, &hot)
             .with_context(|| server.failure("making the source volume failed"))?;
         server.check_alive()?;
         eprintln!(
@@ -272,6 +289,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0x0068_7964_7261_7465);
     let mut latency_runs = Vec::with_capacity(repeats);
+    let mut hot_runs = Vec::with_capacity(2 * repeats);
     let mut runs = Vec::with_capacity(2 * repeats);
     let mut modes = Vec::new();
     for (v, _) in &bench.sources {
@@ -325,6 +343,27 @@ fn run(args: Args) -> anyhow::Result<()> {
                 h.verified_blocks
             );
             runs.push(h);
+            server.check_alive()?;
+        }
+
+        for hot_first in [true, false] {
+            let h =
+                hot_set_run(&bench, &source, hot_first, repeat, &mut rng).with_context(|| {
+                    server.failure(&format!("working set reads, run {}", repeat + 1))
+                })?;
+            eprintln!(
+                "[{}/{repeats}] {}: {} reads of the working set ({} regions) done {:.0} ms after the open, {:.0}% found local, median {:.0} µs, p99 {:.0} µs ({} extents fetched on demand)",
+                repeat + 1,
+                h.mode,
+                h.reads,
+                source.hot_regions.len(),
+                h.done_ms,
+                h.local_share * 100.0,
+                h.median_us,
+                h.p99_us,
+                h.fetched_on_demand
+            );
+            hot_runs.push(h);
             server.check_alive()?;
         }
 
@@ -406,6 +445,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         ratio_encrypted_vs_plain,
         ratio_pipelined_vs_serial,
         ratio_readahead,
+        hot: report::summarise_hot(&["hot-set", "hot-set-lba"], &hot_runs),
+        hot_runs,
         latency_runs,
         runs,
     };
@@ -686,6 +727,68 @@ fn seq_read_run(b: &Bench, readahead: bool, repeat: usize) -> anyhow::Result<Run
         open_ms: None,
         server_cpu_s: None,
         verified_blocks: bytes / BLOCK_BYTES as u64,
+    })
+}
+
+/// A volume recovered from the plain source at full speed reads the source's working set at
+/// once: `HOT_READS_PER_REGION` 4k reads at random in each of its regions, shuffled. Notes
+/// which reads found their block local, times each, and the whole from the open on.
+fn hot_set_run(
+    b: &Bench,
+    source: &volume::Source,
+    hot_first: bool,
+    repeat: usize,
+    rng: &mut StdRng,
+) -> anyhow::Result<report::HotRun> {
+    let mode = if hot_first { "hot-set" } else { "hot-set-lba" };
+    ensure!(
+        !source.hot_regions.is_empty(),
+        "the source shipped no heat map"
+    );
+    let rb = u64::from(source.heat_region_blocks);
+    let mut blocks: Vec<u64> = source
+        .hot_regions
+        .iter()
+        .flat_map(|&r| (0..HOT_READS_PER_REGION).map(move |_| r))
+        .map(|r| (r * rb + rng.gen_range(0..rb)).min(b.nblocks - 1))
+        .collect();
+    blocks.shuffle(rng);
+    let dir = b.run_dir(&format!("{mode}-{repeat}"))?;
+    b.settle()?;
+    let (v, snap) = &b.sources[0];
+    let mut cfg = volume::recovered_config(&dir, b.size, &b.plane, v, *snap, 0)?;
+    cfg.hydrate_hot_first = hot_first;
+    let t0 = Instant::now();
+    let vol = Volume::open(&cfg).context("opening a recovered volume")?;
+    let ring = vol.host_ring(0).context("a host ring")?;
+    let mut buf = vec![0u8; BLOCK_BYTES];
+    let mut scratch = vec![0u8; BLOCK_BYTES];
+    let mut reads_us = Vec::with_capacity(blocks.len());
+    let mut local = 0usize;
+    for &block in &blocks {
+        local += usize::from(volume::is_local(&vol, block));
+        let t = Instant::now();
+        volume::io(&vol, &ring, UBLK_IO_OP_READ, block, &mut buf)?;
+        reads_us.push(t.elapsed().as_secs_f64() * 1e6);
+        if b.data.first_mismatch(block, &buf, &mut scratch).is_some() {
+            bail!("{mode}: a read of block {block} differs from the source");
+        }
+    }
+    let done_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let st = vol.status().hydration.unwrap_or_default();
+    drop(ring);
+    vol.shutdown();
+    drop(vol);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    Ok(report::HotRun {
+        mode: mode.into(),
+        repeat,
+        reads: blocks.len(),
+        local_share: local as f64 / blocks.len() as f64,
+        done_ms,
+        median_us: stats::median(&reads_us),
+        p99_us: stats::percentile(&reads_us, 99.0),
+        fetched_on_demand: st.fetched_on_demand,
     })
 }
 

@@ -51,6 +51,54 @@ pub struct Run {
     pub verified_blocks: u64,
 }
 
+/// A working-set phase: a recovered volume reads the source's working set at once.
+#[derive(Debug, Clone, Serialize)]
+pub struct HotRun {
+    /// `hot-set` (the hottest regions hydrated first) or `hot-set-lba` (block order).
+    pub mode: String,
+    pub repeat: usize,
+    pub reads: usize,
+    /// Of the reads, those whose block was local when they were issued.
+    pub local_share: f64,
+    /// From the start of the open until the last read was done.
+    pub done_ms: f64,
+    pub median_us: f64,
+    pub p99_us: f64,
+    pub fetched_on_demand: u64,
+}
+
+/// The working-set phases of one mode together (medians over the phases).
+#[derive(Debug, Serialize)]
+pub struct HotSummary {
+    pub mode: String,
+    pub phases: usize,
+    pub local_share_median: f64,
+    pub done_ms_median: f64,
+    pub read_us_median: f64,
+    pub read_us_p99_median: f64,
+    pub fetched_on_demand_median: f64,
+}
+
+pub fn summarise_hot(modes: &[&str], runs: &[HotRun]) -> Vec<HotSummary> {
+    modes
+        .iter()
+        .map(|m| {
+            let rs: Vec<&HotRun> = runs.iter().filter(|r| r.mode == *m).collect();
+            let med =
+                |f: &dyn Fn(&HotRun) -> f64| median(&rs.iter().map(|r| f(r)).collect::<Vec<_>>());
+            HotSummary {
+                mode: (*m).to_string(),
+                phases: rs.len(),
+                local_share_median: med(&|r| r.local_share),
+                done_ms_median: med(&|r| r.done_ms),
+                read_us_median: med(&|r| r.median_us),
+                read_us_p99_median: med(&|r| r.p99_us),
+                fetched_on_demand_median: med(&|r| r.fetched_on_demand as f64),
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub config: String,
@@ -112,6 +160,9 @@ pub struct Report {
     pub ratio_pipelined_vs_serial: f64,
     /// Sequential reads of blocks not yet local with readahead over without (medians).
     pub ratio_readahead: f64,
+    /// The working-set phases (heat map), by mode.
+    pub hot: Vec<HotSummary>,
+    pub hot_runs: Vec<HotRun>,
     pub latency_runs: Vec<LatencyRun>,
     pub runs: Vec<Run>,
 }
@@ -201,6 +252,21 @@ pub fn table(r: &Report) -> String {
          sequential reads of blocks not yet local, readahead / none: {:.2}×\n",
         r.ratio_pipelined_vs_serial, r.ratio_readahead
     ));
+    t.push_str(
+        "\n| recovered volume reads its working set at once | reads found local | all done after the open | read median | read p99 | extents fetched on demand |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for h in &r.hot {
+        t.push_str(&format!(
+            "| {} | {:.0}% | {:.0} ms | {:.0} µs | {:.0} µs | {:.0} |\n",
+            h.mode,
+            h.local_share_median * 100.0,
+            h.done_ms_median,
+            h.read_us_median,
+            h.read_us_p99_median,
+            h.fetched_on_demand_median
+        ));
+    }
     t.push_str(&format!(
         "\nhydration / copy: {:.2}×\n\n\
          | recovered volume, background hydration | `Volume::open` | first read | open + first read | 4k reads not local | median | p99 | max |\n\

@@ -82,14 +82,19 @@ impl Plane {
         }
     }
 
-    /// The id of a bench volume on the data plane (a recovered copy keeps it).
-    fn volume_id(&self, name: &str) -> anyhow::Result<[u8; 16]> {
+    /// A connection to volume `name`.
+    fn client(&self, name: &str) -> anyhow::Result<deltavol_dataplane::Client> {
         let t = deltavol_dataplane::Timeouts {
             connect: Duration::from_secs(5),
             io: Duration::from_secs(60),
         };
-        let c = deltavol_dataplane::Client::connect(&self.addr, &self.token, name, t)
-            .context("connect to the data plane")?;
+        deltavol_dataplane::Client::connect(&self.addr, &self.token, name, t)
+            .context("connect to the data plane")
+    }
+
+    /// The id of a bench volume on the data plane (a recovered copy keeps it).
+    fn volume_id(&self, name: &str) -> anyhow::Result<[u8; 16]> {
+        let c = self.client(name)?;
         c.info()
             .volume_id
             .context("the data plane names no id for the bench volume")
@@ -114,6 +119,8 @@ fn config(dir: &Path, size_bytes: u64, plane: &Plane, v: &Variant) -> VolumeConf
         ship: Some(plane.ship(dir, v)),
         hydrate_rate_bytes_per_s: 0,
         hydrate_readahead_bytes: deltavol::volume::HYDRATE_READAHEAD_BYTES,
+        hydrate_hot_first: true,
+        heat_interval: deltavol::volume::HEAT_INTERVAL_DEFAULT,
         fetch_timeout: Duration::from_secs(30),
     }
 }
@@ -130,6 +137,8 @@ pub fn recovered_config(
 ) -> anyhow::Result<VolumeConfig> {
     let mut cfg = config(dir, size_bytes, plane, v);
     cfg.hydrate_rate_bytes_per_s = rate;
+    // The source's heat map stays the one on the data plane.
+    cfg.heat_interval = Duration::ZERO;
     cfg.cache.create_as = Some(CreateAs {
         flushed_epoch: snap,
         snap_head: snap,
@@ -176,7 +185,16 @@ pub struct Source {
     pub cut_and_flush_s: f64,
     /// From the flush to the snapshot committed on the data plane.
     pub ship_commit_s: f64,
+    /// The regions (of `heat_region_blocks` blocks) the source read, its working set, whose
+    /// heat map went to the data plane (none for an encrypted source: its map is not shipped).
+    pub hot_regions: Vec<u64>,
+    pub heat_region_blocks: u32,
 }
+
+/// Reads of each hot region by the source (4k, spread over the region).
+const HOT_SOURCE_READS: u64 = 16;
+/// How long the source's heat map may take to reach the data plane.
+const HEAT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Creates the source volume in `dir`, writes `data` into it (runs of filled blocks, at most
 /// one extent a write), snapshots it to the data plane and shuts it down. Its backing file
@@ -187,8 +205,10 @@ pub fn make_source(
     plane: &Plane,
     v: &Variant,
     data: &Data,
+    hot_regions: &[u64],
 ) -> anyhow::Result<Source> {
-    let cfg = config(dir, size_bytes, plane, v);
+    let mut cfg = config(dir, size_bytes, plane, v);
+    cfg.heat_interval = Duration::from_millis(200);
     let vol = Volume::open(&cfg).context("opening the source volume")?;
     let ring = vol.host_ring(0).context("a host ring")?;
     let nblocks = size_bytes / BLOCK_BYTES as u64;
@@ -225,6 +245,35 @@ pub fn make_source(
         );
     }
     let ship_commit_s = t2.elapsed().as_secs_f64();
+    // The working set: its regions read, and their heat map on the data plane.
+    let heat_region_blocks = vol.heat.as_ref().map_or(0, |h| h.region_blocks());
+    if let Some(h) = &vol.heat {
+        let rb = u64::from(h.region_blocks());
+        let mut one = vec![0u8; BLOCK_BYTES];
+        for &r in hot_regions {
+            for i in 0..HOT_SOURCE_READS {
+                let b = (r * rb + i * rb / HOT_SOURCE_READS).min(nblocks - 1);
+                io(&vol, &ring, UBLK_IO_OP_READ, b, &mut one)?;
+            }
+        }
+        let t = Instant::now();
+        loop {
+            let mut c = plane.client(v.name)?;
+            if let Some((_, map)) = c.get_heat().context("reading the heat map back")? {
+                if hot_regions
+                    .iter()
+                    .all(|&r| map.get(r as usize).is_some_and(|&x| x > 0))
+                {
+                    break;
+                }
+            }
+            ensure!(
+                t.elapsed() < HEAT_TIMEOUT,
+                "the source's heat map did not reach the data plane in {HEAT_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     drop(ring);
     vol.shutdown();
     Ok(Source {
@@ -233,6 +282,12 @@ pub fn make_source(
         fill_s,
         cut_and_flush_s,
         ship_commit_s,
+        hot_regions: if heat_region_blocks > 0 {
+            hot_regions.to_vec()
+        } else {
+            Vec::new()
+        },
+        heat_region_blocks,
     })
 }
 
