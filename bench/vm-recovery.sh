@@ -45,7 +45,7 @@ SRC_BACKING="$MED/src/backing.img"
 
 # mbps BYTES SECONDS
 mbps() {
-    awk -v b="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.1f", b / 1e6 / s; else print 0 }'
+    awk -v b="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.1f\n", b / 1e6 / s; else print 0 }'
 }
 
 median() {
