@@ -1870,7 +1870,8 @@ impl Conn {
             self.heat_upload = Some(HeatUpload {
                 region_blocks: p.region_blocks,
                 total_bytes: p.total_bytes,
-                heat: Vec::with_capacity(p.total_bytes as usize),
+                // Grown by what arrives, never sized by what a header announces.
+                heat: Vec::new(),
             });
         }
         let Some(up) = self.heat_upload.as_mut() else {
@@ -1900,6 +1901,7 @@ impl Conn {
                 ),
             ));
         }
+        up.heat.reserve_exact(self.payload.len());
         up.heat.extend_from_slice(&self.payload);
         let received_bytes = up.heat.len() as u32;
         let stored = end == u64::from(p.total_bytes);

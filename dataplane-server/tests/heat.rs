@@ -290,3 +290,28 @@ fn the_read_role_gets_the_heat_map_but_does_not_put_it() {
     assert!(e.to_string().contains("heat map"), "{e}");
     assert_eq!(w.get_heat().expect("get"), Some((16, heat)));
 }
+
+#[test]
+fn a_damaged_heat_map_is_refused_and_replaced_by_the_next_put() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, addr) = Local.spawn(dir.path(), 0);
+    let mut c = create(addr, "v", 100);
+    let heat = heat_of(25, 8);
+    c.put_heat(4, &heat).expect("put");
+    drop((c, server));
+    let vdir = dir.path().join("data/volumes/v");
+    let path = vdir.join("HEAT");
+    let mut raw = std::fs::read(&path).expect("the HEAT file");
+    raw[40] ^= 1;
+    std::fs::write(&path, &raw).expect("damage it");
+    // A temp file of a put that crashed is removed at load.
+    std::fs::write(vdir.join("HEAT.tmp"), b"half").expect("temp file");
+    let (_server, addr) = Local.spawn(dir.path(), 1);
+    let mut c = connect(addr, "v");
+    assert!(!vdir.join("HEAT.tmp").exists(), "temp file removed at load");
+    let e = c.get_heat().expect_err("damaged");
+    assert_eq!(e.server_code(), Some(ErrorCode::Damaged), "{e}");
+    assert!(e.to_string().contains("crc32c"), "{e}");
+    c.put_heat(4, &heat).expect("a new put replaces it");
+    assert_eq!(c.get_heat().expect("get"), Some((4, heat)));
+}

@@ -17,6 +17,7 @@ use super::format::VolumeId;
 use super::local::write_atomic;
 use super::volume::{volume_id_hex, Volume};
 use deltavol_schemas::HEAT_BYTES_MAX;
+use tokio_uring::buf::BoundedBuf;
 
 /// Local store: the heat map's file in the volume's directory.
 pub(super) const HEAT_NAME: &str = "HEAT";
@@ -112,6 +113,36 @@ pub fn decode_heat(buf: &[u8], what: &str) -> Result<(VolumeId, u32, Vec<u8>), S
     Ok((id, region_blocks, buf[HEAT_HEADER_BYTES..body_end].to_vec()))
 }
 
+/// Local store: the heat map file's bytes (through io_uring, off the shard's thread), `None`
+/// when there is none. Reads at most one byte more than the largest valid map: a longer file
+/// fails its length check.
+async fn read_local(path: &std::path::Path) -> Result<Option<Vec<u8>>, StoreError> {
+    let f = match tokio_uring::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_at("open", path)(e)),
+    };
+    let cap = HEAT_HEADER_BYTES + HEAT_BYTES_MAX + HEAT_CRC_BYTES + 1;
+    let mut buf = Vec::with_capacity(cap);
+    let res = loop {
+        let at = buf.len();
+        if at == cap {
+            break Ok(());
+        }
+        let (r, slice) = f.read_at(buf.slice(at..cap), at as u64).await;
+        buf = slice.into_inner();
+        match r {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = f.close().await;
+    res.map_err(io_at("read", path))?;
+    Ok(Some(buf))
+}
+
 impl Volume {
     /// Stores the volume's heat map, replacing the one stored; durable when this returns.
     /// Checked against the volume's current geometry ([`check_heat`]).
@@ -147,14 +178,10 @@ impl Volume {
     /// volume id (a deleted volume of the same name) is `None`; a damaged one is `Damaged`.
     pub async fn get_heat(&self) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
         let raw = match &self.backend {
-            Backend::Local { .. } => {
-                let path = self.dir.join(HEAT_NAME);
-                match std::fs::read(&path) {
-                    Ok(raw) => raw,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(io_at("read", &path)(e)),
-                }
-            }
+            Backend::Local { .. } => match read_local(&self.dir.join(HEAT_NAME)).await? {
+                Some(raw) => raw,
+                None => return Ok(None),
+            },
             Backend::Object(obj) => match obj.get(&obj.key(&heat_rel(&self.name))).await? {
                 Some(b) => b.to_vec(),
                 None => return Ok(None),
