@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 
 /// Longest extent the flush reads and ships at once.
 pub const FLUSH_EXTENT_BLOCKS_MAX: u64 = 256;
+/// Runs at least this long are first checked for data with `SEEK_DATA` (see
+/// [`for_each_subextent`]).
+const SEEK_DATA_MIN_BLOCKS: u64 = 64;
 /// How often the flush thread looks at the watermark flag.
 const POLL: Duration = Duration::from_millis(10);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -688,8 +691,10 @@ impl FlushThread {
 }
 
 /// Reads blocks `[lba, lba + n)` of `f` (at most `buf` long) and calls `f_ext` for each run of
-/// data blocks (`Some(data)`) and of zero blocks (`None`), in order. A range that is all hole
-/// is not read at all (`SEEK_DATA`).
+/// data blocks (`Some(data)`) and of zero blocks (`None`), in order. A range of
+/// [`SEEK_DATA_MIN_BLOCKS`] or more that is all hole (a discard) is not read at all
+/// (`SEEK_DATA`); a shorter one is read (its zeros are found all the same), which saves the
+/// `lseek` of every small run — most runs of a random-write epoch are a block or two.
 fn for_each_subextent(
     (f, which, faults): (&std::fs::File, FaultFile, Option<&FaultPlan>),
     path: &std::path::Path,
@@ -700,10 +705,12 @@ fn for_each_subextent(
 ) -> Result<()> {
     let off = lba << BLOCK_SHIFT;
     let bytes = n << BLOCK_SHIFT;
-    // SAFETY: lseek on a valid fd with integer arguments.
-    let data_at = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-    if data_at < 0 || data_at as u64 >= off + bytes {
-        return f_ext(lba, n, None);
+    if n >= SEEK_DATA_MIN_BLOCKS {
+        // SAFETY: lseek on a valid fd with integer arguments.
+        let data_at = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if data_at < 0 || data_at as u64 >= off + bytes {
+            return f_ext(lba, n, None);
+        }
     }
     let b = &mut buf[..bytes as usize];
     let got = FaultPlan::gate(faults, which, FaultOp::Read, || {
