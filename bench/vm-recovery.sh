@@ -16,6 +16,11 @@
 #   hydrate      unlimited background hydration, from `recover` until status says done
 #   copy         the baseline: the source's 256 MiB streamed over TCP on 127.0.0.1 (busybox nc)
 #                into a file on the same medium, fsynced
+#   ws, ws-lba   the source read a working set (4 regions of 2 MiB, 4 times each) and shipped
+#                its heat map (--heat-interval-s 2); a full-speed recovery reads that working set
+#                at once (dd, 2 MiB direct reads): time from the end of `recover` until it is
+#                all read, and the extents fetched on demand, with the hottest regions hydrated
+#                first (the default) and in block order (--hydrate-order lba)
 #
 # Every recovered device's first 64 MiB and the seq-read range are compared with the source
 # (sha256). Prints `# RESULT` lines: MB/s (10^6 bytes/s) medians and the ratios
@@ -33,15 +38,22 @@ scratch_mount "$MED" 1400m
 dp_with_token "$MED" recovery-bench-secret || abort dataplane-start "the data plane did not start"
 
 # The source, snapshotted, then gone (the machine is lost).
-DEV=$(dv_add "$NAME" ${SIZE_MIB}MiB "$MED/src/cache" "$MED/src/backing.img" $DPARGS) \
+WS="8 37 64 101" # the working set: regions of 2 MiB
+DEV=$(dv_add "$NAME" ${SIZE_MIB}MiB "$MED/src/cache" "$MED/src/backing.img" $DPARGS --heat-interval-s 2) \
     || abort add-source "deltavol add failed"
 check fill-source dd if=/dev/urandom of="$DEV" bs=1M count=$SIZE_MIB oflag=direct
 SNAP=$(run_timeout 300 "$DV" snapshot "$NAME") || abort snapshot "deltavol snapshot failed"
 log "source: snapshot $SNAP"
-dd if="$DEV" bs=1M count=64 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1 >"$DRILL_TMP/head.sum"
-dd if="$DEV" bs=128k skip=$SEQ_SKIP count=$SEQ_COUNT iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1 >"$DRILL_TMP/seq.sum"
+# The application's working set, read (it counts in the heat map); only these reads count.
+for _r in 1 2 3 4; do
+    for _w in $WS; do dd if="$DEV" of=/dev/null bs=2M skip="$_w" count=1 iflag=direct 2>/dev/null; done
+done
+sleep 5 # two heat intervals: the map is on the data plane
 check del-source dv_del "$NAME"
 SRC_BACKING="$MED/src/backing.img"
+dd if="$SRC_BACKING" bs=1M count=64 2>/dev/null | sha256sum | cut -d' ' -f1 >"$DRILL_TMP/head.sum"
+dd if="$SRC_BACKING" bs=128k skip=$SEQ_SKIP count=$SEQ_COUNT 2>/dev/null | sha256sum | cut -d' ' -f1 >"$DRILL_TMP/seq.sum"
+for _w in $WS; do dd if="$SRC_BACKING" bs=2M skip="$_w" count=1 2>/dev/null; done | sha256sum | cut -d' ' -f1 >"$DRILL_TMP/ws.sum"
 
 # mbps BYTES SECONDS
 mbps() {
@@ -92,11 +104,38 @@ seq_read() {
 : >"$DRILL_TMP/seq-read-no-ra"
 : >"$DRILL_TMP/hydrate"
 : >"$DRILL_TMP/copy"
+: >"$DRILL_TMP/ws"
+: >"$DRILL_TMP/ws-lba"
+: >"$DRILL_TMP/ws.od"
+: >"$DRILL_TMP/ws-lba.od"
+
+# ws MODE EXTRA...: a full-speed recovery reads the working set at once; appends the seconds
+# to $DRILL_TMP/MODE and the extents fetched on demand to $DRILL_TMP/MODE.od.
+ws() {
+    _ws_mode=$1
+    shift
+    _ws_dir=$MED/$_ws_mode.$i
+    recover_as "$_ws_dir" "$@" >/dev/null || { fail "recover-$_ws_mode" "recover failed"; return 1; }
+    _ws_t0=$(now_s)
+    for _w in $WS; do dd if="$DEV" bs=2M skip="$_w" count=1 iflag=direct 2>/dev/null; done >"$DRILL_TMP/ws.out"
+    _ws_s=$(elapsed_s "$_ws_t0")
+    echo "$_ws_s" >>"$DRILL_TMP/$_ws_mode"
+    _ws_od=$(dv_status "$NAME" | tr -d ' \n' | grep -o '"fetched_on_demand":[0-9]*' | cut -d: -f2)
+    echo "${_ws_od:-0}" >>"$DRILL_TMP/$_ws_mode.od"
+    [ "$(sha256sum <"$DRILL_TMP/ws.out" | cut -d' ' -f1)" = "$(cat "$DRILL_TMP/ws.sum")" ] \
+        || fail "data-$_ws_mode.$i" "the working set read differs from the source"
+    log "$_ws_mode run $i: working set read ${_ws_s}s after recover returned, ${_ws_od:-?} extents fetched on demand; $(dv_status "$NAME" | tr -d ' \n' | grep -o '"extents_fetched":[0-9]*\|"fetches_shared":[0-9]*' | tr '\n' ' ')"
+    rm -f "$DRILL_TMP/ws.out"
+    dv_del "$NAME" >/dev/null || fail "del-$_ws_mode" "del failed"
+    rm -rf "$_ws_dir"
+}
 PORT=7411
 i=1
 while [ "$i" -le "$REPEATS" ]; do
     seq_read seq-read
     seq_read seq-read-no-ra --hydrate-readahead 0
+    ws ws
+    ws ws-lba --hydrate-order lba
 
     # Background hydration at full speed.
     _dir=$MED/hydrate.$i
@@ -160,10 +199,16 @@ S=$(median <"$DRILL_TMP/seq-read")
 N=$(median <"$DRILL_TMP/seq-read-no-ra")
 H=$(median <"$DRILL_TMP/hydrate")
 C=$(median <"$DRILL_TMP/copy")
+W=$(median <"$DRILL_TMP/ws")
+WL=$(median <"$DRILL_TMP/ws-lba")
+WO=$(median <"$DRILL_TMP/ws.od")
+WLO=$(median <"$DRILL_TMP/ws-lba.od")
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 log "RESULT recovery kernel=$K repeats=$REPEATS: usable median ${U}s; seq-read MB/s=$S seq-read-no-ra MB/s=$N ratio=$(ratio "$S" "$N"); hydrate MB/s=$H copy MB/s=$C ratio=$(ratio "$H" "$C")"
+log "RESULT working set kernel=$K: hot-first ${W}s (${WO} extents on demand), lba ${WL}s (${WLO} on demand), lba / hot-first time ratio=$(ratio "$WL" "$W")"
 log "runs seq-read: $(tr '\n' ' ' <"$DRILL_TMP/seq-read")| no-ra: $(tr '\n' ' ' <"$DRILL_TMP/seq-read-no-ra")| hydrate: $(tr '\n' ' ' <"$DRILL_TMP/hydrate")| copy: $(tr '\n' ' ' <"$DRILL_TMP/copy")| usable: $(tr '\n' ' ' <"$DRILL_TMP/usable")"
 [ "$S" != 0 ] && [ "$N" != 0 ] && pass measured-seq-read
 [ "$H" != 0 ] && [ "$C" != 0 ] && pass measured-hydrate
+[ -s "$DRILL_TMP/ws" ] && [ -s "$DRILL_TMP/ws-lba" ] && pass measured-working-set
 kill "$DP_PID" 2>/dev/null
 drill_finish
