@@ -343,6 +343,13 @@ impl Collector for ServerStatsCollector {
             l,
             get(&s.snapshots_committed),
         )?;
+        counter(
+            &mut enc,
+            "heat_maps_stored",
+            "Volume heat maps stored (durable).",
+            l,
+            get(&s.heat_maps_stored),
+        )?;
         gauge(
             &mut enc,
             "volumes",

@@ -255,6 +255,8 @@ pub struct ServerStats {
     pub ingest_bytes: std::sync::atomic::AtomicU64,
     /// Snapshots committed (durable).
     pub snapshots_committed: std::sync::atomic::AtomicU64,
+    /// Heat maps stored (durable; `PutHeat`'s last piece).
+    pub heat_maps_stored: std::sync::atomic::AtomicU64,
     /// Volumes the server holds now (loaded by a shard: all of a local store's at start-up;
     /// on a shared object store, those whose lease this server took).
     pub volumes: std::sync::atomic::AtomicU64,
@@ -1908,6 +1910,10 @@ impl Conn {
         if stored {
             let up = self.heat_upload.take().expect("checked above");
             v.put_heat(up.region_blocks, &up.heat).await?;
+            self.shard
+                .stats
+                .heat_maps_stored
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let body = wire::HeatStored::create(
             &mut self.out.fbb,

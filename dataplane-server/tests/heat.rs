@@ -315,3 +315,24 @@ fn a_damaged_heat_map_is_refused_and_replaced_by_the_next_put() {
     c.put_heat(4, &heat).expect("a new put replaces it");
     assert_eq!(c.get_heat().expect("get"), Some((4, heat)));
 }
+
+#[test]
+fn stored_heat_maps_are_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = in_process(dir.path(), 2);
+    let mut c = create(server.local_addr(), "m", 64);
+    let stored = || {
+        server
+            .stats()
+            .heat_maps_stored
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(stored(), 0);
+    c.put_heat(8, &[1; 8]).expect("put");
+    c.put_heat(8, &[2; 8]).expect("put");
+    c.put_heat(8, &[2; 7]).expect_err("refused");
+    assert_eq!(stored(), 2);
+    assert_eq!(c.get_heat().expect("get"), Some((8, vec![2; 8])));
+    drop(c);
+    server.shutdown();
+}

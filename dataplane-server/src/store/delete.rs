@@ -18,10 +18,10 @@ impl Volume {
     /// Crash-safe: local, the directory is renamed to a hidden tombstone (`.deleted-…`,
     /// never a valid volume name) and the parent synced before it is removed, so the volume
     /// is either whole or gone; a tombstone left by a crash is removed at the next start.
-    /// Object store: the heat map, the manifest trim floor, then every manifest but the newest, then the newest (from
-    /// then on the volume does not exist), then the segments; a crash leaves either the
-    /// volume at its newest state or unreferenced segments that a repeated delete or `gc`
-    /// removes.
+    /// Object store: the heat map, the manifest trim floor, then every manifest but the
+    /// newest, then the newest (from then on the volume does not exist), then the segments; a
+    /// crash leaves either the volume at its newest state (without its heat map) or
+    /// unreferenced segments that a repeated delete or `gc` removes.
     pub async fn delete_volume(&self, confirm_id: &VolumeId) -> Result<(), StoreError> {
         let _guard = self.meta_lock.lock().await;
         let _heat = self.heat_lock.lock().await;
