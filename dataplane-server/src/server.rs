@@ -2518,6 +2518,15 @@ impl Conn {
                 PlanSrc::Data { seg, rec, rec_lba } => {
                     self.load_record(seg, *rec, plan.block_size, &mut cached)
                         .await?;
+                    // A whole record goes as one extent with the crc32c it was just checked
+                    // against (computed once, on the way in); a frame is sent early rather
+                    // than split one. A part of a record gets the crc of its own bytes.
+                    let rec_blocks = self.rec_buf.len() as u64 / bs;
+                    let whole = cur == *rec_lba && *end - cur == rec_blocks;
+                    let used_blocks = self.read_payload.len() as u64 / bs;
+                    if whole && used_blocks > 0 && frame_blocks_max - used_blocks < rec_blocks {
+                        self.flush_read_frame(snap_id, false).await?;
+                    }
                     while cur < *end {
                         let used_blocks = self.read_payload.len() as u64 / bs;
                         let room = frame_blocks_max - used_blocks;
@@ -2534,7 +2543,10 @@ impl Conn {
                                 "index points outside its extent",
                             ));
                         };
-                        let crc = crc32c::crc32c(data);
+                        let checked = (from == 0 && to == self.rec_buf.len())
+                            .then(|| seg.extents.get(*rec as usize).map(|e| e.crc32c))
+                            .flatten();
+                        let crc = checked.unwrap_or_else(|| crc32c::crc32c(data));
                         self.read_payload.extend_from_slice(data);
                         self.read_extents.push(wire::Extent::new(
                             cur,
