@@ -160,14 +160,7 @@ fn recovered_cfg(dir: &Path, addr: &str, key: Option<&Path>, snap: u64, rate: u6
     let mut cfg = volume_cfg(dir, "testvol", addr, key);
     cfg.flush_interval = Duration::from_millis(50);
     cfg.hydrate_rate_bytes_per_s = rate;
-    cfg.cache.create_as = Some(CreateAs {
-        flushed_epoch: snap,
-        snap_head: snap,
-        generation: 0,
-        hydrate_snap: snap,
-        hydrate: true,
-        volume_id: dataplane_volume_id(addr),
-    });
+    cfg.cache.create_as = Some(hydrating_from(snap, addr));
     cfg
 }
 

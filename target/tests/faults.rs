@@ -9,7 +9,6 @@ use common::dp::*;
 use common::proxy::{Mode, Proxy};
 use common::*;
 use deltavol::cache::io::{UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE};
-use deltavol::cache::CreateAs;
 use deltavol::fault::{FaultFile, FaultKind, FaultOp, FaultPlan, FaultRing, Rule};
 use deltavol::ring::{HostRing, Ring};
 use deltavol::volume::{Volume, VolumeConfig};
@@ -333,14 +332,7 @@ fn recovered_cfg(dir: &Path, sub: &str, addr: &str, nblocks: u64, snap: u64) -> 
     cfg.ship = Some(sc);
     cfg.hydrate_rate_bytes_per_s = 256 << 10;
     cfg.fetch_timeout = Duration::from_secs(3);
-    cfg.cache.create_as = Some(CreateAs {
-        flushed_epoch: snap,
-        snap_head: snap,
-        generation: 0,
-        hydrate_snap: snap,
-        hydrate: true,
-        volume_id: dataplane_volume_id(addr),
-    });
+    cfg.cache.create_as = Some(hydrating_from(snap, addr));
     cfg
 }
 

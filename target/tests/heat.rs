@@ -7,7 +7,6 @@ mod common;
 use common::dp::*;
 use common::*;
 use deltavol::cache::io::UBLK_IO_OP_READ;
-use deltavol::cache::CreateAs;
 use deltavol::volume::{Volume, VolumeConfig};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,14 +32,7 @@ fn recovered_cfg(dir: &Path, addr: &str, snap: u64, hot_first: bool) -> VolumeCo
     // One batch (a region) a second: the order is plain to see.
     cfg.hydrate_rate_bytes_per_s = REGION * BS as u64;
     cfg.hydrate_hot_first = hot_first;
-    cfg.cache.create_as = Some(CreateAs {
-        flushed_epoch: snap,
-        snap_head: snap,
-        generation: 0,
-        hydrate_snap: snap,
-        hydrate: true,
-        volume_id: dataplane_volume_id(addr),
-    });
+    cfg.cache.create_as = Some(hydrating_from(snap, addr));
     cfg
 }
 

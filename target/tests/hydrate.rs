@@ -4,7 +4,6 @@
 mod common;
 use common::dp::*;
 use common::*;
-use deltavol::cache::CreateAs;
 use deltavol::volume::{Volume, VolumeConfig};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
@@ -37,14 +36,7 @@ fn recovered_cfg(dir: &Path, addr: &str, nblocks: u64, snap: u64, rate: u64) -> 
     cfg.ship = Some(ship_cfg(&dir.join("rec"), addr));
     cfg.hydrate_rate_bytes_per_s = rate;
     cfg.fetch_timeout = Duration::from_secs(2);
-    cfg.cache.create_as = Some(CreateAs {
-        flushed_epoch: snap,
-        snap_head: snap,
-        generation: 0,
-        hydrate_snap: snap,
-        hydrate: true,
-        volume_id: dataplane_volume_id(addr),
-    });
+    cfg.cache.create_as = Some(hydrating_from(snap, addr));
     cfg
 }
 

@@ -8,7 +8,6 @@ use common::dp::*;
 use common::proxy::{Mode, Proxy};
 use common::*;
 use deltavol::cache::io::{UBLK_IO_OP_READ, UBLK_IO_OP_WRITE};
-use deltavol::cache::CreateAs;
 use deltavol::hydrate::{HYDRATE_BATCH_EXTENTS, HYDRATE_EXTENT_BLOCKS};
 use deltavol::volume::{Volume, VolumeConfig};
 use rand::{Rng, SeedableRng};
@@ -65,14 +64,7 @@ fn recovered_cfg(
     cfg.ship = Some(ship_cfg(&dir.join("rec"), via));
     cfg.hydrate_rate_bytes_per_s = rate;
     cfg.fetch_timeout = Duration::from_secs(10);
-    cfg.cache.create_as = Some(CreateAs {
-        flushed_epoch: snap,
-        snap_head: snap,
-        generation: 0,
-        hydrate_snap: snap,
-        hydrate: true,
-        volume_id: dataplane_volume_id(dp),
-    });
+    cfg.cache.create_as = Some(hydrating_from(snap, dp));
     cfg
 }
 

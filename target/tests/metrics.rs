@@ -160,7 +160,6 @@ fn scrape_counts_io_flushes_and_the_recovery_point() {
 /// and a read of a block not yet local counts as an on-demand fetch.
 #[test]
 fn scrape_shows_hydration_progress_and_on_demand_fetches() {
-    use deltavol::cache::CreateAs;
     let dir = tempfile::tempdir().unwrap();
     let dp = Dp::start(&dir.path().join("dp"), "127.0.0.1:0");
     let nblocks = 4096u64;
@@ -183,14 +182,7 @@ fn scrape_shows_hydration_progress_and_on_demand_fetches() {
     cfg.ship = Some(ship_cfg(&dir.path().join("rec"), &dp.addr));
     // 64 KiB/s: the background is far from the end of the volume while the test runs.
     cfg.hydrate_rate_bytes_per_s = 64 << 10;
-    cfg.cache.create_as = Some(CreateAs {
-        flushed_epoch: snap,
-        snap_head: snap,
-        generation: 0,
-        hydrate_snap: snap,
-        hydrate: true,
-        volume_id: dataplane_volume_id(&dp.addr),
-    });
+    cfg.cache.create_as = Some(hydrating_from(snap, &dp.addr));
     let vol = Arc::new(Volume::open(&cfg).unwrap());
     let metrics = MetricsListener::bind("127.0.0.1:0".parse().unwrap())
         .unwrap()

@@ -144,3 +144,16 @@ pub fn snapshot_tags(addr: &str, snap: u64, nblocks: u64) -> Vec<Option<u64>> {
     }
     out
 }
+
+/// How a volume recovered from snapshot `snap` of the data plane at `addr` is created: as
+/// of that snapshot, hydrating from it, under the volume's id there.
+pub fn hydrating_from(snap: u64, addr: &str) -> deltavol::cache::CreateAs {
+    deltavol::cache::CreateAs {
+        flushed_epoch: snap,
+        snap_head: snap,
+        generation: 0,
+        hydrate_snap: snap,
+        hydrate: true,
+        volume_id: dataplane_volume_id(addr),
+    }
+}
