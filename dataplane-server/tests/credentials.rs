@@ -615,5 +615,9 @@ fn every_request_type_of_a_credential_of_a_is_refused_on_b() {
         )
     );
     assert_eq!(read_all(&mut admin, 2), model_b);
-    assert_eq!(admin.get_heat().expect("get"), None, "no heat map was stored");
+    assert_eq!(
+        admin.get_heat().expect("get"),
+        None,
+        "no heat map was stored"
+    );
 }
