@@ -362,6 +362,12 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
         err_of(&create("db1", json!({"from": "a@1", "size": "1GiB"}))).contains("size= is for new")
     );
     assert!(err_of(&create("db1", json!({"flush-interval": "soon"}))).contains("flush-interval"));
+    assert!(
+        err_of(&create("db1", json!({"hydrate-readahead": "100KiB"})))
+            .contains("hydrate-readahead: 102400 is not a multiple of 256KiB")
+    );
+    assert!(err_of(&create("db1", json!({"hydrate-order": "random"})))
+        .contains("hydrate-order: \"random\" is not a hydration order: hot-first or lba"));
     assert!(err_of(&create("db1", json!({"dataplane": "nohost"}))).contains("dataplane="));
     assert!(err_of(&create("../etc", json!({}))).contains("name"));
     assert!(err_of(&create("db1", json!({"at": "-1h"}))).contains("recover="));
@@ -802,6 +808,8 @@ fn attach_arguments_are_what_deltavol_takes() {
             cache_limit: Some(1 << 30),
             read_cache: Some(16 << 20),
             hydrate_rate: Some(0),
+            hydrate_readahead: Some(4 << 20),
+            hydrate_order: Some("lba".into()),
             queues: Some(2),
             depth: Some(128),
             retention: Some("last=50,hourly=24".into()),
@@ -816,6 +824,10 @@ fn attach_arguments_are_what_deltavol_takes() {
             "{dbg}"
         );
         assert!(dbg.contains("last=50,hourly=24"), "{dbg}");
+        assert!(
+            dbg.contains("hydrate_readahead: 4194304") && dbg.contains("hydrate_order: Lba"),
+            "the daemon gets the volume's hydration options: {dbg}"
+        );
         assert!(
             dbg.contains("tls_ca: Some(\"/etc/deltavol/tls/ca.pem\")")
                 && dbg.contains("tls_server_name: Some(\"dp.example\")"),

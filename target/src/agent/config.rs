@@ -71,6 +71,14 @@ pub struct AgentArgs {
     /// Background hydration rate limit per volume (0 = unlimited).
     #[arg(long)]
     pub hydrate_rate: Option<String>,
+    /// Fetched ahead of reads in order of a hydrating volume (0 = none). [default: deltavol
+    /// add's]
+    #[arg(long)]
+    pub hydrate_readahead: Option<String>,
+    /// Order of background hydration: hot-first (the heat map) or lba. [default: deltavol
+    /// add's]
+    #[arg(long)]
+    pub hydrate_order: Option<String>,
     /// Retention policy of the volumes' snapshots on the data plane, e.g.
     /// last=50,hourly=24,daily=7 (a volume's `-o retention=` overrides it). Unset: the data
     /// plane's policy of each volume stays as it is.
@@ -101,6 +109,8 @@ struct FileConfig {
     cache_limit: Option<String>,
     read_cache: Option<String>,
     hydrate_rate: Option<String>,
+    hydrate_readahead: Option<String>,
+    hydrate_order: Option<String>,
     retention: Option<String>,
 }
 
@@ -123,6 +133,9 @@ pub struct AgentConfig {
     pub cache_limit: Option<u64>,
     pub read_cache: Option<u64>,
     pub hydrate_rate: Option<u64>,
+    pub hydrate_readahead: Option<u64>,
+    /// `hot-first` or `lba`.
+    pub hydrate_order: Option<String>,
     /// Retention policy for the volumes (normalised `last=N,...`).
     pub retention: Option<String>,
     /// Longest a cut may keep filesystems frozen waiting for an earlier flush.
@@ -151,6 +164,8 @@ impl Default for AgentConfig {
             cache_limit: None,
             read_cache: None,
             hydrate_rate: None,
+            hydrate_readahead: None,
+            hydrate_order: None,
             retention: None,
             cut_timeout: Duration::from_secs(10),
             commit_timeout: Duration::from_secs(60),
@@ -184,6 +199,23 @@ pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
         bail!("{s:?}: the interval must be at least 1ms");
     }
     Ok(ms)
+}
+
+/// A readahead size `deltavol add --hydrate-readahead` takes: a multiple of 256KiB up to 64MiB.
+pub fn check_readahead(v: u64) -> anyhow::Result<u64> {
+    let ext = crate::hydrate::HYDRATE_EXTENT_BLOCKS * crate::cache::meta::BLOCK_SIZE;
+    if v % ext != 0 || v > 64 << 20 {
+        bail!("{v} is not a multiple of 256KiB up to 64MiB (0 turns readahead off)");
+    }
+    Ok(v)
+}
+
+/// A hydration order `deltavol add --hydrate-order` takes.
+pub fn check_order(v: &str) -> anyhow::Result<String> {
+    match v {
+        "hot-first" | "lba" => Ok(v.to_string()),
+        _ => bail!("{v:?} is not a hydration order: hot-first or lba"),
+    }
 }
 
 fn size(key: &str, v: &str) -> anyhow::Result<u64> {
@@ -245,6 +277,16 @@ impl AgentArgs {
             cache_limit: opt_size("cache_limit", &self.cache_limit, f.cache_limit)?,
             read_cache: opt_size("read_cache", &self.read_cache, f.read_cache)?,
             hydrate_rate: opt_size("hydrate_rate", &self.hydrate_rate, f.hydrate_rate)?,
+            hydrate_readahead: opt_size(
+                "hydrate_readahead",
+                &self.hydrate_readahead,
+                f.hydrate_readahead,
+            )?
+            .map(|v| check_readahead(v).context("hydrate_readahead"))
+            .transpose()?,
+            hydrate_order: pick_s(&self.hydrate_order, f.hydrate_order)
+                .map(|v| check_order(&v).context("hydrate_order"))
+                .transpose()?,
             retention: pick_s(&self.retention, f.retention)
                 .map(|r| {
                     deltavol_dataplane::retention::Policy::parse(&r)
@@ -317,6 +359,23 @@ mod tests {
         let c = a.resolve().unwrap();
         assert_eq!(c.cache_root, PathBuf::from("/other"));
         assert_eq!(c.flush_interval_ms, Some(250));
+    }
+
+    #[test]
+    fn hydration_keys_and_their_mistakes() {
+        let (_d, a) = with_file("hydrate_readahead = \"4MiB\"\nhydrate_order = \"lba\"\n");
+        let c = a.resolve().unwrap();
+        assert_eq!(c.hydrate_readahead, Some(4 << 20));
+        assert_eq!(c.hydrate_order.as_deref(), Some("lba"));
+        for (body, want) in [
+            ("hydrate_readahead = \"1000\"\n", "not a multiple of 256KiB"),
+            ("hydrate_readahead = \"128MiB\"\n", "up to 64MiB"),
+            ("hydrate_order = \"random\"\n", "hot-first or lba"),
+        ] {
+            let (_d, a) = with_file(body);
+            let e = format!("{:#}", a.resolve().unwrap_err());
+            assert!(e.contains(want), "{body}: {e}");
+        }
     }
 
     #[test]

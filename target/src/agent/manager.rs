@@ -33,6 +33,8 @@ pub const OPTIONS: &[&str] = &[
     "cache-limit",
     "read-cache",
     "hydrate-rate",
+    "hydrate-readahead",
+    "hydrate-order",
     "retention",
     "encryption-key-file",
 ];
@@ -159,6 +161,11 @@ impl<R: Runtime> VolumeManager<R> {
             cache_limit: o.cache_limit.or(self.cfg.cache_limit),
             read_cache: o.read_cache.or(self.cfg.read_cache),
             hydrate_rate: o.hydrate_rate.or(self.cfg.hydrate_rate),
+            hydrate_readahead: o.hydrate_readahead.or(self.cfg.hydrate_readahead),
+            hydrate_order: o
+                .hydrate_order
+                .clone()
+                .or_else(|| self.cfg.hydrate_order.clone()),
             queues: None,
             depth: None,
             retention: o.retention.clone().or_else(|| self.cfg.retention.clone()),
@@ -232,6 +239,17 @@ impl<R: Runtime> VolumeManager<R> {
             cache_limit: size_opt("cache-limit")?,
             read_cache: size_opt("read-cache")?,
             hydrate_rate: size_opt("hydrate-rate")?,
+            hydrate_readahead: size_opt("hydrate-readahead")?
+                .map(|v| {
+                    crate::agent::config::check_readahead(v)
+                        .map_err(|e| anyhow!("hydrate-readahead: {e}"))
+                })
+                .transpose()?,
+            hydrate_order: get("hydrate-order")
+                .map(|v| {
+                    crate::agent::config::check_order(v).map_err(|e| anyhow!("hydrate-order: {e}"))
+                })
+                .transpose()?,
             retention: get("retention")
                 .map(|r| {
                     deltavol_dataplane::retention::Policy::parse(r)

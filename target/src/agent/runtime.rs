@@ -47,6 +47,8 @@ pub struct AttachRequest {
     pub cache_limit: Option<u64>,
     pub read_cache: Option<u64>,
     pub hydrate_rate: Option<u64>,
+    pub hydrate_readahead: Option<u64>,
+    pub hydrate_order: Option<String>,
     pub queues: Option<u16>,
     pub depth: Option<u16>,
     /// Retention policy of its snapshots on the data plane (`--retention`).
@@ -111,8 +113,12 @@ impl AttachRequest {
         opt("--cache-limit", self.cache_limit);
         opt("--read-cache", self.read_cache);
         opt("--hydrate-rate", self.hydrate_rate);
+        opt("--hydrate-readahead", self.hydrate_readahead);
         opt("--queues", self.queues.map(u64::from));
         opt("--depth", self.depth.map(u64::from));
+        if let Some(o) = &self.hydrate_order {
+            a.extend(["--hydrate-order".into(), o.clone()]);
+        }
         if let (Some(r), Some(_)) = (&self.retention, &self.dataplane) {
             a.extend(["--retention".into(), r.clone()]);
         }

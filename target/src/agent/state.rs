@@ -74,6 +74,11 @@ pub struct VolumeOptions {
     pub read_cache: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hydrate_rate: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hydrate_readahead: Option<u64>,
+    /// `hot-first` or `lba`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hydrate_order: Option<String>,
     /// Retention policy of its snapshots (`last=50,hourly=24,...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<String>,
