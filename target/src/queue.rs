@@ -4,9 +4,11 @@
 //! keeps a read posted on an eventfd so that other threads (the syncer) can wake the ring.
 //!
 //! Per-tag I/O buffers are allocated once when the task starts (never per I/O), and a request
-//! is committed only after every SQE it issued has completed (see [`crate::ring`]).
+//! is committed only after every SQE it issued has completed (see [`crate::ring`]). Plain reads
+//! and writes are first tried inline on the queue thread without blocking (one [`Inline`] per
+//! queue, see the ring module's "Inline first attempts").
 
-use crate::ring::{Kicker, Ring, UblkRing};
+use crate::ring::{Inline, InlineMode, Kicker, Ring, UblkRing};
 use crate::volume::Volume;
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
@@ -25,16 +27,28 @@ pub fn run_queue(qid: u16, dev: &UblkDev, vol: Arc<Volume>, kicker: Arc<Kicker>)
     };
     let exe = Rc::new(smol::LocalExecutor::new());
     let buf_bytes = dev.dev_info.max_io_buf_bytes as usize;
+    let inline = {
+        use std::os::fd::AsRawFd;
+        let c = &vol.cache;
+        Rc::new(Inline::new(
+            InlineMode::from_env(),
+            [c.mirrors[0].as_raw_fd(), c.mirrors[1].as_raw_fd()],
+            c.backing.as_raw_fd(),
+        ))
+    };
+    tracing::info!(queue = qid, mode = ?inline.mode(), files = %inline.describe(), "inline I/O");
     let mut tasks = Vec::new();
     for tag in q.tags() {
         let q = q.clone();
         let vol = vol.clone();
         let kicker = kicker.clone();
+        let inline = inline.clone();
         tasks.push(exe.spawn(async move {
             let ring = UblkRing {
                 queue: &q,
                 index: usize::from(qid),
                 kicker,
+                inline: &inline,
             };
             match io_task(&ring, &q, tag, buf_bytes, &vol).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
@@ -45,11 +59,13 @@ pub fn run_queue(qid: u16, dev: &UblkDev, vol: Arc<Volume>, kicker: Arc<Kicker>)
     // The wake-up reader: completes whenever another thread kicks this ring.
     let kq = q.clone();
     let kk = kicker.clone();
+    let ki = inline.clone();
     let _kick_task = exe.spawn(async move {
         let ring = UblkRing {
             queue: &kq,
             index: usize::from(qid),
             kicker: kk.clone(),
+            inline: &ki,
         };
         loop {
             // SAFETY: the read targets the Kicker's own buffer, which the volume keeps alive
@@ -68,6 +84,16 @@ pub fn run_queue(qid: u16, dev: &UblkDev, vol: Arc<Volume>, kicker: Arc<Kicker>)
             tracing::error!(queue = qid, error = %e, "ublk queue event loop failed");
         }
     }));
+    let c = inline.counts();
+    tracing::info!(
+        queue = qid,
+        reads_inline = c.reads_inline,
+        reads_ring = c.reads_ring,
+        writes_inline = c.writes_inline,
+        writes_ring = c.writes_ring,
+        files = %inline.describe(),
+        "queue stopped: inline I/O"
+    );
 }
 
 async fn io_task(

@@ -18,9 +18,32 @@
 //! ## Registered files
 //! Both rings register the volume's files at the same fixed indices ([`FILE_MIRROR`],
 //! [`FILE_BACKING`]); slot 0 is `/dev/ublkcN` on a ublk ring and unused on a host ring.
+//!
+//! ## Inline first attempts
+//! A plain read or write may first be tried synchronously on the ring's own thread
+//! ([`Ring::try_read`], [`Ring::try_write`]), the way a synchronous engine serves it, which
+//! saves the SQE, the trip through the event loop and — on files whose buffered I/O io_uring
+//! cannot issue without blocking (ext4 buffered writes, everything on tmpfs) — the hop to an
+//! io-wq worker thread and back. Such an attempt never blocks the queue thread ([`Inline`]):
+//! - `RWF_NOWAIT` (`preadv2`/`pwritev2`): a page-cache hit completes at once; anything that
+//!   would wait (a miss, a lock, dirty throttling) returns `EAGAIN` or a short count with
+//!   nothing issued, and the rest goes on the ring as before. A file that refuses the flag
+//!   (`EOPNOTSUPP`/`EINVAL`: buffered `RWF_NOWAIT` writes need `FOP_BUFFER_WASYNC` — xfs,
+//!   btrfs — and tmpfs has no `FMODE_NOWAIT`) is remembered, so no failing syscall is paid
+//!   per I/O;
+//! - plain `pread`/`pwrite` on a regular file of a memory filesystem (tmpfs, ramfs): a copy
+//!   to or from page cache that waits on no device (the queue thread's own memory can be
+//!   reclaimed the same way). This is what lets the test VM's tmpfs medium run at the speed
+//!   of a synchronous engine; it changes nothing for a cache on an SSD filesystem.
+//!
+//! An attempt only ever does part of the work: errors (and the fault injection of
+//! [`crate::fault::FaultRing`], which has no inline path) are always the ring's. The
+//! environment variable `DELTAVOL_INLINE_IO` selects the [`InlineMode`] (`off`: every I/O on
+//! the ring; `nowait`: no plain copies on memory filesystems; default `auto`: both), so one
+//! build can be measured and tested either way.
 
 use io_uring::{opcode, squeue, types, IoUring};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
@@ -68,6 +91,20 @@ pub trait Ring {
             let b = unsafe { self.submit(second) }.await;
             (a, b)
         }
+    }
+
+    /// Reads up to `buf.len()` bytes at `off` from registered file `file` at once, on this
+    /// thread, without blocking (see the module's "Inline first attempts"). `Some(n)`: `n > 0`
+    /// bytes were read; `None`: nothing was done (not attempted, would block, end of file or
+    /// an error), the caller submits on the ring.
+    fn try_read(&self, _file: u32, _buf: &mut [u8], _off: u64) -> Option<usize> {
+        None
+    }
+
+    /// Writes up to `buf.len()` bytes at `off` at once, without blocking; as
+    /// [`Ring::try_read`]. `Some(n)`: the first `n > 0` bytes are written (in page cache).
+    fn try_write(&self, _file: InlineFile, _buf: &[u8], _off: u64) -> Option<usize> {
+        None
     }
 
     /// Waits without blocking the thread's other tasks.
@@ -123,14 +160,284 @@ impl Kicker {
     }
 }
 
+/// Which inline I/O a ring may do (`DELTAVOL_INLINE_IO`, see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InlineMode {
+    /// Every read and write goes on the ring.
+    Off,
+    /// `RWF_NOWAIT` attempts only.
+    NoWait,
+    /// `RWF_NOWAIT` attempts, and plain copies on memory filesystems (the default).
+    Auto,
+}
+
+impl InlineMode {
+    /// The mode `DELTAVOL_INLINE_IO` asks for (read once per process).
+    pub fn from_env() -> InlineMode {
+        static MODE: std::sync::OnceLock<InlineMode> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| {
+            let v = std::env::var("DELTAVOL_INLINE_IO").unwrap_or_default();
+            match v.as_str() {
+                "" | "auto" => InlineMode::Auto,
+                "nowait" => InlineMode::NoWait,
+                "off" | "0" => InlineMode::Off,
+                other => {
+                    tracing::warn!(
+                        value = other,
+                        "DELTAVOL_INLINE_IO: unknown value (use off, nowait or auto); using auto"
+                    );
+                    InlineMode::Auto
+                }
+            }
+        })
+    }
+}
+
+/// The file of an inline write: a registered one, or a journal (a plain fd).
+#[derive(Debug, Clone, Copy)]
+pub enum InlineFile {
+    Fixed(u32),
+    Journal(RawFd),
+}
+
+/// How a file class is tried inline, per operation.
+const HOW_UNKNOWN: u8 = 0;
+const HOW_NOWAIT: u8 = 1;
+const HOW_PLAIN: u8 = 2;
+const HOW_RING: u8 = 3;
+/// The journals' class, after the registered slots.
+const CLASS_JOURNAL: usize = NR_FIXED_FILES;
+const OP_READ: usize = 0;
+const OP_WRITE: usize = 1;
+
+/// Inline I/O done and ring fallbacks of one ring, since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InlineCounts {
+    pub reads_inline: u64,
+    pub reads_ring: u64,
+    pub writes_inline: u64,
+    pub writes_ring: u64,
+}
+
+/// One thread's inline I/O state: the raw fds behind the registered slots, how each file
+/// class is tried (learned: a file that refuses `RWF_NOWAIT` is not asked again), and counts.
+/// Used by one thread only (no atomics on the I/O path).
+pub struct Inline {
+    mode: InlineMode,
+    fds: [RawFd; NR_FIXED_FILES],
+    how: [[Cell<u8>; 2]; NR_FIXED_FILES + 1],
+    counts: Cell<InlineCounts>,
+}
+
+/// What a memory filesystem reports in `statfs.f_type`.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+impl Inline {
+    /// For the volume's files (`mirrors[s]` behind [`FILE_MIRROR`]`[s]`, `backing` behind
+    /// [`FILE_BACKING`]).
+    pub fn new(mode: InlineMode, mirrors: [RawFd; 2], backing: RawFd) -> Inline {
+        let mut fds = [-1; NR_FIXED_FILES];
+        fds[FILE_MIRROR[0] as usize] = mirrors[0];
+        fds[FILE_MIRROR[1] as usize] = mirrors[1];
+        fds[FILE_BACKING as usize] = backing;
+        let inline = Inline {
+            mode,
+            fds,
+            how: Default::default(),
+            counts: Cell::new(InlineCounts::default()),
+        };
+        for (class, &fd) in fds.iter().enumerate() {
+            if fd >= 0 {
+                inline.classify(class, fd);
+            } else {
+                for h in &inline.how[class] {
+                    h.set(HOW_RING);
+                }
+            }
+        }
+        inline
+    }
+
+    /// Everything on the ring (rings without inline I/O).
+    pub fn off() -> Inline {
+        Inline::new(InlineMode::Off, [-1, -1], -1)
+    }
+
+    pub fn mode(&self) -> InlineMode {
+        self.mode
+    }
+
+    pub fn counts(&self) -> InlineCounts {
+        self.counts.get()
+    }
+
+    /// How each file class is tried, for logs: `[mirror0, mirror1, backing, journal]` as
+    /// `(read, write)`, each "nowait", "plain", "ring" or "unknown" (not used yet).
+    pub fn describe(&self) -> String {
+        let name = |h: u8| match h {
+            HOW_NOWAIT => "nowait",
+            HOW_PLAIN => "plain",
+            HOW_RING => "ring",
+            _ => "unknown",
+        };
+        let classes = [
+            ("mirror0", FILE_MIRROR[0] as usize),
+            ("mirror1", FILE_MIRROR[1] as usize),
+            ("backing", FILE_BACKING as usize),
+            ("journal", CLASS_JOURNAL),
+        ];
+        classes
+            .iter()
+            .map(|(n, c)| {
+                format!(
+                    "{n}: read {} write {}",
+                    name(self.how[*c][OP_READ].get()),
+                    name(self.how[*c][OP_WRITE].get())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Decides how class `class` (file `fd`) is tried: plain copies on a regular file of a
+    /// memory filesystem (mode `Auto`), else `RWF_NOWAIT` (unless the mode is `Off`).
+    fn classify(&self, class: usize, fd: RawFd) {
+        let how = match self.mode {
+            InlineMode::Off => HOW_RING,
+            InlineMode::NoWait => HOW_NOWAIT,
+            InlineMode::Auto if is_memory_file(fd) => HOW_PLAIN,
+            InlineMode::Auto => HOW_NOWAIT,
+        };
+        for h in &self.how[class] {
+            h.set(how);
+        }
+    }
+
+    fn count(&self, f: impl FnOnce(&mut InlineCounts)) {
+        let mut c = self.counts.get();
+        f(&mut c);
+        self.counts.set(c);
+    }
+
+    /// The inline read behind [`Ring::try_read`].
+    pub fn read(&self, file: u32, buf: &mut [u8], off: u64) -> Option<usize> {
+        let class = file as usize;
+        let r = match (self.fds.get(class), self.how.get(class)) {
+            (Some(&fd), Some(how)) => {
+                let iov = libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                };
+                self.attempt(&how[OP_READ], |flags| {
+                    // SAFETY: `iov` describes `buf`, writable and borrowed for this call;
+                    // the syscall is synchronous, nothing refers to `buf` afterwards.
+                    unsafe { libc::preadv2(fd, &iov, 1, off as libc::off_t, flags) }
+                })
+            }
+            _ => None,
+        };
+        self.count(|c| match r {
+            Some(_) => c.reads_inline += 1,
+            None => c.reads_ring += 1,
+        });
+        r
+    }
+
+    /// The inline write behind [`Ring::try_write`].
+    pub fn write(&self, file: InlineFile, buf: &[u8], off: u64) -> Option<usize> {
+        let (class, fd) = match file {
+            InlineFile::Fixed(i) => (i as usize, self.fds.get(i as usize).copied()),
+            InlineFile::Journal(fd) => {
+                if self.how[CLASS_JOURNAL][OP_WRITE].get() == HOW_UNKNOWN {
+                    self.classify(CLASS_JOURNAL, fd);
+                }
+                (CLASS_JOURNAL, Some(fd))
+            }
+        };
+        let r = match (fd, self.how.get(class)) {
+            (Some(fd), Some(how)) if fd >= 0 => {
+                let iov = libc::iovec {
+                    iov_base: buf.as_ptr().cast_mut().cast(),
+                    iov_len: buf.len(),
+                };
+                self.attempt(&how[OP_WRITE], |flags| {
+                    // SAFETY: `iov` describes `buf`, readable and borrowed for this call; the
+                    // kernel only reads it (a write), synchronously.
+                    unsafe { libc::pwritev2(fd, &iov, 1, off as libc::off_t, flags) }
+                })
+            }
+            _ => None,
+        };
+        self.count(|c| match r {
+            Some(_) => c.writes_inline += 1,
+            None => c.writes_ring += 1,
+        });
+        r
+    }
+
+    /// Runs `io(flags)` as `how` says; learns from a refused `RWF_NOWAIT`.
+    fn attempt(&self, how: &Cell<u8>, io: impl Fn(libc::c_int) -> isize) -> Option<usize> {
+        let flags = match how.get() {
+            HOW_NOWAIT => libc::RWF_NOWAIT,
+            HOW_PLAIN => 0,
+            _ => return None,
+        };
+        let r = io(flags);
+        if r > 0 {
+            return Some(r as usize);
+        }
+        if r < 0 && flags != 0 {
+            let e = std::io::Error::last_os_error().raw_os_error();
+            if e == Some(libc::EOPNOTSUPP) || e == Some(libc::EINVAL) {
+                // The file cannot do it without blocking: the ring from now on.
+                tracing::debug!(
+                    errno = e,
+                    "RWF_NOWAIT refused: this file's I/O goes on the ring"
+                );
+                how.set(HOW_RING);
+            }
+        }
+        None
+    }
+}
+
+/// A regular file on tmpfs or ramfs (`/dev` is devtmpfs: a block device there is not one).
+fn is_memory_file(fd: RawFd) -> bool {
+    // SAFETY: fstat/fstatfs write only into the zeroed structs passed, whose results are
+    // read only when the call succeeded.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return false;
+        }
+        let mut fs: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(fd, &mut fs) != 0 {
+            return false;
+        }
+        let t = fs.f_type as i64;
+        t == TMPFS_MAGIC || t == RAMFS_MAGIC
+    }
+}
+
 /// A ublk queue's ring (libublk's per-queue io_uring), usable only on that queue's thread.
 pub struct UblkRing<'a> {
     pub queue: &'a libublk::io::UblkQueue<'a>,
     pub index: usize,
     pub kicker: Arc<Kicker>,
+    /// The queue's inline I/O (shared by its tags' tasks, all on the queue's thread).
+    pub inline: &'a Inline,
 }
 
 impl Ring for UblkRing<'_> {
+    fn try_read(&self, file: u32, buf: &mut [u8], off: u64) -> Option<usize> {
+        self.inline.read(file, buf, off)
+    }
+
+    fn try_write(&self, file: InlineFile, buf: &[u8], off: u64) -> Option<usize> {
+        self.inline.write(file, buf, off)
+    }
+
     unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
         self.queue.ublk_submit_sqe(sqe)
     }
@@ -190,19 +497,37 @@ impl Ring for UblkRing<'_> {
 pub struct HostRing {
     ring: RefCell<IoUring>,
     index: usize,
+    inline: Inline,
 }
 
 impl HostRing {
     /// Creates a ring for thread `index` with the volume's files registered at the fixed
     /// indices (`mirrors[s]` at [`FILE_MIRROR`]`[s]`, `backing` at [`FILE_BACKING`]).
+    /// Inline I/O as `DELTAVOL_INLINE_IO` says ([`InlineMode::from_env`]).
     pub fn new(index: usize, mirrors: [RawFd; 2], backing: RawFd) -> std::io::Result<HostRing> {
+        HostRing::with_inline(index, mirrors, backing, InlineMode::from_env())
+    }
+
+    /// As [`HostRing::new`], with inline I/O in mode `mode`.
+    pub fn with_inline(
+        index: usize,
+        mirrors: [RawFd; 2],
+        backing: RawFd,
+        mode: InlineMode,
+    ) -> std::io::Result<HostRing> {
         let ring = IoUring::new(8)?;
         ring.submitter()
             .register_files(&[-1, mirrors[0], mirrors[1], backing])?;
         Ok(HostRing {
             ring: RefCell::new(ring),
             index,
+            inline: Inline::new(mode, mirrors, backing),
         })
+    }
+
+    /// This ring's inline I/O state (counts, how each file is tried).
+    pub fn inline(&self) -> &Inline {
+        &self.inline
     }
 
     fn run(&self, sqe: squeue::Entry) -> i32 {
@@ -270,6 +595,14 @@ impl HostRing {
 }
 
 impl Ring for HostRing {
+    fn try_read(&self, file: u32, buf: &mut [u8], off: u64) -> Option<usize> {
+        self.inline.read(file, buf, off)
+    }
+
+    fn try_write(&self, file: InlineFile, buf: &[u8], off: u64) -> Option<usize> {
+        self.inline.write(file, buf, off)
+    }
+
     unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
         std::future::ready(self.run(sqe))
     }

@@ -3,10 +3,14 @@
 //!
 //! No lock is held across an await; the only locks taken are the read-cache shards (short,
 //! no I/O inside). No allocation per I/O: runs are tracked in a `SmallVec` on the stack.
+//!
+//! Every plain file read and write is first tried inline ([`Ring::try_read`] /
+//! [`Ring::try_write`]: never blocking, see [`crate::ring`]); what that does not finish, and
+//! every error, goes on the ring.
 
 use super::meta::{BLOCK_SHIFT, BLOCK_SIZE};
 use super::Cache;
-use crate::ring::{self, Ring, FILE_BACKING, FILE_MIRROR};
+use crate::ring::{self, InlineFile, Ring, FILE_BACKING, FILE_MIRROR};
 use smallvec::SmallVec;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::Duration;
@@ -264,6 +268,10 @@ impl Cache {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &mut buf[done..];
+            if let Some(n) = ring.try_read(file, rest, off + done as u64) {
+                done += n;
+                continue;
+            }
             let sqe = ring::read_sqe(
                 file,
                 rest.as_mut_ptr(),
@@ -292,6 +300,10 @@ impl Cache {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &buf[done..];
+            if let Some(n) = ring.try_write(InlineFile::Fixed(file), rest, off + done as u64) {
+                done += n;
+                continue;
+            }
             let sqe = ring::write_sqe(file, rest.as_ptr(), rest.len() as u32, off + done as u64);
             // SAFETY: `rest` is borrowed for the whole await, awaited to completion here.
             let r = unsafe { ring.submit(sqe) }.await;
@@ -372,10 +384,11 @@ impl Cache {
     /// Writes `buf` to slot `s`'s mirror, then its membership record to the slot's journal.
     ///
     /// The record must never land without the data (a replay would then claim a block the
-    /// mirror does not hold), so the two are one linked pair on the ring: the kernel starts
-    /// the journal write only once the data write completed in full, with no round trip
-    /// through the event loop in between. A short or failed data write cancels the record;
-    /// the data is then finished with plain writes and the record written after it.
+    /// mirror does not hold). Inline first: the data, and only once all of it is written, the
+    /// record. Else the two are one linked pair on the ring: the kernel starts the journal
+    /// write only once the data write completed in full, with no round trip through the
+    /// event loop in between. A short or failed data write cancels the record; the data is
+    /// then finished with plain writes and the record written after it.
     async fn write_journaled<R: Ring>(
         &self,
         ring: &R,
@@ -392,6 +405,26 @@ impl Cache {
         };
         let rec = super::journal::record(epoch, b0, n, false);
         let (f, joff) = j.reserve(s, ring.queue_index());
+        let mut done = 0usize;
+        while done < buf.len() {
+            let file = InlineFile::Fixed(FILE_MIRROR[s]);
+            match ring.try_write(file, &buf[done..], off + done as u64) {
+                Some(k) => done += k,
+                None => break,
+            }
+        }
+        if done > 0 {
+            // Part or all of the data is in: the rest on the ring, then the record.
+            if done < buf.len() {
+                let r = self
+                    .write_file(ring, FILE_MIRROR[s], off + done as u64, &buf[done..])
+                    .await;
+                if r < 0 {
+                    return r;
+                }
+            }
+            return self.append_record(ring, f, joff, &rec).await;
+        }
         let data = ring::write_sqe(FILE_MIRROR[s], buf.as_ptr(), buf.len() as u32, off);
         let jsqe = ring::fd_write_sqe(f.as_raw_fd(), rec.as_ptr(), rec.len() as u32, joff);
         // SAFETY: `buf` is borrowed and `rec` lives in this frame, the journal file in `self`,
@@ -418,7 +451,8 @@ impl Cache {
         } else if rj != -libc::ECANCELED && rj != -libc::EINTR && rj != -libc::EAGAIN {
             return rj;
         }
-        self.journal(ring, epoch, s, b0, n, false).await
+        // The record did not land: write it at its reserved place.
+        self.append_record(ring, f, joff, &rec).await
     }
 
     /// Appends the membership record of a completed write to its slot's journal (page cache
@@ -432,16 +466,34 @@ impl Cache {
         n: u64,
         zero: bool,
     ) -> i32 {
-        use std::os::fd::AsRawFd;
         let Some(j) = self.journals.get() else {
             return 0;
         };
         let rec = super::journal::record(epoch, b0, n, zero);
         let (f, off) = j.reserve(s, ring.queue_index());
-        let sqe = ring::fd_write_sqe(f.as_raw_fd(), rec.as_ptr(), rec.len() as u32, off);
-        // SAFETY: `rec` lives in this frame and the file in `self`, both until the await below
-        // completes.
-        let r = unsafe { ring.submit(sqe) }.await;
+        self.append_record(ring, f, off, &rec).await
+    }
+
+    /// Writes record `rec` at `off` (reserved) in journal `f`: inline if it can, else on the
+    /// ring.
+    async fn append_record<R: Ring>(
+        &self,
+        ring: &R,
+        f: &std::fs::File,
+        off: u64,
+        rec: &[u8; super::journal::RECORD_BYTES as usize],
+    ) -> i32 {
+        use std::os::fd::AsRawFd;
+        let fd = f.as_raw_fd();
+        let r = match ring.try_write(InlineFile::Journal(fd), rec, off) {
+            Some(k) => k as i32,
+            None => {
+                let sqe = ring::fd_write_sqe(fd, rec.as_ptr(), rec.len() as u32, off);
+                // SAFETY: `rec` is borrowed and the file lives in `self`, both until the await
+                // below completes.
+                unsafe { ring.submit(sqe) }.await
+            }
+        };
         if r == rec.len() as i32 {
             0
         } else if r < 0 {
