@@ -1,22 +1,31 @@
 # shellcheck shell=sh
-# Inside the test VM: 4k random write and read IOPS at iodepth 32 on the deltavol device and on
-# the kernel loop device, both over the same medium (a tmpfs file) in the same boot, runs
-# interleaved. Prints `# RESULT ...` lines and the ratio. Run it with:
+# Inside the test VM: 4k random write and read IOPS at iodepth 32 and 1 on deltavol devices and
+# on the kernel loop device, all over the same medium (a tmpfs file) in the same boot, runs
+# interleaved. deltavol runs with its defaults (plain `add`: no queue or depth tuning; only a
+# flush interval longer than the run, so it measures the foreground path — flush costs are
+# another issue's subject), once per inline-I/O mode in FIO_MODES (the daemon's
+# `DELTAVOL_INLINE_IO`: `off` puts every target I/O on the queue's io_uring, as before the
+# inline path existed; `auto` is the default). Prints `# RESULT ...` lines with the ratio to
+# loop. Run it with:
 #
 #   kernel-setup/vm-run --kernel 7 --bin-dir build/vm-bin bench/vm-fio-compare.sh
 #
-# Knobs (environment): FIO_RUNTIME_S (default 15), FIO_REPEATS (default 3), FIO_SIZE (128m).
+# Knobs (environment): FIO_RUNTIME_S (default 10), FIO_REPEATS (default 3), FIO_SIZE (128m),
+# FIO_MODES ("off auto"), FIO_DEPTHS ("32 1"), FIO_RWS ("randwrite randread").
 . "${DRILL_LIB:-/drills/lib.sh}"
 
-RUNTIME=${FIO_RUNTIME_S:-15}
+RUNTIME=${FIO_RUNTIME_S:-10}
 REPEATS=${FIO_REPEATS:-3}
 SIZE=${FIO_SIZE:-128m}
+MODES=${FIO_MODES:-off auto}
+DEPTHS=${FIO_DEPTHS:-32 1}
+RWS=${FIO_RWS:-randwrite randread}
 MED=/mnt/medium
 scratch_mount "$MED" 1200m
 
-# fio_iops DEV RW: IOPS of one run (terse output: read IOPS is field 8, write IOPS field 49).
+# fio_iops DEV RW QD: IOPS of one run (terse output: read IOPS is field 8, write IOPS field 49).
 fio_iops() {
-    _f=$(fio --name=b --filename="$1" --rw="$2" --bs=4k --iodepth=32 --ioengine=io_uring \
+    _f=$(fio --name=b --filename="$1" --rw="$2" --bs=4k --iodepth="$3" --ioengine=io_uring \
         --direct=1 --size="$SIZE" --runtime="$RUNTIME" --ramp_time=2 --time_based \
         --norandommap --randrepeat=0 --invalidate=0 --minimal 2>/dev/null) || return 1
     case $2 in
@@ -30,32 +39,59 @@ median() {
     sort -n | awk '{a[NR]=$1} END {if (NR == 0) print 0; else print a[int((NR + 1) / 2)]}'
 }
 
+# dv_inline_log MODE: the daemon's last "inline I/O" log line (its files and counts), uncoloured.
+dv_inline_log() {
+    grep -h "inline I/O" "$MED/cache-$1/deltavol.log" 2>/dev/null | tail -n 1 |
+        sed -e 's/\x1b\[[0-9;]*m//g' -e "s/^/# [$1] /" >&2
+}
+
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "n/a"}'
+}
+
 # The loop baseline: a file on the medium.
 dd if=/dev/zero of="$MED/loop.img" bs=1M count=0 seek=256 2>/dev/null
 LOOPDEV=$(loop_attach "$MED/loop.img") || abort "no loop device"
 check loop-fill fio --name=fill --filename="$LOOPDEV" --rw=write --bs=1M --size="$SIZE" --ioengine=io_uring --direct=1 --minimal
 
-# deltavol: cache dir and backing file on the same medium; a flush interval longer than the
-# run, so it measures the write path (flush costs are the performance issue's subject).
-DEV=$(dv_add bench 256MiB "$MED/cache" "$MED/backing.img" --flush-interval-ms 600000 --queues 1 --depth 64) \
-    || abort "deltavol add failed"
-check dv-fill fio --name=fill --filename="$DEV" --rw=write --bs=1M --size="$SIZE" --ioengine=io_uring --direct=1 --minimal
-
-for rw in randwrite randread; do
-    : >"$DRILL_TMP/loop.$rw"
-    : >"$DRILL_TMP/dv.$rw"
-    i=0
-    while [ "$i" -lt "$REPEATS" ]; do
-        fio_iops "$LOOPDEV" "$rw" >>"$DRILL_TMP/loop.$rw" || fail "fio-loop-$rw" "fio failed"
-        fio_iops "$DEV" "$rw" >>"$DRILL_TMP/dv.$rw" || fail "fio-deltavol-$rw" "fio failed"
-        i=$((i + 1))
-    done
-    l=$(median <"$DRILL_TMP/loop.$rw")
-    d=$(median <"$DRILL_TMP/dv.$rw")
-    log "RESULT fio 4k $rw iodepth=32 runtime=${RUNTIME}s x$REPEATS kernel=$(uname -r): loop IOPS=$l deltavol IOPS=$d ratio=$(awk -v a="$d" -v b="$l" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "n/a"}')"
-    log "runs loop: $(tr '\n' ' ' <"$DRILL_TMP/loop.$rw")| deltavol: $(tr '\n' ' ' <"$DRILL_TMP/dv.$rw")"
-    [ "$d" != 0 ] && [ "$l" != 0 ] && pass "measured-$rw"
+# deltavol, one volume per mode: cache dir and backing file on the same medium, defaults but a
+# flush interval longer than the run.
+for m in $MODES; do
+    export DELTAVOL_INLINE_IO="$m"  # the daemon `add` starts inherits it
+    dev=$(dv_add "bench-$m" 256MiB "$MED/cache-$m" "$MED/backing-$m.img" --flush-interval-ms 600000) \
+        || abort "deltavol add ($m) failed"
+    unset DELTAVOL_INLINE_IO
+    eval "DEV_$m=\$dev"
+    check "dv-fill-$m" fio --name=fill --filename="$dev" --rw=write --bs=1M --size="$SIZE" --ioengine=io_uring --direct=1 --minimal
+    dv_inline_log "$m"
 done
-check del dv_del bench
+
+for rw in $RWS; do
+    for qd in $DEPTHS; do
+        k="$rw.$qd"
+        : >"$DRILL_TMP/loop.$k"
+        for m in $MODES; do : >"$DRILL_TMP/dv-$m.$k"; done
+        i=0
+        while [ "$i" -lt "$REPEATS" ]; do
+            fio_iops "$LOOPDEV" "$rw" "$qd" >>"$DRILL_TMP/loop.$k" || fail "fio-loop-$k" "fio failed"
+            for m in $MODES; do
+                eval "dev=\$DEV_$m"
+                fio_iops "$dev" "$rw" "$qd" >>"$DRILL_TMP/dv-$m.$k" || fail "fio-deltavol-$m-$k" "fio failed"
+            done
+            i=$((i + 1))
+        done
+        l=$(median <"$DRILL_TMP/loop.$k")
+        for m in $MODES; do
+            d=$(median <"$DRILL_TMP/dv-$m.$k")
+            log "RESULT fio 4k $rw iodepth=$qd runtime=${RUNTIME}s x$REPEATS kernel=$(uname -r) defaults inline=$m: loop IOPS=$l deltavol IOPS=$d ratio=$(ratio "$d" "$l")"
+            log "runs loop: $(tr '\n' ' ' <"$DRILL_TMP/loop.$k")| deltavol[$m]: $(tr '\n' ' ' <"$DRILL_TMP/dv-$m.$k")"
+            [ "$d" != 0 ] && [ "$l" != 0 ] && pass "measured-$rw-qd$qd-$m"
+        done
+    done
+done
+for m in $MODES; do
+    check "del-$m" dv_del "bench-$m"
+    dv_inline_log "$m"
+done
 losetup -d "$LOOPDEV" 2>/dev/null
 drill_finish

@@ -11,7 +11,9 @@
 //! future dropped before its CQE arrived leaves its slot marked orphaned (never reused until
 //! the CQE is reaped), so a late completion never wakes the wrong task.
 
-use deltavol::ring::{Kicker, Ring, FILE_BACKING, FILE_MIRROR, NR_FIXED_FILES};
+use deltavol::ring::{
+    Inline, InlineFile, InlineMode, Kicker, Ring, FILE_BACKING, FILE_MIRROR, NR_FIXED_FILES,
+};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::cell::RefCell;
 use std::future::Future;
@@ -40,6 +42,8 @@ pub struct AsyncRing {
     ring: RefCell<IoUring>,
     ops: RefCell<Ops>,
     index: usize,
+    /// The engine's inline first attempts, as a ublk queue makes them (`DELTAVOL_INLINE_IO`).
+    inline: Inline,
 }
 
 impl AsyncRing {
@@ -65,7 +69,13 @@ impl AsyncRing {
                 in_flight: 0,
             }),
             index,
+            inline: Inline::new(InlineMode::from_env(), mirrors, backing),
         })
+    }
+
+    /// The inline I/O state (counts, how each file is tried).
+    pub fn inline(&self) -> &Inline {
+        &self.inline
     }
 
     /// SQEs submitted whose CQE has not been reaped.
@@ -211,6 +221,14 @@ impl Drop for OpFuture<'_> {
 }
 
 impl Ring for AsyncRing {
+    fn try_read(&self, file: u32, buf: &mut [u8], off: u64) -> Option<usize> {
+        self.inline.read(file, buf, off)
+    }
+
+    fn try_write(&self, file: InlineFile, buf: &[u8], off: u64) -> Option<usize> {
+        self.inline.write(file, buf, off)
+    }
+
     unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
         OpFuture {
             ring: self,

@@ -371,7 +371,19 @@ impl Bench {
                                 barrier.wait();
                                 let t0 = Instant::now();
                                 let ops = engine_measured(self, &ring, w)?;
-                                Ok((ops, t0.elapsed()))
+                                let el = t0.elapsed();
+                                if w.q == 0 {
+                                    let c = ring.inline().counts();
+                                    eprintln!(
+                                        "  queue 0 inline ({:?}): reads {} inline / {} ring, writes {} inline / {} ring",
+                                        ring.inline().mode(),
+                                        c.reads_inline,
+                                        c.reads_ring,
+                                        c.writes_inline,
+                                        c.writes_ring
+                                    );
+                                }
+                                Ok((ops, el))
                             }
                             Side::Raw => {
                                 let fd = match w.kind {
