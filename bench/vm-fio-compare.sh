@@ -41,8 +41,9 @@ median() {
 
 # dv_inline_log MODE: the daemon's last "inline I/O" log line (its files and counts), uncoloured.
 dv_inline_log() {
+    _esc=$(printf '\033')
     grep -h "inline I/O" "$MED/cache-$1/deltavol.log" 2>/dev/null | tail -n 1 |
-        sed -e 's/\x1b\[[0-9;]*m//g' -e "s/^/# [$1] /" >&2
+        sed -e "s/${_esc}\[[0-9;]*m//g" -e "s/^/# [$1] /" >&2
 }
 
 ratio() {
