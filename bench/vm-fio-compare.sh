@@ -5,13 +5,17 @@
 # flush interval longer than the run, so it measures the foreground path — flush costs are
 # another issue's subject), once per inline-I/O mode in FIO_MODES (the daemon's
 # `DELTAVOL_INLINE_IO`: `off` puts every target I/O on the queue's io_uring, as before the
-# inline path existed; `auto` is the default). Prints `# RESULT ...` lines with the ratio to
-# loop. Run it with:
+# inline path existed; `auto` is the default; `nobatch` is `auto` with
+# `DELTAVOL_JOURNAL_BATCH=off`, one journal write per write instead of one per round). Prints
+# `# RESULT ...` lines with the ratio to loop. Run it with:
 #
 #   kernel-setup/vm-run --kernel 7 --bin-dir build/vm-bin bench/vm-fio-compare.sh
 #
 # Knobs (environment): FIO_RUNTIME_S (default 10), FIO_REPEATS (default 3), FIO_SIZE (128m),
-# FIO_MODES ("off auto"), FIO_DEPTHS ("32 1"), FIO_RWS ("randwrite randread").
+# FIO_MODES ("off auto"), FIO_DEPTHS ("32 1"), FIO_RWS ("randwrite randread"), FIO_MEDIUM
+# (`tmpfs`, the default, or `ext4`: an ext4 filesystem on a loop device over the tmpfs, closer
+# to an SSD's filesystem — there buffered reads can be tried with RWF_NOWAIT and buffered
+# writes cannot, so `auto` reads inline and writes on the ring).
 . "${DRILL_LIB:-/drills/lib.sh}"
 
 RUNTIME=${FIO_RUNTIME_S:-10}
@@ -20,8 +24,17 @@ SIZE=${FIO_SIZE:-128m}
 MODES=${FIO_MODES:-off auto}
 DEPTHS=${FIO_DEPTHS:-32 1}
 RWS=${FIO_RWS:-randwrite randread}
+MEDIUM=${FIO_MEDIUM:-tmpfs}
 MED=/mnt/medium
 scratch_mount "$MED" 1200m
+if [ "$MEDIUM" = ext4 ]; then
+    dd if=/dev/zero of="$MED/ext4.img" bs=1M count=0 seek=1100 2>/dev/null
+    EXT4DEV=$(loop_attach "$MED/ext4.img") || abort "no loop device for the ext4 medium"
+    check mkfs-ext4 mkfs.ext4 -q -F "$EXT4DEV"
+    mkdir -p /mnt/ext4
+    check mount-ext4 mount -t ext4 "$EXT4DEV" /mnt/ext4
+    MED=/mnt/ext4
+fi
 
 # fio_iops DEV RW QD: IOPS of one run (terse output: read IOPS is field 8, write IOPS field 49).
 fio_iops() {
@@ -58,10 +71,14 @@ check loop-fill fio --name=fill --filename="$LOOPDEV" --rw=write --bs=1M --size=
 # deltavol, one volume per mode: cache dir and backing file on the same medium, defaults but a
 # flush interval longer than the run.
 for m in $MODES; do
-    export DELTAVOL_INLINE_IO="$m"  # the daemon `add` starts inherits it
+    # The daemon `add` starts inherits these.
+    case $m in
+        nobatch) export DELTAVOL_INLINE_IO=auto DELTAVOL_JOURNAL_BATCH=off ;;
+        *) export DELTAVOL_INLINE_IO="$m" ;;
+    esac
     dev=$(dv_add "bench-$m" 256MiB "$MED/cache-$m" "$MED/backing-$m.img" --flush-interval-ms 600000) \
         || abort "deltavol add ($m) failed"
-    unset DELTAVOL_INLINE_IO
+    unset DELTAVOL_INLINE_IO DELTAVOL_JOURNAL_BATCH
     eval "DEV_$m=\$dev"
     check "dv-fill-$m" fio --name=fill --filename="$dev" --rw=write --bs=1M --size="$SIZE" --ioengine=io_uring --direct=1 --minimal
     dv_inline_log "$m"
@@ -84,7 +101,7 @@ for rw in $RWS; do
         l=$(median <"$DRILL_TMP/loop.$k")
         for m in $MODES; do
             d=$(median <"$DRILL_TMP/dv-$m.$k")
-            log "RESULT fio 4k $rw iodepth=$qd runtime=${RUNTIME}s x$REPEATS kernel=$(uname -r) defaults inline=$m: loop IOPS=$l deltavol IOPS=$d ratio=$(ratio "$d" "$l")"
+            log "RESULT fio 4k $rw iodepth=$qd runtime=${RUNTIME}s x$REPEATS kernel=$(uname -r) medium=$MEDIUM defaults inline=$m: loop IOPS=$l deltavol IOPS=$d ratio=$(ratio "$d" "$l")"
             log "runs loop: $(tr '\n' ' ' <"$DRILL_TMP/loop.$k")| deltavol[$m]: $(tr '\n' ' ' <"$DRILL_TMP/dv-$m.$k")"
             [ "$d" != 0 ] && [ "$l" != 0 ] && pass "measured-$rw-qd$qd-$m"
         done
@@ -95,4 +112,8 @@ for m in $MODES; do
     dv_inline_log "$m"
 done
 losetup -d "$LOOPDEV" 2>/dev/null
+if [ "$MEDIUM" = ext4 ]; then
+    umount /mnt/ext4 2>/dev/null
+    losetup -d "$EXT4DEV" 2>/dev/null
+fi
 drill_finish

@@ -107,6 +107,20 @@ pub trait Ring {
         None
     }
 
+    /// Defers a journal record (`rec` at `off` in journal `fd`) to the batch this ring writes
+    /// once every task of the current round has run, in one write per run of contiguous
+    /// records ([`Inline::write_batch`]). The future resolves to `Some(bytes)` once written,
+    /// `None` if the batch could not write it (the caller then writes it on the ring).
+    /// `None` here: this ring does not batch (write it now).
+    fn defer_write(
+        &self,
+        _fd: RawFd,
+        _rec: &[u8; BATCH_REC_BYTES],
+        _off: u64,
+    ) -> Option<Deferred<'_>> {
+        None
+    }
+
     /// Waits without blocking the thread's other tasks.
     fn sleep(&self, dur: Duration) -> impl Future<Output = ()>;
 
@@ -217,6 +231,94 @@ pub struct InlineCounts {
     pub reads_ring: u64,
     pub writes_inline: u64,
     pub writes_ring: u64,
+    /// Small writes deferred to their round's batch ([`Inline::write_batch`]), and the
+    /// syscalls that wrote them.
+    pub batched: u64,
+    pub batch_writes: u64,
+}
+
+/// The size of a batched write (a journal record).
+pub const BATCH_REC_BYTES: usize = 32;
+/// Records a batch holds at most (more wait for the next round's batch).
+const BATCH_MAX: usize = 256;
+
+/// One deferred write of a round.
+enum BatchSlot {
+    Free,
+    /// Waiting for the round's batch; the task to wake then.
+    Pending {
+        fd: RawFd,
+        off: u64,
+        rec: [u8; BATCH_REC_BYTES],
+        waker: Option<std::task::Waker>,
+    },
+    /// Written (`Some(bytes)`) or not (`None`: the caller writes it on the ring).
+    Done(Option<usize>),
+    /// Its future was dropped while pending: written with the batch, then freed.
+    Orphan {
+        fd: RawFd,
+        off: u64,
+        rec: [u8; BATCH_REC_BYTES],
+    },
+}
+
+/// The deferred writes of one ring round (see [`Ring::defer_write`]).
+struct Batch {
+    slots: Vec<BatchSlot>,
+    free: Vec<usize>,
+    /// Scratch for one run of contiguous records (allocated once).
+    buf: Vec<u8>,
+    order: Vec<(RawFd, u64, usize)>,
+}
+
+/// A deferred write's result: `Some(bytes)` once its batch wrote it, `None` if it did not.
+pub struct Deferred<'a> {
+    inline: &'a Inline,
+    key: usize,
+    done: bool,
+}
+
+impl std::future::Future for Deferred<'_> {
+    type Output = Option<usize>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<usize>> {
+        let mut b = self.inline.batch.borrow_mut();
+        let slot = &mut b.slots[self.key];
+        match slot {
+            BatchSlot::Done(r) => {
+                let r = *r;
+                *slot = BatchSlot::Free;
+                b.free.push(self.key);
+                drop(b);
+                self.done = true;
+                std::task::Poll::Ready(r)
+            }
+            BatchSlot::Pending { waker, .. } => {
+                *waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+            _ => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for Deferred<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut b = self.inline.batch.borrow_mut();
+        let key = self.key;
+        match std::mem::replace(&mut b.slots[key], BatchSlot::Free) {
+            BatchSlot::Pending { fd, off, rec, .. } => {
+                b.slots[key] = BatchSlot::Orphan { fd, off, rec };
+            }
+            _ => b.free.push(key),
+        }
+    }
 }
 
 /// One thread's inline I/O state: the raw fds behind the registered slots, how each file
@@ -227,6 +329,10 @@ pub struct Inline {
     fds: [RawFd; NR_FIXED_FILES],
     how: [[Cell<u8>; 2]; NR_FIXED_FILES + 1],
     counts: Cell<InlineCounts>,
+    /// Whether journal records are deferred to a per-round batch (the owner's event loop
+    /// calls [`Inline::write_batch`] once its tasks have run).
+    batching: Cell<bool>,
+    batch: RefCell<Batch>,
 }
 
 /// What a memory filesystem reports in `statfs.f_type`.
@@ -246,6 +352,13 @@ impl Inline {
             fds,
             how: Default::default(),
             counts: Cell::new(InlineCounts::default()),
+            batching: Cell::new(false),
+            batch: RefCell::new(Batch {
+                slots: Vec::new(),
+                free: Vec::new(),
+                buf: Vec::new(),
+                order: Vec::new(),
+            }),
         };
         for (class, &fd) in fds.iter().enumerate() {
             if fd >= 0 {
@@ -266,6 +379,131 @@ impl Inline {
 
     pub fn mode(&self) -> InlineMode {
         self.mode
+    }
+
+    /// Defers journal records to a per-round batch from now on: only for an owner whose event
+    /// loop calls [`Inline::write_batch`] after running its tasks, every round (else a task
+    /// waiting for its record would never wake). Buffers for `depth` records are allocated
+    /// here, once.
+    pub fn enable_batching(&self, depth: usize) {
+        let n = depth.clamp(1, BATCH_MAX);
+        let mut b = self.batch.borrow_mut();
+        b.slots = (0..n).map(|_| BatchSlot::Free).collect();
+        b.free = (0..n).rev().collect();
+        b.buf = Vec::with_capacity(n * BATCH_REC_BYTES);
+        b.order = Vec::with_capacity(n);
+        self.batching.set(true);
+    }
+
+    /// Queues journal record `rec` for `off` in `fd` into this round's batch, if batching is
+    /// on, the journals can be written inline and the batch has room.
+    pub fn defer(&self, fd: RawFd, rec: &[u8; BATCH_REC_BYTES], off: u64) -> Option<Deferred<'_>> {
+        if !self.batching.get() {
+            return None;
+        }
+        if self.how[CLASS_JOURNAL][OP_WRITE].get() == HOW_UNKNOWN {
+            self.classify(CLASS_JOURNAL, fd);
+        }
+        if !matches!(
+            self.how[CLASS_JOURNAL][OP_WRITE].get(),
+            HOW_NOWAIT | HOW_PLAIN
+        ) {
+            return None;
+        }
+        let mut b = self.batch.borrow_mut();
+        let key = b.free.pop()?;
+        b.slots[key] = BatchSlot::Pending {
+            fd,
+            off,
+            rec: *rec,
+            waker: None,
+        };
+        drop(b);
+        self.count(|c| c.batched += 1);
+        Some(Deferred {
+            inline: self,
+            key,
+            done: false,
+        })
+    }
+
+    /// Writes this round's deferred records: each run of records contiguous in one file with
+    /// one inline write (as the journal class says: `RWF_NOWAIT` or plain), then wakes their
+    /// tasks. Records not written (would block, an error, a short write) resolve to `None`:
+    /// their tasks write them on the ring. Returns how many records were settled (0: none
+    /// were pending).
+    pub fn write_batch(&self) -> usize {
+        let mut guard = self.batch.borrow_mut();
+        let b = &mut *guard;
+        b.order.clear();
+        for (k, s) in b.slots.iter().enumerate() {
+            if let BatchSlot::Pending { fd, off, .. } | BatchSlot::Orphan { fd, off, .. } = s {
+                b.order.push((*fd, *off, k));
+            }
+        }
+        if b.order.is_empty() {
+            return 0;
+        }
+        b.order.sort_unstable();
+        let mut wakers: smallvec::SmallVec<[std::task::Waker; 64]> = smallvec::SmallVec::new();
+        let mut syscalls = 0u64;
+        let mut i = 0;
+        while i < b.order.len() {
+            let (fd, off0, _) = b.order[i];
+            let mut j = i + 1;
+            while j < b.order.len()
+                && b.order[j].0 == fd
+                && b.order[j].1 == off0 + ((j - i) * BATCH_REC_BYTES) as u64
+            {
+                j += 1;
+            }
+            b.buf.clear();
+            for &(_, _, k) in &b.order[i..j] {
+                if let BatchSlot::Pending { rec, .. } | BatchSlot::Orphan { rec, .. } = &b.slots[k]
+                {
+                    b.buf.extend_from_slice(rec);
+                }
+            }
+            let iov = libc::iovec {
+                iov_base: b.buf.as_ptr().cast_mut().cast(),
+                iov_len: b.buf.len(),
+            };
+            let how = &self.how[CLASS_JOURNAL][OP_WRITE];
+            if matches!(how.get(), HOW_NOWAIT | HOW_PLAIN) {
+                syscalls += 1;
+            }
+            let written = self
+                .attempt(how, |f| {
+                    // SAFETY: `iov` describes `b.buf`, alive and unchanged for this
+                    // synchronous call, which only reads it.
+                    unsafe { libc::pwritev2(fd, &iov, 1, off0 as libc::off_t, f) }
+                })
+                .unwrap_or(0);
+            for (n, &(_, _, k)) in b.order[i..j].iter().enumerate() {
+                let ok = (n + 1) * BATCH_REC_BYTES <= written;
+                let res = ok.then_some(BATCH_REC_BYTES);
+                match std::mem::replace(&mut b.slots[k], BatchSlot::Done(res)) {
+                    BatchSlot::Pending { waker, .. } => {
+                        if let Some(w) = waker {
+                            wakers.push(w);
+                        }
+                    }
+                    _ => {
+                        // An orphan: nobody waits for it.
+                        b.slots[k] = BatchSlot::Free;
+                        b.free.push(k);
+                    }
+                }
+            }
+            i = j;
+        }
+        let settled = b.order.len();
+        drop(guard);
+        self.count(|c| c.batch_writes += syscalls);
+        for w in wakers {
+            w.wake();
+        }
+        settled
     }
 
     pub fn counts(&self) -> InlineCounts {
@@ -436,6 +674,15 @@ impl Ring for UblkRing<'_> {
 
     fn try_write(&self, file: InlineFile, buf: &[u8], off: u64) -> Option<usize> {
         self.inline.write(file, buf, off)
+    }
+
+    fn defer_write(
+        &self,
+        fd: RawFd,
+        rec: &[u8; BATCH_REC_BYTES],
+        off: u64,
+    ) -> Option<Deferred<'_>> {
+        self.inline.defer(fd, rec, off)
     }
 
     unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {

@@ -474,8 +474,8 @@ impl Cache {
         self.append_record(ring, f, off, &rec).await
     }
 
-    /// Writes record `rec` at `off` (reserved) in journal `f`: inline if it can, else on the
-    /// ring.
+    /// Writes record `rec` at `off` (reserved) in journal `f`: in the ring's batch of this
+    /// round if it keeps one, else inline if it can, else on the ring.
     async fn append_record<R: Ring>(
         &self,
         ring: &R,
@@ -485,7 +485,11 @@ impl Cache {
     ) -> i32 {
         use std::os::fd::AsRawFd;
         let fd = f.as_raw_fd();
-        let r = match ring.try_write(InlineFile::Journal(fd), rec, off) {
+        let done = match ring.defer_write(fd, rec, off) {
+            Some(d) => d.await,
+            None => ring.try_write(InlineFile::Journal(fd), rec, off),
+        };
+        let r = match done {
             Some(k) => k as i32,
             None => {
                 let sqe = ring::fd_write_sqe(fd, rec.as_ptr(), rec.len() as u32, off);
