@@ -12,7 +12,8 @@
 //! the CQE is reaped), so a late completion never wakes the wrong task.
 
 use deltavol::ring::{
-    Inline, InlineFile, InlineMode, Kicker, Ring, FILE_BACKING, FILE_MIRROR, NR_FIXED_FILES,
+    Deferred, Inline, InlineFile, InlineMode, Kicker, Ring, BATCH_REC_BYTES, FILE_BACKING,
+    FILE_MIRROR, NR_FIXED_FILES,
 };
 use io_uring::{opcode, squeue, types, IoUring};
 use std::cell::RefCell;
@@ -69,7 +70,13 @@ impl AsyncRing {
                 in_flight: 0,
             }),
             index,
-            inline: Inline::new(InlineMode::from_env(), mirrors, backing),
+            inline: {
+                let inline = Inline::new(InlineMode::from_env(), mirrors, backing);
+                if std::env::var("DELTAVOL_JOURNAL_BATCH").as_deref() != Ok("off") {
+                    inline.enable_batching(entries as usize);
+                }
+                inline
+            },
         })
     }
 
@@ -229,6 +236,15 @@ impl Ring for AsyncRing {
         self.inline.write(file, buf, off)
     }
 
+    fn defer_write(
+        &self,
+        fd: RawFd,
+        rec: &[u8; BATCH_REC_BYTES],
+        off: u64,
+    ) -> Option<Deferred<'_>> {
+        self.inline.defer(fd, rec, off)
+    }
+
     unsafe fn submit(&self, sqe: squeue::Entry) -> impl Future<Output = i32> {
         OpFuture {
             ring: self,
@@ -309,7 +325,14 @@ pub fn run_tasks<T: 'static>(
     tasks: Vec<smol::Task<T>>,
 ) -> anyhow::Result<Vec<T>> {
     loop {
-        while ex.try_tick() {}
+        // As a ublk queue's loop: run every task, then write the journal records they
+        // deferred to this round's batch, until a round defers none.
+        loop {
+            while ex.try_tick() {}
+            if ring.inline.write_batch() == 0 {
+                break;
+            }
+        }
         if tasks.iter().all(|t| t.is_finished()) {
             break;
         }

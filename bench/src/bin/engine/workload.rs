@@ -375,12 +375,14 @@ impl Bench {
                                 if w.q == 0 {
                                     let c = ring.inline().counts();
                                     eprintln!(
-                                        "  queue 0 inline ({:?}): reads {} inline / {} ring, writes {} inline / {} ring",
+                                        "  queue 0 inline ({:?}): reads {} inline / {} ring, writes {} inline / {} ring, {} records in {} batch writes",
                                         ring.inline().mode(),
                                         c.reads_inline,
                                         c.reads_ring,
                                         c.writes_inline,
-                                        c.writes_ring
+                                        c.writes_ring,
+                                        c.batched,
+                                        c.batch_writes
                                     );
                                 }
                                 Ok((ops, el))
