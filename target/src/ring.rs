@@ -300,7 +300,13 @@ impl std::future::Future for Deferred<'_> {
                 *waker = Some(cx.waker().clone());
                 std::task::Poll::Pending
             }
-            _ => std::task::Poll::Ready(None),
+            _ => {
+                // Never expected (the slot is this future's until it completes): report it
+                // not written, so the caller writes it on the ring, and leave the slot alone.
+                drop(b);
+                self.done = true;
+                std::task::Poll::Ready(None)
+            }
         }
     }
 }
