@@ -54,7 +54,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, vol: Arc<Volume>, kicker: Arc<Kicker>)
                 kicker,
                 inline: &inline,
             };
-            match io_task(&ring, &q, tag, buf_bytes, &vol, &inline).await {
+            match io_task(&ring, &q, tag, buf_bytes, &vol).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => tracing::error!(queue = qid, tag, error = %e, "ublk io task failed"),
             }
@@ -116,7 +116,6 @@ async fn io_task(
     tag: u16,
     buf_bytes: usize,
     vol: &Volume,
-    inline: &Inline,
 ) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(buf_bytes);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
@@ -126,11 +125,9 @@ async fn io_task(
         let op = iod.op_flags & 0xff;
         let flags = iod.op_flags & !0xff;
         let (start, nr) = (iod.start_sector, iod.nr_sectors);
-        inline.begin_request();
         let res = vol
             .handle(ring, op, flags, start, nr, buf.as_mut_slice())
             .await;
-        inline.end_request();
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
     }

@@ -339,8 +339,6 @@ pub struct Inline {
     /// calls [`Inline::write_batch`] once its tasks have run).
     batching: Cell<bool>,
     batch: RefCell<Batch>,
-    /// Requests the owner has in flight, if it says ([`Inline::begin_request`]); 0: unknown.
-    active: Cell<usize>,
 }
 
 /// What a memory filesystem reports in `statfs.f_type`.
@@ -361,7 +359,6 @@ impl Inline {
             how: Default::default(),
             counts: Cell::new(InlineCounts::default()),
             batching: Cell::new(false),
-            active: Cell::new(0),
             batch: RefCell::new(Batch {
                 slots: Vec::new(),
                 free: Vec::new(),
@@ -404,22 +401,10 @@ impl Inline {
         self.batching.set(true);
     }
 
-    /// The owner started serving a request (a ublk queue: a tag got one).
-    pub fn begin_request(&self) {
-        self.active.set(self.active.get() + 1);
-    }
-
-    /// The owner finished serving a request.
-    pub fn end_request(&self) {
-        self.active.set(self.active.get().saturating_sub(1));
-    }
-
     /// Queues journal record `rec` for `off` in `fd` into this round's batch, if batching is
-    /// on, the journals can be written inline, the batch has room and the owner is not
-    /// serving this request alone (with nothing else in flight a batch would hold this one
-    /// record and only cost the task a second run: it is written at once instead).
+    /// on, the journals can be written inline and the batch has room.
     pub fn defer(&self, fd: RawFd, rec: &[u8; BATCH_REC_BYTES], off: u64) -> Option<Deferred<'_>> {
-        if !self.batching.get() || self.active.get() == 1 {
+        if !self.batching.get() {
             return None;
         }
         if self.how[CLASS_JOURNAL][OP_WRITE].get() == HOW_UNKNOWN {
