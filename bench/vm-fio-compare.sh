@@ -12,7 +12,8 @@
 #   kernel-setup/vm-run --kernel 7 --bin-dir build/vm-bin bench/vm-fio-compare.sh
 #
 # Knobs (environment): FIO_RUNTIME_S (default 10), FIO_REPEATS (default 3), FIO_SIZE (128m),
-# FIO_MODES ("off auto"), FIO_DEPTHS ("32 1"), FIO_RWS ("randwrite randread"), FIO_MEDIUM
+# FIO_MODES ("off auto"), FIO_DEPTHS ("32 1"), FIO_RWS ("randwrite randread") — lists with
+# spaces or commas —, FIO_MEDIUM
 # (`tmpfs`, the default, or `ext4`: an ext4 filesystem on a loop device over the tmpfs, closer
 # to an SSD's filesystem — there buffered reads can be tried with RWF_NOWAIT and buffered
 # writes cannot, so `auto` reads inline and writes on the ring).
@@ -21,9 +22,10 @@
 RUNTIME=${FIO_RUNTIME_S:-10}
 REPEATS=${FIO_REPEATS:-3}
 SIZE=${FIO_SIZE:-128m}
-MODES=${FIO_MODES:-off auto}
-DEPTHS=${FIO_DEPTHS:-32 1}
-RWS=${FIO_RWS:-randwrite randread}
+# Lists may be given with commas (vm-run's --env takes no spaces).
+MODES=$(echo "${FIO_MODES:-off auto}" | tr ',' ' ')
+DEPTHS=$(echo "${FIO_DEPTHS:-32 1}" | tr ',' ' ')
+RWS=$(echo "${FIO_RWS:-randwrite randread}" | tr ',' ' ')
 MEDIUM=${FIO_MEDIUM:-tmpfs}
 MED=/mnt/medium
 scratch_mount "$MED" 1200m
