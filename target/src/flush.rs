@@ -33,6 +33,9 @@ pub const FLUSH_EXTENT_BLOCKS_MAX: u64 = 256;
 const SEEK_DATA_MIN_BLOCKS: u64 = 64;
 /// How often the flush thread looks at the watermark flag.
 const POLL: Duration = Duration::from_millis(10);
+/// How often the flush thread of a volume with nothing dirty looks again (a cut is due only
+/// once something is written; cut requests and stops wake it at once).
+const POLL_IDLE: Duration = Duration::from_millis(100);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Failed attempts at one flush before a waiting `cut_and_wait` gets the error.
 const FAILURES_BEFORE_REPORT: u32 = 3;
@@ -401,10 +404,12 @@ impl FlushThread {
                     if due {
                         last_cut = Instant::now();
                     }
+                    // Dirty: the cut may come due, or the watermark be hit, at any moment.
+                    let poll = if dirty { POLL } else { POLL_IDLE };
                     st = self
                         .ctl
                         .cv
-                        .wait_timeout(st, POLL)
+                        .wait_timeout(st, poll)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
                 }
