@@ -81,12 +81,20 @@ pub const VOLUME_NAME_MAX_BYTES: usize = 64;
 /// Cap on an error message carried in an `Error` frame.
 pub const ERROR_MESSAGE_MAX_BYTES: usize = 1024;
 
+/// How much larger than its bytes a flatbuffer may look to the verifier. The verifier counts
+/// every table with its vtable, but a builder shares one vtable among all tables of the same
+/// shape, so a canonical buffer of many small tables (a long chain of snapshots with mostly
+/// default fields) looks several times its size: 2× refused such a manifest. The limit only
+/// bounds verification work against buffers whose offsets alias (a DAG read as a tree), and
+/// stays linear in the bytes.
+pub const APPARENT_SIZE_FACTOR: usize = 64;
+
 /// Verifier limits for frame headers.
 pub fn wire_verifier_options() -> VerifierOptions {
     VerifierOptions {
         max_depth: 8,
         max_tables: 4 * 1024,
-        max_apparent_size: 2 * FRAME_HEADER_MAX_BYTES,
+        max_apparent_size: APPARENT_SIZE_FACTOR * FRAME_HEADER_MAX_BYTES,
         ignore_missing_null_terminator: false,
     }
 }
@@ -428,7 +436,7 @@ pub fn store_verifier_options(max_bytes: usize) -> VerifierOptions {
     VerifierOptions {
         max_depth: 8,
         max_tables: 4 * 1024 * 1024,
-        max_apparent_size: max_bytes.saturating_mul(2),
+        max_apparent_size: max_bytes.saturating_mul(APPARENT_SIZE_FACTOR),
         ignore_missing_null_terminator: false,
     }
 }
