@@ -405,16 +405,9 @@ impl Cache {
         };
         let rec = super::journal::record(epoch, b0, n, false);
         let (f, joff) = j.reserve(s, ring.queue_index());
-        let mut done = 0usize;
-        while done < buf.len() {
-            let file = InlineFile::Fixed(FILE_MIRROR[s]);
-            match ring.try_write(file, &buf[done..], off + done as u64) {
-                Some(k) => done += k,
-                None => break,
-            }
-        }
-        if done > 0 {
-            // Part or all of the data is in: the rest on the ring, then the record.
+        if let Some(done) = ring.try_write(InlineFile::Fixed(FILE_MIRROR[s]), buf, off) {
+            // Part or all of the data is in: the rest as any write (inline, else the ring),
+            // then the record.
             if done < buf.len() {
                 let r = self
                     .write_file(ring, FILE_MIRROR[s], off + done as u64, &buf[done..])
