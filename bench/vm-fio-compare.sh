@@ -5,8 +5,10 @@
 # flush interval longer than the run, so it measures the foreground path — flush costs are
 # another issue's subject), once per inline-I/O mode in FIO_MODES (the daemon's
 # `DELTAVOL_INLINE_IO`: `off` puts every target I/O on the queue's io_uring, as before the
-# inline path existed; `auto` is the default; `nobatch` is `auto` with
-# `DELTAVOL_JOURNAL_BATCH=off`, one journal write per write instead of one per round). Prints
+# inline path existed; `auto` is the default (with the bitmap journal: no journal write per
+# write); `records` is `auto` with `DELTAVOL_JOURNAL=records`, a 32-byte journal record per
+# write, written once per round for all the round's writes; `nobatch` is `records` with
+# `DELTAVOL_JOURNAL_BATCH=off`, one journal write per write). Prints
 # `# RESULT ...` lines with the ratio to loop. Run it with:
 #
 #   kernel-setup/vm-run --kernel 7 --bin-dir build/vm-bin bench/vm-fio-compare.sh
@@ -75,12 +77,13 @@ check loop-fill fio --name=fill --filename="$LOOPDEV" --rw=write --bs=1M --size=
 for m in $MODES; do
     # The daemon `add` starts inherits these.
     case $m in
-        nobatch) export DELTAVOL_INLINE_IO=auto DELTAVOL_JOURNAL_BATCH=off ;;
+        nobatch) export DELTAVOL_INLINE_IO=auto DELTAVOL_JOURNAL=records DELTAVOL_JOURNAL_BATCH=off ;;
+        records) export DELTAVOL_INLINE_IO=auto DELTAVOL_JOURNAL=records ;;
         *) export DELTAVOL_INLINE_IO="$m" ;;
     esac
     dev=$(dv_add "bench-$m" 256MiB "$MED/cache-$m" "$MED/backing-$m.img" --flush-interval-ms 600000) \
         || abort "deltavol add ($m) failed"
-    unset DELTAVOL_INLINE_IO DELTAVOL_JOURNAL_BATCH
+    unset DELTAVOL_INLINE_IO DELTAVOL_JOURNAL DELTAVOL_JOURNAL_BATCH
     eval "DEV_$m=\$dev"
     check "dv-fill-$m" fio --name=fill --filename="$dev" --rw=write --bs=1M --size="$SIZE" --ioengine=io_uring --direct=1 --minimal
     dv_inline_log "$m"

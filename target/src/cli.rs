@@ -659,6 +659,7 @@ impl AddArgs {
                     read_cache_bytes: self.dev.read_cache,
                     nr_queues: usize::from(self.dev.queues),
                     create_as: None,
+                    journal: Default::default(),
                 },
                 flush_interval: Duration::from_millis(self.dev.flush_interval_ms),
                 hydrate_rate_bytes_per_s: self.dev.hydrate_rate,

@@ -421,7 +421,7 @@ impl FlushThread {
                 // The snapshot's point in time: the switch, before the drain of the writes
                 // still in flight in the old epoch (they were issued before it).
                 let cut_ms = crate::cache::now_unix_ms();
-                let e = self.cache.epochs.cut();
+                let e = self.cache.cut();
                 self.cache.record_cut(e, cut_ms);
                 {
                     let mut st = self.ctl.st.lock().unwrap_or_else(|p| p.into_inner());

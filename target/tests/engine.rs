@@ -244,13 +244,32 @@ fn coherent_across_queues() {
 /// power cut (the journals are lost): every write acknowledged before the last completed
 /// FLUSH (or FUA) must be there, and every other block holds its last or an earlier written
 /// value, never garbage.
+///
+/// Once with each journal kind: the bitmap journal (the default on this filesystem) and the
+/// records.
 #[test]
 fn crash_and_reopen_keeps_flushed_writes() {
-    let seed = seed("crash_and_reopen_keeps_flushed_writes");
+    crash_and_reopen(
+        "crash_and_reopen_keeps_flushed_writes",
+        deltavol::cache::journal::Kind::Bits,
+    );
+}
+
+#[test]
+fn crash_and_reopen_keeps_flushed_writes_journal_records() {
+    crash_and_reopen(
+        "crash_and_reopen_keeps_flushed_writes_journal_records",
+        deltavol::cache::journal::Kind::Records,
+    );
+}
+
+fn crash_and_reopen(name: &str, kind: deltavol::cache::journal::Kind) {
+    let seed = seed(name);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let nblocks = 512u64;
     let mut cfg = config(dir.path(), nblocks * BS as u64, 2);
+    cfg.cache.journal = kind;
     cfg.flush_interval = std::time::Duration::from_millis(rng.gen_range(1..20));
     // durable[b]: value at the last completed FLUSH; since[b]: values written after it.
     let mut durable = vec![0u64; nblocks as usize];

@@ -217,6 +217,8 @@ fn batched_records(dir: &Path, seed: u64, mode: InlineMode) -> InlineCounts {
     let nblocks = 512u64;
     let mut cfg = config(dir, nblocks * BS as u64, 1);
     cfg.flush_interval = std::time::Duration::from_secs(3600);
+    // Records are what is batched (a bitmap journal writes none).
+    cfg.cache.journal = deltavol::cache::journal::Kind::Records;
     let mut model = vec![0u64; nblocks as usize];
     let mut counts = InlineCounts::default();
     for round in 0..4 {

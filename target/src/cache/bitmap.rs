@@ -5,10 +5,34 @@
 //! backing file and no reader can still be looking at it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Memory that holds a bitmap's words somewhere other than the heap (a shared file mapping,
+/// see [`super::journal::BitsFile`]).
+pub trait WordStore: Send + Sync {
+    fn words(&self) -> &[AtomicU64];
+}
+
+enum Words {
+    Heap(Box<[AtomicU64]>),
+    /// The store's first `.1` words.
+    Store(Arc<dyn WordStore>, usize),
+}
+
+impl std::ops::Deref for Words {
+    type Target = [AtomicU64];
+    #[inline]
+    fn deref(&self) -> &[AtomicU64] {
+        match self {
+            Words::Heap(w) => w,
+            Words::Store(s, n) => &s.words()[..*n],
+        }
+    }
+}
 
 /// A fixed-size bitmap of atomic words.
 pub struct Bitmap {
-    words: Box<[AtomicU64]>,
+    words: Words,
     nbits: u64,
 }
 
@@ -16,9 +40,31 @@ impl Bitmap {
     pub fn new(nbits: u64) -> Self {
         let nwords = nbits.div_ceil(64) as usize;
         Bitmap {
-            words: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
+            words: Words::Heap((0..nwords).map(|_| AtomicU64::new(0)).collect()),
             nbits,
         }
+    }
+
+    /// Moves the bitmap's words into `store`, which must hold at least as many words, all
+    /// zero (only the non-zero words are written: the pages of a fresh file mapping that
+    /// stay zero are never touched). Every later change goes to `store`. Only while nobody
+    /// else uses the bitmap (it takes `&mut self`).
+    pub fn move_to(&mut self, store: Arc<dyn WordStore>) {
+        let dst = store.words();
+        assert!(
+            dst.len() >= self.words.len(),
+            "word store of {} words for a bitmap of {}",
+            dst.len(),
+            self.words.len()
+        );
+        for (d, s) in dst.iter().zip(self.words.iter()) {
+            let v = s.load(Ordering::SeqCst);
+            if v != 0 {
+                d.store(v, Ordering::SeqCst);
+            }
+        }
+        let n = self.words.len();
+        self.words = Words::Store(store, n);
     }
 
     pub fn len_bits(&self) -> u64 {
@@ -153,6 +199,30 @@ mod tests {
             true
         });
         v
+    }
+
+    struct HeapStore(Box<[AtomicU64]>);
+    impl WordStore for HeapStore {
+        fn words(&self) -> &[AtomicU64] {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn moved_words_keep_their_bits_and_take_later_changes() {
+        let mut b = Bitmap::new(1000);
+        b.set_range(3, 70);
+        b.set_range(900, 5);
+        // A larger store (a mapping is rounded up to pages): the bitmap keeps its own length.
+        let store = Arc::new(HeapStore((0..40).map(|_| AtomicU64::new(0)).collect()));
+        b.move_to(store.clone());
+        assert_eq!(b.nwords(), 16);
+        assert_eq!(b.count(), 75);
+        assert!(b.get(3) && b.get(72) && !b.get(73) && b.get(904));
+        assert_eq!(b.set_range(500, 2), 2);
+        assert_eq!(store.0[500 / 64].load(Ordering::SeqCst), 0b11 << (500 % 64));
+        b.clear_all();
+        assert!(store.0.iter().all(|w| w.load(Ordering::SeqCst) == 0));
     }
 
     #[test]

@@ -400,7 +400,9 @@ impl Cache {
     ) -> i32 {
         use std::os::fd::AsRawFd;
         let off = b0 << BLOCK_SHIFT;
-        let Some(j) = self.journals.get() else {
+        let Some(j) = self.journals.get().filter(|j| j.takes_records()) else {
+            // No journal, or a bitmap journal: the bits the caller sets once this returns
+            // are the record.
             return self.write_file(ring, FILE_MIRROR[s], off, buf).await;
         };
         let rec = super::journal::record(epoch, b0, n, false);
@@ -459,7 +461,7 @@ impl Cache {
         n: u64,
         zero: bool,
     ) -> i32 {
-        let Some(j) = self.journals.get() else {
+        let Some(j) = self.journals.get().filter(|j| j.takes_records()) else {
             return 0;
         };
         let rec = super::journal::record(epoch, b0, n, zero);

@@ -62,6 +62,8 @@ pub struct CacheConfig {
     /// When the volume is created (not reattached): start it as a copy of a data-plane
     /// snapshot, to be hydrated (recover, clone).
     pub create_as: Option<CreateAs>,
+    /// How completed writes are journaled for a daemon crash (see [`journal`]).
+    pub journal: journal::Kind,
 }
 
 /// The starting point of a volume created from the data plane.
@@ -468,6 +470,40 @@ impl Cache {
                 found[slot] = true;
             }
         })?;
+        // The same from bitmap journals: every bit set in the epoch a slot may hold.
+        let mut replayed_bits = 0u64;
+        journal::replay_bits(
+            &cfg.cache_dir,
+            &sb.volume_id,
+            nblocks,
+            |slot, epoch, words| {
+                let expected = if (f + 1) % 2 == slot as u64 {
+                    f + 1
+                } else {
+                    f + 2
+                };
+                if epoch != expected {
+                    return;
+                }
+                for (i, &w) in words.iter().enumerate() {
+                    let mut w = w;
+                    while w != 0 {
+                        // One run of set bits at a time.
+                        let lo = u64::from(w.trailing_zeros());
+                        let run = u64::from((w >> lo).trailing_ones());
+                        slots[slot].mark(i as u64 * 64 + lo, run, false);
+                        replayed_bits += run;
+                        found[slot] = true;
+                        w = if lo + run >= 64 {
+                            0
+                        } else {
+                            w & !(((1u64 << run) - 1) << lo)
+                        };
+                    }
+                }
+            },
+        )?;
+        let replayed = replayed + replayed_bits;
         let (active, frozen) = if found[(f % 2) as usize] {
             (f + 2, f + 1)
         } else {
@@ -516,7 +552,7 @@ impl Cache {
         let mirrors: [File; 2] = mirrors.try_into().map_err(|_| Error::invalid("mirrors"))?;
         let maps: [File; 2] = maps.try_into().map_err(|_| Error::invalid("maps"))?;
         let fenced = sb.fenced_generation != 0;
-        let c = Cache {
+        let mut c = Cache {
             name: sb.name.clone(),
             volume_id: sb.volume_id,
             size_bytes: sb.size_bytes,
@@ -549,15 +585,37 @@ impl Cache {
             // Make the replayed membership durable before the journals start over.
             c.sync_durable()?;
         }
-        let j = journal::Journals::create(&cfg.cache_dir, &c.volume_id, cfg.nr_queues)?;
+        let kind = cfg.journal.resolve(&cfg.cache_dir);
+        let j =
+            journal::Journals::create(&cfg.cache_dir, &c.volume_id, cfg.nr_queues, kind, nblocks)?;
+        for (s, slot) in c.slots.iter_mut().enumerate() {
+            if let Some(b) = j.bits_file(s) {
+                slot.bits.move_to(b);
+            }
+        }
+        j.begin_epoch((active % 2) as usize, active);
+        if frozen != 0 {
+            j.begin_epoch((frozen % 2) as usize, frozen);
+        }
         let _ = c.journals.set(j);
         tracing::info!(
+            journal = ?kind,
             journal_records_replayed = replayed,
             volume = %c.name, id = %meta::volume_id_hex(&c.volume_id), size_bytes = c.size_bytes,
             active_epoch = active, frozen_epoch = frozen, flushed_epoch = f,
             dirty_blocks = c.dirty_blocks(), "volume cache opened"
         );
         Ok(c)
+    }
+
+    /// Cuts the active epoch (see [`Epochs::cut`]); the slot the next epoch takes is tagged
+    /// with it in the bitmap journal first, before any of its writes can set a bit.
+    pub fn cut(&self) -> u64 {
+        let next = self.epochs.current() + 1;
+        if let Some(j) = self.journals.get() {
+            j.begin_epoch((next % 2) as usize, next);
+        }
+        self.epochs.cut()
     }
 
     pub fn flushed_epoch(&self) -> u64 {

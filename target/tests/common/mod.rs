@@ -30,6 +30,7 @@ pub fn config(dir: &Path, size_bytes: u64, nr_queues: usize) -> VolumeConfig {
             read_cache_bytes: 1 << 20,
             nr_queues,
             create_as: None,
+            journal: Default::default(),
         },
         flush_interval: Duration::from_millis(50),
         ship: None,

@@ -109,6 +109,7 @@ pub fn measure(
             read_cache_bytes,
             nr_queues: 1,
             create_as: None,
+            journal: Default::default(),
         },
         flush_interval: Duration::from_secs(24 * 3600),
         ship: None,

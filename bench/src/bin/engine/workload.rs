@@ -209,6 +209,7 @@ pub fn setup(
             read_cache_bytes,
             nr_queues,
             create_as: None,
+            journal: Default::default(),
         },
         flush_interval: FLUSH_INTERVAL,
         ship: None,

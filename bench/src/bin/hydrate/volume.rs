@@ -114,6 +114,7 @@ fn config(dir: &Path, size_bytes: u64, plane: &Plane, v: &Variant) -> VolumeConf
             read_cache_bytes: 8 << 20,
             nr_queues: 1,
             create_as: None,
+            journal: Default::default(),
         },
         flush_interval: FLUSH_INTERVAL,
         ship: Some(plane.ship(dir, v)),
