@@ -36,6 +36,8 @@ struct Node {
     /// Epoch cut while each mount point was frozen.
     cut_frozen: Vec<(String, bool)>,
     files: BTreeSet<PathBuf>,
+    /// The `deltavol` arguments of each volume's last attach.
+    argv: HashMap<String, Vec<String>>,
 }
 
 #[derive(Clone, Default)]
@@ -77,6 +79,7 @@ impl Runtime for Fake {
         };
         n.log.push(what);
         assert!(req.args().contains(&"--user-recovery".to_string()));
+        n.argv.insert(req.name.clone(), req.args());
         n.daemons.insert(req.name.clone(), dev.clone());
         n.clean.remove(&req.name);
         n.files.insert(req.paths.cache_dir.clone());
@@ -343,6 +346,44 @@ fn every_endpoint_create_mount_twice_unmount_remove() {
     );
 }
 
+/// A volume's `-o` options, else the agent's, reach its daemon's command line.
+#[test]
+fn volume_options_reach_the_daemon() {
+    let d = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let mut c = cfg(d.path(), true);
+    c.heat_interval_s = Some(60);
+    c.hydrate_order = Some("lba".into());
+    let m = VolumeManager::open(c, fake.clone()).unwrap();
+    let argv = |name: &str| fake.n().argv.get(name).cloned().unwrap_or_default();
+    let has = |a: &[String], flag: &str, v: &str| a.windows(2).any(|w| w[0] == flag && w[1] == v);
+    for (name, opts) in [
+        (
+            "db1",
+            json!({"size": "1GiB", "heat-interval-s": "0", "hydrate-readahead": "4MiB"}),
+        ),
+        ("db2", json!({"size": "1GiB"})),
+    ] {
+        ok(&call(
+            &m,
+            "/VolumeDriver.Create",
+            json!({"Name": name, "Opts": opts}),
+        ));
+        ok(&call(
+            &m,
+            "/VolumeDriver.Mount",
+            json!({"Name": name, "ID": "c1"}),
+        ));
+    }
+    let a = argv("db1");
+    assert!(has(&a, "--heat-interval-s", "0"), "{a:?}");
+    assert!(has(&a, "--hydrate-readahead", "4194304"), "{a:?}");
+    assert!(has(&a, "--hydrate-order", "lba"), "{a:?}");
+    let b = argv("db2");
+    assert!(has(&b, "--heat-interval-s", "60"), "{b:?}");
+    assert!(!b.iter().any(|x| x == "--hydrate-readahead"), "{b:?}");
+}
+
 #[test]
 fn bad_input_is_a_clear_error_and_changes_nothing() {
     let d = tempfile::tempdir().unwrap();
@@ -368,6 +409,8 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
     );
     assert!(err_of(&create("db1", json!({"hydrate-order": "random"})))
         .contains("hydrate-order: \"random\" is not a hydration order: hot-first or lba"));
+    assert!(err_of(&create("db1", json!({"heat-interval-s": "5m"})))
+        .contains("heat-interval-s=\"5m\": a number of seconds"));
     assert!(err_of(&create("db1", json!({"dataplane": "nohost"}))).contains("dataplane="));
     assert!(err_of(&create("../etc", json!({}))).contains("name"));
     assert!(err_of(&create("db1", json!({"at": "-1h"}))).contains("recover="));
@@ -810,6 +853,7 @@ fn attach_arguments_are_what_deltavol_takes() {
             hydrate_rate: Some(0),
             hydrate_readahead: Some(4 << 20),
             hydrate_order: Some("lba".into()),
+            heat_interval_s: Some(0),
             queues: Some(2),
             depth: Some(128),
             retention: Some("last=50,hourly=24".into()),
@@ -827,6 +871,10 @@ fn attach_arguments_are_what_deltavol_takes() {
         assert!(
             dbg.contains("hydrate_readahead: 4194304") && dbg.contains("hydrate_order: Lba"),
             "the daemon gets the volume's hydration options: {dbg}"
+        );
+        assert!(
+            dbg.contains("heat_interval_s: 0"),
+            "the daemon gets the volume's heat interval: {dbg}"
         );
         assert!(
             dbg.contains("tls_ca: Some(\"/etc/deltavol/tls/ca.pem\")")

@@ -79,6 +79,10 @@ pub struct AgentArgs {
     /// add's]
     #[arg(long)]
     pub hydrate_order: Option<String>,
+    /// How often each volume's read heat map goes to the data plane, in seconds (0 = keep
+    /// none). [default: deltavol add's]
+    #[arg(long, value_name = "SECS")]
+    pub heat_interval_s: Option<u64>,
     /// Retention policy of the volumes' snapshots on the data plane, e.g.
     /// last=50,hourly=24,daily=7 (a volume's `-o retention=` overrides it). Unset: the data
     /// plane's policy of each volume stays as it is.
@@ -111,6 +115,7 @@ struct FileConfig {
     hydrate_rate: Option<String>,
     hydrate_readahead: Option<String>,
     hydrate_order: Option<String>,
+    heat_interval_s: Option<u64>,
     retention: Option<String>,
 }
 
@@ -136,6 +141,8 @@ pub struct AgentConfig {
     pub hydrate_readahead: Option<u64>,
     /// `hot-first` or `lba`.
     pub hydrate_order: Option<String>,
+    /// Seconds between heat-map uploads (0: none).
+    pub heat_interval_s: Option<u64>,
     /// Retention policy for the volumes (normalised `last=N,...`).
     pub retention: Option<String>,
     /// Longest a cut may keep filesystems frozen waiting for an earlier flush.
@@ -166,6 +173,7 @@ impl Default for AgentConfig {
             hydrate_rate: None,
             hydrate_readahead: None,
             hydrate_order: None,
+            heat_interval_s: None,
             retention: None,
             cut_timeout: Duration::from_secs(10),
             commit_timeout: Duration::from_secs(60),
@@ -287,6 +295,7 @@ impl AgentArgs {
             hydrate_order: pick_s(&self.hydrate_order, f.hydrate_order)
                 .map(|v| check_order(&v).context("hydrate_order"))
                 .transpose()?,
+            heat_interval_s: self.heat_interval_s.or(f.heat_interval_s),
             retention: pick_s(&self.retention, f.retention)
                 .map(|r| {
                     deltavol_dataplane::retention::Policy::parse(&r)
@@ -363,10 +372,13 @@ mod tests {
 
     #[test]
     fn hydration_keys_and_their_mistakes() {
-        let (_d, a) = with_file("hydrate_readahead = \"4MiB\"\nhydrate_order = \"lba\"\n");
+        let (_d, a) = with_file(
+            "hydrate_readahead = \"4MiB\"\nhydrate_order = \"lba\"\nheat_interval_s = 0\n",
+        );
         let c = a.resolve().unwrap();
         assert_eq!(c.hydrate_readahead, Some(4 << 20));
         assert_eq!(c.hydrate_order.as_deref(), Some("lba"));
+        assert_eq!(c.heat_interval_s, Some(0));
         for (body, want) in [
             ("hydrate_readahead = \"1000\"\n", "not a multiple of 256KiB"),
             ("hydrate_readahead = \"128MiB\"\n", "up to 64MiB"),

@@ -35,6 +35,7 @@ pub const OPTIONS: &[&str] = &[
     "hydrate-rate",
     "hydrate-readahead",
     "hydrate-order",
+    "heat-interval-s",
     "retention",
     "encryption-key-file",
 ];
@@ -166,6 +167,7 @@ impl<R: Runtime> VolumeManager<R> {
                 .hydrate_order
                 .clone()
                 .or_else(|| self.cfg.hydrate_order.clone()),
+            heat_interval_s: o.heat_interval_s.or(self.cfg.heat_interval_s),
             queues: None,
             depth: None,
             retention: o.retention.clone().or_else(|| self.cfg.retention.clone()),
@@ -248,6 +250,13 @@ impl<R: Runtime> VolumeManager<R> {
             hydrate_order: get("hydrate-order")
                 .map(|v| {
                     crate::agent::config::check_order(v).map_err(|e| anyhow!("hydrate-order: {e}"))
+                })
+                .transpose()?,
+            heat_interval_s: get("heat-interval-s")
+                .map(|v| {
+                    v.parse::<u64>().map_err(|_| {
+                        anyhow!("heat-interval-s={v:?}: a number of seconds (0 = keep no heat map)")
+                    })
                 })
                 .transpose()?,
             retention: get("retention")

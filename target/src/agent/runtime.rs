@@ -49,6 +49,7 @@ pub struct AttachRequest {
     pub hydrate_rate: Option<u64>,
     pub hydrate_readahead: Option<u64>,
     pub hydrate_order: Option<String>,
+    pub heat_interval_s: Option<u64>,
     pub queues: Option<u16>,
     pub depth: Option<u16>,
     /// Retention policy of its snapshots on the data plane (`--retention`).
@@ -114,6 +115,7 @@ impl AttachRequest {
         opt("--read-cache", self.read_cache);
         opt("--hydrate-rate", self.hydrate_rate);
         opt("--hydrate-readahead", self.hydrate_readahead);
+        opt("--heat-interval-s", self.heat_interval_s);
         opt("--queues", self.queues.map(u64::from));
         opt("--depth", self.depth.map(u64::from));
         if let Some(o) = &self.hydrate_order {

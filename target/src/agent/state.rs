@@ -79,6 +79,9 @@ pub struct VolumeOptions {
     /// `hot-first` or `lba`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hydrate_order: Option<String>,
+    /// Seconds between heat-map uploads (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heat_interval_s: Option<u64>,
     /// Retention policy of its snapshots (`last=50,hourly=24,...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<String>,
