@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use deltavol_schemas::flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
 use deltavol_schemas::{
-    append_frame, check_extents, decode_header, finish_header, header_len_from_prefix,
+    append_frame, check_extent_layout, decode_header, finish_header, header_len_from_prefix,
     valid_volume_name, wire, AUTH_NONCE_BYTES, FRAME_EXTENTS_MAX, FRAME_LEN_PREFIX_BYTES,
     FRAME_PAYLOAD_MAX_BYTES, HEAT_BYTES_MAX, PROTOCOL_VERSION,
 };
@@ -653,6 +653,50 @@ impl Client {
         Ok(())
     }
 
+    /// Receives a frame's header only, leaving its payload (the returned length) in the
+    /// stream for the caller to read where it belongs; an error frame is read whole and
+    /// returned as the error.
+    fn recv_header(&mut self) -> Result<usize, ClientError> {
+        let r = self.recv_header_inner();
+        let payload_len = self.poison(r)?;
+        let f = decode_header(&self.hdr).map_err(|e| protocol(format!("bad frame: {e}")))?;
+        if f.body_as_error().is_some() {
+            // Consume its payload (none is expected) so the connection stays in step.
+            self.payload.resize(payload_len, 0);
+            let r = self
+                .stream
+                .read_exact(&mut self.payload)
+                .map_err(|e| ClientError::io("reading from the data plane", e));
+            self.poison(r)?;
+            let f = decode_header(&self.hdr).map_err(|e| protocol(format!("bad frame: {e}")))?;
+            if let Some(e) = f.body_as_error() {
+                let code = e.code();
+                let msg = e.message().unwrap_or("no message");
+                return Err(ClientError::new(
+                    ClientErrorKind::Server(code),
+                    format!("data plane refused: {msg} ({code:?})"),
+                ));
+            }
+        }
+        Ok(payload_len)
+    }
+
+    fn recv_header_inner(&mut self) -> Result<usize, ClientError> {
+        let mut prefix = [0u8; FRAME_LEN_PREFIX_BYTES];
+        self.stream
+            .read_exact(&mut prefix)
+            .map_err(|e| ClientError::io("reading from the data plane", e))?;
+        let len = header_len_from_prefix(prefix)
+            .map_err(|e| protocol(format!("bad frame from the data plane: {e}")))?;
+        self.hdr.resize(len, 0);
+        self.stream
+            .read_exact(&mut self.hdr)
+            .map_err(|e| ClientError::io("reading from the data plane", e))?;
+        Ok(decode_header(&self.hdr)
+            .map_err(|e| protocol(format!("bad frame from the data plane: {e}")))?
+            .payload_len() as usize)
+    }
+
     fn recv_inner(&mut self) -> Result<(), ClientError> {
         let mut prefix = [0u8; FRAME_LEN_PREFIX_BYTES];
         self.stream
@@ -1094,8 +1138,8 @@ impl Client {
         let end = lba + nblocks;
         let mut cursor = lba;
         loop {
-            self.recv()?;
-            let r = self.take_read_frame(snap_id, lba, end, bs, &mut cursor, buf);
+            let payload_len = self.recv_header()?;
+            let r = self.take_read_frame(snap_id, lba, end, bs, &mut cursor, buf, payload_len);
             if self.poison(r)? {
                 break;
             }
@@ -1108,49 +1152,78 @@ impl Client {
         Ok(())
     }
 
-    /// Checks one ReadData frame and copies it into `buf`; returns whether it was the last.
+    /// Receives one ReadData frame (its header already in, `payload_len` bytes of payload to
+    /// come) straight into `buf`: the extents are checked first (layout, range, blocks in
+    /// order from `cursor`), then each data extent is read from the stream into its place and
+    /// checked against its crc32c there — no copy through a payload buffer. Returns whether
+    /// it was the last frame. Any error leaves the stream mid-frame: the caller poisons the
+    /// connection.
+    #[allow(clippy::too_many_arguments)]
     fn take_read_frame(
-        &self,
+        &mut self,
         snap_id: u64,
         lba: u64,
         end: u64,
         bs: u64,
         cursor: &mut u64,
         buf: &mut [u8],
+        payload_len: usize,
     ) -> Result<bool, ClientError> {
-        let f = self.frame()?;
-        let d = f
-            .body_as_read_data()
-            .ok_or_else(|| protocol("expected ReadData"))?;
-        if d.snap_id() != snap_id {
-            return Err(protocol("ReadData for another snapshot"));
-        }
-        let extents = d
-            .extents()
-            .ok_or_else(|| protocol("ReadData without extents"))?;
-        check_extents(extents.iter(), &self.payload, bs as u32, end)
-            .map_err(|e| protocol(format!("bad read data from the data plane: {e}")))?;
-        let mut off = 0usize;
-        for e in extents.iter() {
-            if e.lba() != *cursor {
-                return Err(protocol(format!(
-                    "read data at block {}, block {} expected",
-                    e.lba(),
-                    cursor
-                )));
+        // Where each extent goes, from the header alone (the payload is still unread).
+        let mut plan: smallvec::SmallVec<[(u64, u64, Option<u32>); 16]> = smallvec::SmallVec::new();
+        let last = {
+            let f = self.frame()?;
+            let d = f
+                .body_as_read_data()
+                .ok_or_else(|| protocol("expected ReadData"))?;
+            if d.snap_id() != snap_id {
+                return Err(protocol("ReadData for another snapshot"));
             }
-            let n = u64::from(e.nblocks());
-            let dst =
-                &mut buf[((*cursor - lba) * bs) as usize..((*cursor - lba + n) * bs) as usize];
-            if e.kind() == wire::ExtentKind::Data {
-                dst.copy_from_slice(&self.payload[off..off + dst.len()]);
-                off += dst.len();
-            } else {
-                dst.fill(0);
+            let extents = d
+                .extents()
+                .ok_or_else(|| protocol("ReadData without extents"))?;
+            check_extent_layout(extents.iter(), payload_len as u64, bs as u32, end)
+                .map_err(|e| protocol(format!("bad read data from the data plane: {e}")))?;
+            let mut at = *cursor;
+            for e in extents.iter() {
+                if e.lba() != at {
+                    return Err(protocol(format!(
+                        "read data at block {}, block {} expected",
+                        e.lba(),
+                        at
+                    )));
+                }
+                let n = u64::from(e.nblocks());
+                let crc = (e.kind() == wire::ExtentKind::Data).then(|| e.crc32c());
+                plan.push((at, n, crc));
+                at += n;
             }
-            *cursor += n;
+            d.last()
+        };
+        for (at, n, crc) in plan {
+            let dst = &mut buf[((at - lba) * bs) as usize..((at - lba + n) * bs) as usize];
+            match crc {
+                Some(want) => {
+                    self.stream
+                        .read_exact(dst)
+                        .map_err(|e| ClientError::io("reading from the data plane", e))?;
+                    let got = crc32c::crc32c(dst);
+                    if got != want {
+                        return Err(protocol(format!(
+                            "bad read data from the data plane: {}",
+                            deltavol_schemas::ExtentError::Checksum {
+                                lba: at,
+                                expected: want,
+                                actual: got,
+                            }
+                        )));
+                    }
+                }
+                None => dst.fill(0),
+            }
+            *cursor = at + n;
         }
-        Ok(d.last())
+        Ok(last)
     }
 
     /// The crc32c of every block of the volume as of `snap_id` in `[lba, lba + nblocks)`,

@@ -316,13 +316,56 @@ pub fn check_extents<'a>(
     block_size: u32,
     volume_blocks: u64,
 ) -> Result<u64, ExtentError> {
+    check_extents_with(
+        extents,
+        payload.len() as u64,
+        block_size,
+        volume_blocks,
+        |e, offset, len| {
+            let actual = crc32c::crc32c(&payload[offset as usize..(offset + len) as usize]);
+            if actual == e.crc32c() {
+                Ok(())
+            } else {
+                Err(ExtentError::Checksum {
+                    lba: e.lba(),
+                    expected: e.crc32c(),
+                    actual,
+                })
+            }
+        },
+    )
+}
+
+/// [`check_extents`] without the checksums, for a payload of `payload_bytes` not read yet (a
+/// receiver that reads each data extent straight into its place checks its crc32c there).
+pub fn check_extent_layout<'a>(
+    extents: impl ExactSizeIterator<Item = &'a wire::Extent>,
+    payload_bytes: u64,
+    block_size: u32,
+    volume_blocks: u64,
+) -> Result<u64, ExtentError> {
+    check_extents_with(
+        extents,
+        payload_bytes,
+        block_size,
+        volume_blocks,
+        |_, _, _| Ok(()),
+    )
+}
+
+fn check_extents_with<'a>(
+    extents: impl ExactSizeIterator<Item = &'a wire::Extent>,
+    payload_bytes: u64,
+    block_size: u32,
+    volume_blocks: u64,
+    mut data: impl FnMut(&wire::Extent, u64, u64) -> Result<(), ExtentError>,
+) -> Result<u64, ExtentError> {
     if extents.len() > FRAME_EXTENTS_MAX {
         return Err(ExtentError::TooMany {
             count: extents.len(),
         });
     }
     let mut offset: u64 = 0;
-    let payload_bytes = payload.len() as u64;
     for e in extents {
         let lba = e.lba();
         let nblocks = u64::from(e.nblocks());
@@ -356,15 +399,7 @@ pub fn check_extents<'a>(
                         payload_bytes,
                     });
                 }
-                let data = &payload[offset as usize..end as usize];
-                let actual = crc32c::crc32c(data);
-                if actual != e.crc32c() {
-                    return Err(ExtentError::Checksum {
-                        lba,
-                        expected: e.crc32c(),
-                        actual,
-                    });
-                }
+                data(e, offset, len)?;
                 offset = end;
             }
             other => return Err(ExtentError::UnknownKind { lba, kind: other.0 }),
@@ -763,6 +798,16 @@ mod tests {
         assert!(matches!(
             check_extents(ex.iter(), &data[..512], 512, 1000),
             Err(ExtentError::PayloadMismatch { .. })
+        ));
+        // The layout alone (a payload not read yet): everything but the checksums.
+        assert_eq!(check_extent_layout(ex.iter(), 1024, 512, 1000), Ok(1024));
+        assert!(matches!(
+            check_extent_layout(ex.iter(), 512, 512, 1000),
+            Err(ExtentError::PayloadMismatch { .. })
+        ));
+        assert!(matches!(
+            check_extent_layout(ex.iter(), 1024, 512, 120),
+            Err(ExtentError::OutOfRange { lba: 100, .. })
         ));
     }
 
