@@ -86,7 +86,7 @@ check_step "benchmark smoke: hydration vs a plain copy, with encryption (--quick
 check_step "benchmark smoke: engine vs raw io_uring (--quick)" build/release/deltavol-bench-engine --quick
 check_step "benchmark smoke: long life under retention (--quick)" build/release/deltavol-bench-longlife --quick
 
-drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/crash.sh tests/drills/snapshots.sh
+drills=(tests/drills/lifecycle.sh tests/drills/fio-verify.sh tests/drills/zerocopy.sh tests/drills/crash.sh tests/drills/snapshots.sh
         tests/drills/recovery.sh tests/drills/clone.sh tests/drills/restart.sh tests/drills/verify.sh
         tests/drills/identity.sh tests/drills/recover-at.sh tests/drills/secure.sh tests/drills/docker.sh)
 declare -A result

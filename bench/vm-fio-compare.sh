@@ -8,14 +8,17 @@
 # inline path existed; `auto` is the default (with the bitmap journal: no journal write per
 # write); `records` is `auto` with `DELTAVOL_JOURNAL=records`, a 32-byte journal record per
 # write, written once per round for all the round's writes; `nobatch` is `records` with
-# `DELTAVOL_JOURNAL_BATCH=off`, one journal write per write). Prints
+# `DELTAVOL_JOURNAL_BATCH=off`, one journal write per write). These run the copy path
+# (`--zero-copy off`); `zc` is `auto` with `--zero-copy on` (the request's pages go to and from
+# the cache files with READ_FIXED/WRITE_FIXED, UBLK_F_AUTO_BUF_REG, Linux 6.16+), and `default`
+# a plain `add` (whatever `--zero-copy auto` picks). Prints
 # `# RESULT ...` lines with the ratio to loop. Run it with:
 #
 #   kernel-setup/vm-run --kernel 7 --bin-dir build/vm-bin bench/vm-fio-compare.sh
 #
 # Knobs (environment): FIO_RUNTIME_S (default 10), FIO_REPEATS (default 3), FIO_SIZE (128m),
-# FIO_MODES ("off auto"), FIO_DEPTHS ("32 1"), FIO_RWS ("randwrite randread") — lists with
-# spaces or commas —, FIO_MEDIUM
+# FIO_MODES ("off auto"), FIO_DEPTHS ("32 1"), FIO_RWS ("randwrite randread"; `write` and `read`
+# are sequential) — lists with spaces or commas —, FIO_BS (4k; e.g. 128k), FIO_MEDIUM
 # (`tmpfs`, the default, or `ext4`: an ext4 filesystem on a loop device over the tmpfs, closer
 # to an SSD's filesystem — there buffered reads can be tried with RWF_NOWAIT and buffered
 # writes cannot, so `auto` reads inline and writes on the ring).
@@ -28,6 +31,7 @@ SIZE=${FIO_SIZE:-128m}
 MODES=$(echo "${FIO_MODES:-off auto}" | tr ',' ' ')
 DEPTHS=$(echo "${FIO_DEPTHS:-32 1}" | tr ',' ' ')
 RWS=$(echo "${FIO_RWS:-randwrite randread}" | tr ',' ' ')
+BS=${FIO_BS:-4k}
 MEDIUM=${FIO_MEDIUM:-tmpfs}
 MED=/mnt/medium
 scratch_mount "$MED" 1200m
@@ -42,11 +46,11 @@ fi
 
 # fio_iops DEV RW QD: IOPS of one run (terse output: read IOPS is field 8, write IOPS field 49).
 fio_iops() {
-    _f=$(fio --name=b --filename="$1" --rw="$2" --bs=4k --iodepth="$3" --ioengine=io_uring \
+    _f=$(fio --name=b --filename="$1" --rw="$2" --bs="$BS" --iodepth="$3" --ioengine=io_uring \
         --direct=1 --size="$SIZE" --runtime="$RUNTIME" --ramp_time=2 --time_based \
         --norandommap --randrepeat=0 --invalidate=0 --minimal 2>/dev/null) || return 1
     case $2 in
-        randread) echo "$_f" | cut -d';' -f8 ;;
+        randread | read) echo "$_f" | cut -d';' -f8 ;;
         *) echo "$_f" | cut -d';' -f49 ;;
     esac
 }
@@ -76,13 +80,17 @@ check loop-fill fio --name=fill --filename="$LOOPDEV" --rw=write --bs=1M --size=
 # flush interval longer than the run.
 for m in $MODES; do
     # The daemon `add` starts inherits these.
+    zc=off
     case $m in
         nobatch) export DELTAVOL_INLINE_IO=auto DELTAVOL_JOURNAL=records DELTAVOL_JOURNAL_BATCH=off ;;
         records) export DELTAVOL_INLINE_IO=auto DELTAVOL_JOURNAL=records ;;
+        zc) export DELTAVOL_INLINE_IO=auto; zc=on ;;
+        default) zc=auto ;;
         *) export DELTAVOL_INLINE_IO="$m" ;;
     esac
-    dev=$(dv_add "bench-$m" 256MiB "$MED/cache-$m" "$MED/backing-$m.img" --flush-interval-ms 600000) \
+    dev=$(dv_add "bench-$m" 256MiB "$MED/cache-$m" "$MED/backing-$m.img" --flush-interval-ms 600000 --zero-copy "$zc") \
         || abort "deltavol add ($m) failed"
+    log "[$m] i/o path: $(dv_field "bench-$m" io_path)"
     unset DELTAVOL_INLINE_IO DELTAVOL_JOURNAL DELTAVOL_JOURNAL_BATCH
     eval "DEV_$m=\$dev"
     check "dv-fill-$m" fio --name=fill --filename="$dev" --rw=write --bs=1M --size="$SIZE" --ioengine=io_uring --direct=1 --minimal
@@ -106,7 +114,7 @@ for rw in $RWS; do
         l=$(median <"$DRILL_TMP/loop.$k")
         for m in $MODES; do
             d=$(median <"$DRILL_TMP/dv-$m.$k")
-            log "RESULT fio 4k $rw iodepth=$qd runtime=${RUNTIME}s x$REPEATS kernel=$(uname -r) medium=$MEDIUM defaults inline=$m: loop IOPS=$l deltavol IOPS=$d ratio=$(ratio "$d" "$l")"
+            log "RESULT fio $BS $rw iodepth=$qd runtime=${RUNTIME}s x$REPEATS kernel=$(uname -r) medium=$MEDIUM defaults inline=$m: loop IOPS=$l deltavol IOPS=$d ratio=$(ratio "$d" "$l")"
             log "runs loop: $(tr '\n' ' ' <"$DRILL_TMP/loop.$k")| deltavol[$m]: $(tr '\n' ' ' <"$DRILL_TMP/dv-$m.$k")"
             [ "$d" != 0 ] && [ "$l" != 0 ] && pass "measured-$rw-qd$qd-$m"
         done

@@ -538,6 +538,15 @@ pub struct DeviceArgs {
     /// for an encrypted volume.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub heat_interval_s: u64,
+    /// Zero copy: `auto` runs the device with the kernel's auto buffer registration
+    /// (UBLK_F_AUTO_BUF_REG, Linux 6.16+) where the kernel has it, so request data goes
+    /// between the request's pages and the cache files without a copy through this process;
+    /// `on` refuses to start on a kernel without it; `off` always copies. Blocks served from
+    /// the read cache or fetched from the data plane still pass through memory. A device
+    /// taken over (--user-recovery) keeps the mode it was created with. Default: auto, or
+    /// the environment's DELTAVOL_ZERO_COPY.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub zero_copy: Option<crate::zerocopy::ZeroCopy>,
     /// Kernel user recovery: if the daemon dies, the device stays and its I/O waits until
     /// `deltavol add` of the same volume takes it over (a mounted filesystem carries on).
     /// Without a successor that I/O waits forever; `del` then fails it.
@@ -669,6 +678,10 @@ impl AddArgs {
                 fetch_timeout: crate::volume::FETCH_TIMEOUT_DEFAULT,
             },
             user_recovery: self.dev.user_recovery,
+            zero_copy: match self.dev.zero_copy {
+                Some(z) => z,
+                None => crate::zerocopy::ZeroCopy::from_env()?,
+            },
             queues: self.dev.queues,
             depth: self.dev.depth,
             foreground: self.dev.foreground,
@@ -2097,6 +2110,14 @@ fn print_status(v: &serde_json::Value) {
         }
         _ => println!("snapshots:     not shipped (no --dataplane)"),
     }
+    if let Some(p) = v.get("io_path").and_then(|p| p.as_str()) {
+        let how = match p {
+            "zero-copy" => crate::zerocopy::IoPath::ZeroCopy.describe(),
+            "copy" => crate::zerocopy::IoPath::Copy.describe(),
+            other => other,
+        };
+        println!("i/o path:      {how}");
+    }
     if let Some(r) = v.get("resumed").and_then(|r| r.as_str()) {
         println!("resumed:       {r}");
     }
@@ -2139,6 +2160,58 @@ fn print_status(v: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::dataplane_line;
+    use super::{Cli, Cmd};
+    use crate::zerocopy::ZeroCopy;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("deltavol").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn zero_copy_is_an_option_of_add_recover_and_clone() {
+        let dev = ["--cache-dir", "/c", "--backing", "/b"];
+        fn with<'a>(head: &[&'a str], dev: &[&'a str], tail: &[&'a str]) -> Vec<&'a str> {
+            [head, dev, tail].concat()
+        }
+        let zc = |cli: Cli| match cli.cmd {
+            Cmd::Add(a) => a.dev.zero_copy,
+            Cmd::Recover { dev, .. } | Cmd::Clone { dev, .. } => dev.zero_copy,
+            other => panic!("unexpected command {other:?}"),
+        };
+        let add = ["add", "--name", "v"];
+        assert_eq!(zc(parse(&with(&add, &dev, &[])).unwrap()), None);
+        for (word, mode) in [
+            ("auto", ZeroCopy::Auto),
+            ("on", ZeroCopy::On),
+            ("off", ZeroCopy::Off),
+        ] {
+            assert_eq!(
+                zc(parse(&with(&add, &dev, &["--zero-copy", word])).unwrap()),
+                Some(mode)
+            );
+        }
+        let dp = [
+            "--dataplane",
+            "127.0.0.1:7070",
+            "--auth-token-file",
+            "/t",
+            "--zero-copy",
+            "off",
+        ];
+        assert_eq!(
+            zc(parse(&with(&["recover", "v"], &dev, &dp)).unwrap()),
+            Some(ZeroCopy::Off)
+        );
+        assert_eq!(
+            zc(parse(&with(&["clone", "v@3", "--name", "w"], &dev, &dp)).unwrap()),
+            Some(ZeroCopy::Off)
+        );
+        let e = parse(&with(&add, &dev, &["--zero-copy", "maybe"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auto") && e.contains("off"), "{e}");
+    }
 
     #[test]
     fn status_names_the_data_plane_in_use() {

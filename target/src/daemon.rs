@@ -39,6 +39,8 @@ pub struct AddConfig {
     /// (and a filesystem on it) waits for `deltavol add` to take it over; its I/O blocks
     /// until then.
     pub user_recovery: bool,
+    /// `--zero-copy` ([`crate::zerocopy`]).
+    pub zero_copy: crate::zerocopy::ZeroCopy,
     pub queues: u16,
     pub depth: u16,
     pub foreground: bool,
@@ -522,6 +524,12 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
         bail!("--user-recovery: this kernel's ublk driver lacks UBLK_F_USER_RECOVERY_REISSUE (Linux >= 6.1 has it)");
     }
     let user_recovery = cfg.user_recovery && supported;
+    // Zero copy where the kernel has it (and `--zero-copy` allows it); a taken-over device
+    // keeps the mode it was made with (its flags decide, in the queues).
+    let io_path = crate::zerocopy::select(cfg.zero_copy, features).map_err(|e| anyhow!(e))?;
+    if takeover.is_none() {
+        tracing::info!(path = ?io_path, mode = ?cfg.zero_copy, "i/o path");
+    }
 
     // Bound before the volume opens: a taken --metrics-listen fails start-up at once.
     let metrics_listener = cfg
@@ -570,7 +578,7 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
             .nr_queues(nr_queues)
             .depth(cfg.depth)
             .io_buf_bytes(IO_BUF_BYTES)
-            .ctrl_flags(if user_recovery { recovery_flags } else { 0 })
+            .ctrl_flags(if user_recovery { recovery_flags } else { 0 } | io_path.ctrl_flags())
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
             .build()
             .map_err(|e| {
@@ -578,6 +586,10 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
             })?,
     };
 
+    let dev_path = crate::zerocopy::IoPath::of_device(ctrl.dev_info().flags);
+    if dev_path != io_path {
+        tracing::warn!(device = ?dev_path, asked = ?cfg.zero_copy, "the device taken over keeps the i/o path it was created with");
+    }
     let size = cache.size_bytes;
     let depth = takeover.map_or(cfg.depth, |t| t.2);
     let fds = [

@@ -7,7 +7,8 @@
 //! that pushes io_uring SQEs. [`volume`] ties a volume's parts together; [`daemon`] and
 //! [`cli`] are the edge, [`metrics`] exports [`volume::Volume::status`] to Prometheus.
 //! [`crypt`] seals what crosses to the data plane for an encrypted volume, and opens what
-//! comes back.
+//! comes back. [`zerocopy`] decides whether a device's requests reach the engine in their own
+//! pages (`UBLK_F_AUTO_BUF_REG`) or through a copy.
 
 pub mod agent;
 pub mod cache;
@@ -33,3 +34,4 @@ pub mod top;
 pub mod verify;
 pub mod volume;
 pub mod when;
+pub mod zerocopy;

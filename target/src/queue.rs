@@ -7,12 +7,19 @@
 //! is committed only after every SQE it issued has completed (see [`crate::ring`]). Plain reads
 //! and writes are first tried inline on the queue thread without blocking (one [`Inline`] per
 //! queue, see the ring module's "Inline first attempts").
+//!
+//! A device made with zero copy ([`crate::zerocopy`]) has its tasks fetch with auto buffer
+//! registration at index = tag, and serve each request from its own pages
+//! ([`Volume::handle_req`]); the per-tag buffer then only carries what passes through memory.
+//! A request the kernel could not register (`UBLK_IO_F_NEED_REG_BUF`) is served whole on the
+//! copy path, its data moved by user copy.
 
-use crate::ring::{Inline, InlineMode, Kicker, Ring, UblkRing};
+use crate::ring::{Inline, InlineMode, Kicker, ReqBuf, Ring, UblkRing};
 use crate::volume::Volume;
+use crate::zerocopy::IoPath;
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
-use libublk::{BufDesc, UblkError};
+use libublk::{sys, BufDesc, UblkError};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -27,6 +34,9 @@ pub fn run_queue(qid: u16, dev: &UblkDev, vol: Arc<Volume>, kicker: Arc<Kicker>)
     };
     let exe = Rc::new(smol::LocalExecutor::new());
     let buf_bytes = dev.dev_info.max_io_buf_bytes as usize;
+    let path = IoPath::of_device(dev.dev_info.flags);
+    let _ = vol.io_path.set(path);
+    let cdev = dev.tgt.fds[0];
     let inline = {
         use std::os::fd::AsRawFd;
         let c = &vol.cache;
@@ -40,7 +50,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, vol: Arc<Volume>, kicker: Arc<Kicker>)
     if std::env::var("DELTAVOL_JOURNAL_BATCH").as_deref() != Ok("off") {
         inline.enable_batching(usize::from(dev.dev_info.queue_depth));
     }
-    tracing::info!(queue = qid, mode = ?inline.mode(), files = %inline.describe(), "inline I/O");
+    tracing::info!(queue = qid, mode = ?inline.mode(), files = %inline.describe(), path = ?path, "inline I/O");
     let mut tasks = Vec::new();
     for tag in q.tags() {
         let q = q.clone();
@@ -54,7 +64,11 @@ pub fn run_queue(qid: u16, dev: &UblkDev, vol: Arc<Volume>, kicker: Arc<Kicker>)
                 kicker,
                 inline: &inline,
             };
-            match io_task(&ring, &q, tag, buf_bytes, &vol).await {
+            let r = match path {
+                IoPath::Copy => io_task(&ring, &q, tag, buf_bytes, &vol).await,
+                IoPath::ZeroCopy => zc_io_task(&ring, &q, tag, buf_bytes, cdev, &vol).await,
+            };
+            match r {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => tracing::error!(queue = qid, tag, error = %e, "ublk io task failed"),
             }
@@ -131,4 +145,103 @@ async fn io_task(
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
     }
+}
+
+/// A tag's task on a zero-copy device: FETCH and COMMIT_AND_FETCH ask the kernel to register
+/// each request's pages at index `tag` of this queue's ring (falling back to a flagged,
+/// unregistered request rather than failing it); the request is served from those pages.
+async fn zc_io_task(
+    ring: &UblkRing<'_>,
+    q: &UblkQueue<'_>,
+    tag: u16,
+    buf_bytes: usize,
+    cdev: std::os::fd::RawFd,
+    vol: &Volume,
+) -> Result<(), UblkError> {
+    // Only what passes through memory uses it (read-cache hits and fills, data-plane blocks).
+    let mut scratch = IoBuf::<u8>::new(buf_bytes);
+    let reg = sys::ublk_auto_buf_reg {
+        index: tag,
+        flags: sys::UBLK_AUTO_BUF_REG_FALLBACK as u8,
+        reserved0: 0,
+        reserved1: 0,
+    };
+    let copy_pos = libublk::io::UblkIOCtx::ublk_user_copy_pos(q.get_qid(), tag, 0);
+    q.submit_io_prep_cmd(tag, BufDesc::AutoReg(reg), 0, None)
+        .await?;
+    loop {
+        let iod = q.get_iod(tag);
+        let op = iod.op_flags & 0xff;
+        let flags = iod.op_flags & !0xff;
+        let (start, nr) = (iod.start_sector, iod.nr_sectors);
+        let res = if flags & sys::UBLK_IO_F_NEED_REG_BUF != 0 {
+            serve_copied(
+                ring,
+                vol,
+                op,
+                flags,
+                start,
+                nr,
+                cdev,
+                copy_pos,
+                scratch.as_mut_slice(),
+            )
+            .await
+        } else {
+            let req = ReqBuf {
+                index: tag,
+                addr0: 0,
+                copy_fd: cdev,
+                copy_pos,
+                scratch: scratch.as_mut_slice(),
+            };
+            vol.handle_req(ring, op, flags, start, nr, req).await
+        };
+        q.submit_io_commit_cmd(tag, BufDesc::AutoReg(reg), res)
+            .await?;
+    }
+}
+
+/// Serves a request of a zero-copy device that the kernel could not register
+/// (`UBLK_IO_F_NEED_REG_BUF`) on the copy path: a write's data is copied out of the request
+/// first, a read's copied into it after (user copy on `/dev/ublkcN`).
+#[allow(clippy::too_many_arguments)]
+async fn serve_copied(
+    ring: &UblkRing<'_>,
+    vol: &Volume,
+    op: u32,
+    flags: u32,
+    start: u64,
+    nr: u32,
+    cdev: std::os::fd::RawFd,
+    copy_pos: u64,
+    buf: &mut [u8],
+) -> i32 {
+    use crate::cache::io::{UBLK_IO_OP_READ, UBLK_IO_OP_WRITE};
+    let bytes = (nr as usize) << 9;
+    if bytes > buf.len() {
+        return -libc::EINVAL;
+    }
+    // Only its user copy is used here.
+    let user = ReqBuf {
+        index: 0,
+        addr0: 0,
+        copy_fd: cdev,
+        copy_pos,
+        scratch: &mut [],
+    };
+    if op == UBLK_IO_OP_WRITE {
+        let r = user.copy_out(0, &mut buf[..bytes]);
+        if r < 0 {
+            return r;
+        }
+    }
+    let res = vol.handle(ring, op, flags, start, nr, buf).await;
+    if op == UBLK_IO_OP_READ && res > 0 {
+        let r = user.copy_in(0, &buf[..res as usize]);
+        if r < 0 {
+            return r;
+        }
+    }
+    res
 }

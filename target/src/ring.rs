@@ -19,6 +19,12 @@
 //! Both rings register the volume's files at the same fixed indices ([`FILE_MIRROR`],
 //! [`FILE_BACKING`]); slot 0 is `/dev/ublkcN` on a ublk ring and unused on a host ring.
 //!
+//! ## Registered buffers (zero copy)
+//! Under zero copy ([`crate::zerocopy`]) the ublk driver registers each request's pages in a
+//! ublk ring's buffer table at the tag's index; the engine moves the request's data with
+//! READ_FIXED / WRITE_FIXED on that ring ([`read_fixed_sqe`], [`write_fixed_sqe`], [`ReqBuf`]),
+//! never inline (there is no user memory to copy from or to).
+//!
 //! ## Inline first attempts
 //! A plain read or write may first be tried synchronously on the ring's own thread
 //! ([`Ring::try_read`], [`Ring::try_write`]), the way a synchronous engine serves it, which
@@ -778,6 +784,21 @@ impl HostRing {
         })
     }
 
+    /// Registers `len` bytes at `addr` as fixed buffer 0 of this ring, standing in for the
+    /// request buffer the ublk driver registers under zero copy (host tests of [`ReqBuf`]).
+    ///
+    /// # Safety
+    /// The memory must stay valid, and be accessed only through the ring or [`ReqBuf`] user
+    /// copy, until this ring is dropped.
+    pub unsafe fn register_buffer(&self, addr: *mut u8, len: usize) -> std::io::Result<()> {
+        let iov = libc::iovec {
+            iov_base: addr.cast(),
+            iov_len: len,
+        };
+        // SAFETY: forwarded from the caller: the memory outlives the registration.
+        unsafe { self.ring.borrow().submitter().register_buffers(&[iov]) }
+    }
+
     /// This ring's inline I/O state (counts, how each file is tried).
     pub fn inline(&self) -> &Inline {
         &self.inline
@@ -908,6 +929,110 @@ pub fn write_sqe(file: u32, buf: *const u8, len: u32, off: u64) -> squeue::Entry
     opcode::Write::new(types::Fixed(file), buf, len)
         .offset(off)
         .build()
+}
+
+/// `opcode::ReadFixed` of `len` bytes at `off` from a registered file into registered buffer
+/// `index`, starting `at` bytes into it (see [`ReqBuf`]).
+pub fn read_fixed_sqe(file: u32, index: u16, at: u64, len: u32, off: u64) -> squeue::Entry {
+    opcode::ReadFixed::new(types::Fixed(file), at as *mut u8, len, index)
+        .offset(off)
+        .build()
+}
+
+/// `opcode::WriteFixed` of `len` bytes at `off` to a registered file from registered buffer
+/// `index`, starting `at` bytes into it (see [`ReqBuf`]).
+pub fn write_fixed_sqe(file: u32, index: u16, at: u64, len: u32, off: u64) -> squeue::Entry {
+    opcode::WriteFixed::new(types::Fixed(file), at as *const u8, len, index)
+        .offset(off)
+        .build()
+}
+
+/// A zero-copy request's data: the request's own pages, which the kernel registered in the
+/// queue ring's buffer table (`UBLK_F_AUTO_BUF_REG`, see [`crate::zerocopy`]), plus the tag's
+/// user memory for what has to pass through memory (read-cache hits and fills, blocks fetched
+/// from the data plane), which reaches the request by user copy (`pwrite`/`pread` on
+/// `/dev/ublkcN`, `UBLK_F_USER_COPY`).
+///
+/// Buffer contract: the kernel keeps the request's buffer registered until the tag commits
+/// the request, and a tag's task awaits every SQE it issued before committing (as for the copy
+/// path), so a READ_FIXED/WRITE_FIXED never outlives the buffer it names.
+pub struct ReqBuf<'a> {
+    /// Index of the request's buffer in the ring's buffer table.
+    pub index: u16,
+    /// The buffer-table address of the request's byte 0: 0 for a buffer the ublk driver
+    /// registered (the kernel addresses those by offset), the buffer's user address for one
+    /// registered from user memory (tests).
+    pub addr0: u64,
+    /// Where user copy reads and writes the request: `/dev/ublkcN` (or, in tests, a file
+    /// mapped as the registered buffer).
+    pub copy_fd: RawFd,
+    /// The user-copy position of the request's byte 0 (`ublk_user_copy_pos(q, tag, 0)`).
+    pub copy_pos: u64,
+    /// The tag's user memory, as large as the largest request.
+    pub scratch: &'a mut [u8],
+}
+
+impl ReqBuf<'_> {
+    /// The buffer-table address of byte `at` of the request.
+    pub fn addr(&self, at: usize) -> u64 {
+        self.addr0 + at as u64
+    }
+
+    /// Copies `src` into the request from byte `at` on (user copy). 0 or `-errno`.
+    pub fn copy_in(&self, at: usize, src: &[u8]) -> i32 {
+        let mut done = 0usize;
+        while done < src.len() {
+            let rest = &src[done..];
+            let pos = self.copy_pos + (at + done) as u64;
+            // SAFETY: `rest` is a valid readable slice for the duration of this synchronous
+            // call; the kernel copies from it into the request's pages and keeps no reference.
+            let r = unsafe {
+                libc::pwrite(
+                    self.copy_fd,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    pos as libc::off_t,
+                )
+            };
+            match r {
+                r if r > 0 => done += r as usize,
+                0 => return -libc::EIO,
+                _ => match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    e => return -e.unwrap_or(libc::EIO),
+                },
+            }
+        }
+        0
+    }
+
+    /// Copies the request's bytes from `at` on into `dst` (user copy). 0 or `-errno`.
+    pub fn copy_out(&self, at: usize, dst: &mut [u8]) -> i32 {
+        let mut done = 0usize;
+        while done < dst.len() {
+            let rest = &mut dst[done..];
+            let pos = self.copy_pos + (at + done) as u64;
+            // SAFETY: `rest` is a valid writable slice, borrowed mutably for this synchronous
+            // call; the kernel copies the request's pages into it and keeps no reference.
+            let r = unsafe {
+                libc::pread(
+                    self.copy_fd,
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    pos as libc::off_t,
+                )
+            };
+            match r {
+                r if r > 0 => done += r as usize,
+                0 => return -libc::EIO,
+                _ => match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    e => return -e.unwrap_or(libc::EIO),
+                },
+            }
+        }
+        0
+    }
 }
 
 /// `opcode::Write` of `len` bytes at `off` to a plain (unregistered) fd from `buf`.

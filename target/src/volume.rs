@@ -56,6 +56,8 @@ pub struct Volume {
     pub resumed: Option<String>,
     /// The key id of an encrypted volume (client-side encryption, [`crate::crypt`]).
     pub key_id: Option<crate::crypt::KeyId>,
+    /// How the device's requests reach the engine, once its queues run ([`crate::zerocopy`]).
+    pub io_path: std::sync::OnceLock<crate::zerocopy::IoPath>,
 }
 
 /// A point-in-time view of a volume for `deltavol status`.
@@ -88,6 +90,8 @@ pub struct VolumeStatus {
     /// Set when this run resumed the volume after its SSD cache was lost: how (continued
     /// from the backing file, or resynchronised from the data plane).
     pub resumed: Option<String>,
+    /// `copy` or `zero-copy` ([`crate::zerocopy::IoPath`]); `copy` until the device runs.
+    pub io_path: crate::zerocopy::IoPath,
 }
 
 impl Volume {
@@ -223,6 +227,7 @@ impl Volume {
             heat,
             resumed,
             key_id,
+            io_path: std::sync::OnceLock::new(),
         })
     }
 
@@ -243,6 +248,26 @@ impl Volume {
         }
         self.cache
             .handle(ring, op, flags, start_sector, nr_sectors, buf)
+            .await
+    }
+
+    /// As [`Volume::handle`], for a zero-copy request ([`Cache::handle_req`]).
+    pub async fn handle_req<R: Ring>(
+        &self,
+        ring: &R,
+        op: u32,
+        flags: u32,
+        start_sector: u64,
+        nr_sectors: u32,
+        req: crate::ring::ReqBuf<'_>,
+    ) -> i32 {
+        if op == crate::cache::io::UBLK_IO_OP_READ {
+            if let Some(h) = &self.heat {
+                h.record(ring.queue_index(), start_sector >> (meta::BLOCK_SHIFT - 9));
+            }
+        }
+        self.cache
+            .handle_req(ring, op, flags, start_sector, nr_sectors, req)
             .await
     }
 
@@ -328,6 +353,11 @@ impl Volume {
             shipping: self.ship.as_ref().map(|s| s.status()),
             hydration: self.hydrator.as_ref().map(|h| h.status()),
             resumed: self.resumed.clone(),
+            io_path: self
+                .io_path
+                .get()
+                .copied()
+                .unwrap_or(crate::zerocopy::IoPath::Copy),
         }
     }
 }

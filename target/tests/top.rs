@@ -199,6 +199,7 @@ fn base_status(name: &str, reads: u64, writes: u64, rb: u64, wb: u64) -> VolumeS
         shipping: None,
         hydration: None,
         resumed: None,
+        io_path: deltavol::zerocopy::IoPath::Copy,
     }
 }
 

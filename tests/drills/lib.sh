@@ -256,6 +256,10 @@ dv_add() {
         echo "# $DRILL: $_da_dev is not a block device after ${DEV_WAIT_S}s" >&2
         return 1
     fi
+    # A run asked for a zero-copy mode (vm-run --env DELTAVOL_ZERO_COPY=...): say what it got.
+    if [ -n "${DELTAVOL_ZERO_COPY:-}" ]; then
+        echo "# $DRILL: $_da_name io_path $(dv_field "$_da_name" io_path 2>/dev/null) (DELTAVOL_ZERO_COPY=$DELTAVOL_ZERO_COPY)" >&2
+    fi
     echo "$_da_dev"
 }
 

@@ -10,7 +10,7 @@
 
 use super::meta::{BLOCK_SHIFT, BLOCK_SIZE};
 use super::Cache;
-use crate::ring::{self, InlineFile, Ring, FILE_BACKING, FILE_MIRROR};
+use crate::ring::{self, InlineFile, ReqBuf, Ring, FILE_BACKING, FILE_MIRROR};
 use smallvec::SmallVec;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::Duration;
@@ -28,6 +28,30 @@ const ENOSPC_WAIT_MAX: Duration = Duration::from_secs(60);
 const ENOSPC_POLL: Duration = Duration::from_millis(5);
 const SECTOR_SHIFT: u32 = 9;
 static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+
+/// Where a request's data is: in user memory (the copy path), or in the request's own pages
+/// registered in the ring's buffer table (zero copy, [`ReqBuf`]).
+pub enum Data<'a> {
+    Mem(&'a mut [u8]),
+    Req(ReqBuf<'a>),
+}
+
+/// The data of a write: in user memory, or the first `len` bytes of registered buffer `index`
+/// from buffer-table address `addr0` on (zero copy).
+#[derive(Clone, Copy)]
+enum WData<'a> {
+    Mem(&'a [u8]),
+    Fixed { index: u16, addr0: u64, len: usize },
+}
+
+impl WData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            WData::Mem(b) => b.len(),
+            WData::Fixed { len, .. } => *len,
+        }
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Src {
@@ -52,14 +76,44 @@ impl Cache {
         nr_sectors: u32,
         buf: &mut [u8],
     ) -> i32 {
+        self.handle_data(ring, op, flags, start_sector, nr_sectors, Data::Mem(buf))
+            .await
+    }
+
+    /// As [`Cache::handle`], for a request whose data stays in its own pages (zero copy):
+    /// reads from the mirror or the backing file land there with READ_FIXED, writes go to the
+    /// mirror with WRITE_FIXED; what passes through memory (read-cache hits and fills, blocks
+    /// fetched from the data plane) goes through `req.scratch` and user copy.
+    pub async fn handle_req<R: Ring>(
+        &self,
+        ring: &R,
+        op: u32,
+        flags: u32,
+        start_sector: u64,
+        nr_sectors: u32,
+        req: ReqBuf<'_>,
+    ) -> i32 {
+        self.handle_data(ring, op, flags, start_sector, nr_sectors, Data::Req(req))
+            .await
+    }
+
+    async fn handle_data<R: Ring>(
+        &self,
+        ring: &R,
+        op: u32,
+        flags: u32,
+        start_sector: u64,
+        nr_sectors: u32,
+        data: Data<'_>,
+    ) -> i32 {
         if !self.time_requests.load(Relaxed) {
             return self
-                .handle_op(ring, op, flags, start_sector, nr_sectors, buf)
+                .handle_op(ring, op, flags, start_sector, nr_sectors, data)
                 .await;
         }
         let t0 = std::time::Instant::now();
         let r = self
-            .handle_op(ring, op, flags, start_sector, nr_sectors, buf)
+            .handle_op(ring, op, flags, start_sector, nr_sectors, data)
             .await;
         let timed = match op {
             UBLK_IO_OP_READ => super::LATENCY_READ,
@@ -78,7 +132,7 @@ impl Cache {
         flags: u32,
         start_sector: u64,
         nr_sectors: u32,
-        buf: &mut [u8],
+        mut data: Data<'_>,
     ) -> i32 {
         if op == UBLK_IO_OP_FLUSH {
             self.stats[ring.queue_index() % self.stats.len()]
@@ -103,11 +157,23 @@ impl Cache {
             // Recovered elsewhere: nothing written here could reach the volume's chain.
             return -libc::EIO;
         }
+        let cap = match &data {
+            Data::Mem(b) => b.len(),
+            Data::Req(r) => r.scratch.len(),
+        };
         match op {
-            UBLK_IO_OP_READ | UBLK_IO_OP_WRITE if bytes as usize > buf.len() => -libc::EINVAL,
-            UBLK_IO_OP_READ => self.read(ring, b0, n, &mut buf[..bytes as usize]).await,
+            UBLK_IO_OP_READ | UBLK_IO_OP_WRITE if bytes as usize > cap => -libc::EINVAL,
+            UBLK_IO_OP_READ => self.read(ring, b0, n, &mut data).await,
             UBLK_IO_OP_WRITE => {
-                let r = self.write(ring, b0, n, &buf[..bytes as usize]).await;
+                let w = match &data {
+                    Data::Mem(b) => WData::Mem(&b[..bytes as usize]),
+                    Data::Req(r) => WData::Fixed {
+                        index: r.index,
+                        addr0: r.addr0,
+                        len: bytes as usize,
+                    },
+                };
+                let r = self.write(ring, b0, n, w).await;
                 if r >= 0 && flags & UBLK_IO_F_FUA != 0 {
                     let s = self.wait_durable(ring).await;
                     if s < 0 {
@@ -131,11 +197,13 @@ impl Cache {
         }
     }
 
-    async fn read<R: Ring>(&self, ring: &R, b0: u64, n: u64, buf: &mut [u8]) -> i32 {
+    /// Reads blocks `b0..b0 + n` into the first `n` blocks of `data`.
+    async fn read<R: Ring>(&self, ring: &R, b0: u64, n: u64, data: &mut Data<'_>) -> i32 {
         let q = ring.queue_index();
         let st = &self.stats[q % self.stats.len()].0;
+        let bytes = n << BLOCK_SHIFT;
         st.reads.fetch_add(1, Relaxed);
-        st.read_bytes.fetch_add(buf.len() as u64, Relaxed);
+        st.read_bytes.fetch_add(bytes, Relaxed);
         // Sampled before the bitmaps are looked at (see readcache's staleness rule).
         let gen = self.rcache.generation();
         let (a, _ga, f, _gf) = loop {
@@ -182,19 +250,88 @@ impl Cache {
         for (i, len, src) in runs {
             let lo = (i << BLOCK_SHIFT) as usize;
             let hi = ((i + len) << BLOCK_SHIFT) as usize;
-            let r = match src {
-                Src::Mirror(s) => {
+            let r = match (src, &mut *data) {
+                (Src::Mirror(s), Data::Mem(buf)) => {
                     self.read_file(ring, FILE_MIRROR[s], b0 + i, &mut buf[lo..hi])
                         .await
                 }
-                Src::Clean => self.read_clean(ring, b0 + i, &mut buf[lo..hi], gen).await,
-                Src::Remote => self.read_remote(ring, b0 + i, &mut buf[lo..hi]).await,
+                (Src::Clean, Data::Mem(buf)) => {
+                    self.read_clean(ring, b0 + i, &mut buf[lo..hi], gen).await
+                }
+                (Src::Remote, Data::Mem(buf)) => {
+                    self.read_remote(ring, b0 + i, &mut buf[lo..hi]).await
+                }
+                // Zero copy: from the files straight into the request; with a read cache to
+                // look in and fill, or from the data plane, through memory and user copy.
+                (Src::Mirror(s), Data::Req(rq)) => {
+                    self.read_fixed(ring, FILE_MIRROR[s], b0 + i, rq, lo, hi)
+                        .await
+                }
+                (Src::Clean, Data::Req(rq)) if !self.rcache.enabled() => {
+                    self.read_fixed(ring, FILE_BACKING, b0 + i, rq, lo, hi)
+                        .await
+                }
+                (Src::Clean, Data::Req(rq)) => {
+                    let r = self
+                        .read_clean(ring, b0 + i, &mut rq.scratch[lo..hi], gen)
+                        .await;
+                    if r < 0 {
+                        r
+                    } else {
+                        rq.copy_in(lo, &rq.scratch[lo..hi])
+                    }
+                }
+                (Src::Remote, Data::Req(rq)) => {
+                    let r = self
+                        .read_remote(ring, b0 + i, &mut rq.scratch[lo..hi])
+                        .await;
+                    if r < 0 {
+                        r
+                    } else {
+                        rq.copy_in(lo, &rq.scratch[lo..hi])
+                    }
+                }
             };
             if r < 0 {
                 return r;
             }
         }
-        buf.len() as i32
+        bytes as i32
+    }
+
+    /// Reads blocks from `b0` on of registered file `file` into bytes `lo..hi` of the zero-copy
+    /// request `rq` (READ_FIXED; never inline: the data does not pass through user memory).
+    async fn read_fixed<R: Ring>(
+        &self,
+        ring: &R,
+        file: u32,
+        b0: u64,
+        rq: &ReqBuf<'_>,
+        lo: usize,
+        hi: usize,
+    ) -> i32 {
+        let off = b0 << BLOCK_SHIFT;
+        let mut done = 0usize;
+        while lo + done < hi {
+            let len = (hi - lo - done) as u32;
+            let sqe =
+                ring::read_fixed_sqe(file, rq.index, rq.addr(lo + done), len, off + done as u64);
+            // SAFETY: the SQE names the request's registered buffer, which stays registered
+            // until this tag commits the request, after this await (ReqBuf's contract).
+            let r = unsafe { ring.submit(sqe) }.await;
+            if r < 0 {
+                if r == -libc::EINTR || r == -libc::EAGAIN {
+                    continue;
+                }
+                return r;
+            }
+            if r == 0 {
+                // Past the end of a file that must be volume-sized: refuse to invent data.
+                return -libc::EIO;
+            }
+            done += r as usize;
+        }
+        0
     }
 
     /// Reads blocks that no epoch holds: from the read cache, else the backing file.
@@ -321,6 +458,49 @@ impl Cache {
         0
     }
 
+    /// Writes bytes `from..` of `data` to registered file `file`, whose byte 0 goes at `off`.
+    async fn write_data<R: Ring>(
+        &self,
+        ring: &R,
+        file: u32,
+        off: u64,
+        data: WData<'_>,
+        from: usize,
+    ) -> i32 {
+        let (index, addr0, len) = match data {
+            WData::Mem(buf) => {
+                return self
+                    .write_file(ring, file, off + from as u64, &buf[from..])
+                    .await
+            }
+            WData::Fixed { index, addr0, len } => (index, addr0, len),
+        };
+        let mut done = from;
+        while done < len {
+            let sqe = ring::write_fixed_sqe(
+                file,
+                index,
+                addr0 + done as u64,
+                (len - done) as u32,
+                off + done as u64,
+            );
+            // SAFETY: the SQE names the request's registered buffer, which stays registered
+            // until this tag commits the request, after this await (ReqBuf's contract).
+            let r = unsafe { ring.submit(sqe) }.await;
+            if r < 0 {
+                if r == -libc::EINTR || r == -libc::EAGAIN {
+                    continue;
+                }
+                return r;
+            }
+            if r == 0 {
+                return -libc::EIO;
+            }
+            done += r as usize;
+        }
+        0
+    }
+
     /// Waits while the SSD cache is at its limit (backpressure), nudging the flush thread.
     async fn wait_for_room<R: Ring>(&self, ring: &R) {
         let mut waited = false;
@@ -340,7 +520,7 @@ impl Cache {
         }
     }
 
-    async fn write<R: Ring>(&self, ring: &R, b0: u64, n: u64, buf: &[u8]) -> i32 {
+    async fn write<R: Ring>(&self, ring: &R, b0: u64, n: u64, buf: WData<'_>) -> i32 {
         let st = &self.stats[ring.queue_index() % self.stats.len()].0;
         st.writes.fetch_add(1, Relaxed);
         st.write_bytes.fetch_add(buf.len() as u64, Relaxed);
@@ -384,11 +564,12 @@ impl Cache {
     /// Writes `buf` to slot `s`'s mirror, then its membership record to the slot's journal.
     ///
     /// The record must never land without the data (a replay would then claim a block the
-    /// mirror does not hold). Inline first: the data, and only once all of it is written, the
-    /// record. Else the two are one linked pair on the ring: the kernel starts the journal
-    /// write only once the data write completed in full, with no round trip through the
-    /// event loop in between. A short or failed data write cancels the record; the data is
-    /// then finished with plain writes and the record written after it.
+    /// mirror does not hold). Inline first (data in user memory only): the data, and only once
+    /// all of it is written, the record. Else the two are one linked pair on the ring (the data
+    /// a plain write, or a WRITE_FIXED from the request's own pages under zero copy): the
+    /// kernel starts the journal write only once the data write completed in full, with no
+    /// round trip through the event loop in between. A short or failed data write cancels the
+    /// record; the data is then finished with plain writes and the record written after it.
     async fn write_journaled<R: Ring>(
         &self,
         ring: &R,
@@ -396,47 +577,52 @@ impl Cache {
         s: usize,
         b0: u64,
         n: u64,
-        buf: &[u8],
+        buf: WData<'_>,
     ) -> i32 {
         use std::os::fd::AsRawFd;
         let off = b0 << BLOCK_SHIFT;
         let Some(j) = self.journals.get().filter(|j| j.takes_records()) else {
             // No journal, or a bitmap journal: the bits the caller sets once this returns
             // are the record.
-            return self.write_file(ring, FILE_MIRROR[s], off, buf).await;
+            return self.write_data(ring, FILE_MIRROR[s], off, buf, 0).await;
         };
         let rec = super::journal::record(epoch, b0, n, false);
         let (f, joff) = j.reserve(s, ring.queue_index());
-        if let Some(done) = ring.try_write(InlineFile::Fixed(FILE_MIRROR[s]), buf, off) {
-            // Part or all of the data is in: the rest as any write (inline, else the ring),
-            // then the record.
-            if done < buf.len() {
-                let r = self
-                    .write_file(ring, FILE_MIRROR[s], off + done as u64, &buf[done..])
-                    .await;
-                if r < 0 {
-                    return r;
+        let len = buf.len();
+        if let WData::Mem(mem) = buf {
+            if let Some(done) = ring.try_write(InlineFile::Fixed(FILE_MIRROR[s]), mem, off) {
+                // Part or all of the data is in: the rest as any write (inline, else the
+                // ring), then the record.
+                if done < len {
+                    let r = self.write_data(ring, FILE_MIRROR[s], off, buf, done).await;
+                    if r < 0 {
+                        return r;
+                    }
                 }
+                return self.append_record(ring, f, joff, &rec).await;
             }
-            return self.append_record(ring, f, joff, &rec).await;
         }
-        let data = ring::write_sqe(FILE_MIRROR[s], buf.as_ptr(), buf.len() as u32, off);
+        let data = match buf {
+            WData::Mem(mem) => ring::write_sqe(FILE_MIRROR[s], mem.as_ptr(), len as u32, off),
+            WData::Fixed { index, addr0, len } => {
+                ring::write_fixed_sqe(FILE_MIRROR[s], index, addr0, len as u32, off)
+            }
+        };
         let jsqe = ring::fd_write_sqe(f.as_raw_fd(), rec.as_ptr(), rec.len() as u32, joff);
-        // SAFETY: `buf` is borrowed and `rec` lives in this frame, the journal file in `self`,
-        // all until the pair's future (awaited to completion here) resolves.
-        let (rd, rj) = unsafe { ring.submit_linked(data, buf.len() as i32, jsqe) }.await;
-        if rd == buf.len() as i32 && rj == rec.len() as i32 {
+        // SAFETY: `buf` is borrowed (or, zero copy, the request's buffer stays registered
+        // until this tag commits it, see ReqBuf) and `rec` lives in this frame, the journal
+        // file in `self`, all until the pair's future (awaited to completion here) resolves.
+        let (rd, rj) = unsafe { ring.submit_linked(data, len as i32, jsqe) }.await;
+        if rd == len as i32 && rj == rec.len() as i32 {
             return 0;
         }
-        if rd != buf.len() as i32 {
+        if rd != len as i32 {
             // Failed or short: finish (or retry) the data, then the record on its own.
             let done = rd.max(0) as usize;
             if rd < 0 && rd != -libc::EINTR && rd != -libc::EAGAIN {
                 return rd;
             }
-            let r = self
-                .write_file(ring, FILE_MIRROR[s], off + done as u64, &buf[done..])
-                .await;
+            let r = self.write_data(ring, FILE_MIRROR[s], off, buf, done).await;
             if r < 0 {
                 return r;
             }

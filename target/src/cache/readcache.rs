@@ -62,6 +62,11 @@ impl ReadCache {
         &self.shards[h as usize]
     }
 
+    /// Whether the cache holds anything at all (a size too small for its shards disables it).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
