@@ -525,11 +525,10 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
     }
     let user_recovery = cfg.user_recovery && supported;
     // Zero copy where the kernel has it (and `--zero-copy` allows it); a taken-over device
-    // keeps the mode it was made with (its flags decide, in the queues).
-    let io_path = crate::zerocopy::select(cfg.zero_copy, features).map_err(|e| anyhow!(e))?;
-    if takeover.is_none() {
-        tracing::info!(path = ?io_path, mode = ?cfg.zero_copy, "i/o path");
-    }
+    // keeps the mode it was made with (its flags decide, in the queues). `on` on a kernel
+    // without it is refused here, before the volume is opened (or created).
+    use crate::zerocopy::{select, Medium};
+    select(cfg.zero_copy, features, Medium::Disk).map_err(|e| anyhow!(e))?;
 
     // Bound before the volume opens: a taken --metrics-listen fails start-up at once.
     let metrics_listener = cfg
@@ -545,6 +544,15 @@ pub fn serve(cfg: AddConfig, ready_fd: Option<OwnedFd>) -> anyhow::Result<()> {
         None => None,
     };
     let cache = volume.cache.clone();
+    let medium = if crate::ring::is_memory_file(cache.mirrors[0].as_raw_fd()) {
+        Medium::Memory
+    } else {
+        Medium::Disk
+    };
+    let io_path = select(cfg.zero_copy, features, medium).map_err(|e| anyhow!(e))?;
+    if takeover.is_none() {
+        tracing::info!(path = ?io_path, mode = ?cfg.zero_copy, medium = ?medium, "i/o path");
+    }
     // A taken-over device keeps its own geometry.
     let nr_queues = takeover.map_or(cfg.queues, |t| t.1);
     let kickers: Arc<Vec<Arc<Kicker>>> = Arc::new(

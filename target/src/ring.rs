@@ -653,7 +653,7 @@ impl Inline {
 }
 
 /// A regular file on tmpfs or ramfs (`/dev` is devtmpfs: a block device there is not one).
-fn is_memory_file(fd: RawFd) -> bool {
+pub fn is_memory_file(fd: RawFd) -> bool {
     // SAFETY: fstat/fstatfs write only into the zeroed structs passed, whose results are
     // read only when the call succeeded.
     unsafe {

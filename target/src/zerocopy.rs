@@ -27,8 +27,12 @@
 //!
 //! What zero copy cannot do is the copy path's inline first attempt (a synchronous
 //! `pread`/`pwrite` on the queue thread, see [`crate::ring`]): every data transfer is an SQE.
-//! Where the cache files' filesystem cannot serve an SQE without a worker thread (tmpfs, and
-//! ext4 buffered writes) that is a trade, measured in `bench/results/zerocopy-*.md`.
+//! On a filesystem that serves an SQE at submission (an SSD filesystem's page-cache reads; its
+//! buffered writes go to a worker thread on either path) zero copy does the same work minus a
+//! copy. On tmpfs and ramfs every SQE goes to an io-wq worker thread (no `FMODE_NOWAIT`), while
+//! the copy path copies inline on the queue thread: there the copy path is much faster (2–4×
+//! at 4k, `bench/results/zerocopy-2026-12-05.md`). Hence `auto` is zero copy where the kernel
+//! has it *and* the cache files are not on a memory filesystem; `on` forces it.
 
 use libublk::sys;
 use serde::Serialize;
@@ -36,7 +40,8 @@ use serde::Serialize;
 /// `--zero-copy`: whether the device runs with `UBLK_F_AUTO_BUF_REG`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ZeroCopy {
-    /// Zero copy where the kernel has it (`UBLK_F_AUTO_BUF_REG`, Linux 6.16+), else copy.
+    /// Zero copy where the kernel has it (`UBLK_F_AUTO_BUF_REG`, Linux 6.16+) and the cache
+    /// files are not on a memory filesystem (tmpfs, ramfs); else copy.
     #[default]
     Auto,
     /// Zero copy, or refuse to start on a kernel without it.
@@ -106,12 +111,24 @@ impl IoPath {
     }
 }
 
-/// The path for a new device: `mode` against the driver's `features` (`UBLK_U_CMD_GET_FEATURES`).
-/// `on` without the features is an error that says what to do.
-pub fn select(mode: ZeroCopy, features: u64) -> Result<IoPath, String> {
+/// Where the volume's cache files are, as far as the choice of path goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Medium {
+    /// tmpfs or ramfs: every SQE to it goes through an io-wq thread, the copy path's inline
+    /// copies do not.
+    Memory,
+    /// Anything else (an SSD's filesystem, a block device).
+    Disk,
+}
+
+/// The path for a new device: `mode` against the driver's `features` (`UBLK_U_CMD_GET_FEATURES`)
+/// and the cache files' `medium` (see the module doc). `on` without the features is an error
+/// that says what to do.
+pub fn select(mode: ZeroCopy, features: u64, medium: Medium) -> Result<IoPath, String> {
     let have = features & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS;
     match (mode, have) {
         (ZeroCopy::Off, _) | (ZeroCopy::Auto, false) => Ok(IoPath::Copy),
+        (ZeroCopy::Auto, true) if medium == Medium::Memory => Ok(IoPath::Copy),
         (ZeroCopy::Auto, true) | (ZeroCopy::On, true) => Ok(IoPath::ZeroCopy),
         (ZeroCopy::On, false) => Err(format!(
             "--zero-copy on: this kernel's ublk driver lacks {} (features {features:#x}; zero copy needs Linux 6.16 or later): use --zero-copy auto (copy on this kernel) or off",
@@ -139,12 +156,32 @@ mod tests {
     /// What a 6.12 driver reports: user copy and zero copy of its time, no auto registration.
     const K612: u64 = USER | sys::UBLK_F_SUPPORT_ZERO_COPY as u64 | 0x1_0000_0000;
 
+    const DISK: Medium = Medium::Disk;
+
     #[test]
     fn auto_follows_the_kernel() {
-        assert_eq!(select(ZeroCopy::Auto, AUTO | USER), Ok(IoPath::ZeroCopy));
-        assert_eq!(select(ZeroCopy::Auto, K612), Ok(IoPath::Copy));
-        assert_eq!(select(ZeroCopy::Auto, AUTO), Ok(IoPath::Copy));
-        assert_eq!(select(ZeroCopy::Auto, 0), Ok(IoPath::Copy));
+        assert_eq!(
+            select(ZeroCopy::Auto, AUTO | USER, DISK),
+            Ok(IoPath::ZeroCopy)
+        );
+        assert_eq!(select(ZeroCopy::Auto, K612, DISK), Ok(IoPath::Copy));
+        assert_eq!(select(ZeroCopy::Auto, AUTO, DISK), Ok(IoPath::Copy));
+        assert_eq!(select(ZeroCopy::Auto, 0, DISK), Ok(IoPath::Copy));
+    }
+
+    #[test]
+    fn auto_copies_on_a_memory_filesystem_and_on_does_not() {
+        let all = AUTO | USER;
+        assert_eq!(
+            select(ZeroCopy::Auto, all, Medium::Memory),
+            Ok(IoPath::Copy)
+        );
+        assert_eq!(
+            select(ZeroCopy::On, all, Medium::Memory),
+            Ok(IoPath::ZeroCopy)
+        );
+        assert_eq!(select(ZeroCopy::Off, all, Medium::Memory), Ok(IoPath::Copy));
+        assert!(select(ZeroCopy::On, K612, Medium::Memory).is_err());
     }
 
     #[test]
@@ -158,18 +195,21 @@ mod tests {
 
     #[test]
     fn off_is_always_copy() {
-        assert_eq!(select(ZeroCopy::Off, AUTO | USER), Ok(IoPath::Copy));
-        assert_eq!(select(ZeroCopy::Off, 0), Ok(IoPath::Copy));
+        assert_eq!(select(ZeroCopy::Off, AUTO | USER, DISK), Ok(IoPath::Copy));
+        assert_eq!(select(ZeroCopy::Off, 0, DISK), Ok(IoPath::Copy));
     }
 
     #[test]
     fn on_without_the_feature_is_refused_clearly() {
-        assert_eq!(select(ZeroCopy::On, AUTO | USER), Ok(IoPath::ZeroCopy));
-        let e = select(ZeroCopy::On, K612).unwrap_err();
+        assert_eq!(
+            select(ZeroCopy::On, AUTO | USER, DISK),
+            Ok(IoPath::ZeroCopy)
+        );
+        let e = select(ZeroCopy::On, K612, DISK).unwrap_err();
         assert!(e.contains("UBLK_F_AUTO_BUF_REG"), "{e}");
         assert!(e.contains("6.16"), "{e}");
         assert!(e.contains("--zero-copy auto"), "{e}");
-        let e = select(ZeroCopy::On, AUTO).unwrap_err();
+        let e = select(ZeroCopy::On, AUTO, DISK).unwrap_err();
         assert!(e.contains("UBLK_F_USER_COPY"), "{e}");
     }
 

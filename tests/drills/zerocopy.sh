@@ -13,13 +13,16 @@
 #     (user copy); the status' read-cache counters must show both;
 #   - reattached with --read-cache 0: the backing file's blocks go straight into the request
 #     (READ_FIXED) and verify;
-#   - reattached with --zero-copy off (the copy path) and with auto: the same data verifies.
+#   - reattached with --zero-copy off (the copy path) and with auto: the same data verifies; auto
+#     chooses the copy path for these cache files on tmpfs (a memory filesystem: every SQE to it
+#     goes through a worker thread, the copy path's inline copies do not), and zero copy for a
+#     volume whose cache dir is on ext4 (a loop device), which then verifies too.
 # Kernel without it (6.12): `--zero-copy on` is refused naming UBLK_F_AUTO_BUF_REG, `auto` runs
 # the copy path (status io_path copy) and verifies.
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "${DRILL_LIB:-/drills/lib.sh}"
 
-require deltavol fio cmp
+require deltavol fio cmp mkfs.ext4 losetup
 
 NAME=zcvol
 SIZE=256MiB
@@ -37,7 +40,7 @@ cleanup() {
 trap cleanup EXIT
 
 scratch_mount "$SSD" 700m
-scratch_mount "$HDD" 400m
+scratch_mount "$HDD" 700m
 
 # Whether this kernel has UBLK_F_AUTO_BUF_REG: Linux 6.16 and later.
 kver=$(uname -r)
@@ -236,18 +239,38 @@ run_fio zc-norcache-verify-4k "$DRILL_TMP/4k.fio" --verify_only
 run_fio zc-norcache-verify-128k "$DRILL_TMP/128k.fio" --verify_only
 dd_check dd-norcache-read
 
-# The copy path reads what zero copy wrote, and auto chooses zero copy here.
+# The copy path reads what zero copy wrote; auto chooses the copy path on tmpfs.
 reattach re-add-copy --zero-copy off
 expect_path copy off-is-copy
 run_fio copy-verify-4k "$DRILL_TMP/4k.fio" --verify_only
 run_fio copy-verify-128k "$DRILL_TMP/128k.fio" --verify_only
 dd_check dd-copy-read
 reattach re-add-auto --zero-copy auto
-expect_path zero-copy auto-is-zero-copy
+expect_path copy auto-on-tmpfs-is-copy
 run_fio auto-verify-4k "$DRILL_TMP/4k.fio" --verify_only
 dd_check dd-auto-read
-
 check del dv_del "$NAME"
 wait_gone "$DEV" 30
+
+# auto on a disk filesystem: zero copy.
+dd if=/dev/zero of="$HDD/ext4.img" bs=1M count=0 seek=300 2>/dev/null
+EXT4DEV=$(loop_attach "$HDD/ext4.img") || abort ext4-loop "no loop device for the ext4 cache dir"
+check mkfs-ext4 mkfs.ext4 -q -F "$EXT4DEV"
+mkdir -p /mnt/zc-ext4
+check mount-ext4 mount -t ext4 "$EXT4DEV" /mnt/zc-ext4 || abort mount-ext4 "cannot mount ext4"
+NAME=zcext4
+DEV=$(dv_add "$NAME" 128MiB /mnt/zc-ext4/$NAME "$HDD/$NAME.img" --flush-interval-ms "$FLUSH_INTERVAL_MS") ||
+    abort add-ext4 "deltavol add with the cache dir on ext4 failed"
+pass add-ext4
+expect_path zero-copy auto-on-ext4-is-zero-copy
+jobs
+run_fio ext4-write-verify-4k "$DRILL_TMP/4k.fio"
+run_fio ext4-write-verify-128k "$DRILL_TMP/128k.fio"
+wait_flushed ext4-flushed
+run_fio ext4-backing-verify-4k "$DRILL_TMP/4k.fio" --verify_only
+check del-ext4 dv_del "$NAME"
+wait_gone "$DEV" 30
+umount /mnt/zc-ext4 2>/dev/null
+losetup -d "$EXT4DEV" 2>/dev/null
 check_no_ublk_devices no-devices-left
 drill_finish
