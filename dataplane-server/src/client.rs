@@ -890,6 +890,29 @@ impl Client {
     /// Adds a data extent to the snapshot being uploaded (`data.len()` = `nblocks` blocks).
     /// Extents are batched into frames of at most 1 MiB of payload; large ones are split.
     pub fn put_extent(&mut self, lba: u64, nblocks: u32, data: &[u8]) -> Result<(), ClientError> {
+        self.put_extent_crc(lba, nblocks, data, None)
+    }
+
+    /// [`Client::put_extent`] of an extent whose crc32c the caller already has (read back and
+    /// checked from a spool, say): it is not computed again when the extent fits in one frame.
+    /// A wrong `crc` makes the data plane refuse the snapshot.
+    pub fn put_extent_with_crc(
+        &mut self,
+        lba: u64,
+        nblocks: u32,
+        data: &[u8],
+        crc: u32,
+    ) -> Result<(), ClientError> {
+        self.put_extent_crc(lba, nblocks, data, Some(crc))
+    }
+
+    fn put_extent_crc(
+        &mut self,
+        lba: u64,
+        nblocks: u32,
+        data: &[u8],
+        crc: Option<u32>,
+    ) -> Result<(), ClientError> {
         let bs = self.block_size()?;
         if nblocks == 0 || data.len() as u64 != u64::from(nblocks) * bs {
             return Err(usage(format!(
@@ -914,10 +937,15 @@ impl Client {
                 self.flush_batch()?;
             }
             let u = self.upload.as_mut().expect("checked above");
+            let whole = cur == 0 && n == u64::from(nblocks);
+            let crc = match crc {
+                Some(c) if whole => c,
+                _ => crc32c::crc32c(bytes),
+            };
             u.extents.push(wire::Extent::new(
                 lba + cur,
                 n as u32,
-                crc32c::crc32c(bytes),
+                crc,
                 wire::ExtentKind::Data,
             ));
             u.payload.extend_from_slice(bytes);
@@ -926,6 +954,135 @@ impl Client {
             cur += n;
         }
         Ok(())
+    }
+
+    /// Adds data extents whose bytes are already in memory to the snapshot being uploaded:
+    /// `exts[i] = (lba, nblocks, at)`, its bytes `data[at..at + nblocks * block size]` (at
+    /// most 1 MiB each). They go in PutExtents frames gathered straight from `data` by
+    /// vectored writes, never copied into the client's batch (extents batched before them go
+    /// first): what the flush uses to ship an epoch from the buffer it read it into.
+    pub fn put_extents_from(
+        &mut self,
+        data: &[u8],
+        exts: &[(u64, u32, usize)],
+    ) -> Result<(), ClientError> {
+        let bs = self.block_size()?;
+        if self.upload.is_none() {
+            return Err(usage("put_extents_from without begin_snapshot"));
+        }
+        for &(lba, n, at) in exts {
+            let len = u64::from(n) * bs;
+            if n == 0
+                || len > FRAME_PAYLOAD_MAX_BYTES as u64
+                || at.checked_add(len as usize).is_none_or(|e| e > data.len())
+            {
+                return Err(usage(format!(
+                    "put_extents_from: extent {lba}+{n} at byte {at} of {}",
+                    data.len()
+                )));
+            }
+        }
+        self.flush_batch()?;
+        let mut i = 0;
+        while i < exts.len() {
+            let mut payload = 0usize;
+            let mut j = i;
+            while j < exts.len() && j - i < FRAME_EXTENTS_MAX {
+                let len = exts[j].1 as usize * bs as usize;
+                if payload + len > FRAME_PAYLOAD_MAX_BYTES {
+                    break;
+                }
+                payload += len;
+                j += 1;
+            }
+            self.send_extents_from(data, &exts[i..j], bs as usize, payload)?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// One PutExtents frame of `exts` (checked by the caller), its payload gathered from
+    /// `data`.
+    fn send_extents_from(
+        &mut self,
+        data: &[u8],
+        exts: &[(u64, u32, usize)],
+        bs: usize,
+        payload_len: usize,
+    ) -> Result<(), ClientError> {
+        self.check_usable()?;
+        let Some(mut u) = self.upload.take() else {
+            return Err(usage("put_extents_from without begin_snapshot"));
+        };
+        u.extents.clear();
+        let mut slices: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(exts.len() + 1);
+        let mut run: Option<(usize, usize)> = None;
+        let out_placeholder = slices.len();
+        slices.push(std::io::IoSlice::new(&[]));
+        for &(lba, n, at) in exts {
+            let bytes = &data[at..at + n as usize * bs];
+            u.extents.push(wire::Extent::new(
+                lba,
+                n,
+                crc32c::crc32c(bytes),
+                wire::ExtentKind::Data,
+            ));
+            // Neighbours in memory go out as one slice.
+            run = match run {
+                Some((s, e)) if e == at => Some((s, at + bytes.len())),
+                Some((s, e)) => {
+                    slices.push(std::io::IoSlice::new(&data[s..e]));
+                    Some((at, at + bytes.len()))
+                }
+                None => Some((at, at + bytes.len())),
+            };
+        }
+        if let Some((s, e)) = run {
+            slices.push(std::io::IoSlice::new(&data[s..e]));
+        }
+        let ex = self.fbb.create_vector(&u.extents);
+        let body = wire::PutExtents::create(
+            &mut self.fbb,
+            &wire::PutExtentsArgs {
+                snap_id: u.snap_id,
+                extents: Some(ex),
+            },
+        );
+        self.out.clear();
+        let r = finish_header(
+            &mut self.fbb,
+            wire::Message::PutExtents,
+            body.as_union_value(),
+            payload_len,
+        )
+        .and_then(|h| append_frame(&mut self.out, h, &[]))
+        .map_err(|e| usage(format!("batch over the frame caps: {e}")));
+        self.fbb.reset();
+        u.extents.clear();
+        if let Err(e) = r {
+            self.upload = Some(u);
+            return Err(e);
+        }
+        slices[out_placeholder] = std::io::IoSlice::new(&self.out);
+        let total = self.out.len() + payload_len;
+        let r =
+            write_all_vectored(&mut self.stream, &mut slices).and_then(|()| self.stream.flush());
+        u.extent_count += exts.len() as u64;
+        u.data_bytes += payload_len as u64;
+        self.upload = Some(u);
+        match r {
+            Ok(()) => {
+                if let Some(c) = &self.sent {
+                    c.fetch_add(total as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                let e = ClientError::io("sending to the data plane", e);
+                Err(self.reason_after_write_error().unwrap_or(e))
+            }
+        }
     }
 
     /// Adds a zero extent (a discard) to the snapshot being uploaded. Carries no payload.
@@ -1490,6 +1647,23 @@ impl Client {
         }
         Ok(h.last())
     }
+}
+
+/// Writes every byte of `bufs` (a `write_all` of vectored writes), advancing through them.
+fn write_all_vectored(
+    w: &mut impl Write,
+    mut bufs: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    std::io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

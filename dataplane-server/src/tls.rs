@@ -730,6 +730,13 @@ impl Write for ClientStream {
         }
     }
 
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            ClientStream::Plain(s) => s.write_vectored(bufs),
+            ClientStream::Tls(s) => s.write_vectored(bufs).map_err(|e| client_error(e, false)),
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match self {
             ClientStream::Plain(s) => s.flush(),

@@ -479,6 +479,15 @@ pub enum HydrateOrder {
     Lba,
 }
 
+/// Whether a timed flush is spread over the flush interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlushPacing {
+    /// Spread over the interval, yielding between chunks (see `deltavol::flush`).
+    On,
+    /// At full speed, as soon as the epoch is cut.
+    Off,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
     /// Directory on fast SSD for the writeback cache (created if missing).
@@ -496,6 +505,12 @@ pub struct DeviceArgs {
     /// Interval between epoch cuts (flushes to permanent storage), in milliseconds.
     #[arg(long, default_value_t = FLUSH_INTERVAL_MS_DEFAULT)]
     pub flush_interval_ms: u64,
+    /// `on`: spread each timed flush over the flush interval (at most about half of it),
+    /// pausing between chunks, so that the backing disk and the data plane see a steady
+    /// trickle rather than a burst; `off`: flush at full speed. `deltavol snapshot`, `del`
+    /// and a flush forced by a full cache always run at full speed.
+    #[arg(long, value_enum, value_name = "on|off", default_value = "off")]
+    pub flush_pacing: FlushPacing,
     /// SSD space the cache may use; above half of it a flush starts early, at it writes wait.
     #[arg(long, value_parser = parse_size, default_value = "2GiB")]
     pub cache_limit: u64,
@@ -671,6 +686,7 @@ impl AddArgs {
                     journal: Default::default(),
                 },
                 flush_interval: Duration::from_millis(self.dev.flush_interval_ms),
+                flush_pacing: self.dev.flush_pacing == FlushPacing::On,
                 hydrate_rate_bytes_per_s: self.dev.hydrate_rate,
                 hydrate_readahead_bytes: self.dev.hydrate_readahead,
                 hydrate_hot_first: self.dev.hydrate_order == HydrateOrder::HotFirst,

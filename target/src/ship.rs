@@ -580,6 +580,8 @@ pub struct DataPlaneSink {
     /// Where extents are sealed before they are sent (an encrypted volume); kept between
     /// extents.
     seal_buf: Vec<u8>,
+    /// Data extents of a batch sent together ([`DeltaSink::extents`]); kept between batches.
+    group: Vec<(u64, u32, usize)>,
     shipper: Option<JoinHandle<()>>,
     /// The backing label in the outbox dir ([`crate::label`]).
     label: LabelWriter,
@@ -674,6 +676,7 @@ impl DataPlaneSink {
             shared,
             mode: Mode::Idle,
             seal_buf: Vec::new(),
+            group: Vec::new(),
             shipper: Some(shipper),
             label,
         })
@@ -877,6 +880,54 @@ impl DeltaSink for DataPlaneSink {
         r.map_err(|e| {
             self.mode = Mode::Idle;
             self.fail_direct(remote_err(e))
+        })
+    }
+
+    fn extents(&mut self, buf: &[u8], exts: &[(u64, u64, Option<usize>)]) -> Result<()> {
+        let direct = matches!(self.mode, Mode::Direct { .. });
+        if !direct || self.shared.cfg.codec.is_encrypted() {
+            for &(lba, n, at) in exts {
+                let data = at.map(|a| &buf[a..a + (n * BLOCK_SIZE) as usize]);
+                self.extent(lba, n, data)?;
+            }
+            return Ok(());
+        }
+        // Direct and plain: the data extents go to the socket straight from `buf`.
+        let mut group = std::mem::take(&mut self.group);
+        group.clear();
+        let mut r = Ok(());
+        if let Mode::Direct { client } = &mut self.mode {
+            for &(lba, n, at) in exts {
+                r = match at {
+                    Some(a) => match u32::try_from(n) {
+                        Ok(n) => {
+                            group.push((lba, n, a));
+                            continue;
+                        }
+                        Err(_) => Err(Error::invalid(format!("extent {lba}+{n} too long"))),
+                    },
+                    None => {
+                        let sent = match group.is_empty() {
+                            true => Ok(()),
+                            false => client.put_extents_from(buf, &group),
+                        };
+                        group.clear();
+                        sent.and_then(|()| client.put_zero_extent(lba, n))
+                            .map_err(client_err)
+                    }
+                };
+                if r.is_err() {
+                    break;
+                }
+            }
+            if r.is_ok() && !group.is_empty() {
+                r = client.put_extents_from(buf, &group).map_err(client_err);
+            }
+        }
+        self.group = group;
+        r.map_err(|e| {
+            self.mode = Mode::Idle;
+            self.fail_direct(e)
         })
     }
 
@@ -1185,8 +1236,9 @@ impl OutboxReader {
         })
     }
 
-    /// Next record, `None` at a valid trailer.
-    fn next(&mut self, buf: &mut Vec<u8>) -> Result<Option<(u64, u64, bool)>> {
+    /// Next record, `None` at a valid trailer: `(lba, nblocks, data crc32c; None: zeros)`,
+    /// the data (its checksum checked) in `buf`.
+    fn next(&mut self, buf: &mut Vec<u8>) -> Result<Option<(u64, u64, Option<u32>)>> {
         let bad =
             |what: String| Error::corrupt(format!("outbox entry {}: {what}", self.path.display()));
         let mut r = [0u8; 32];
@@ -1219,18 +1271,17 @@ impl OutboxReader {
             return Err(bad(format!("record {lba}+{n} out of range")));
         }
         match kind {
-            1 => Ok(Some((lba, n, false))),
+            1 => Ok(Some((lba, n, None))),
             0 => {
                 buf.resize((n * BLOCK_SIZE) as usize, 0);
                 self.r
                     .read_exact(buf)
                     .map_err(|e| bad(format!("truncated data ({e})")))?;
-                if crc32c::crc32c(buf)
-                    != u32::from_le_bytes(r[24..28].try_into().unwrap_or_default())
-                {
+                let crc = crc32c::crc32c(buf);
+                if crc != u32::from_le_bytes(r[24..28].try_into().unwrap_or_default()) {
                     return Err(bad(format!("data checksum mismatch at block {lba}")));
                 }
-                Ok(Some((lba, n, true)))
+                Ok(Some((lba, n, Some(crc))))
             }
             k => Err(bad(format!("unknown record kind {k}"))),
         }
@@ -1322,13 +1373,19 @@ fn ship_entry_as(
     }
     let mut buf = Vec::new();
     let mut sealed = Vec::new();
-    while let Some((lba, n, data)) = rd.next(&mut buf)? {
-        if data {
-            codec
+    while let Some((lba, n, crc)) = rd.next(&mut buf)? {
+        match crc {
+            // Plain: the checksum just checked is the one the frame carries (not computed
+            // again).
+            Some(crc) if !codec.is_encrypted() => {
+                let n = u32::try_from(n).map_err(|_| Error::corrupt("record too long"))?;
+                c.put_extent_with_crc(lba, n, &buf, crc)
+                    .map_err(client_err)?;
+            }
+            Some(_) => codec
                 .put_extent(c, lba, &buf, &mut sealed)
-                .map_err(remote_err)?;
-        } else {
-            c.put_zero_extent(lba, n).map_err(client_err)?;
+                .map_err(remote_err)?,
+            None => c.put_zero_extent(lba, n).map_err(client_err)?,
         }
     }
     c.commit().map_err(client_err)

@@ -20,6 +20,10 @@ pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 15_000;
 pub struct VolumeConfig {
     pub cache: CacheConfig,
     pub flush_interval: Duration,
+    /// Spread each timed flush over the flush interval instead of running it at full speed
+    /// ([`crate::flush`], "Pacing"). Requested cuts (`snapshot`, `del`) and flushes the SSD
+    /// watermark forces always run at full speed.
+    pub flush_pacing: bool,
     /// Ship each flushed epoch as a snapshot to a data plane (and, while the volume
     /// hydrates, fetch from it).
     pub ship: Option<ShipConfig>,
@@ -196,7 +200,7 @@ impl Volume {
         if cache.syncer.set(sync).is_err() {
             return Err(Error::invalid("syncer already started"));
         }
-        let flusher = Flusher::start(cache.clone(), sink, cfg.flush_interval)
+        let flusher = Flusher::start(cache.clone(), sink, cfg.flush_interval, cfg.flush_pacing)
             .map_err(|e| Error::io("start flush thread for", &cfg.cache.cache_dir, e))?;
         let hydrator = match (&cfg.ship, cache.hydrating()) {
             (_, None) => None,

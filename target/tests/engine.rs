@@ -536,3 +536,77 @@ fn torn_metadata_falls_back_to_the_older_copy() {
     assert!(b1 == Some(22) || b1 == Some(12), "block 1 holds {b1:?}");
     vol.shutdown();
 }
+
+/// Pacing (`flush_pacing`): a timed flush of an epoch of scattered writes is spread over
+/// about half the interval, and ends before the next cut is due; a cut requested while a
+/// paced flush runs turns it to full speed (the request returns long before the pace would
+/// have ended); the backing file equals the model after each; discards in a paced epoch too.
+#[test]
+fn paced_flush_spreads_over_the_interval_and_yields_to_requests() {
+    use std::time::{Duration, Instant};
+    let seed = seed("paced_flush_spreads_over_the_interval_and_yields_to_requests");
+    let dir = tempfile::tempdir().unwrap();
+    let nblocks = 8192u64;
+    let mut cfg = config(dir.path(), nblocks * BS as u64, 1);
+    let interval = Duration::from_millis(4000);
+    cfg.flush_interval = interval;
+    cfg.flush_pacing = true;
+    let vol = open(&cfg);
+    let mut d = Driver::new(&vol, 1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut model = vec![0u64; nblocks as usize];
+    let mut tag = 1u64;
+    // Scattered single blocks: many batches of runs.
+    let mut dirty = |d: &mut Driver, model: &mut Vec<u64>, rng: &mut rand::rngs::StdRng| {
+        for _ in 0..3000 {
+            let b = rng.gen_range(0..nblocks);
+            assert_eq!(d.write_tags(0, b, &[tag], false), BS as i32);
+            model[b as usize] = tag;
+            tag += 1;
+        }
+        let b = rng.gen_range(0..nblocks - 70);
+        assert_eq!(d.discard(0, b, 70), 0);
+        model[b as usize..b as usize + 70].fill(0);
+    };
+    let expect = |model: &[u64]| {
+        let got = backing_tags(&cfg.cache.backing, nblocks);
+        for (b, (g, m)) in got.iter().zip(model).enumerate() {
+            assert_eq!(*g, Some(*m), "seed {seed}: block {b}");
+        }
+    };
+    // A timed flush, paced.
+    dirty(&mut d, &mut model, &mut rng);
+    let n0 = vol.flusher.status().flushes;
+    let limit = Instant::now() + 3 * interval;
+    while vol.flusher.status().flushes == n0 {
+        assert!(Instant::now() < limit, "no timed flush");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = vol.flusher.status().last.unwrap();
+    assert!(
+        r.duration_ms >= interval.as_millis() as u64 / 4
+            && r.duration_ms < interval.as_millis() as u64,
+        "a paced flush of {} extents took {} ms (interval {interval:?})",
+        r.extents,
+        r.duration_ms
+    );
+    expect(&model);
+    // A request during a paced flush: full speed from then on.
+    dirty(&mut d, &mut model, &mut rng);
+    let snap = model.clone();
+    let limit = Instant::now() + 3 * interval;
+    while vol.cache.epochs.frozen() == 0 {
+        assert!(Instant::now() < limit, "no timed cut");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    vol.cut_and_flush().unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < interval / 4,
+        "a cut requested during a paced flush took {took:?}"
+    );
+    expect(&snap);
+    vol.shutdown();
+}

@@ -33,6 +33,7 @@ pub fn config(dir: &Path, size_bytes: u64, nr_queues: usize) -> VolumeConfig {
             journal: Default::default(),
         },
         flush_interval: Duration::from_millis(50),
+        flush_pacing: false,
         ship: None,
         hydrate_rate_bytes_per_s: 0,
         hydrate_readahead_bytes: deltavol::volume::HYDRATE_READAHEAD_BYTES,

@@ -52,6 +52,7 @@ impl Machine {
     }
 
     /// `YYYY-MM-DD` of the start.
+    #[allow(dead_code)] // not every bench names its results by date
     pub fn date(&self) -> &str {
         &self.date_utc[..10]
     }

@@ -112,6 +112,7 @@ pub fn measure(
             journal: Default::default(),
         },
         flush_interval: Duration::from_secs(24 * 3600),
+        flush_pacing: false,
         ship: None,
         hydrate_rate_bytes_per_s: 0,
         hydrate_readahead_bytes: deltavol::volume::HYDRATE_READAHEAD_BYTES,

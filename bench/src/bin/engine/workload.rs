@@ -212,6 +212,7 @@ pub fn setup(
             journal: Default::default(),
         },
         flush_interval: FLUSH_INTERVAL,
+        flush_pacing: false,
         ship: None,
         hydrate_rate_bytes_per_s: 0,
         hydrate_readahead_bytes: deltavol::volume::HYDRATE_READAHEAD_BYTES,

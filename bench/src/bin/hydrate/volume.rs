@@ -117,6 +117,7 @@ fn config(dir: &Path, size_bytes: u64, plane: &Plane, v: &Variant) -> VolumeConf
             journal: Default::default(),
         },
         flush_interval: FLUSH_INTERVAL,
+        flush_pacing: false,
         ship: Some(plane.ship(dir, v)),
         hydrate_rate_bytes_per_s: 0,
         hydrate_readahead_bytes: deltavol::volume::HYDRATE_READAHEAD_BYTES,
