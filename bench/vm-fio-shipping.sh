@@ -8,12 +8,18 @@
 #   paced   the same, each flush spread over the interval (--flush-pacing on)
 #   main    as busy, with the binary `deltavol-main` (an older build: put it in the bin dir)
 #           when it is there
+#   noship  a cut every second, flushed at full speed to the backing file only (no data plane)
+#   keep    as busy, with the binary `deltavol-keep` and DELTAVOL_EXPERIMENT_KEEP_MIRROR=1 in
+#           its environment (an experiment's build that does not punch the flushed mirror; not
+#           in the committed code: see bench/results/snapshot-work-2026-12-05.md)
 # Run it with:
 #
 #   kernel-setup/vm-run --kernel 7 --bin-dir build/vm-bin bench/vm-fio-shipping.sh
 #
 # Knobs (environment): FIO_RUNTIME_S (default 15), FIO_REPEATS (3), FIO_SIZE (128m),
-# SHIP_CONFIGS (default "quiet busy paced", plus main when deltavol-main is there),
+# FIO_RATE_IOPS (unset: as fast as it goes; N: fio's --rate_iops=N, so that the latencies of
+# the configurations are compared at the same load rather than at their own throughput),
+# SHIP_CONFIGS (default "quiet,busy,paced", plus main when deltavol-main is there),
 # BENCH_DP_NICE (10, as bench/vm-bench.sh: the data plane stands in for a remote machine;
 # empty: not reniced), SCRATCH_SIZE (1500m: the data plane keeps every snapshot shipped,
 # give it room for all the busy runs, e.g. with vm-run --mem 6144 and 3500m).
@@ -23,7 +29,8 @@ require deltavol-dataplane
 RUNTIME=${FIO_RUNTIME_S:-15}
 REPEATS=${FIO_REPEATS:-3}
 SIZE=${FIO_SIZE:-128m}
-CONFIGS=${SHIP_CONFIGS:-quiet busy paced}
+# Commas or spaces (vm-run --env passes no spaces).
+CONFIGS=$(echo "${SHIP_CONFIGS:-quiet busy paced}" | tr ',' ' ')
 if [ -z "${SHIP_CONFIGS:-}" ] && command -v deltavol-main >/dev/null 2>&1; then
     CONFIGS="$CONFIGS main"
 fi
@@ -38,10 +45,16 @@ ADDR=$DP_ADDR
 # as CONFIG CMD...: CMD with DV set to the configuration's deltavol binary.
 as() {
     _as_keep=$DV
-    if [ "$1" = main ]; then DV=deltavol-main; else DV=deltavol; fi
+    case $1 in
+    main) DV=deltavol-main ;;
+    keep) DV=deltavol-keep ;;
+    *) DV=deltavol ;;
+    esac
+    [ "$1" = keep ] && export DELTAVOL_EXPERIMENT_KEEP_MIRROR=1
     shift
     "$@"
     _as_rc=$?
+    unset DELTAVOL_EXPERIMENT_KEEP_MIRROR
     DV=$_as_keep
     return $_as_rc
 }
@@ -51,7 +64,8 @@ for c in $CONFIGS; do
     quiet) set -- --flush-interval-ms 600000 ;;
     busy) set -- --flush-interval-ms 1000 --flush-pacing off --dataplane "$ADDR" --auth-token-file "$TOK" ;;
     paced) set -- --flush-interval-ms 1000 --flush-pacing on --dataplane "$ADDR" --auth-token-file "$TOK" ;;
-    main) set -- --flush-interval-ms 1000 --dataplane "$ADDR" --auth-token-file "$TOK" ;;
+    main | keep) set -- --flush-interval-ms 1000 --dataplane "$ADDR" --auth-token-file "$TOK" ;;
+    noship) set -- --flush-interval-ms 1000 ;;
     *) abort configs "unknown configuration $c" ;;
     esac
     dev=$(as "$c" dv_add "sh$c" 256MiB "$MED/$c-cache" "$MED/$c-backing.img" "$@") ||
@@ -66,7 +80,7 @@ pass add
 fio_run() {
     fio --name=b --filename="$1" --rw=randwrite --bs=4k --iodepth=32 --ioengine=io_uring \
         --direct=1 --size="$SIZE" --runtime="$RUNTIME" --ramp_time=2 --time_based \
-        --norandommap --randrepeat=0 --minimal 2>/dev/null |
+        --norandommap --randrepeat=0 ${FIO_RATE_IOPS:+--rate_iops=$FIO_RATE_IOPS} --minimal 2>/dev/null |
         awk -F';' 'NF > 80 {
             p50 = p99 = 0
             for (i = 59; i <= 78; i++) {
@@ -102,18 +116,18 @@ q=$(col "$DRILL_TMP/quiet" 1)
 for c in $CONFIGS; do
     iops=$(col "$DRILL_TMP/$c" 1)
     ratio=$(awk -v a="$iops" -v b="$q" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "n/a"}')
-    log "RESULT $c: fio 4k randwrite iodepth=32 runtime=${RUNTIME}s x$REPEATS kernel=$(uname -r) dp_nice=${BENCH_DP_NICE-10}: IOPS=$iops (/quiet $ratio) clat p50=$(col "$DRILL_TMP/$c" 2) us p99=$(col "$DRILL_TMP/$c" 3) us; runs: $(awk '{printf "%s/%s/%s ", $1, $2, $3}' "$DRILL_TMP/$c")"
+    log "RESULT $c: fio 4k randwrite iodepth=32 runtime=${RUNTIME}s x$REPEATS kernel=$(uname -r) dp_nice=${BENCH_DP_NICE-10} rate_iops=${FIO_RATE_IOPS:-max}: IOPS=$iops (/quiet $ratio) clat p50=$(col "$DRILL_TMP/$c" 2) us p99=$(col "$DRILL_TMP/$c" 3) us; runs: $(awk '{printf "%s/%s/%s ", $1, $2, $3}' "$DRILL_TMP/$c")"
     [ "$iops" != 0 ] && pass "measured-$c"
 done
 for c in $CONFIGS; do
     [ "$c" = quiet ] && continue
-    as "$c" dv_status "sh$c" | tr -d '\n ' | grep -o '"flush":{"last":{[^}]*}' | sed "s/^/# $c /"
+    as "$c" dv_status "sh$c" | tr -d '\n ' | grep -o '"last":{"epoch[^}]*}' | sed "s/^/# $c last flush: /"
 done
 case " $CONFIGS " in
 *" busy "*) [ "$((e1 - e0))" -ge 2 ] && pass flushes-ran || fail flushes-ran "the busy volume's epoch went $e0 -> $e1" ;;
 esac
 for c in $CONFIGS; do
-    [ "$c" = quiet ] || check "snapshots-shipped-$c" "$DV" snapshots "sh$c" --dataplane "$ADDR" --auth-token-file "$TOK"
+    [ "$c" = quiet ] || [ "$c" = noship ] || check "snapshots-shipped-$c" "$DV" snapshots "sh$c" --dataplane "$ADDR" --auth-token-file "$TOK"
     as "$c" check "del-$c" dv_del "sh$c"
 done
 kill "$DP_PID" 2>/dev/null
