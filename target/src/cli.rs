@@ -505,11 +505,12 @@ pub struct DeviceArgs {
     /// Interval between epoch cuts (flushes to permanent storage), in milliseconds.
     #[arg(long, default_value_t = FLUSH_INTERVAL_MS_DEFAULT)]
     pub flush_interval_ms: u64,
-    /// `on`: spread each timed flush over the flush interval (at most about half of it),
-    /// pausing between chunks, so that the backing disk and the data plane see a steady
-    /// trickle rather than a burst; `off`: flush at full speed. `deltavol snapshot`, `del`
-    /// and a flush forced by a full cache always run at full speed.
-    #[arg(long, value_enum, value_name = "on|off", default_value = "off")]
+    /// `on`: spread each timed flush over half the flush interval, pausing between
+    /// batches, so that the backing disk, the data plane and the CPU see a steady trickle
+    /// rather than a burst (fewer foreground stalls; the snapshot lands up to half an interval
+    /// later); `off`: flush at full speed. `deltavol snapshot`, `del` and a flush forced by a
+    /// full cache always run at full speed.
+    #[arg(long, value_enum, value_name = "on|off", default_value = "on")]
     pub flush_pacing: FlushPacing,
     /// SSD space the cache may use; above half of it a flush starts early, at it writes wait.
     #[arg(long, value_parser = parse_size, default_value = "2GiB")]

@@ -610,3 +610,73 @@ fn paced_flush_spreads_over_the_interval_and_yields_to_requests() {
     expect(&snap);
     vol.shutdown();
 }
+
+/// A flushed mirror keeps its blocks allocated while the cache has room (the epoch after next
+/// overwrites them in place), and none of those stale blocks is ever read: not by the
+/// foreground, not by a later flush, not after a daemon crash and a reopen; under pressure
+/// the flushed mirror is punched as before.
+#[test]
+fn stale_blocks_of_a_kept_mirror_are_never_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let nblocks = 256u64;
+    let mut cfg = config(dir.path(), nblocks * BS as u64, 1);
+    cfg.flush_interval = std::time::Duration::from_secs(3600);
+    let check = |vol: &deltavol::volume::Volume, want: &[(u64, u64)], when: &str| {
+        let mut d = Driver::new(vol, 1);
+        for &(b, t) in want {
+            assert_eq!(d.read_tags(0, b, 1), vec![Some(t)], "{when}: block {b}");
+        }
+    };
+    {
+        let vol = open(&cfg);
+        let mut d = Driver::new(&vol, 1);
+        // Epoch 1 (slot 1): blocks 0..64 = 1, 100 = 1.
+        let ones = vec![1u64; 64];
+        assert!(d.write_tags(0, 0, &ones, false) > 0);
+        assert!(d.write_tags(0, 100, &[1], false) > 0);
+        vol.cut_and_flush().unwrap();
+        assert!(
+            vol.cache.ssd_allocated_bytes() >= 64 * BS as u64,
+            "the flushed mirror was punched with room to spare"
+        );
+        // Epoch 2 (slot 0): block 5 = 2, block 100 discarded.
+        assert!(d.write_tags(0, 5, &[2], false) > 0);
+        assert_eq!(d.discard(0, 100, 1), 0);
+        vol.cut_and_flush().unwrap();
+        // Epoch 3 (slot 1 again, stale 1s in it): block 7 = 3 only.
+        assert!(d.write_tags(0, 7, &[3], false) > 0);
+        check(&vol, &[(5, 2), (100, 0), (7, 3), (6, 1)], "epoch 3");
+        vol.crash();
+    }
+    {
+        // Reopened after the crash: epoch 3's membership comes back from its journal, the
+        // stale blocks do not.
+        let vol = open(&cfg);
+        check(&vol, &[(5, 2), (100, 0), (7, 3), (6, 1)], "after the crash");
+        vol.cut_and_flush().unwrap();
+        let got = backing_tags(&cfg.cache.backing, nblocks);
+        assert_eq!(got[5], Some(2));
+        assert_eq!(got[100], Some(0));
+        assert_eq!(got[7], Some(3));
+        check(&vol, &[(5, 2), (100, 0), (7, 3), (6, 1)], "after the flush");
+        vol.shutdown();
+    }
+    // Under pressure the flushed mirror is punched: a cache limit the writes pass.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 4096 * BS as u64, 1);
+    cfg.flush_interval = std::time::Duration::from_secs(3600);
+    cfg.cache.cache_limit_bytes = 4 << 20;
+    let vol = open(&cfg);
+    let mut d = Driver::new(&vol, 1);
+    let tags: Vec<u64> = (1..=128).collect();
+    for b in (0..768).step_by(128) {
+        assert!(d.write_tags(0, b, &tags, false) > 0);
+    }
+    vol.cut_and_flush().unwrap();
+    assert!(
+        vol.cache.ssd_allocated_bytes() < 768 * BS as u64,
+        "a flushed mirror past the watermark was kept: {} bytes",
+        vol.cache.ssd_allocated_bytes()
+    );
+    vol.shutdown();
+}

@@ -872,18 +872,31 @@ impl Cache {
             .snap_head
     }
 
-    /// After the flushed epoch in slot `s` is retired and no reader uses it: frees its mirror
-    /// space and forgets its bitmap.
+    /// After the flushed epoch in slot `s` is retired and no reader uses it: forgets its
+    /// bitmap, and frees its mirror space when the SSD cache needs room.
+    ///
+    /// Room is needed when the writers are at (or were pushed to) the high watermark, or the
+    /// two mirrors' allocated bytes pass it. Otherwise the flushed blocks stay allocated,
+    /// stale, for the epoch after next to overwrite in place: a write into a punched hole
+    /// first allocates (on tmpfs: zeroes) a page, then the punch frees it again, every epoch.
+    /// A stale block is never read: what a slot holds is its bitmap (persisted map, journal),
+    /// never the mirror's allocation; a discard punches its range itself; and the flush reads
+    /// only the blocks of its bitmap (the holes between them it may read are dropped).
     pub fn reclaim_slot(&self, s: usize) -> Result<()> {
         let _p = self.slots[s]
             .persist
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        punch_all(
-            &self.mirrors[s],
-            &self.cache_dir.join(format!("mirror.{s}")),
-            self.size_bytes,
-        )?;
+        let room_needed = self.under_pressure()
+            || self.watermark_hit.load(SeqCst)
+            || self.ssd_allocated_bytes() >= self.high_water_blocks * BLOCK_SIZE;
+        if room_needed {
+            punch_all(
+                &self.mirrors[s],
+                &self.cache_dir.join(format!("mirror.{s}")),
+                self.size_bytes,
+            )?;
+        }
         let slot = &self.slots[s];
         slot.bits.clear_all();
         slot.data_blocks.store(0, SeqCst);
