@@ -121,7 +121,7 @@ for c in $CONFIGS; do
 done
 for c in $CONFIGS; do
     [ "$c" = quiet ] && continue
-    as "$c" dv_status "sh$c" | tr -d '\n ' | grep -o '"last":{"epoch[^}]*}' | sed "s/^/# $c last flush: /"
+    log "$c last flush: $(as "$c" dv_status "sh$c" | tr -d '\n ' | grep -o '"duration_ms":[0-9]*,"extents":[0-9]*\|"extents":[0-9]*\|"duration_ms":[0-9]*' | tr '\n' ' ')"
 done
 case " $CONFIGS " in
 *" busy "*) [ "$((e1 - e0))" -ge 2 ] && pass flushes-ran || fail flushes-ran "the busy volume's epoch went $e0 -> $e1" ;;
