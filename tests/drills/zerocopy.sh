@@ -213,11 +213,15 @@ run_fio zc-rcache-verify-4k "$DRILL_TMP/4k.fio" --verify_only
 h2=$(dv_field "$NAME" read_cache_hits)
 m2=$(dv_field "$NAME" read_cache_misses)
 log "read cache: hits $h0 -> $h1 -> $h2, misses $m0 -> $m1 -> $m2"
-# 8192 blocks in the 4k region: the first pass misses (nearly) all, the second hits them.
-if is_number "$m1" && is_number "$m0" && [ "$((m1 - m0))" -ge 8000 ]; then
+# 8192 blocks in the 4k region, all clean now: the first pass reads each of them through the
+# read cache, missing most (backing file → request); the second hits them. Blocks a timed
+# flush (every second) made clean before the write job's own verify pass read them are in the
+# read cache already: those hit in the first pass too (a few percent, depending on timing).
+if is_number "$m1" && is_number "$m0" && is_number "$h1" && is_number "$h0" &&
+    [ "$((m1 - m0 + h1 - h0))" -ge 8000 ] && [ "$((m1 - m0))" -ge 4096 ]; then
     pass backing-reads-missed-the-cache
 else
-    fail backing-reads-missed-the-cache "read-cache misses went from '$m0' to '$m1' (expected +8000 or more)"
+    fail backing-reads-missed-the-cache "first pass: read-cache misses '$m0' -> '$m1', hits '$h0' -> '$h1' (expected 8000 or more blocks through the read cache, most of them misses)"
 fi
 if is_number "$h2" && is_number "$h1" && [ "$((h2 - h1))" -ge 7000 ]; then
     pass second-pass-hit-the-cache
