@@ -641,6 +641,11 @@ impl Client {
     fn recv(&mut self) -> Result<(), ClientError> {
         let r = self.recv_inner();
         self.poison(r)?;
+        self.refusal()
+    }
+
+    /// The last frame received as an error, if it is an Error frame.
+    fn refusal(&self) -> Result<(), ClientError> {
         let f = decode_header(&self.hdr).map_err(|e| protocol(format!("bad frame: {e}")))?;
         if let Some(e) = f.body_as_error() {
             let code = e.code();
@@ -668,15 +673,7 @@ impl Client {
                 .read_exact(&mut self.payload)
                 .map_err(|e| ClientError::io("reading from the data plane", e));
             self.poison(r)?;
-            let f = decode_header(&self.hdr).map_err(|e| protocol(format!("bad frame: {e}")))?;
-            if let Some(e) = f.body_as_error() {
-                let code = e.code();
-                let msg = e.message().unwrap_or("no message");
-                return Err(ClientError::new(
-                    ClientErrorKind::Server(code),
-                    format!("data plane refused: {msg} ({code:?})"),
-                ));
-            }
+            self.refusal()?;
         }
         Ok(payload_len)
     }
@@ -698,19 +695,7 @@ impl Client {
     }
 
     fn recv_inner(&mut self) -> Result<(), ClientError> {
-        let mut prefix = [0u8; FRAME_LEN_PREFIX_BYTES];
-        self.stream
-            .read_exact(&mut prefix)
-            .map_err(|e| ClientError::io("reading from the data plane", e))?;
-        let len = header_len_from_prefix(prefix)
-            .map_err(|e| protocol(format!("bad frame from the data plane: {e}")))?;
-        self.hdr.resize(len, 0);
-        self.stream
-            .read_exact(&mut self.hdr)
-            .map_err(|e| ClientError::io("reading from the data plane", e))?;
-        let payload_len = decode_header(&self.hdr)
-            .map_err(|e| protocol(format!("bad frame from the data plane: {e}")))?
-            .payload_len() as usize;
+        let payload_len = self.recv_header_inner()?;
         self.payload.resize(payload_len, 0);
         self.stream
             .read_exact(&mut self.payload)
