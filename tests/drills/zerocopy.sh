@@ -214,14 +214,16 @@ h2=$(dv_field "$NAME" read_cache_hits)
 m2=$(dv_field "$NAME" read_cache_misses)
 log "read cache: hits $h0 -> $h1 -> $h2, misses $m0 -> $m1 -> $m2"
 # 8192 blocks in the 4k region, all clean now: the first pass reads each of them through the
-# read cache, missing most (backing file → request); the second hits them. Blocks a timed
-# flush (every second) made clean before the write job's own verify pass read them are in the
-# read cache already: those hit in the first pass too (a few percent, depending on timing).
+# read cache — a miss (backing file → request) or a hit (→ request by user copy) — and the
+# second hits them. How many the first pass finds cached already depends on timing: a timed
+# flush (every second) can make blocks clean before the write job's own verify pass reads them,
+# and those reads fill the cache (on a quiet host nearly all of them). The backing file's
+# blocks straight into the request are checked below with --read-cache 0.
 if is_number "$m1" && is_number "$m0" && is_number "$h1" && is_number "$h0" &&
-    [ "$((m1 - m0 + h1 - h0))" -ge 8000 ] && [ "$((m1 - m0))" -ge 4096 ]; then
-    pass backing-reads-missed-the-cache
+    [ "$((m1 - m0 + h1 - h0))" -ge 8000 ]; then
+    pass backing-reads-through-the-cache
 else
-    fail backing-reads-missed-the-cache "first pass: read-cache misses '$m0' -> '$m1', hits '$h0' -> '$h1' (expected 8000 or more blocks through the read cache, most of them misses)"
+    fail backing-reads-through-the-cache "first pass: read-cache misses '$m0' -> '$m1', hits '$h0' -> '$h1' (expected 8000 or more blocks through the read cache)"
 fi
 if is_number "$h2" && is_number "$h1" && [ "$((h2 - h1))" -ge 7000 ]; then
     pass second-pass-hit-the-cache
