@@ -1025,24 +1025,7 @@ impl Client {
         if let Some((s, e)) = run {
             slices.push(std::io::IoSlice::new(&data[s..e]));
         }
-        let ex = self.fbb.create_vector(&u.extents);
-        let body = wire::PutExtents::create(
-            &mut self.fbb,
-            &wire::PutExtentsArgs {
-                snap_id: u.snap_id,
-                extents: Some(ex),
-            },
-        );
-        self.out.clear();
-        let r = finish_header(
-            &mut self.fbb,
-            wire::Message::PutExtents,
-            body.as_union_value(),
-            payload_len,
-        )
-        .and_then(|h| append_frame(&mut self.out, h, &[]))
-        .map_err(|e| usage(format!("batch over the frame caps: {e}")));
-        self.fbb.reset();
+        let r = self.encode_put_extents(u.snap_id, &u.extents, payload_len);
         u.extents.clear();
         if let Err(e) = r {
             self.upload = Some(u);
@@ -1112,24 +1095,7 @@ impl Client {
             self.upload = Some(u);
             return Ok(());
         }
-        let ex = self.fbb.create_vector(&u.extents);
-        let body = wire::PutExtents::create(
-            &mut self.fbb,
-            &wire::PutExtentsArgs {
-                snap_id: u.snap_id,
-                extents: Some(ex),
-            },
-        );
-        self.out.clear();
-        let r = finish_header(
-            &mut self.fbb,
-            wire::Message::PutExtents,
-            body.as_union_value(),
-            u.payload.len(),
-        )
-        .and_then(|h| append_frame(&mut self.out, h, &[]))
-        .map_err(|e| usage(format!("batch over the frame caps: {e}")));
-        self.fbb.reset();
+        let r = self.encode_put_extents(u.snap_id, &u.extents, u.payload.len());
         if let Err(e) = r {
             self.upload = Some(u);
             return Err(e);
@@ -1145,6 +1111,35 @@ impl Client {
             return Err(self.reason_after_write_error().unwrap_or(e));
         }
         Ok(())
+    }
+
+    /// Encodes the length prefix and header of a PutExtents frame of `extents` for snapshot
+    /// `snap_id` into `self.out`; its `payload_len` bytes of payload are the caller's to send.
+    fn encode_put_extents(
+        &mut self,
+        snap_id: u64,
+        extents: &[wire::Extent],
+        payload_len: usize,
+    ) -> Result<(), ClientError> {
+        let ex = self.fbb.create_vector(extents);
+        let body = wire::PutExtents::create(
+            &mut self.fbb,
+            &wire::PutExtentsArgs {
+                snap_id,
+                extents: Some(ex),
+            },
+        );
+        self.out.clear();
+        let r = finish_header(
+            &mut self.fbb,
+            wire::Message::PutExtents,
+            body.as_union_value(),
+            payload_len,
+        )
+        .and_then(|h| append_frame(&mut self.out, h, &[]))
+        .map_err(|e| usage(format!("batch over the frame caps: {e}")));
+        self.fbb.reset();
+        r
     }
 
     fn reason_after_write_error(&mut self) -> Option<ClientError> {

@@ -980,59 +980,54 @@ impl ReqBuf<'_> {
 
     /// Copies `src` into the request from byte `at` on (user copy). 0 or `-errno`.
     pub fn copy_in(&self, at: usize, src: &[u8]) -> i32 {
-        let mut done = 0usize;
-        while done < src.len() {
+        user_copy(src.len(), |done| {
             let rest = &src[done..];
-            let pos = self.copy_pos + (at + done) as u64;
             // SAFETY: `rest` is a valid readable slice for the duration of this synchronous
             // call; the kernel copies from it into the request's pages and keeps no reference.
-            let r = unsafe {
+            unsafe {
                 libc::pwrite(
                     self.copy_fd,
                     rest.as_ptr().cast(),
                     rest.len(),
-                    pos as libc::off_t,
+                    (self.copy_pos + (at + done) as u64) as libc::off_t,
                 )
-            };
-            match r {
-                r if r > 0 => done += r as usize,
-                0 => return -libc::EIO,
-                _ => match std::io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    e => return -e.unwrap_or(libc::EIO),
-                },
             }
-        }
-        0
+        })
     }
 
     /// Copies the request's bytes from `at` on into `dst` (user copy). 0 or `-errno`.
     pub fn copy_out(&self, at: usize, dst: &mut [u8]) -> i32 {
-        let mut done = 0usize;
-        while done < dst.len() {
+        user_copy(dst.len(), |done| {
             let rest = &mut dst[done..];
-            let pos = self.copy_pos + (at + done) as u64;
             // SAFETY: `rest` is a valid writable slice, borrowed mutably for this synchronous
             // call; the kernel copies the request's pages into it and keeps no reference.
-            let r = unsafe {
+            unsafe {
                 libc::pread(
                     self.copy_fd,
                     rest.as_mut_ptr().cast(),
                     rest.len(),
-                    pos as libc::off_t,
+                    (self.copy_pos + (at + done) as u64) as libc::off_t,
                 )
-            };
-            match r {
-                r if r > 0 => done += r as usize,
-                0 => return -libc::EIO,
-                _ => match std::io::Error::last_os_error().raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    e => return -e.unwrap_or(libc::EIO),
-                },
             }
-        }
-        0
+        })
     }
+}
+
+/// Calls `io(done)` — a `pread`/`pwrite` of what is left from byte `done` on — until `len`
+/// bytes are done: 0, or `-errno` (`-EIO` for a transfer of nothing); `EINTR` is retried.
+fn user_copy(len: usize, mut io: impl FnMut(usize) -> isize) -> i32 {
+    let mut done = 0usize;
+    while done < len {
+        match io(done) {
+            r if r > 0 => done += r as usize,
+            0 => return -libc::EIO,
+            _ => match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => {}
+                e => return -e.unwrap_or(libc::EIO),
+            },
+        }
+    }
+    0
 }
 
 /// `opcode::Write` of `len` bytes at `off` to a plain (unregistered) fd from `buf`.
