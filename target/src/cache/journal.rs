@@ -163,8 +163,21 @@ impl Kind {
             Kind::Auto => match std::env::var("DELTAVOL_JOURNAL").as_deref() {
                 Ok("records") => Kind::Records,
                 Ok("bits") => Kind::Bits,
-                _ if bits_safe_on(dir) => Kind::Bits,
-                _ => Kind::Records,
+                other => {
+                    if let Ok(v) = other {
+                        if !v.is_empty() && v != "auto" {
+                            tracing::warn!(
+                                value = v,
+                                "DELTAVOL_JOURNAL is records, bits or auto: using auto"
+                            );
+                        }
+                    }
+                    if bits_safe_on(dir) {
+                        Kind::Bits
+                    } else {
+                        Kind::Records
+                    }
+                }
             },
         }
     }
